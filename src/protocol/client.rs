@@ -1,0 +1,616 @@
+//! The client side of the protocol as a state machine. The element's network
+//! task feeds it datagrams and the time and sends what it returns.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::catalog::{self, CatalogEntry};
+use super::receiver::{AckTracker, StreamReceiver};
+use super::wire::{Body, CloseReason, ConnectionId, DecodeError, OpenErrorKind, Packet, TransferKind};
+
+/// First resend of an unanswered Hello or Open.
+pub const INITIAL_RETRY_INTERVAL: Duration = Duration::from_millis(250);
+/// Resends back off to at most this interval.
+pub const MAX_RETRY_INTERVAL: Duration = Duration::from_secs(2);
+/// With an open window and no data for this long, the client repeats its
+/// window (and pings), in case the update that opened it was lost: without
+/// this, a lost window update would leave both sides waiting forever.
+pub const WINDOW_PROBE_INTERVAL: Duration = Duration::from_millis(200);
+/// Default read-ahead: what the server may send beyond what was consumed.
+pub const DEFAULT_READ_AHEAD: u64 = 2 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub read_ahead: u64,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            read_ahead: DEFAULT_READ_AHEAD,
+        }
+    }
+}
+
+/// What happened, for the element to act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    Connected,
+    Opened {
+        transfer_id: u32,
+        size: u64,
+        content_tag: u64,
+        offset: u64,
+    },
+    OpenFailed {
+        transfer_id: u32,
+        kind: OpenErrorKind,
+        message: String,
+    },
+    Catalog(Vec<CatalogEntry>),
+    Closed {
+        reason: CloseReason,
+        message: String,
+    },
+    VersionMismatch {
+        server_supports: Vec<u8>,
+    },
+    ProtocolError(String),
+}
+
+/// A resend timer with exponential backoff.
+#[derive(Debug, Clone)]
+struct RetryTimer {
+    next: Option<Instant>,
+    interval: Duration,
+    initial: Duration,
+}
+
+impl RetryTimer {
+    fn new(initial: Duration) -> Self {
+        RetryTimer {
+            next: None,
+            interval: initial,
+            initial,
+        }
+    }
+    fn start(&mut self, now: Instant) {
+        self.interval = self.initial;
+        self.next = Some(now + self.interval);
+    }
+    fn stop(&mut self) {
+        self.next = None;
+    }
+    /// True when due; re-arms with a doubled interval.
+    fn fire(&mut self, now: Instant) -> bool {
+        match self.next {
+            Some(t) if t <= now => {
+                self.interval = (self.interval * 2).min(MAX_RETRY_INTERVAL);
+                self.next = Some(now + self.interval);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    Handshake { cookie: Vec<u8> },
+    Established,
+    Closed,
+}
+
+#[derive(Debug)]
+struct ClientTransfer {
+    id: u32,
+    kind: TransferKind,
+    path: String,
+    start: u64,
+    opened: bool,
+    content_tag: u64,
+    open_timer: RetryTimer,
+    probe_timer: RetryTimer,
+    receiver: StreamReceiver,
+    catalog_delivered: bool,
+}
+
+/// Counters for stats and logs.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ClientStats {
+    pub packets_received: u64,
+    pub packets_sent: u64,
+    pub data_packets: u64,
+    pub duplicate_packets: u64,
+    pub stale_packets: u64,
+    pub bytes_received: u64,
+    pub bytes_delivered: u64,
+}
+
+pub struct ClientConnection {
+    config: ClientConfig,
+    phase: Phase,
+    nonce: u64,
+    connection_id: ConnectionId,
+    next_packet_number: u64,
+    hello_timer: RetryTimer,
+    send_hello: bool,
+    transfer: Option<ClientTransfer>,
+    next_transfer_id: u32,
+    acks: AckTracker,
+    out: VecDeque<Body>,
+    events: VecDeque<ClientEvent>,
+    last_received: Option<Instant>,
+    last_sent: Instant,
+    keepalive_interval: Duration,
+    stats: ClientStats,
+}
+
+impl ClientConnection {
+    /// Starts the handshake. `nonce` must be random: it ties the server's
+    /// replies to this client.
+    pub fn new(config: ClientConfig, nonce: u64, now: Instant) -> Self {
+        let mut hello_timer = RetryTimer::new(INITIAL_RETRY_INTERVAL);
+        hello_timer.start(now);
+        ClientConnection {
+            config,
+            phase: Phase::Handshake { cookie: Vec::new() },
+            nonce,
+            connection_id: 0,
+            next_packet_number: 0,
+            hello_timer,
+            send_hello: true,
+            transfer: None,
+            next_transfer_id: 1,
+            acks: AckTracker::new(),
+            out: VecDeque::new(),
+            events: VecDeque::new(),
+            last_received: None,
+            last_sent: now,
+            keepalive_interval: Duration::from_secs(5),
+            stats: ClientStats::default(),
+        }
+    }
+
+    pub fn is_established(&self) -> bool {
+        self.phase == Phase::Established
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed
+    }
+
+    pub fn connection_id(&self) -> ConnectionId {
+        self.connection_id
+    }
+
+    pub fn stats(&self) -> ClientStats {
+        let mut s = self.stats;
+        s.duplicate_packets = self.acks.duplicates();
+        s
+    }
+
+    /// When a datagram from the server last arrived.
+    pub fn last_received(&self) -> Option<Instant> {
+        self.last_received
+    }
+
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    /// Asks for the catalog; the answer comes as [`ClientEvent::Catalog`].
+    pub fn open_catalog(&mut self, now: Instant) -> u32 {
+        self.start_transfer(now, TransferKind::Catalog, String::new(), 0)
+    }
+
+    /// Opens `path` at `offset`, replacing any current transfer (a seek).
+    pub fn open_file(&mut self, now: Instant, path: &str, offset: u64) -> u32 {
+        self.start_transfer(now, TransferKind::File, path.to_owned(), offset)
+    }
+
+    fn start_transfer(&mut self, now: Instant, kind: TransferKind, path: String, offset: u64) -> u32 {
+        let id = self.next_transfer_id;
+        self.next_transfer_id = self.next_transfer_id.wrapping_add(1).max(1);
+        let receiver = StreamReceiver::new(offset, self.config.read_ahead);
+        self.transfer = Some(ClientTransfer {
+            id,
+            kind,
+            path,
+            start: offset,
+            opened: false,
+            content_tag: 0,
+            open_timer: RetryTimer::new(INITIAL_RETRY_INTERVAL),
+            probe_timer: RetryTimer::new(WINDOW_PROBE_INTERVAL),
+            receiver,
+            catalog_delivered: false,
+        });
+        if self.phase == Phase::Established {
+            self.queue_open(now);
+        }
+        id
+    }
+
+    fn queue_open(&mut self, now: Instant) {
+        let Some(t) = self.transfer.as_mut() else {
+            return;
+        };
+        let window = t.receiver.window();
+        t.receiver.mark_advertised(window);
+        t.open_timer.start(now);
+        self.out.push_back(Body::Open {
+            transfer_id: t.id,
+            kind: t.kind,
+            offset: t.start,
+            window,
+            path: t.path.clone(),
+        });
+    }
+
+    pub fn set_read_ahead(&mut self, now: Instant, read_ahead: u64) {
+        self.config.read_ahead = read_ahead;
+        if let Some(t) = self.transfer.as_mut() {
+            t.receiver.set_read_ahead(read_ahead);
+        }
+        self.maybe_update_window(now);
+    }
+
+    /// Current transfer: (id, size once known, offset it started at).
+    pub fn transfer_info(&self) -> Option<(u32, Option<u64>, u64)> {
+        self.transfer
+            .as_ref()
+            .map(|t| (t.id, t.receiver.end().filter(|_| t.opened), t.start))
+    }
+
+    pub fn content_tag(&self) -> Option<u64> {
+        self.transfer
+            .as_ref()
+            .filter(|t| t.opened)
+            .map(|t| t.content_tag)
+    }
+
+    /// Bytes ready to read at the current offset.
+    pub fn available(&self) -> u64 {
+        self.transfer.as_ref().map_or(0, |t| t.receiver.available())
+    }
+
+    /// Bytes held for the current transfer, in order or not.
+    pub fn buffered(&self) -> u64 {
+        self.transfer.as_ref().map_or(0, |t| t.receiver.buffered())
+    }
+
+    pub fn read_offset(&self) -> Option<u64> {
+        self.transfer.as_ref().map(|t| t.receiver.read_offset())
+    }
+
+    /// Every byte of the current transfer has been read.
+    pub fn is_finished(&self) -> bool {
+        self.transfer
+            .as_ref()
+            .is_some_and(|t| t.opened && t.receiver.is_finished())
+    }
+
+    /// Takes up to `max` bytes in order from the current file transfer.
+    pub fn read(&mut self, now: Instant, max: usize) -> Option<Vec<u8>> {
+        let t = self.transfer.as_mut()?;
+        if t.kind != TransferKind::File {
+            return None;
+        }
+        let chunk = t.receiver.read(max)?;
+        self.stats.bytes_delivered += chunk.len() as u64;
+        self.maybe_update_window(now);
+        Some(chunk)
+    }
+
+    /// Sends the window at once when it moved enough to matter: an eighth of
+    /// the read-ahead, or anything at all when the sender is already at the
+    /// old limit and so is waiting for us.
+    fn maybe_update_window(&mut self, now: Instant) {
+        let Some(t) = self.transfer.as_ref() else {
+            return;
+        };
+        if !t.opened || self.phase != Phase::Established {
+            return;
+        }
+        let window = t.receiver.window();
+        let advertised = t.receiver.advertised();
+        if window <= advertised {
+            return;
+        }
+        let threshold = (t.receiver.read_ahead() / 8).max(1);
+        let sender_waiting = t.receiver.highest_received() >= advertised;
+        if window - advertised >= threshold || sender_waiting {
+            self.acks.request_immediate(now);
+        }
+    }
+
+    /// Ends the session; a Close goes out with the next transmit.
+    pub fn close(&mut self) {
+        if self.phase == Phase::Established {
+            self.out.push_back(Body::Close {
+                reason: CloseReason::Normal,
+                message: String::new(),
+            });
+        }
+        self.phase = Phase::Closed;
+    }
+
+    pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) {
+        let packet = match Packet::decode(datagram) {
+            Ok(p) => p,
+            Err(DecodeError::UnsupportedVersion(v)) => {
+                if matches!(self.phase, Phase::Handshake { .. }) {
+                    self.events.push_back(ClientEvent::VersionMismatch {
+                        server_supports: vec![v],
+                    });
+                    self.phase = Phase::Closed;
+                }
+                return;
+            }
+            Err(_) => return,
+        };
+        match (&self.phase, packet.body) {
+            (Phase::Closed, _) => {}
+            (Phase::Handshake { .. }, Body::Retry { client_nonce, cookie }) if client_nonce == self.nonce => {
+                self.last_received = Some(now);
+                self.phase = Phase::Handshake { cookie };
+                self.send_hello = true;
+            }
+            (Phase::Handshake { .. }, Body::Welcome { client_nonce, idle_timeout_ms, .. })
+                if client_nonce == self.nonce && packet.connection_id != 0 =>
+            {
+                self.last_received = Some(now);
+                self.connection_id = packet.connection_id;
+                self.phase = Phase::Established;
+                self.hello_timer.stop();
+                self.send_hello = false;
+                // Ping well inside the server's idle timeout.
+                self.keepalive_interval =
+                    (Duration::from_millis(idle_timeout_ms as u64) / 3).max(Duration::from_millis(100));
+                self.events.push_back(ClientEvent::Connected);
+                if self.transfer.is_some() {
+                    self.queue_open(now);
+                }
+            }
+            (Phase::Handshake { .. }, Body::VersionNegotiation { supported }) => {
+                self.events.push_back(ClientEvent::VersionMismatch {
+                    server_supports: supported,
+                });
+                self.phase = Phase::Closed;
+            }
+            (Phase::Handshake { .. }, Body::Close { reason, message }) if packet.connection_id == 0 => {
+                self.last_received = Some(now);
+                self.events.push_back(ClientEvent::Closed { reason, message });
+                self.phase = Phase::Closed;
+            }
+            (Phase::Handshake { .. }, _) => {}
+            (Phase::Established, body) => {
+                if packet.connection_id != self.connection_id {
+                    return;
+                }
+                self.last_received = Some(now);
+                self.stats.packets_received += 1;
+                self.handle_established(now, packet.packet_number, body);
+            }
+        }
+    }
+
+    fn handle_established(&mut self, now: Instant, pn: u64, body: Body) {
+        match body {
+            Body::Data {
+                transfer_id,
+                offset,
+                payload,
+            } => {
+                self.stats.data_packets += 1;
+                self.acks.on_packet(now, pn);
+                let Some(t) = self.transfer.as_mut().filter(|t| t.id == transfer_id) else {
+                    self.stats.stale_packets += 1;
+                    return;
+                };
+                self.stats.bytes_received += payload.len() as u64;
+                t.receiver.insert(offset, &payload);
+                t.probe_timer.start(now);
+                self.deliver_catalog();
+            }
+            Body::OpenOk {
+                transfer_id,
+                size,
+                content_tag,
+                offset,
+            } => {
+                let read_ahead = self.config.read_ahead;
+                let Some(t) = self.transfer.as_mut().filter(|t| t.id == transfer_id) else {
+                    return;
+                };
+                if t.opened {
+                    return;
+                }
+                t.opened = true;
+                t.content_tag = content_tag;
+                t.open_timer.stop();
+                t.probe_timer.start(now);
+                if offset != t.start {
+                    // The server clamped an offset past the end.
+                    t.start = offset;
+                    t.receiver = StreamReceiver::new(offset, read_ahead);
+                }
+                t.receiver.set_end(size);
+                self.events.push_back(ClientEvent::Opened {
+                    transfer_id,
+                    size,
+                    content_tag,
+                    offset,
+                });
+                self.deliver_catalog();
+                self.maybe_update_window(now);
+            }
+            Body::OpenError {
+                transfer_id,
+                kind,
+                message,
+            } => {
+                if self.transfer.as_ref().is_some_and(|t| t.id == transfer_id) {
+                    self.transfer = None;
+                    self.events.push_back(ClientEvent::OpenFailed {
+                        transfer_id,
+                        kind,
+                        message,
+                    });
+                }
+            }
+            Body::Close { reason, message } => {
+                self.events.push_back(ClientEvent::Closed { reason, message });
+                self.phase = Phase::Closed;
+            }
+            Body::Ping => self.out.push_back(Body::Pong),
+            Body::Pong | Body::Welcome { .. } | Body::Retry { .. } => {}
+            _ => {}
+        }
+    }
+
+    fn deliver_catalog(&mut self) {
+        let Some(t) = self.transfer.as_mut() else {
+            return;
+        };
+        if t.kind != TransferKind::Catalog || !t.opened || t.catalog_delivered {
+            return;
+        }
+        if !t.receiver.is_fully_received() {
+            return;
+        }
+        t.catalog_delivered = true;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = t.receiver.read(usize::MAX) {
+            bytes.extend(chunk);
+        }
+        match catalog::decode(&bytes) {
+            Ok(entries) => self.events.push_back(ClientEvent::Catalog(entries)),
+            Err(e) => self.events.push_back(ClientEvent::ProtocolError(e.to_string())),
+        }
+    }
+
+    /// The next datagram to send, if any.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Vec<u8>> {
+        if let Phase::Handshake { cookie } = &self.phase {
+            if self.send_hello {
+                self.send_hello = false;
+                let body = Body::Hello {
+                    client_nonce: self.nonce,
+                    cookie: cookie.clone(),
+                };
+                return Some(self.emit(now, body));
+            }
+            return None;
+        }
+        if let Some(body) = self.out.pop_front() {
+            return Some(self.emit(now, body));
+        }
+        if self.phase != Phase::Established {
+            return None;
+        }
+        if self.acks.ack_deadline().is_some_and(|d| d <= now) {
+            let body = self.build_ack(now);
+            return Some(self.emit(now, body));
+        }
+        None
+    }
+
+    fn build_ack(&mut self, now: Instant) -> Body {
+        let (ranges, delay) = self.acks.build(now);
+        let (transfer_id, window, received_up_to) = match self.transfer.as_mut() {
+            Some(t) => {
+                let w = t.receiver.window();
+                t.receiver.mark_advertised(w);
+                (t.id, w, t.receiver.received_up_to())
+            }
+            None => (0, 0, 0),
+        };
+        Body::Ack {
+            transfer_id,
+            window,
+            received_up_to,
+            ack_delay_micros: delay.as_micros().min(u32::MAX as u128) as u32,
+            ranges,
+        }
+    }
+
+    fn emit(&mut self, now: Instant, body: Body) -> Vec<u8> {
+        let pn = self.next_packet_number;
+        self.next_packet_number += 1;
+        self.last_sent = now;
+        self.stats.packets_sent += 1;
+        Packet::new(self.connection_id, pn, body).encode()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        };
+        match self.phase {
+            Phase::Closed => return None,
+            Phase::Handshake { .. } => consider(self.hello_timer.next),
+            Phase::Established => {
+                consider(self.acks.ack_deadline());
+                consider(Some(self.last_sent + self.keepalive_interval));
+                if let Some(t) = &self.transfer {
+                    consider(t.open_timer.next);
+                    if t.opened && !t.receiver.is_fully_received() {
+                        consider(t.probe_timer.next);
+                    }
+                }
+            }
+        }
+        next
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.phase {
+            Phase::Closed => {}
+            Phase::Handshake { .. } => {
+                if self.hello_timer.fire(now) {
+                    self.send_hello = true;
+                }
+            }
+            Phase::Established => {
+                let mut resend_open = false;
+                let mut probe = false;
+                if let Some(t) = self.transfer.as_mut() {
+                    resend_open = t.open_timer.fire(now);
+                    // Data stopped although the window is open: repeat the
+                    // window in case the update that opened it was lost.
+                    if t.opened
+                        && !t.receiver.is_fully_received()
+                        && t.probe_timer.fire(now)
+                        && t.receiver.window() > t.receiver.highest_received()
+                    {
+                        probe = true;
+                    }
+                }
+                if resend_open {
+                    if let Some(t) = self.transfer.as_ref() {
+                        self.out.push_back(Body::Open {
+                            transfer_id: t.id,
+                            kind: t.kind,
+                            offset: t.start,
+                            window: t.receiver.window(),
+                            path: t.path.clone(),
+                        });
+                    }
+                }
+                if probe {
+                    self.acks.request_immediate(now);
+                    // A Ping gets an answer, so a paused-but-alive server is
+                    // told apart from a dead one.
+                    self.out.push_back(Body::Ping);
+                }
+                if now.saturating_duration_since(self.last_sent) >= self.keepalive_interval {
+                    self.out.push_back(Body::Ping);
+                }
+            }
+        }
+    }
+}

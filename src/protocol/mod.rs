@@ -1,0 +1,25 @@
+//! The udpvid protocol, version 1, without any I/O.
+//!
+//! Everything here takes bytes and an `Instant` and returns bytes and
+//! wake-up times; sockets, threads and clocks belong to the drivers (the
+//! tokio server in `server/`, the element's network task in
+//! `src/udpvidsrc/`). See `README.md` in this folder for the wire format.
+
+pub mod catalog;
+pub mod client;
+pub mod congestion;
+pub mod cookie;
+pub mod ranges;
+pub mod receiver;
+pub mod rtt;
+pub mod sender;
+pub mod server;
+pub mod wire;
+
+#[cfg(test)]
+mod simulation;
+
+pub use catalog::CatalogEntry;
+pub use client::{ClientConfig, ClientConnection, ClientEvent};
+pub use server::{Content, ContentStore, OpenFailure, ServerConfig, ServerEndpoint, ServerEvent};
+pub use wire::{CloseReason, OpenErrorKind, TransferKind};

@@ -1,0 +1,314 @@
+//! The receiving half: reassembly of a transfer's bytes in order
+//! ([`StreamReceiver`], which also computes the receive window) and the
+//! choice of when to acknowledge which packets ([`AckTracker`]).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use super::ranges::RangeSet;
+use super::rtt::MAX_ACK_DELAY;
+use super::wire::{AckRange, MAX_ACK_RANGES};
+
+/// Acknowledge at once after this many ack-eliciting packets (RFC 9000
+/// §13.2.2 recommends two).
+pub const ACK_ELICITING_THRESHOLD: u32 = 2;
+
+/// Reassembles one transfer's bytes and hands them out in order.
+///
+/// Memory is bounded by the window: bytes beyond the highest window ever
+/// advertised are dropped, so a misbehaving sender cannot grow the buffer.
+#[derive(Debug)]
+pub struct StreamReceiver {
+    start: u64,
+    read_offset: u64,
+    end: Option<u64>,
+    /// Non-overlapping segments not yet read, keyed by offset.
+    segments: BTreeMap<u64, Vec<u8>>,
+    received: RangeSet,
+    read_ahead: u64,
+    advertised: u64,
+    buffered: u64,
+}
+
+impl StreamReceiver {
+    pub fn new(start: u64, read_ahead: u64) -> Self {
+        StreamReceiver {
+            start,
+            read_offset: start,
+            end: None,
+            segments: BTreeMap::new(),
+            received: RangeSet::new(),
+            read_ahead,
+            advertised: start + read_ahead,
+            buffered: 0,
+        }
+    }
+
+    /// The file size, once the server told it.
+    pub fn set_end(&mut self, end: u64) {
+        self.end = Some(end);
+    }
+
+    pub fn end(&self) -> Option<u64> {
+        self.end
+    }
+
+    pub fn set_read_ahead(&mut self, read_ahead: u64) {
+        self.read_ahead = read_ahead;
+    }
+
+    pub fn read_ahead(&self) -> u64 {
+        self.read_ahead
+    }
+
+    /// Next offset `read` returns.
+    pub fn read_offset(&self) -> u64 {
+        self.read_offset
+    }
+
+    /// Highest offset (exclusive) the sender may send: what was consumed
+    /// plus the read-ahead. Never moves back, so a sender holding an older
+    /// value is never pushed past a newer one.
+    pub fn window(&self) -> u64 {
+        let w = self.read_offset.saturating_add(self.read_ahead);
+        let w = self.end.map_or(w, |e| w.min(e));
+        w.max(self.advertised)
+    }
+
+    /// Records that `window` was sent to the peer.
+    pub fn mark_advertised(&mut self, window: u64) {
+        self.advertised = self.advertised.max(window);
+    }
+
+    pub fn advertised(&self) -> u64 {
+        self.advertised
+    }
+
+    /// Stores a segment. Returns how many of its bytes were new.
+    pub fn insert(&mut self, offset: u64, data: &[u8]) -> u64 {
+        let Some(data_end) = offset.checked_add(data.len() as u64) else {
+            return 0;
+        };
+        let mut limit = self.advertised.max(self.window());
+        if let Some(e) = self.end {
+            limit = limit.min(e);
+        }
+        let lo = offset.max(self.read_offset);
+        let hi = data_end.min(limit);
+        let mut new_bytes = 0;
+        let mut pos = lo;
+        while pos < hi {
+            let have_end = self.received.contiguous_end(pos);
+            if have_end > pos {
+                pos = have_end;
+                continue;
+            }
+            let gap_end = self
+                .received
+                .iter()
+                .find(|r| r.start > pos)
+                .map_or(hi, |r| r.start.min(hi));
+            let slice = &data[(pos - offset) as usize..(gap_end - offset) as usize];
+            self.segments.insert(pos, slice.to_vec());
+            self.received.insert(pos..gap_end);
+            self.buffered += gap_end - pos;
+            new_bytes += gap_end - pos;
+            pos = gap_end;
+        }
+        new_bytes
+    }
+
+    /// Contiguous bytes ready at the read offset.
+    pub fn available(&self) -> u64 {
+        self.received.contiguous_end(self.read_offset) - self.read_offset
+    }
+
+    /// Bytes held, in order or not.
+    pub fn buffered(&self) -> u64 {
+        self.buffered
+    }
+
+    /// Every byte below this offset (from the transfer's start) arrived.
+    pub fn received_up_to(&self) -> u64 {
+        self.received.contiguous_end(self.read_offset).max(self.read_offset)
+    }
+
+    /// Highest offset received so far.
+    pub fn highest_received(&self) -> u64 {
+        self.received.last().map_or(self.read_offset, |r| r.end)
+    }
+
+    /// Takes up to `max` bytes at the read offset.
+    pub fn read(&mut self, max: usize) -> Option<Vec<u8>> {
+        if max == 0 {
+            return None;
+        }
+        let mut seg = self.segments.remove(&self.read_offset)?;
+        if seg.len() > max {
+            let rest = seg.split_off(max);
+            self.segments.insert(self.read_offset + max as u64, rest);
+        }
+        let n = seg.len() as u64;
+        // `received` keeps only what is ahead of the reader, so it stays small.
+        self.received.remove(self.start..self.read_offset + n);
+        self.read_offset += n;
+        self.buffered -= n;
+        Some(seg)
+    }
+
+    /// Everything up to the end was read.
+    pub fn is_finished(&self) -> bool {
+        self.end.is_some_and(|e| self.read_offset >= e)
+    }
+
+    /// Everything up to the end arrived (it may not be read yet).
+    pub fn is_fully_received(&self) -> bool {
+        self.end.is_some_and(|e| self.received_up_to() >= e)
+    }
+}
+
+/// Which packet numbers arrived and when an ACK is due.
+#[derive(Debug, Default)]
+pub struct AckTracker {
+    received: RangeSet,
+    largest: Option<(u64, Instant)>,
+    unacked_eliciting: u32,
+    ack_deadline: Option<Instant>,
+    duplicates: u64,
+}
+
+impl AckTracker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records an ack-eliciting packet. Returns false for a duplicate.
+    pub fn on_packet(&mut self, now: Instant, pn: u64) -> bool {
+        if self.received.contains(pn) {
+            self.duplicates += 1;
+            // The sender may have missed our ACK: acknowledge again soon.
+            self.ack_deadline = Some(now);
+            return false;
+        }
+        let out_of_order = self.largest.is_some_and(|(l, _)| pn < l || pn > l + 1);
+        self.received.insert(pn..pn + 1);
+        if self.largest.is_none_or(|(l, _)| pn > l) {
+            self.largest = Some((pn, now));
+        }
+        // Keep the tracker bounded: older ranges are covered by the byte
+        // offset in every ACK.
+        while self.received.len() > MAX_ACK_RANGES * 2 {
+            self.received.pop_first();
+        }
+        self.unacked_eliciting += 1;
+        // Reordering or a gap means loss may be happening: tell the sender now.
+        let deadline = if out_of_order || self.unacked_eliciting >= ACK_ELICITING_THRESHOLD {
+            now
+        } else {
+            now + MAX_ACK_DELAY
+        };
+        self.ack_deadline = Some(self.ack_deadline.map_or(deadline, |d| d.min(deadline)));
+        true
+    }
+
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates
+    }
+
+    pub fn ack_deadline(&self) -> Option<Instant> {
+        self.ack_deadline
+    }
+
+    /// Asks for an ACK at once (e.g. to carry a window update).
+    pub fn request_immediate(&mut self, now: Instant) {
+        self.ack_deadline = Some(now);
+    }
+
+    /// Ranges for an ACK frame and the delay since the largest arrived;
+    /// clears the deadline.
+    pub fn build(&mut self, now: Instant) -> (Vec<AckRange>, Duration) {
+        self.ack_deadline = None;
+        self.unacked_eliciting = 0;
+        let ranges = self
+            .received
+            .iter_descending()
+            .take(MAX_ACK_RANGES)
+            .map(|r| AckRange {
+                largest: r.end - 1,
+                smallest: r.start,
+            })
+            .collect();
+        let delay = self
+            .largest
+            .map_or(Duration::ZERO, |(_, t)| now.saturating_duration_since(t));
+        (ranges, delay)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reassembles_out_of_order_and_duplicates() {
+        let mut r = StreamReceiver::new(10, 100);
+        r.set_end(40);
+        assert_eq!(r.insert(20, &[2; 10]), 10);
+        assert_eq!(r.available(), 0);
+        assert_eq!(r.insert(15, &[1; 10]), 5); // overlaps 20..25
+        assert_eq!(r.insert(10, &[0; 5]), 5);
+        assert_eq!(r.insert(10, &[0; 5]), 0);
+        assert_eq!(r.available(), 20);
+        let mut got = Vec::new();
+        while let Some(chunk) = r.read(7) {
+            got.extend(chunk);
+        }
+        let mut want = vec![0; 5];
+        want.extend([1; 5]);
+        want.extend([2; 10]);
+        assert_eq!(got, want);
+        assert_eq!(r.read_offset(), 30);
+        assert_eq!(r.insert(30, &[3; 50]), 10); // clipped at end
+        assert!(r.is_fully_received());
+        assert_eq!(r.read(100).map(|v| v.len()), Some(10));
+        assert!(r.is_finished());
+    }
+
+    #[test]
+    fn window_follows_consumption_and_drops_data_beyond_it() {
+        let mut r = StreamReceiver::new(0, 100);
+        assert_eq!(r.window(), 100);
+        assert_eq!(r.insert(90, &[0; 50]), 10);
+        assert_eq!(r.insert(0, &[0; 50]), 50);
+        r.read(50);
+        assert_eq!(r.window(), 150);
+        r.mark_advertised(150);
+        r.set_read_ahead(10);
+        // Shrinking the read-ahead never pulls back an advertised window.
+        assert_eq!(r.window(), 150);
+    }
+
+    #[test]
+    fn acks_every_second_packet_and_on_reorder() {
+        let t = Instant::now();
+        let mut a = AckTracker::new();
+        a.on_packet(t, 1);
+        assert_eq!(a.ack_deadline(), Some(t + MAX_ACK_DELAY));
+        a.on_packet(t, 2);
+        assert_eq!(a.ack_deadline(), Some(t));
+        let (ranges, _) = a.build(t);
+        assert_eq!(
+            ranges,
+            vec![AckRange {
+                largest: 2,
+                smallest: 1
+            }]
+        );
+        a.on_packet(t, 5);
+        assert_eq!(a.ack_deadline(), Some(t));
+        let (ranges, _) = a.build(t);
+        assert_eq!(ranges.len(), 2);
+        assert!(!a.on_packet(t, 5));
+        assert_eq!(a.duplicates(), 1);
+    }
+}

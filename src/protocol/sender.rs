@@ -1,0 +1,466 @@
+//! The sending half of a transfer: which bytes go out next ([`StreamSender`])
+//! and which packets are in flight, acknowledged or lost ([`LossRecovery`],
+//! RFC 9002 loss detection with a probe timeout).
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use super::congestion::{CongestionController, NewReno};
+use super::ranges::RangeSet;
+use super::rtt::RttEstimator;
+use super::wire::AckRange;
+
+/// A packet is lost once this many later packets were acknowledged
+/// (RFC 9002 kPacketThreshold).
+pub const PACKET_THRESHOLD: u64 = 3;
+/// Probe timeouts in a row after which the path counts as persistently
+/// congested and the window restarts from its minimum.
+pub const PERSISTENT_CONGESTION_PTOS: u32 = 3;
+/// Largest backoff exponent for the probe timeout: 2^6 x PTO, so a dead peer
+/// is still probed about every 20 s instead of never.
+pub const MAX_PTO_BACKOFF_EXPONENT: u32 = 6;
+/// Packets sent on a probe timeout regardless of the congestion window
+/// (RFC 9002 §6.2.4 allows two).
+pub const PROBE_PACKETS: u32 = 2;
+
+/// Which bytes of a file go out next, and which are known to have arrived.
+///
+/// Offsets are absolute file offsets. Bytes below `start` belong to nobody
+/// (the client asked to start there).
+#[derive(Debug)]
+pub struct StreamSender {
+    start: u64,
+    end: u64,
+    next_new: u64,
+    window: u64,
+    acked: RangeSet,
+    to_resend: RangeSet,
+}
+
+impl StreamSender {
+    pub fn new(start: u64, end: u64, window: u64) -> Self {
+        let start = start.min(end);
+        StreamSender {
+            start,
+            end,
+            next_new: start,
+            window: window.max(start),
+            acked: RangeSet::new(),
+            to_resend: RangeSet::new(),
+        }
+    }
+
+    /// The receiver's window only grows: a late, reordered update must not
+    /// pull it back.
+    pub fn update_window(&mut self, window: u64) {
+        self.window = self.window.max(window);
+    }
+
+    pub fn window(&self) -> u64 {
+        self.window
+    }
+
+    /// The receiver holds every byte below `offset`.
+    pub fn on_received_up_to(&mut self, offset: u64) {
+        let offset = offset.min(self.end);
+        if offset > self.start {
+            self.on_acked(self.start..offset);
+        }
+    }
+
+    pub fn on_acked(&mut self, range: Range<u64>) {
+        self.acked.insert(range.clone());
+        self.to_resend.remove(range);
+    }
+
+    pub fn on_lost(&mut self, range: Range<u64>) {
+        // Only the parts not acknowledged some other way are resent.
+        let mut pos = range.start;
+        while pos < range.end {
+            let acked_end = self.acked.contiguous_end(pos);
+            if acked_end > pos {
+                pos = acked_end;
+                continue;
+            }
+            let next_acked = self
+                .acked
+                .iter()
+                .find(|r| r.start > pos)
+                .map_or(range.end, |r| r.start.min(range.end));
+            self.to_resend.insert(pos..next_acked);
+            pos = next_acked;
+        }
+    }
+
+    /// The next range to send, at most `max_len` bytes: lost data first, then
+    /// new data up to the receiver's window.
+    ///
+    /// A short chunk at the window's edge is held back while packets are in
+    /// flight (`nothing_in_flight` false): their ACKs will bring a window
+    /// update, and sending slivers would waste a header per sliver (the
+    /// "silly window syndrome" of RFC 1122 §4.2.3.4).
+    pub fn next_chunk(&mut self, max_len: u64, nothing_in_flight: bool) -> Option<Range<u64>> {
+        if let Some(first) = self.to_resend.first() {
+            let chunk = first.start..first.end.min(first.start + max_len);
+            self.to_resend.remove(chunk.clone());
+            debug_assert!(!self.acked.intersects(chunk.clone()));
+            return Some(chunk);
+        }
+        let limit = self.end.min(self.window);
+        if self.next_new < limit {
+            let short = limit - self.next_new < max_len && limit < self.end;
+            if short && !nothing_in_flight {
+                return None;
+            }
+            let chunk = self.next_new..limit.min(self.next_new + max_len);
+            self.next_new = chunk.end;
+            return Some(chunk);
+        }
+        None
+    }
+
+    pub fn has_data_to_send(&self) -> bool {
+        !self.to_resend.is_empty() || self.next_new < self.end.min(self.window)
+    }
+
+    /// New data exists but the receiver's window does not allow it.
+    pub fn is_window_blocked(&self) -> bool {
+        self.to_resend.is_empty() && self.next_new < self.end && self.next_new >= self.window
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.acked.contains_range(self.start..self.end)
+    }
+
+    pub fn is_acked(&self, range: Range<u64>) -> bool {
+        self.acked.contains_range(range)
+    }
+
+    /// Highest offset ever sent.
+    pub fn highest_sent(&self) -> u64 {
+        self.next_new
+    }
+}
+
+/// A packet that carries data and waits for its acknowledgement.
+#[derive(Debug, Clone)]
+pub struct SentPacket {
+    pub packet_number: u64,
+    pub time_sent: Instant,
+    pub size: u64,
+    pub transfer_id: u32,
+    pub range: Range<u64>,
+    /// The sender had more to send but the receiver's window stopped it:
+    /// such ACKs say nothing about the path's capacity.
+    pub app_limited: bool,
+}
+
+/// What an ACK or a timer changed.
+#[derive(Debug, Default)]
+pub struct RecoveryOutcome {
+    pub acked: Vec<SentPacket>,
+    pub lost: Vec<SentPacket>,
+    /// A probe timeout fired: resend these (still unacknowledged) ranges,
+    /// ignoring the congestion window for [`PROBE_PACKETS`] packets.
+    pub probe: Vec<SentPacket>,
+}
+
+/// Counters for logs and stats.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RecoveryStats {
+    pub packets_sent: u64,
+    pub packets_lost: u64,
+    pub probe_timeouts: u64,
+}
+
+/// RFC 9002 loss detection and congestion control for one session.
+#[derive(Debug)]
+pub struct LossRecovery {
+    sent: BTreeMap<u64, SentPacket>,
+    bytes_in_flight: u64,
+    largest_acked: Option<u64>,
+    largest_sent: Option<u64>,
+    rtt: RttEstimator,
+    cc: Box<dyn CongestionController>,
+    pto_count: u32,
+    loss_time: Option<Instant>,
+    last_sent: Option<Instant>,
+    probe_credit: u32,
+    stats: RecoveryStats,
+}
+
+impl LossRecovery {
+    pub fn new(max_datagram: u64) -> Self {
+        LossRecovery {
+            sent: BTreeMap::new(),
+            bytes_in_flight: 0,
+            largest_acked: None,
+            largest_sent: None,
+            rtt: RttEstimator::new(),
+            cc: Box::new(NewReno::new(max_datagram)),
+            pto_count: 0,
+            loss_time: None,
+            last_sent: None,
+            probe_credit: 0,
+            stats: RecoveryStats::default(),
+        }
+    }
+
+    pub fn rtt(&self) -> &RttEstimator {
+        &self.rtt
+    }
+
+    pub fn congestion_window(&self) -> u64 {
+        self.cc.window()
+    }
+
+    pub fn bytes_in_flight(&self) -> u64 {
+        self.bytes_in_flight
+    }
+
+    pub fn stats(&self) -> RecoveryStats {
+        self.stats
+    }
+
+    /// May a packet of `size` bytes leave now?
+    pub fn can_send(&self, size: u64) -> bool {
+        self.probe_credit > 0 || self.bytes_in_flight + size <= self.cc.window()
+    }
+
+    pub fn on_packet_sent(&mut self, packet: SentPacket) {
+        self.probe_credit = self.probe_credit.saturating_sub(1);
+        self.bytes_in_flight += packet.size;
+        self.last_sent = Some(packet.time_sent);
+        self.largest_sent = Some(packet.packet_number);
+        self.stats.packets_sent += 1;
+        self.sent.insert(packet.packet_number, packet);
+    }
+
+    /// Forgets every in-flight packet of transfers other than `keep`: after a
+    /// seek their data is useless, and they must not hold the window.
+    pub fn discard_other_transfers(&mut self, keep: u32) {
+        let before = self.sent.len();
+        self.sent.retain(|_, p| p.transfer_id == keep);
+        if self.sent.len() != before {
+            self.bytes_in_flight = self.sent.values().map(|p| p.size).sum();
+            if self.sent.is_empty() {
+                self.loss_time = None;
+                self.pto_count = 0;
+            }
+        }
+    }
+
+    /// Processes an ACK's ranges. Ranges naming packets never sent are
+    /// ignored (we only look up packets we hold).
+    pub fn on_ack_received(
+        &mut self,
+        now: Instant,
+        ranges: &[AckRange],
+        ack_delay: Duration,
+    ) -> RecoveryOutcome {
+        let mut outcome = RecoveryOutcome::default();
+        let Some(largest_in_ack) = ranges.first().map(|r| r.largest) else {
+            return outcome;
+        };
+        if self.largest_sent.is_none_or(|l| largest_in_ack > l) {
+            // Acknowledges a packet we never sent: ignore the whole ACK
+            // rather than let it declare everything else lost.
+            return outcome;
+        }
+        for r in ranges {
+            let acked: Vec<u64> = self
+                .sent
+                .range(r.smallest..=r.largest)
+                .map(|(&pn, _)| pn)
+                .collect();
+            for pn in acked {
+                if let Some(p) = self.sent.remove(&pn) {
+                    self.bytes_in_flight -= p.size;
+                    outcome.acked.push(p);
+                }
+            }
+        }
+        if outcome.acked.is_empty() {
+            return outcome;
+        }
+        self.largest_acked = Some(self.largest_acked.map_or(largest_in_ack, |l| l.max(largest_in_ack)));
+        // RTT sample only when the ACK's largest packet is newly acknowledged,
+        // so the sample measures that packet (RFC 9002 §5.1).
+        if let Some(p) = outcome
+            .acked
+            .iter()
+            .find(|p| p.packet_number == largest_in_ack)
+        {
+            self.rtt
+                .update(now.saturating_duration_since(p.time_sent), ack_delay);
+        }
+        for p in &outcome.acked {
+            self.cc.on_ack(now, p.time_sent, p.size, p.app_limited);
+        }
+        self.pto_count = 0;
+        outcome.lost = self.detect_lost(now);
+        outcome
+    }
+
+    fn detect_lost(&mut self, now: Instant) -> Vec<SentPacket> {
+        self.loss_time = None;
+        let Some(largest_acked) = self.largest_acked else {
+            return Vec::new();
+        };
+        let loss_delay = self.rtt.loss_delay();
+        let mut lost_pns = Vec::new();
+        for (&pn, p) in self.sent.range(..largest_acked) {
+            let by_time = now.saturating_duration_since(p.time_sent) >= loss_delay;
+            let by_count = largest_acked - pn >= PACKET_THRESHOLD;
+            if by_time || by_count {
+                lost_pns.push(pn);
+            } else {
+                let when = p.time_sent + loss_delay;
+                self.loss_time = Some(self.loss_time.map_or(when, |t| t.min(when)));
+            }
+        }
+        let mut lost = Vec::with_capacity(lost_pns.len());
+        for pn in lost_pns {
+            if let Some(p) = self.sent.remove(&pn) {
+                self.bytes_in_flight -= p.size;
+                lost.push(p);
+            }
+        }
+        if let Some(newest) = lost.iter().map(|p| p.time_sent).max() {
+            self.stats.packets_lost += lost.len() as u64;
+            self.cc.on_congestion_event(now, newest);
+        }
+        lost
+    }
+
+    /// When the next loss or probe timer fires.
+    pub fn timeout(&self) -> Option<Instant> {
+        if let Some(t) = self.loss_time {
+            return Some(t);
+        }
+        if self.sent.is_empty() {
+            return None;
+        }
+        let backoff = 1u32 << self.pto_count.min(MAX_PTO_BACKOFF_EXPONENT);
+        self.last_sent.map(|t| t + self.rtt.probe_timeout() * backoff)
+    }
+
+    pub fn on_timeout(&mut self, now: Instant) -> RecoveryOutcome {
+        let mut outcome = RecoveryOutcome::default();
+        if self.loss_time.is_some_and(|t| t <= now) {
+            outcome.lost = self.detect_lost(now);
+            return outcome;
+        }
+        if self.timeout().is_none_or(|t| t > now) {
+            return outcome;
+        }
+        self.pto_count += 1;
+        self.stats.probe_timeouts += 1;
+        if self.pto_count == PERSISTENT_CONGESTION_PTOS {
+            self.cc.on_persistent_congestion();
+        }
+        self.probe_credit = PROBE_PACKETS;
+        outcome.probe = self
+            .sent
+            .values()
+            .take(PROBE_PACKETS as usize)
+            .cloned()
+            .collect();
+        // The probe timer restarts from now, not from the last send, so a
+        // peer that is gone is not probed in a tight loop.
+        self.last_sent = Some(now);
+        outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_sender_respects_window_and_resends_only_unacked() {
+        let mut s = StreamSender::new(100, 10_000, 3_100);
+        assert_eq!(s.next_chunk(1000, true), Some(100..1100));
+        assert_eq!(s.next_chunk(1000, true), Some(1100..2100));
+        assert_eq!(s.next_chunk(1000, true), Some(2100..3100));
+        assert_eq!(s.next_chunk(1000, true), None);
+        assert!(s.is_window_blocked());
+        s.on_acked(1100..2100);
+        s.on_lost(100..3100);
+        assert_eq!(s.next_chunk(5000, true), Some(100..1100));
+        assert_eq!(s.next_chunk(5000, true), Some(2100..3100));
+        s.update_window(3_500);
+        s.update_window(2_000); // stale update ignored
+        assert_eq!(s.next_chunk(1000, true), Some(3100..3500));
+        s.on_received_up_to(3_500);
+        assert!(s.is_acked(100..3500));
+        assert!(!s.is_complete());
+    }
+
+    fn packet(pn: u64, t: Instant) -> SentPacket {
+        SentPacket {
+            packet_number: pn,
+            time_sent: t,
+            size: 1000,
+            transfer_id: 1,
+            range: pn * 1000..(pn + 1) * 1000,
+            app_limited: false,
+        }
+    }
+
+    #[test]
+    fn packet_threshold_declares_loss() {
+        let t0 = Instant::now();
+        let mut r = LossRecovery::new(1000);
+        for pn in 0..5 {
+            r.on_packet_sent(packet(pn, t0));
+        }
+        let out = r.on_ack_received(
+            t0 + Duration::from_millis(50),
+            &[AckRange {
+                largest: 4,
+                smallest: 3,
+            }],
+            Duration::ZERO,
+        );
+        assert_eq!(out.acked.len(), 2);
+        let lost: Vec<u64> = out.lost.iter().map(|p| p.packet_number).collect();
+        assert_eq!(lost, vec![0, 1]);
+        // Packet 2 is only one behind: lost later by time.
+        let t = r.timeout().expect("loss timer armed");
+        let out = r.on_timeout(t);
+        assert_eq!(out.lost.len(), 1);
+        assert_eq!(r.bytes_in_flight(), 0);
+    }
+
+    #[test]
+    fn ack_for_unsent_packet_is_ignored() {
+        let t0 = Instant::now();
+        let mut r = LossRecovery::new(1000);
+        r.on_packet_sent(packet(0, t0));
+        let out = r.on_ack_received(
+            t0,
+            &[AckRange {
+                largest: 1_000_000,
+                smallest: 0,
+            }],
+            Duration::ZERO,
+        );
+        assert!(out.acked.is_empty() && out.lost.is_empty());
+        assert_eq!(r.bytes_in_flight(), 1000);
+    }
+
+    #[test]
+    fn probe_timeout_backs_off() {
+        let t0 = Instant::now();
+        let mut r = LossRecovery::new(1000);
+        r.on_packet_sent(packet(0, t0));
+        let first = r.timeout().expect("pto armed");
+        let out = r.on_timeout(first);
+        assert_eq!(out.probe.len(), 1);
+        assert!(r.can_send(u64::MAX / 2));
+        let second = r.timeout().expect("pto armed");
+        assert!(second - first >= (first - t0) * 2 - Duration::from_millis(1));
+    }
+}

@@ -1,0 +1,729 @@
+//! The server side of the protocol as a state machine: datagrams and the time
+//! go in, datagrams and a wake-up time come out. The tokio server in
+//! `server/` only moves bytes between this and a socket.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::catalog::{self, CatalogEntry};
+use super::cookie::AddressValidator;
+use super::sender::{LossRecovery, RecoveryOutcome, SentPacket, StreamSender};
+use super::wire::{
+    Body, CloseReason, ConnectionId, DATA_OVERHEAD, DEFAULT_MAX_PAYLOAD, DecodeError, HEADER_LEN,
+    MAX_DATAGRAM_SIZE, MIN_HELLO_SIZE, OpenErrorKind, Packet, TransferKind, VERSION,
+};
+
+/// Default time a session may stay silent before the server drops it.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default limit on sessions at once.
+pub const DEFAULT_MAX_SESSIONS: usize = 256;
+/// Before validation the server sends at most this many times the bytes it
+/// received from an address (RFC 9000 §8).
+pub const AMPLIFICATION_FACTOR: usize = 3;
+
+/// An open file (or any byte source) the server streams from.
+pub trait Content: Send {
+    fn size(&self) -> u64;
+    /// Changes when the content changes (e.g. size and modification time).
+    fn tag(&self) -> u64;
+    /// Fills `buf` from `offset`; returns the bytes read (0 only at the end).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize>;
+}
+
+/// Why a file cannot be served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenFailure {
+    pub kind: OpenErrorKind,
+    pub message: String,
+}
+
+/// The files a server offers. The filesystem implementation lives in the
+/// server crate; tests use an in-memory one.
+pub trait ContentStore {
+    fn catalog(&self) -> Vec<CatalogEntry>;
+    fn open(&self, path: &str) -> Result<Box<dyn Content>, OpenFailure>;
+}
+
+/// In-memory content, for the catalog and for tests.
+pub struct MemoryContent {
+    pub bytes: Vec<u8>,
+    pub tag: u64,
+}
+
+impl Content for MemoryContent {
+    fn size(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+    fn tag(&self) -> u64 {
+        self.tag
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        let start = (offset as usize).min(self.bytes.len());
+        let n = buf.len().min(self.bytes.len() - start);
+        buf[..n].copy_from_slice(&self.bytes[start..start + n]);
+        Ok(n)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub idle_timeout: Duration,
+    pub max_sessions: usize,
+    pub max_payload: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+        }
+    }
+}
+
+/// Things worth logging; the driver decides how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerEvent {
+    SessionOpened {
+        id: ConnectionId,
+        addr: SocketAddr,
+    },
+    SessionRefused {
+        addr: SocketAddr,
+        reason: CloseReason,
+    },
+    AddressChanged {
+        id: ConnectionId,
+        from: SocketAddr,
+        to: SocketAddr,
+    },
+    TransferStarted {
+        id: ConnectionId,
+        kind: TransferKind,
+        path: String,
+        offset: u64,
+        size: u64,
+    },
+    OpenRefused {
+        id: ConnectionId,
+        path: String,
+        kind: OpenErrorKind,
+        message: String,
+    },
+    TransferComplete {
+        id: ConnectionId,
+        path: String,
+    },
+    ReadFailed {
+        id: ConnectionId,
+        path: String,
+        message: String,
+    },
+    SessionClosed {
+        id: ConnectionId,
+        addr: SocketAddr,
+        reason: CloseReason,
+        bytes_sent: u64,
+        packets_sent: u64,
+        packets_lost: u64,
+    },
+}
+
+struct Transfer {
+    id: u32,
+    path: String,
+    content: Box<dyn Content>,
+    stream: StreamSender,
+    complete_reported: bool,
+}
+
+struct Session {
+    id: ConnectionId,
+    addr: SocketAddr,
+    client_nonce: u64,
+    last_activity: Instant,
+    next_packet_number: u64,
+    recovery: LossRecovery,
+    transfer: Option<Transfer>,
+    /// The reply to the newest Open, resent when the Open is repeated.
+    last_open_reply: Option<(u32, Body)>,
+    control: VecDeque<Body>,
+    bytes_sent: u64,
+    closing: Option<CloseReason>,
+}
+
+impl Session {
+    fn next_pn(&mut self) -> u64 {
+        let pn = self.next_packet_number;
+        self.next_packet_number += 1;
+        pn
+    }
+}
+
+/// A catalog snapshot served as a transfer.
+fn catalog_content(store: &dyn ContentStore) -> MemoryContent {
+    let bytes = catalog::encode(&store.catalog());
+    let tag = bytes
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    MemoryContent { bytes, tag }
+}
+
+pub struct ServerEndpoint<S: ContentStore> {
+    config: ServerConfig,
+    store: S,
+    validator: AddressValidator,
+    rng: StdRng,
+    sessions: HashMap<ConnectionId, Session>,
+    /// (address, client nonce) -> session, so a repeated Hello does not
+    /// create a second session.
+    by_nonce: HashMap<(SocketAddr, u64), ConnectionId>,
+    /// Round-robin order for fair sending.
+    order: Vec<ConnectionId>,
+    cursor: usize,
+    /// Replies to unvalidated addresses (Retry, VersionNegotiation, Close).
+    stateless: VecDeque<(SocketAddr, Vec<u8>)>,
+    events: VecDeque<ServerEvent>,
+    read_buf: Vec<u8>,
+}
+
+impl<S: ContentStore> ServerEndpoint<S> {
+    pub fn new(config: ServerConfig, store: S, seed: [u8; 32], now: Instant) -> Self {
+        let mut rng = StdRng::from_seed(seed);
+        let key = rng.r#gen();
+        let max_payload = config
+            .max_payload
+            .clamp(64, MAX_DATAGRAM_SIZE - DATA_OVERHEAD);
+        let config = ServerConfig {
+            max_payload,
+            ..config
+        };
+        ServerEndpoint {
+            validator: AddressValidator::new(now, key),
+            read_buf: vec![0; max_payload],
+            config,
+            store,
+            rng,
+            sessions: HashMap::new(),
+            by_nonce: HashMap::new(),
+            order: Vec::new(),
+            cursor: 0,
+            stateless: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn poll_event(&mut self) -> Option<ServerEvent> {
+        self.events.pop_front()
+    }
+
+    /// Sends a reply to an unvalidated address, within the amplification
+    /// budget of the datagram that caused it.
+    fn reply_stateless(&mut self, to: SocketAddr, received: usize, packet: Packet) {
+        let bytes = packet.encode();
+        if bytes.len() <= received * AMPLIFICATION_FACTOR {
+            self.stateless.push_back((to, bytes));
+        }
+    }
+
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        let packet = match Packet::decode(datagram) {
+            Ok(p) => p,
+            Err(DecodeError::UnsupportedVersion(_)) => {
+                let reply = Packet::new(
+                    0,
+                    0,
+                    Body::VersionNegotiation {
+                        supported: vec![VERSION],
+                    },
+                );
+                self.reply_stateless(from, datagram.len(), reply);
+                return;
+            }
+            // Garbage gets no answer: answering would make us a reflector.
+            Err(_) => return,
+        };
+        if let Body::Hello {
+            client_nonce,
+            cookie,
+        } = &packet.body
+        {
+            self.handle_hello(now, from, datagram.len(), *client_nonce, cookie);
+            return;
+        }
+        let Some(session) = self.sessions.get_mut(&packet.connection_id) else {
+            if !matches!(packet.body, Body::Close { .. }) {
+                let reply = Packet::new(
+                    packet.connection_id,
+                    0,
+                    Body::Close {
+                        reason: CloseReason::UnknownConnection,
+                        message: String::new(),
+                    },
+                );
+                self.reply_stateless(from, datagram.len(), reply);
+            }
+            return;
+        };
+        session.last_activity = now;
+        if session.addr != from {
+            // The 64-bit random connection id is the proof of ownership, as
+            // in QUIC's connection migration; the client keeps its session
+            // when its NAT rebinds.
+            self.events.push_back(ServerEvent::AddressChanged {
+                id: session.id,
+                from: session.addr,
+                to: from,
+            });
+            session.addr = from;
+        }
+        let id = session.id;
+        match packet.body {
+            Body::Open {
+                transfer_id,
+                kind,
+                offset,
+                window,
+                path,
+            } => self.handle_open(now, id, transfer_id, kind, offset, window, path),
+            Body::Ack {
+                transfer_id,
+                window,
+                received_up_to,
+                ack_delay_micros,
+                ranges,
+            } => {
+                let Some(session) = self.sessions.get_mut(&id) else {
+                    return;
+                };
+                if let Some(t) = session.transfer.as_mut().filter(|t| t.id == transfer_id) {
+                    t.stream.update_window(window);
+                    t.stream.on_received_up_to(received_up_to);
+                }
+                let outcome = session.recovery.on_ack_received(
+                    now,
+                    &ranges,
+                    Duration::from_micros(ack_delay_micros as u64),
+                );
+                Self::apply_recovery(session, outcome);
+                Self::check_complete(session, &mut self.events);
+            }
+            Body::Ping => {
+                if let Some(s) = self.sessions.get_mut(&id) {
+                    s.control.push_back(Body::Pong);
+                }
+            }
+            Body::Close { .. } => self.end_session(id, CloseReason::Normal),
+            // Server-to-client messages from a client are ignored.
+            _ => {}
+        }
+    }
+
+    fn handle_hello(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        received: usize,
+        client_nonce: u64,
+        cookie: &[u8],
+    ) {
+        if received < MIN_HELLO_SIZE {
+            // An unpadded Hello leaves no amplification budget for a reply.
+            return;
+        }
+        if let Some(&id) = self.by_nonce.get(&(from, client_nonce)) {
+            if let Some(s) = self.sessions.get_mut(&id) {
+                s.control.push_back(Body::Welcome {
+                    client_nonce,
+                    idle_timeout_ms: self.config.idle_timeout.as_millis() as u32,
+                    max_payload: self.config.max_payload as u16,
+                });
+                return;
+            }
+        }
+        if cookie.is_empty() || !self.validator.verify(now, from, client_nonce, cookie) {
+            let cookie = self.validator.issue(now, from, client_nonce);
+            let reply = Packet::new(
+                0,
+                0,
+                Body::Retry {
+                    client_nonce,
+                    cookie,
+                },
+            );
+            self.reply_stateless(from, received, reply);
+            return;
+        }
+        if self.sessions.len() >= self.config.max_sessions {
+            let reply = Packet::new(
+                0,
+                0,
+                Body::Close {
+                    reason: CloseReason::ServerBusy,
+                    message: format!(
+                        "server busy: {} sessions already, try again later",
+                        self.sessions.len()
+                    ),
+                },
+            );
+            self.reply_stateless(from, received, reply);
+            self.events.push_back(ServerEvent::SessionRefused {
+                addr: from,
+                reason: CloseReason::ServerBusy,
+            });
+            return;
+        }
+        let mut id: ConnectionId = self.rng.r#gen();
+        while id == 0 || self.sessions.contains_key(&id) {
+            id = self.rng.r#gen();
+        }
+        let mut session = Session {
+            id,
+            addr: from,
+            client_nonce,
+            last_activity: now,
+            next_packet_number: 0,
+            recovery: LossRecovery::new((self.config.max_payload + DATA_OVERHEAD) as u64),
+            transfer: None,
+            last_open_reply: None,
+            control: VecDeque::new(),
+            bytes_sent: 0,
+            closing: None,
+        };
+        session.control.push_back(Body::Welcome {
+            client_nonce,
+            idle_timeout_ms: self.config.idle_timeout.as_millis() as u32,
+            max_payload: self.config.max_payload as u16,
+        });
+        self.sessions.insert(id, session);
+        self.by_nonce.insert((from, client_nonce), id);
+        self.order.push(id);
+        self.events
+            .push_back(ServerEvent::SessionOpened { id, addr: from });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn handle_open(
+        &mut self,
+        now: Instant,
+        id: ConnectionId,
+        transfer_id: u32,
+        kind: TransferKind,
+        offset: u64,
+        window: u64,
+        path: String,
+    ) {
+        let _ = now;
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if let Some((last_id, reply)) = &session.last_open_reply {
+            if transfer_id == *last_id {
+                // A repeated Open: the reply was lost, send it again.
+                session.control.push_back(reply.clone());
+                return;
+            }
+            if transfer_id < *last_id {
+                // A reordered, older Open: the client has moved on.
+                return;
+            }
+        }
+        let opened: Result<Box<dyn Content>, OpenFailure> = match kind {
+            TransferKind::Catalog => Ok(Box::new(catalog_content(&self.store))),
+            TransferKind::File => self.store.open(&path),
+        };
+        let session = match self.sessions.get_mut(&id) {
+            Some(s) => s,
+            None => return,
+        };
+        // Whatever happens, the previous transfer's bytes are no longer wanted.
+        session.transfer = None;
+        session.recovery.discard_other_transfers(transfer_id);
+        match opened {
+            Ok(content) => {
+                let size = content.size();
+                let start = offset.min(size);
+                let reply = Body::OpenOk {
+                    transfer_id,
+                    size,
+                    content_tag: content.tag(),
+                    offset: start,
+                };
+                session.control.push_back(reply.clone());
+                session.last_open_reply = Some((transfer_id, reply));
+                session.transfer = Some(Transfer {
+                    id: transfer_id,
+                    path: path.clone(),
+                    content,
+                    stream: StreamSender::new(start, size, window),
+                    complete_reported: false,
+                });
+                self.events.push_back(ServerEvent::TransferStarted {
+                    id,
+                    kind,
+                    path,
+                    offset: start,
+                    size,
+                });
+            }
+            Err(failure) => {
+                let reply = Body::OpenError {
+                    transfer_id,
+                    kind: failure.kind,
+                    message: failure.message.clone(),
+                };
+                session.control.push_back(reply.clone());
+                session.last_open_reply = Some((transfer_id, reply));
+                self.events.push_back(ServerEvent::OpenRefused {
+                    id,
+                    path,
+                    kind: failure.kind,
+                    message: failure.message,
+                });
+            }
+        }
+    }
+
+    fn apply_recovery(session: &mut Session, outcome: RecoveryOutcome) {
+        let Some(t) = session.transfer.as_mut() else {
+            return;
+        };
+        for p in outcome.acked.iter().filter(|p| p.transfer_id == t.id) {
+            t.stream.on_acked(p.range.clone());
+        }
+        for p in outcome
+            .lost
+            .iter()
+            .chain(outcome.probe.iter())
+            .filter(|p| p.transfer_id == t.id)
+        {
+            t.stream.on_lost(p.range.clone());
+        }
+    }
+
+    fn check_complete(session: &mut Session, events: &mut VecDeque<ServerEvent>) {
+        if let Some(t) = session.transfer.as_mut() {
+            if !t.complete_reported && t.stream.is_complete() {
+                t.complete_reported = true;
+                events.push_back(ServerEvent::TransferComplete {
+                    id: session.id,
+                    path: t.path.clone(),
+                });
+            }
+        }
+    }
+
+    fn end_session(&mut self, id: ConnectionId, reason: CloseReason) {
+        if let Some(s) = self.sessions.remove(&id) {
+            self.by_nonce.remove(&(s.addr, s.client_nonce));
+            // The nonce entry may be under the address the Hello came from.
+            self.by_nonce.retain(|_, v| *v != id);
+            self.order.retain(|&o| o != id);
+            let stats = s.recovery.stats();
+            self.events.push_back(ServerEvent::SessionClosed {
+                id,
+                addr: s.addr,
+                reason,
+                bytes_sent: s.bytes_sent,
+                packets_sent: stats.packets_sent,
+                packets_lost: stats.packets_lost,
+            });
+        }
+    }
+
+    /// Writes the next datagram into `out` and returns where it goes.
+    pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<u8>) -> Option<SocketAddr> {
+        if let Some((to, bytes)) = self.stateless.pop_front() {
+            out.clear();
+            out.extend_from_slice(&bytes);
+            return Some(to);
+        }
+        let n = self.order.len();
+        for i in 0..n {
+            let idx = (self.cursor + i) % n;
+            let id = self.order[idx];
+            if let Some(to) = self.poll_session(now, id, out) {
+                self.cursor = (idx + 1) % n.max(1);
+                return Some(to);
+            }
+        }
+        None
+    }
+
+    fn poll_session(&mut self, now: Instant, id: ConnectionId, out: &mut Vec<u8>) -> Option<SocketAddr> {
+        let session = self.sessions.get_mut(&id)?;
+        if let Some(reason) = session.closing {
+            let pn = session.next_pn();
+            Packet::new(
+                id,
+                pn,
+                Body::Close {
+                    reason,
+                    message: reason.to_string(),
+                },
+            )
+            .encode_into(out);
+            let addr = session.addr;
+            self.end_session(id, reason);
+            return Some(addr);
+        }
+        if let Some(body) = session.control.pop_front() {
+            let pn = session.next_pn();
+            Packet::new(id, pn, body).encode_into(out);
+            session.bytes_sent += out.len() as u64;
+            return Some(session.addr);
+        }
+        let max_payload = self.config.max_payload;
+        let t = session.transfer.as_mut()?;
+        if !t.stream.has_data_to_send() {
+            return None;
+        }
+        let size = (max_payload + DATA_OVERHEAD) as u64;
+        if !session.recovery.can_send(size) {
+            return None;
+        }
+        let nothing_in_flight = session.recovery.bytes_in_flight() == 0;
+        let range = t.stream.next_chunk(max_payload as u64, nothing_in_flight)?;
+        let len = (range.end - range.start) as usize;
+        let buf = &mut self.read_buf[..len];
+        let mut filled = 0;
+        while filled < len {
+            match t.content.read_at(range.start + filled as u64, &mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.events.push_back(ServerEvent::ReadFailed {
+                        id,
+                        path: t.path.clone(),
+                        message: e.to_string(),
+                    });
+                    break;
+                }
+            }
+        }
+        if filled < len {
+            // The file shrank or failed under us: tell the client rather than
+            // send bytes that are not the file's.
+            let transfer_id = t.id;
+            let path = t.path.clone();
+            session.transfer = None;
+            session.control.push_back(Body::OpenError {
+                transfer_id,
+                kind: OpenErrorKind::NotReadable,
+                message: format!("{path}: read failed at offset {}", range.start + filled as u64),
+            });
+            return self.poll_session(now, id, out);
+        }
+        let app_limited = !t.stream.has_data_to_send() && t.stream.is_window_blocked();
+        let transfer_id = t.id;
+        let pn = session.next_pn();
+        encode_data(out, id, pn, transfer_id, range.start, buf);
+        session.bytes_sent += out.len() as u64;
+        session.recovery.on_packet_sent(SentPacket {
+            packet_number: pn,
+            time_sent: now,
+            size: out.len() as u64,
+            transfer_id,
+            range,
+            app_limited,
+        });
+        Some(session.addr)
+    }
+
+    /// When `handle_timeout` must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut next = Some(self.validator.next_rotation());
+        for s in self.sessions.values() {
+            let idle = s.last_activity + self.config.idle_timeout;
+            next = Some(next.map_or(idle, |n: Instant| n.min(idle)));
+            if let Some(t) = s.recovery.timeout() {
+                next = Some(next.map_or(t, |n: Instant| n.min(t)));
+            }
+        }
+        next
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.validator.rotation_due(now) {
+            let key = self.rng.r#gen();
+            self.validator.rotate(now, key);
+        }
+        let idle_timeout = self.config.idle_timeout;
+        let expired: Vec<ConnectionId> = self
+            .sessions
+            .values()
+            .filter(|s| now.saturating_duration_since(s.last_activity) >= idle_timeout)
+            .map(|s| s.id)
+            .collect();
+        for id in expired {
+            // The client is gone or silent: send nothing, just forget it.
+            self.end_session(id, CloseReason::IdleTimeout);
+        }
+        for session in self.sessions.values_mut() {
+            if session.recovery.timeout().is_some_and(|t| t <= now) {
+                let outcome = session.recovery.on_timeout(now);
+                Self::apply_recovery(session, outcome);
+            }
+        }
+    }
+
+    /// Tells every client the server is going away.
+    pub fn shutdown(&mut self) {
+        for s in self.sessions.values_mut() {
+            s.closing = Some(CloseReason::Shutdown);
+        }
+    }
+
+    /// Retransmission and loss counters of one session, for tests and logs.
+    pub fn session_recovery(&self, id: ConnectionId) -> Option<&LossRecovery> {
+        self.sessions.get(&id).map(|s| &s.recovery)
+    }
+
+    /// Whether `range` of the session's current transfer is acknowledged.
+    pub fn is_acked(&self, id: ConnectionId, transfer_id: u32, range: std::ops::Range<u64>) -> bool {
+        self.sessions
+            .get(&id)
+            .and_then(|s| s.transfer.as_ref())
+            .filter(|t| t.id == transfer_id)
+            .is_some_and(|t| t.stream.is_acked(range))
+    }
+
+    /// Window the session's current transfer may not pass.
+    pub fn transfer_window(&self, id: ConnectionId) -> Option<u64> {
+        self.sessions
+            .get(&id)
+            .and_then(|s| s.transfer.as_ref())
+            .map(|t| t.stream.window())
+    }
+
+    pub fn session_ids(&self) -> Vec<ConnectionId> {
+        self.order.clone()
+    }
+}
+
+/// Builds a Data datagram straight from the payload slice, without the
+/// intermediate `Vec` that `Body::Data` would need.
+fn encode_data(out: &mut Vec<u8>, id: ConnectionId, pn: u64, transfer_id: u32, offset: u64, payload: &[u8]) {
+    Packet::new(
+        id,
+        pn,
+        Body::Data {
+            transfer_id,
+            offset,
+            payload: Vec::new(),
+        },
+    )
+    .encode_into(out);
+    out.extend_from_slice(payload);
+    debug_assert_eq!(out.len(), HEADER_LEN + 12 + payload.len());
+}

@@ -1,0 +1,440 @@
+//! Whole transfers through a simulated network, deterministic per seed:
+//! loss, duplication, delay with jitter (and so reordering), simulated time.
+//! Each test checks what the protocol promises: the bytes delivered equal
+//! the file, the server never sends past the client's window, and nothing
+//! acknowledged is sent again.
+
+use std::collections::BinaryHeap;
+use std::cmp::Reverse;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::catalog::CatalogEntry;
+use super::client::{ClientConfig, ClientConnection, ClientEvent};
+use super::server::{Content, ContentStore, MemoryContent, OpenFailure, ServerConfig, ServerEndpoint};
+use super::wire::{Body, OpenErrorKind, Packet};
+
+struct Store {
+    files: Vec<(String, Vec<u8>)>,
+}
+
+impl ContentStore for Store {
+    fn catalog(&self) -> Vec<CatalogEntry> {
+        self.files
+            .iter()
+            .map(|(n, b)| CatalogEntry {
+                name: n.clone(),
+                size: b.len() as u64,
+            })
+            .collect()
+    }
+    fn open(&self, path: &str) -> Result<Box<dyn Content>, OpenFailure> {
+        self.files
+            .iter()
+            .find(|(n, _)| n == path)
+            .map(|(_, b)| Box::new(MemoryContent { bytes: b.clone(), tag: 1 }) as Box<dyn Content>)
+            .ok_or(OpenFailure {
+                kind: OpenErrorKind::NotFound,
+                message: format!("{path}: no such file"),
+            })
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Impairment {
+    loss: f64,
+    duplicate: f64,
+    delay: Duration,
+    jitter: Duration,
+}
+
+impl Impairment {
+    fn clean(delay_ms: u64) -> Self {
+        Impairment {
+            loss: 0.0,
+            duplicate: 0.0,
+            delay: Duration::from_millis(delay_ms),
+            jitter: Duration::ZERO,
+        }
+    }
+}
+
+/// One direction of the simulated path.
+struct Link {
+    imp: Impairment,
+    queue: BinaryHeap<Reverse<(Instant, u64, Vec<u8>)>>,
+    seq: u64,
+    /// Drop everything while true (an outage).
+    down: bool,
+    dropped: u64,
+}
+
+impl Link {
+    fn new(imp: Impairment) -> Self {
+        Link {
+            imp,
+            queue: BinaryHeap::new(),
+            seq: 0,
+            down: false,
+            dropped: 0,
+        }
+    }
+    fn send(&mut self, rng: &mut StdRng, now: Instant, d: Vec<u8>) {
+        if self.down || rng.r#gen::<f64>() < self.imp.loss {
+            self.dropped += 1;
+            return;
+        }
+        let copies = if rng.r#gen::<f64>() < self.imp.duplicate { 2 } else { 1 };
+        for _ in 0..copies {
+            let jitter = if self.imp.jitter.is_zero() {
+                Duration::ZERO
+            } else {
+                self.imp.jitter.mul_f64(rng.r#gen::<f64>())
+            };
+            self.seq += 1;
+            self.queue
+                .push(Reverse((now + self.imp.delay + jitter, self.seq, d.clone())));
+        }
+    }
+    fn next_time(&self) -> Option<Instant> {
+        self.queue.peek().map(|Reverse((t, _, _))| *t)
+    }
+    fn pop_due(&mut self, now: Instant) -> Option<Vec<u8>> {
+        if self.next_time()? <= now {
+            self.queue.pop().map(|Reverse((_, _, d))| d)
+        } else {
+            None
+        }
+    }
+}
+
+/// How the simulated player consumes.
+#[derive(Clone, Copy)]
+enum Consumer {
+    /// Reads everything as soon as it arrives.
+    Greedy,
+    /// Reads `bytes_per_tick` every `tick`.
+    Paced { bytes_per_tick: usize, tick: Duration },
+}
+
+struct Sim {
+    rng: StdRng,
+    now: Instant,
+    server: ServerEndpoint<Store>,
+    client: ClientConnection,
+    up: Link,
+    down: Link,
+    client_addr: SocketAddr,
+    delivered: Vec<u8>,
+    max_window_advertised: u64,
+    data_packets_sent: u64,
+    data_bytes_sent: u64,
+    events: Vec<ClientEvent>,
+    next_read: Instant,
+}
+
+impl Sim {
+    fn new(seed: u64, file: Vec<u8>, read_ahead: u64, up: Impairment, down: Impairment) -> Self {
+        let now = Instant::now();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let server = ServerEndpoint::new(
+            ServerConfig::default(),
+            Store {
+                files: vec![("movie.mp4".into(), file)],
+            },
+            rng.r#gen(),
+            now,
+        );
+        let client = ClientConnection::new(ClientConfig { read_ahead }, rng.r#gen(), now);
+        Sim {
+            rng,
+            now,
+            server,
+            client,
+            up: Link::new(up),
+            down: Link::new(down),
+            client_addr: "10.0.0.2:4000".parse().expect("valid address"),
+            delivered: Vec::new(),
+            max_window_advertised: 0,
+            data_packets_sent: 0,
+            data_bytes_sent: 0,
+            events: Vec::new(),
+            next_read: now,
+        }
+    }
+
+    fn flush(&mut self) {
+        while let Some(d) = self.client.poll_transmit(self.now) {
+            if let Ok(p) = Packet::decode(&d) {
+                if let Body::Ack { window, .. } | Body::Open { window, .. } = p.body {
+                    self.max_window_advertised = self.max_window_advertised.max(window);
+                }
+            }
+            self.up.send(&mut self.rng, self.now, d);
+        }
+    }
+
+    /// Every Data packet the server sends must not be already acknowledged.
+    fn check_no_acked_resend(&self, before: &[(u64, u32, std::ops::Range<u64>)]) {
+        for (id, tid, r) in before {
+            assert!(
+                !self.server.is_acked(*id, *tid, r.clone()),
+                "acknowledged range {r:?} was resent"
+            );
+        }
+    }
+
+    fn step(&mut self, consumer: Consumer) {
+        // Deliver what is due.
+        while let Some(d) = self.up.pop_due(self.now) {
+            self.server.handle_datagram(self.now, self.client_addr, &d);
+        }
+        while let Some(d) = self.down.pop_due(self.now) {
+            self.client.handle_datagram(self.now, &d);
+        }
+        if self.server.poll_timeout().is_some_and(|t| t <= self.now) {
+            self.server.handle_timeout(self.now);
+        }
+        if self.client.poll_timeout().is_some_and(|t| t <= self.now) {
+            self.client.handle_timeout(self.now);
+        }
+        while let Some(e) = self.client.poll_event() {
+            self.events.push(e);
+        }
+        if self.now >= self.next_read {
+            match consumer {
+                Consumer::Greedy => {
+                    while let Some(c) = self.client.read(self.now, 64 * 1024) {
+                        self.delivered.extend(c);
+                    }
+                }
+                Consumer::Paced {
+                    bytes_per_tick,
+                    tick,
+                } => {
+                    let mut left = bytes_per_tick;
+                    while left > 0 {
+                        match self.client.read(self.now, left) {
+                            Some(c) => {
+                                left -= c.len();
+                                self.delivered.extend(c);
+                            }
+                            None => break,
+                        }
+                    }
+                    self.next_read = self.now + tick;
+                }
+            }
+        }
+        // Snapshot what the server holds as acknowledged before it sends.
+        self.flush_checked();
+        let next = [
+            self.up.next_time(),
+            self.down.next_time(),
+            self.server.poll_timeout(),
+            self.client.poll_timeout(),
+            match consumer {
+                Consumer::Greedy => None,
+                Consumer::Paced { .. } => Some(self.next_read),
+            },
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        // Never stand still: at least 100 µs per step.
+        self.now = next
+            .unwrap_or(self.now + Duration::from_millis(1))
+            .max(self.now + Duration::from_micros(100));
+    }
+
+    fn flush_checked(&mut self) {
+        let mut buf = Vec::new();
+        let mut sent = Vec::new();
+        // Server first, so the acked-state check sees the state at send time.
+        while let Some(to) = self.server.poll_transmit(self.now, &mut buf) {
+            assert_eq!(to, self.client_addr);
+            if let Ok(Packet {
+                connection_id,
+                body:
+                    Body::Data {
+                        transfer_id,
+                        offset,
+                        ref payload,
+                    },
+                ..
+            }) = Packet::decode(&buf)
+            {
+                sent.push((connection_id, transfer_id, offset..offset + payload.len() as u64));
+                self.data_packets_sent += 1;
+                self.data_bytes_sent += payload.len() as u64;
+                let end = offset + payload.len() as u64;
+                assert!(
+                    end <= self.max_window_advertised,
+                    "server sent up to {end} past the window {}",
+                    self.max_window_advertised
+                );
+            }
+            self.down.send(&mut self.rng, self.now, buf.clone());
+        }
+        self.check_no_acked_resend(&sent);
+        self.flush();
+    }
+
+    fn run_until(&mut self, consumer: Consumer, limit: Duration, mut done: impl FnMut(&Sim) -> bool) {
+        let deadline = self.now + limit;
+        let mut steps = 0u64;
+        while !done(self) && self.now < deadline {
+            self.step(consumer);
+            steps += 1;
+            assert!(steps < 5_000_000, "simulation made no progress");
+        }
+    }
+}
+
+fn file(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..len).map(|_| rng.r#gen()).collect()
+}
+
+fn transfer(seed: u64, size: usize, up: Impairment, down: Impairment) -> Sim {
+    let data = file(size, seed);
+    let mut sim = Sim::new(seed, data.clone(), 256 * 1024, up, down);
+    let now = sim.now;
+    sim.client.open_file(now, "movie.mp4", 0);
+    sim.run_until(Consumer::Greedy, Duration::from_secs(600), |s| s.client.is_finished());
+    assert!(sim.client.is_finished(), "seed {seed}: transfer did not finish: {:?}", sim.events);
+    assert!(sim.delivered == data, "seed {seed}: delivered bytes differ from the file");
+    sim
+}
+
+#[test]
+fn clean_path_delivers_the_file() {
+    let sim = transfer(1, 3_000_000, Impairment::clean(10), Impairment::clean(10));
+    // No loss: every byte is sent exactly once, in full-size packets.
+    assert_eq!(sim.data_bytes_sent, 3_000_000);
+    let needed = 3_000_000u64.div_ceil(super::wire::DEFAULT_MAX_PAYLOAD as u64);
+    assert!(sim.data_packets_sent <= needed + 2, "{} packets", sim.data_packets_sent);
+}
+
+#[test]
+fn lossy_reordering_duplicating_path_delivers_the_file() {
+    let bad = Impairment {
+        loss: 0.1,
+        duplicate: 0.05,
+        delay: Duration::from_millis(40),
+        jitter: Duration::from_millis(15),
+    };
+    for seed in 0..6 {
+        transfer(100 + seed, 600_000, bad, bad);
+    }
+}
+
+#[test]
+fn heavy_loss_still_completes() {
+    let awful = Impairment {
+        loss: 0.3,
+        duplicate: 0.0,
+        delay: Duration::from_millis(5),
+        jitter: Duration::from_millis(5),
+    };
+    transfer(7, 200_000, awful, awful);
+}
+
+#[test]
+fn catalog_and_missing_file() {
+    let mut sim = Sim::new(3, file(5000, 3), 65536, Impairment::clean(5), Impairment::clean(5));
+    let now = sim.now;
+    sim.client.open_catalog(now);
+    sim.run_until(Consumer::Greedy, Duration::from_secs(10), |s| {
+        s.events.iter().any(|e| matches!(e, ClientEvent::Catalog(_)))
+    });
+    assert!(sim.events.contains(&ClientEvent::Catalog(vec![CatalogEntry {
+        name: "movie.mp4".into(),
+        size: 5000
+    }])));
+    let now = sim.now;
+    sim.client.open_file(now, "nope.mkv", 0);
+    sim.run_until(Consumer::Greedy, Duration::from_secs(10), |s| {
+        s.events.iter().any(|e| matches!(e, ClientEvent::OpenFailed { .. }))
+    });
+    assert!(sim.events.iter().any(|e| matches!(
+        e,
+        ClientEvent::OpenFailed {
+            kind: OpenErrorKind::NotFound,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn paused_reader_stops_the_sender_at_the_read_ahead() {
+    let read_ahead = 100_000u64;
+    let data = file(2_000_000, 9);
+    let mut sim = Sim::new(9, data.clone(), read_ahead, Impairment::clean(20), Impairment::clean(20));
+    let now = sim.now;
+    sim.client.open_file(now, "movie.mp4", 0);
+    // Play 300 kB, then pause for 30 simulated seconds.
+    sim.run_until(Consumer::Greedy, Duration::from_secs(30), |s| s.delivered.len() >= 300_000);
+    let consumed = sim.delivered.len() as u64;
+    let paused = Consumer::Paced {
+        bytes_per_tick: 0,
+        tick: Duration::from_millis(100),
+    };
+    let pause_end = sim.now + Duration::from_secs(30);
+    sim.run_until(paused, Duration::from_secs(30), |s| s.now >= pause_end);
+    let highest = sim.server.transfer_window(sim.client.connection_id()).expect("transfer");
+    assert!(
+        highest <= consumed + read_ahead,
+        "server allowed {highest} with {consumed} consumed and {read_ahead} read-ahead"
+    );
+    let sent_while_paused = sim.data_packets_sent;
+    sim.run_until(paused, Duration::from_secs(5), |_| false);
+    assert_eq!(sim.data_packets_sent, sent_while_paused, "server kept sending while paused");
+    // Resume: everything arrives.
+    sim.run_until(Consumer::Greedy, Duration::from_secs(60), |s| s.client.is_finished());
+    assert!(sim.delivered == data);
+}
+
+#[test]
+fn lost_window_updates_do_not_deadlock() {
+    let read_ahead = 50_000u64;
+    let data = file(400_000, 11);
+    let mut sim = Sim::new(11, data.clone(), read_ahead, Impairment::clean(10), Impairment::clean(10));
+    let now = sim.now;
+    sim.client.open_file(now, "movie.mp4", 0);
+    let paused = Consumer::Paced {
+        bytes_per_tick: 0,
+        tick: Duration::from_millis(50),
+    };
+    // Fill the window without reading, so the server is blocked.
+    let until = sim.now + Duration::from_secs(2);
+    sim.run_until(paused, Duration::from_secs(2), |s| s.now >= until);
+    assert_eq!(sim.client.available(), read_ahead);
+    // Resume reading while the uplink drops everything: every window
+    // update is lost. Then the uplink heals.
+    sim.up.down = true;
+    let until = sim.now + Duration::from_secs(1);
+    sim.run_until(Consumer::Greedy, Duration::from_secs(1), |s| s.now >= until);
+    assert!(sim.up.dropped > 0);
+    sim.up.down = false;
+    sim.run_until(Consumer::Greedy, Duration::from_secs(30), |s| s.client.is_finished());
+    assert!(sim.client.is_finished(), "stalled after lost window updates");
+    assert!(sim.delivered == data);
+}
+
+#[test]
+fn seek_drops_the_old_position() {
+    let data = file(1_000_000, 12);
+    let mut sim = Sim::new(12, data.clone(), 100_000, Impairment::clean(10), Impairment::clean(10));
+    let now = sim.now;
+    sim.client.open_file(now, "movie.mp4", 0);
+    sim.run_until(Consumer::Greedy, Duration::from_secs(10), |s| s.delivered.len() >= 50_000);
+    let now = sim.now;
+    sim.delivered.clear();
+    sim.client.open_file(now, "movie.mp4", 700_000);
+    sim.run_until(Consumer::Greedy, Duration::from_secs(30), |s| s.client.is_finished());
+    assert!(sim.delivered == data[700_000..]);
+}
