@@ -5,6 +5,7 @@
 //! feature (default) the crate is also the GStreamer plugin `udpvid`,
 //! providing the `udpvidsrc` element.
 
+pub mod blocking_client;
 pub mod protocol;
 
 #[cfg(feature = "gst")]

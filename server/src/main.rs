@@ -1,1 +1,288 @@
-fn main() {}
+//! `server`: serves the video files of one folder over the udpvid protocol.
+//!
+//! This is a thin tokio driver around the sans-IO
+//! [`gstudpvid::protocol::ServerEndpoint`]: it moves datagrams between the
+//! socket and the endpoint, sleeps until the endpoint's next timer, and logs
+//! the endpoint's events.
+
+mod library;
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use rand::RngCore;
+use tokio::net::UdpSocket;
+use tracing::{debug, error, info, warn};
+
+use gstudpvid::protocol::server::{DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS};
+use gstudpvid::protocol::wire::{DATA_OVERHEAD, DEFAULT_MAX_PAYLOAD, MAX_DATAGRAM_SIZE};
+use gstudpvid::protocol::{ServerConfig, ServerEndpoint, ServerEvent};
+
+use library::Library;
+
+/// Socket buffers we ask the kernel for: a few read-aheads' worth of
+/// datagrams, so bursts survive a busy moment in the event loop.
+const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+/// Datagrams read in one go before the loop sends again, so a flood of
+/// input cannot starve the sending side.
+const MAX_RECV_BATCH: usize = 256;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "server",
+    version,
+    about = "Serve the video files of one folder to udpvidsrc clients over UDP",
+    long_about = "Serves every regular file inside --dir (subfolders included) to udpvidsrc \
+                  clients over the udpvid protocol. Paths that leave the folder, symlinks \
+                  pointing outside it, devices and FIFOs are refused as \"not found\"."
+)]
+struct Args {
+    /// Folder whose files are served (subfolders included)
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// Address to listen on (0.0.0.0 for every IPv4 interface, :: for IPv6)
+    #[arg(long, default_value = "0.0.0.0", value_name = "ADDR")]
+    bind: IpAddr,
+    /// UDP port to listen on (0 picks a free port, printed at start-up)
+    #[arg(long, default_value_t = 50000)]
+    port: u16,
+    /// Append the log to this file instead of standard error
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
+    /// Seconds a silent client keeps its session before it is dropped
+    #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT.as_secs_f64(), value_name = "SECONDS")]
+    idle_timeout: f64,
+    /// Most sessions served at once; more clients are told the server is busy
+    #[arg(long, default_value_t = DEFAULT_MAX_SESSIONS)]
+    max_sessions: usize,
+    /// Largest data payload per datagram in bytes (the default fits 1500-byte Ethernet)
+    #[arg(long, default_value_t = DEFAULT_MAX_PAYLOAD)]
+    max_payload: usize,
+}
+
+fn init_logging(log_file: Option<&PathBuf>) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("UDPVID_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
+            builder
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .init();
+        }
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}
+
+fn log_event(event: ServerEvent) {
+    match event {
+        ServerEvent::SessionOpened { id, addr } => {
+            info!(session = %format!("{id:016x}"), %addr, "session opened")
+        }
+        ServerEvent::SessionRefused { addr, reason } => warn!(%addr, %reason, "session refused"),
+        ServerEvent::AddressChanged { id, from, to } => {
+            info!(session = %format!("{id:016x}"), %from, %to, "client address changed")
+        }
+        ServerEvent::TransferStarted {
+            id,
+            kind,
+            path,
+            offset,
+            size,
+        } => info!(
+            session = %format!("{id:016x}"), ?kind, path, offset, size, "transfer started"
+        ),
+        ServerEvent::OpenRefused {
+            id,
+            path,
+            kind,
+            detail,
+        } => warn!(
+            session = %format!("{id:016x}"), path, %kind, detail, "open refused"
+        ),
+        ServerEvent::TransferComplete { id, path } => {
+            info!(session = %format!("{id:016x}"), path, "transfer complete")
+        }
+        ServerEvent::ReadFailed { id, path, message } => {
+            error!(session = %format!("{id:016x}"), path, message, "file read failed")
+        }
+        ServerEvent::SessionClosed {
+            id,
+            addr,
+            reason,
+            bytes_sent,
+            packets_sent,
+            packets_lost,
+        } => info!(
+            session = %format!("{id:016x}"), %addr, %reason, bytes_sent, packets_sent, packets_lost,
+            "session closed"
+        ),
+    }
+}
+
+fn bind_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // `--bind ::` serves IPv4 clients too where the system allows it.
+        let _ = socket.set_only_v6(false);
+    }
+    // The kernel may cap these; a smaller buffer only costs drops under bursts.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = ctrl_c.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn serve(socket: UdpSocket, mut endpoint: ServerEndpoint<Library>) {
+    let mut inbuf = vec![0u8; 65536];
+    let mut out = Vec::with_capacity(MAX_DATAGRAM_SIZE);
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        let now = Instant::now();
+        while let Some(to) = endpoint.poll_transmit(now, &mut out) {
+            if let Err(e) = socket.send_to(&out, to).await {
+                debug!(%to, error = %e, "send failed");
+            }
+        }
+        while let Some(event) = endpoint.poll_event() {
+            log_event(event);
+        }
+        let wake = endpoint
+            .poll_timeout()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
+        tokio::select! {
+            r = socket.recv_from(&mut inbuf) => {
+                let mut next = Some(r);
+                let mut batch = 0;
+                while let Some(r) = next.take() {
+                    match r {
+                        Ok((n, from)) => endpoint.handle_datagram(Instant::now(), from, &inbuf[..n]),
+                        // ICMP errors from a vanished client surface here; its
+                        // session simply idles out.
+                        Err(e) => debug!(error = %e, "receive failed"),
+                    }
+                    batch += 1;
+                    if batch < MAX_RECV_BATCH {
+                        match socket.try_recv_from(&mut inbuf) {
+                            Ok(v) => next = Some(Ok(v)),
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(e) => next = Some(Err(e)),
+                        }
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(wake.into()) => {
+                endpoint.handle_timeout(Instant::now());
+            }
+            _ = &mut shutdown => {
+                info!("shutting down: telling {} clients", endpoint.session_count());
+                endpoint.shutdown();
+                let now = Instant::now();
+                while let Some(to) = endpoint.poll_transmit(now, &mut out) {
+                    let _ = socket.send_to(&out, to).await;
+                }
+                while let Some(event) = endpoint.poll_event() {
+                    log_event(event);
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    if let Err(e) = init_logging(args.log_file.as_ref()) {
+        eprintln!("server: {e}");
+        return std::process::ExitCode::from(2);
+    }
+    let library = match Library::new(&args.dir) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("server: cannot serve {}: {e}", args.dir.display());
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if args.idle_timeout.is_nan() || args.idle_timeout <= 0.0 {
+        eprintln!("server: --idle-timeout must be a positive number of seconds");
+        return std::process::ExitCode::from(2);
+    }
+    let max_payload_limit = MAX_DATAGRAM_SIZE - DATA_OVERHEAD;
+    if !(64..=max_payload_limit).contains(&args.max_payload) {
+        eprintln!("server: --max-payload must be between 64 and {max_payload_limit}");
+        return std::process::ExitCode::from(2);
+    }
+    let addr = SocketAddr::new(args.bind, args.port);
+    let std_socket = match bind_socket(addr) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("server: cannot listen on {addr}: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("server: cannot start the runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        let socket = match UdpSocket::from_std(std_socket) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("server: {e}");
+                return std::process::ExitCode::from(1);
+            }
+        };
+        let local = socket.local_addr().unwrap_or(addr);
+        let config = ServerConfig {
+            idle_timeout: Duration::from_secs_f64(args.idle_timeout),
+            max_sessions: args.max_sessions,
+            max_payload: args.max_payload,
+        };
+        let mut seed = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut seed);
+        info!(dir = %library.root().display(), %local, "serving");
+        // Tests and scripts read this line to learn the port.
+        println!(
+            "udpvid server listening on {local}, serving {}",
+            library.root().display()
+        );
+        let _ = std::io::stdout().flush();
+        let endpoint = ServerEndpoint::new(config, library, seed, Instant::now());
+        serve(socket, endpoint).await;
+        std::process::ExitCode::SUCCESS
+    })
+}

@@ -84,8 +84,14 @@ mod tests {
     #[test]
     fn round_trips() {
         let entries = vec![
-            CatalogEntry { name: "a.mp4".into(), size: 1 },
-            CatalogEntry { name: "sub/dir/b é.mkv".into(), size: u64::MAX },
+            CatalogEntry {
+                name: "a.mp4".into(),
+                size: 1,
+            },
+            CatalogEntry {
+                name: "sub/dir/b é.mkv".into(),
+                size: u64::MAX,
+            },
         ];
         assert_eq!(decode(&encode(&entries)), Ok(entries));
         assert_eq!(decode(&encode(&[])), Ok(vec![]));

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use super::catalog::{self, CatalogEntry};
 use super::receiver::{AckTracker, StreamReceiver};
-use super::wire::{Body, CloseReason, ConnectionId, DecodeError, OpenErrorKind, Packet, TransferKind};
+use super::wire::{
+    Body, CloseReason, ConnectionId, DecodeError, OpenErrorKind, Packet, TransferKind,
+};
 
 /// First resend of an unanswered Hello or Open.
 pub const INITIAL_RETRY_INTERVAL: Duration = Duration::from_millis(250);
@@ -209,7 +211,13 @@ impl ClientConnection {
         self.start_transfer(now, TransferKind::File, path.to_owned(), offset)
     }
 
-    fn start_transfer(&mut self, now: Instant, kind: TransferKind, path: String, offset: u64) -> u32 {
+    fn start_transfer(
+        &mut self,
+        now: Instant,
+        kind: TransferKind,
+        path: String,
+        offset: u64,
+    ) -> u32 {
         let id = self.next_transfer_id;
         self.next_transfer_id = self.next_transfer_id.wrapping_add(1).max(1);
         let receiver = StreamReceiver::new(offset, self.config.read_ahead);
@@ -351,22 +359,33 @@ impl ClientConnection {
         };
         match (&self.phase, packet.body) {
             (Phase::Closed, _) => {}
-            (Phase::Handshake { .. }, Body::Retry { client_nonce, cookie }) if client_nonce == self.nonce => {
+            (
+                Phase::Handshake { .. },
+                Body::Retry {
+                    client_nonce,
+                    cookie,
+                },
+            ) if client_nonce == self.nonce => {
                 self.last_received = Some(now);
                 self.phase = Phase::Handshake { cookie };
                 self.send_hello = true;
             }
-            (Phase::Handshake { .. }, Body::Welcome { client_nonce, idle_timeout_ms, .. })
-                if client_nonce == self.nonce && packet.connection_id != 0 =>
-            {
+            (
+                Phase::Handshake { .. },
+                Body::Welcome {
+                    client_nonce,
+                    idle_timeout_ms,
+                    ..
+                },
+            ) if client_nonce == self.nonce && packet.connection_id != 0 => {
                 self.last_received = Some(now);
                 self.connection_id = packet.connection_id;
                 self.phase = Phase::Established;
                 self.hello_timer.stop();
                 self.send_hello = false;
                 // Ping well inside the server's idle timeout.
-                self.keepalive_interval =
-                    (Duration::from_millis(idle_timeout_ms as u64) / 3).max(Duration::from_millis(100));
+                self.keepalive_interval = (Duration::from_millis(idle_timeout_ms as u64) / 3)
+                    .max(Duration::from_millis(100));
                 self.events.push_back(ClientEvent::Connected);
                 if self.transfer.is_some() {
                     self.queue_open(now);
@@ -378,9 +397,12 @@ impl ClientConnection {
                 });
                 self.phase = Phase::Closed;
             }
-            (Phase::Handshake { .. }, Body::Close { reason, message }) if packet.connection_id == 0 => {
+            (Phase::Handshake { .. }, Body::Close { reason, message })
+                if packet.connection_id == 0 =>
+            {
                 self.last_received = Some(now);
-                self.events.push_back(ClientEvent::Closed { reason, message });
+                self.events
+                    .push_back(ClientEvent::Closed { reason, message });
                 self.phase = Phase::Closed;
             }
             (Phase::Handshake { .. }, _) => {}
@@ -460,7 +482,8 @@ impl ClientConnection {
                 }
             }
             Body::Close { reason, message } => {
-                self.events.push_back(ClientEvent::Closed { reason, message });
+                self.events
+                    .push_back(ClientEvent::Closed { reason, message });
                 self.phase = Phase::Closed;
             }
             Body::Ping => self.out.push_back(Body::Pong),
@@ -486,7 +509,9 @@ impl ClientConnection {
         }
         match catalog::decode(&bytes) {
             Ok(entries) => self.events.push_back(ClientEvent::Catalog(entries)),
-            Err(e) => self.events.push_back(ClientEvent::ProtocolError(e.to_string())),
+            Err(e) => self
+                .events
+                .push_back(ClientEvent::ProtocolError(e.to_string())),
         }
     }
 

@@ -79,7 +79,9 @@ impl AddressValidator {
 
     pub fn issue(&self, now: Instant, addr: SocketAddr, nonce: u64) -> Vec<u8> {
         let slot = self.slot(now);
-        let tag = Self::mac(&self.current, addr, nonce, slot).finalize().into_bytes();
+        let tag = Self::mac(&self.current, addr, nonce, slot)
+            .finalize()
+            .into_bytes();
         let mut cookie = Vec::with_capacity(COOKIE_LEN);
         cookie.extend_from_slice(&slot.to_be_bytes());
         cookie.extend_from_slice(&tag[..MAC_LEN]);

@@ -46,11 +46,8 @@ impl RangeSet {
             }
         }
         // Swallow every range that starts inside [start, end].
-        let swallowed: Vec<(u64, u64)> = self
-            .map
-            .range(start..=end)
-            .map(|(&s, &e)| (s, e))
-            .collect();
+        let swallowed: Vec<(u64, u64)> =
+            self.map.range(start..=end).map(|(&s, &e)| (s, e)).collect();
         for (s, e) in swallowed {
             end = end.max(e);
             self.map.remove(&s);

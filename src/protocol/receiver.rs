@@ -130,7 +130,9 @@ impl StreamReceiver {
 
     /// Every byte below this offset (from the transfer's start) arrived.
     pub fn received_up_to(&self) -> u64 {
-        self.received.contiguous_end(self.read_offset).max(self.read_offset)
+        self.received
+            .contiguous_end(self.read_offset)
+            .max(self.read_offset)
     }
 
     /// Highest offset received so far.

@@ -284,7 +284,10 @@ impl LossRecovery {
         if outcome.acked.is_empty() {
             return outcome;
         }
-        self.largest_acked = Some(self.largest_acked.map_or(largest_in_ack, |l| l.max(largest_in_ack)));
+        self.largest_acked = Some(
+            self.largest_acked
+                .map_or(largest_in_ack, |l| l.max(largest_in_ack)),
+        );
         // RTT sample only when the ACK's largest packet is newly acknowledged,
         // so the sample measures that packet (RFC 9002 §5.1).
         if let Some(p) = outcome
@@ -343,7 +346,8 @@ impl LossRecovery {
             return None;
         }
         let backoff = 1u32 << self.pto_count.min(MAX_PTO_BACKOFF_EXPONENT);
-        self.last_sent.map(|t| t + self.rtt.probe_timeout() * backoff)
+        self.last_sent
+            .map(|t| t + self.rtt.probe_timeout() * backoff)
     }
 
     pub fn on_timeout(&mut self, now: Instant) -> RecoveryOutcome {

@@ -38,7 +38,10 @@ pub trait Content: Send {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenFailure {
     pub kind: OpenErrorKind,
+    /// What the client is told.
     pub message: String,
+    /// What the server log says (may name the real reason).
+    pub detail: String,
 }
 
 /// The files a server offers. The filesystem implementation lives in the
@@ -113,7 +116,7 @@ pub enum ServerEvent {
         id: ConnectionId,
         path: String,
         kind: OpenErrorKind,
-        message: String,
+        detail: String,
     },
     TransferComplete {
         id: ConnectionId,
@@ -168,9 +171,9 @@ impl Session {
 /// A catalog snapshot served as a transfer.
 fn catalog_content(store: &dyn ContentStore) -> MemoryContent {
     let bytes = catalog::encode(&store.catalog());
-    let tag = bytes
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let tag = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
     MemoryContent { bytes, tag }
 }
 
@@ -487,7 +490,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
                     id,
                     path,
                     kind: failure.kind,
-                    message: failure.message,
+                    detail: failure.detail,
                 });
             }
         }
@@ -559,7 +562,12 @@ impl<S: ContentStore> ServerEndpoint<S> {
         None
     }
 
-    fn poll_session(&mut self, now: Instant, id: ConnectionId, out: &mut Vec<u8>) -> Option<SocketAddr> {
+    fn poll_session(
+        &mut self,
+        now: Instant,
+        id: ConnectionId,
+        out: &mut Vec<u8>,
+    ) -> Option<SocketAddr> {
         let session = self.sessions.get_mut(&id)?;
         if let Some(reason) = session.closing {
             let pn = session.next_pn();
@@ -597,7 +605,10 @@ impl<S: ContentStore> ServerEndpoint<S> {
         let buf = &mut self.read_buf[..len];
         let mut filled = 0;
         while filled < len {
-            match t.content.read_at(range.start + filled as u64, &mut buf[filled..]) {
+            match t
+                .content
+                .read_at(range.start + filled as u64, &mut buf[filled..])
+            {
                 Ok(0) => break,
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -620,7 +631,10 @@ impl<S: ContentStore> ServerEndpoint<S> {
             session.control.push_back(Body::OpenError {
                 transfer_id,
                 kind: OpenErrorKind::NotReadable,
-                message: format!("{path}: read failed at offset {}", range.start + filled as u64),
+                message: format!(
+                    "{path}: read failed at offset {}",
+                    range.start + filled as u64
+                ),
             });
             return self.poll_session(now, id, out);
         }
@@ -690,7 +704,12 @@ impl<S: ContentStore> ServerEndpoint<S> {
     }
 
     /// Whether `range` of the session's current transfer is acknowledged.
-    pub fn is_acked(&self, id: ConnectionId, transfer_id: u32, range: std::ops::Range<u64>) -> bool {
+    pub fn is_acked(
+        &self,
+        id: ConnectionId,
+        transfer_id: u32,
+        range: std::ops::Range<u64>,
+    ) -> bool {
         self.sessions
             .get(&id)
             .and_then(|s| s.transfer.as_ref())
@@ -713,7 +732,14 @@ impl<S: ContentStore> ServerEndpoint<S> {
 
 /// Builds a Data datagram straight from the payload slice, without the
 /// intermediate `Vec` that `Body::Data` would need.
-fn encode_data(out: &mut Vec<u8>, id: ConnectionId, pn: u64, transfer_id: u32, offset: u64, payload: &[u8]) {
+fn encode_data(
+    out: &mut Vec<u8>,
+    id: ConnectionId,
+    pn: u64,
+    transfer_id: u32,
+    offset: u64,
+    payload: &[u8],
+) {
     Packet::new(
         id,
         pn,

@@ -4,8 +4,8 @@
 //! the file, the server never sends past the client's window, and nothing
 //! acknowledged is sent again.
 
-use std::collections::BinaryHeap;
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,9 @@ use rand::{Rng, SeedableRng};
 
 use super::catalog::CatalogEntry;
 use super::client::{ClientConfig, ClientConnection, ClientEvent};
-use super::server::{Content, ContentStore, MemoryContent, OpenFailure, ServerConfig, ServerEndpoint};
+use super::server::{
+    Content, ContentStore, MemoryContent, OpenFailure, ServerConfig, ServerEndpoint,
+};
 use super::wire::{Body, OpenErrorKind, Packet};
 
 struct Store {
@@ -35,10 +37,16 @@ impl ContentStore for Store {
         self.files
             .iter()
             .find(|(n, _)| n == path)
-            .map(|(_, b)| Box::new(MemoryContent { bytes: b.clone(), tag: 1 }) as Box<dyn Content>)
+            .map(|(_, b)| {
+                Box::new(MemoryContent {
+                    bytes: b.clone(),
+                    tag: 1,
+                }) as Box<dyn Content>
+            })
             .ok_or(OpenFailure {
                 kind: OpenErrorKind::NotFound,
                 message: format!("{path}: no such file"),
+                detail: String::new(),
             })
     }
 }
@@ -87,7 +95,11 @@ impl Link {
             self.dropped += 1;
             return;
         }
-        let copies = if rng.r#gen::<f64>() < self.imp.duplicate { 2 } else { 1 };
+        let copies = if rng.r#gen::<f64>() < self.imp.duplicate {
+            2
+        } else {
+            1
+        };
         for _ in 0..copies {
             let jitter = if self.imp.jitter.is_zero() {
                 Duration::ZERO
@@ -95,8 +107,11 @@ impl Link {
                 self.imp.jitter.mul_f64(rng.r#gen::<f64>())
             };
             self.seq += 1;
-            self.queue
-                .push(Reverse((now + self.imp.delay + jitter, self.seq, d.clone())));
+            self.queue.push(Reverse((
+                now + self.imp.delay + jitter,
+                self.seq,
+                d.clone(),
+            )));
         }
     }
     fn next_time(&self) -> Option<Instant> {
@@ -117,7 +132,10 @@ enum Consumer {
     /// Reads everything as soon as it arrives.
     Greedy,
     /// Reads `bytes_per_tick` every `tick`.
-    Paced { bytes_per_tick: usize, tick: Duration },
+    Paced {
+        bytes_per_tick: usize,
+        tick: Duration,
+    },
 }
 
 struct Sim {
@@ -267,7 +285,11 @@ impl Sim {
                 ..
             }) = Packet::decode(&buf)
             {
-                sent.push((connection_id, transfer_id, offset..offset + payload.len() as u64));
+                sent.push((
+                    connection_id,
+                    transfer_id,
+                    offset..offset + payload.len() as u64,
+                ));
                 self.data_packets_sent += 1;
                 self.data_bytes_sent += payload.len() as u64;
                 let end = offset + payload.len() as u64;
@@ -283,7 +305,12 @@ impl Sim {
         self.flush();
     }
 
-    fn run_until(&mut self, consumer: Consumer, limit: Duration, mut done: impl FnMut(&Sim) -> bool) {
+    fn run_until(
+        &mut self,
+        consumer: Consumer,
+        limit: Duration,
+        mut done: impl FnMut(&Sim) -> bool,
+    ) {
         let deadline = self.now + limit;
         let mut steps = 0u64;
         while !done(self) && self.now < deadline {
@@ -304,9 +331,18 @@ fn transfer(seed: u64, size: usize, up: Impairment, down: Impairment) -> Sim {
     let mut sim = Sim::new(seed, data.clone(), 256 * 1024, up, down);
     let now = sim.now;
     sim.client.open_file(now, "movie.mp4", 0);
-    sim.run_until(Consumer::Greedy, Duration::from_secs(600), |s| s.client.is_finished());
-    assert!(sim.client.is_finished(), "seed {seed}: transfer did not finish: {:?}", sim.events);
-    assert!(sim.delivered == data, "seed {seed}: delivered bytes differ from the file");
+    sim.run_until(Consumer::Greedy, Duration::from_secs(600), |s| {
+        s.client.is_finished()
+    });
+    assert!(
+        sim.client.is_finished(),
+        "seed {seed}: transfer did not finish: {:?}",
+        sim.events
+    );
+    assert!(
+        sim.delivered == data,
+        "seed {seed}: delivered bytes differ from the file"
+    );
     sim
 }
 
@@ -316,7 +352,11 @@ fn clean_path_delivers_the_file() {
     // No loss: every byte is sent exactly once, in full-size packets.
     assert_eq!(sim.data_bytes_sent, 3_000_000);
     let needed = 3_000_000u64.div_ceil(super::wire::DEFAULT_MAX_PAYLOAD as u64);
-    assert!(sim.data_packets_sent <= needed + 2, "{} packets", sim.data_packets_sent);
+    assert!(
+        sim.data_packets_sent <= needed + 2,
+        "{} packets",
+        sim.data_packets_sent
+    );
 }
 
 #[test]
@@ -345,20 +385,33 @@ fn heavy_loss_still_completes() {
 
 #[test]
 fn catalog_and_missing_file() {
-    let mut sim = Sim::new(3, file(5000, 3), 65536, Impairment::clean(5), Impairment::clean(5));
+    let mut sim = Sim::new(
+        3,
+        file(5000, 3),
+        65536,
+        Impairment::clean(5),
+        Impairment::clean(5),
+    );
     let now = sim.now;
     sim.client.open_catalog(now);
     sim.run_until(Consumer::Greedy, Duration::from_secs(10), |s| {
-        s.events.iter().any(|e| matches!(e, ClientEvent::Catalog(_)))
+        s.events
+            .iter()
+            .any(|e| matches!(e, ClientEvent::Catalog(_)))
     });
-    assert!(sim.events.contains(&ClientEvent::Catalog(vec![CatalogEntry {
-        name: "movie.mp4".into(),
-        size: 5000
-    }])));
+    assert!(
+        sim.events
+            .contains(&ClientEvent::Catalog(vec![CatalogEntry {
+                name: "movie.mp4".into(),
+                size: 5000
+            }]))
+    );
     let now = sim.now;
     sim.client.open_file(now, "nope.mkv", 0);
     sim.run_until(Consumer::Greedy, Duration::from_secs(10), |s| {
-        s.events.iter().any(|e| matches!(e, ClientEvent::OpenFailed { .. }))
+        s.events
+            .iter()
+            .any(|e| matches!(e, ClientEvent::OpenFailed { .. }))
     });
     assert!(sim.events.iter().any(|e| matches!(
         e,
@@ -373,11 +426,19 @@ fn catalog_and_missing_file() {
 fn paused_reader_stops_the_sender_at_the_read_ahead() {
     let read_ahead = 100_000u64;
     let data = file(2_000_000, 9);
-    let mut sim = Sim::new(9, data.clone(), read_ahead, Impairment::clean(20), Impairment::clean(20));
+    let mut sim = Sim::new(
+        9,
+        data.clone(),
+        read_ahead,
+        Impairment::clean(20),
+        Impairment::clean(20),
+    );
     let now = sim.now;
     sim.client.open_file(now, "movie.mp4", 0);
     // Play 300 kB, then pause for 30 simulated seconds.
-    sim.run_until(Consumer::Greedy, Duration::from_secs(30), |s| s.delivered.len() >= 300_000);
+    sim.run_until(Consumer::Greedy, Duration::from_secs(30), |s| {
+        s.delivered.len() >= 300_000
+    });
     let consumed = sim.delivered.len() as u64;
     let paused = Consumer::Paced {
         bytes_per_tick: 0,
@@ -385,16 +446,24 @@ fn paused_reader_stops_the_sender_at_the_read_ahead() {
     };
     let pause_end = sim.now + Duration::from_secs(30);
     sim.run_until(paused, Duration::from_secs(30), |s| s.now >= pause_end);
-    let highest = sim.server.transfer_window(sim.client.connection_id()).expect("transfer");
+    let highest = sim
+        .server
+        .transfer_window(sim.client.connection_id())
+        .expect("transfer");
     assert!(
         highest <= consumed + read_ahead,
         "server allowed {highest} with {consumed} consumed and {read_ahead} read-ahead"
     );
     let sent_while_paused = sim.data_packets_sent;
     sim.run_until(paused, Duration::from_secs(5), |_| false);
-    assert_eq!(sim.data_packets_sent, sent_while_paused, "server kept sending while paused");
+    assert_eq!(
+        sim.data_packets_sent, sent_while_paused,
+        "server kept sending while paused"
+    );
     // Resume: everything arrives.
-    sim.run_until(Consumer::Greedy, Duration::from_secs(60), |s| s.client.is_finished());
+    sim.run_until(Consumer::Greedy, Duration::from_secs(60), |s| {
+        s.client.is_finished()
+    });
     assert!(sim.delivered == data);
 }
 
@@ -402,7 +471,13 @@ fn paused_reader_stops_the_sender_at_the_read_ahead() {
 fn lost_window_updates_do_not_deadlock() {
     let read_ahead = 50_000u64;
     let data = file(400_000, 11);
-    let mut sim = Sim::new(11, data.clone(), read_ahead, Impairment::clean(10), Impairment::clean(10));
+    let mut sim = Sim::new(
+        11,
+        data.clone(),
+        read_ahead,
+        Impairment::clean(10),
+        Impairment::clean(10),
+    );
     let now = sim.now;
     sim.client.open_file(now, "movie.mp4", 0);
     let paused = Consumer::Paced {
@@ -420,21 +495,36 @@ fn lost_window_updates_do_not_deadlock() {
     sim.run_until(Consumer::Greedy, Duration::from_secs(1), |s| s.now >= until);
     assert!(sim.up.dropped > 0);
     sim.up.down = false;
-    sim.run_until(Consumer::Greedy, Duration::from_secs(30), |s| s.client.is_finished());
-    assert!(sim.client.is_finished(), "stalled after lost window updates");
+    sim.run_until(Consumer::Greedy, Duration::from_secs(30), |s| {
+        s.client.is_finished()
+    });
+    assert!(
+        sim.client.is_finished(),
+        "stalled after lost window updates"
+    );
     assert!(sim.delivered == data);
 }
 
 #[test]
 fn seek_drops_the_old_position() {
     let data = file(1_000_000, 12);
-    let mut sim = Sim::new(12, data.clone(), 100_000, Impairment::clean(10), Impairment::clean(10));
+    let mut sim = Sim::new(
+        12,
+        data.clone(),
+        100_000,
+        Impairment::clean(10),
+        Impairment::clean(10),
+    );
     let now = sim.now;
     sim.client.open_file(now, "movie.mp4", 0);
-    sim.run_until(Consumer::Greedy, Duration::from_secs(10), |s| s.delivered.len() >= 50_000);
+    sim.run_until(Consumer::Greedy, Duration::from_secs(10), |s| {
+        s.delivered.len() >= 50_000
+    });
     let now = sim.now;
     sim.delivered.clear();
     sim.client.open_file(now, "movie.mp4", 700_000);
-    sim.run_until(Consumer::Greedy, Duration::from_secs(30), |s| s.client.is_finished());
+    sim.run_until(Consumer::Greedy, Duration::from_secs(30), |s| {
+        s.client.is_finished()
+    });
     assert!(sim.delivered == data[700_000..]);
 }

@@ -82,7 +82,10 @@ pub struct AckRange {
 pub enum Body {
     /// Client → server: first request; `cookie` is empty until the server
     /// handed one out with `Retry`. Padded to [`MIN_HELLO_SIZE`].
-    Hello { client_nonce: u64, cookie: Vec<u8> },
+    Hello {
+        client_nonce: u64,
+        cookie: Vec<u8>,
+    },
     /// Client → server: start a transfer at `offset`. A new transfer id
     /// replaces the previous transfer (that is how a seek works).
     Open {
@@ -107,9 +110,15 @@ pub enum Body {
     Ping,
     Pong,
     /// Either direction: the session is over.
-    Close { reason: CloseReason, message: String },
+    Close {
+        reason: CloseReason,
+        message: String,
+    },
     /// Server → client: prove you own your address.
-    Retry { client_nonce: u64, cookie: Vec<u8> },
+    Retry {
+        client_nonce: u64,
+        cookie: Vec<u8>,
+    },
     /// Server → client: session established; header carries the new id.
     Welcome {
         client_nonce: u64,
@@ -133,7 +142,9 @@ pub enum Body {
         payload: Vec<u8>,
     },
     /// Server → client, sent with version byte 0: the versions it speaks.
-    VersionNegotiation { supported: Vec<u8> },
+    VersionNegotiation {
+        supported: Vec<u8>,
+    },
 }
 
 /// A whole datagram.
@@ -161,7 +172,10 @@ impl fmt::Display for DecodeError {
             DecodeError::TooShort => write!(f, "datagram shorter than the udpvid header"),
             DecodeError::BadMagic => write!(f, "not a udpvid datagram"),
             DecodeError::UnsupportedVersion(v) => {
-                write!(f, "udpvid protocol version {v} (this build speaks {VERSION})")
+                write!(
+                    f,
+                    "udpvid protocol version {v} (this build speaks {VERSION})"
+                )
             }
             DecodeError::UnknownType(t) => write!(f, "unknown packet type 0x{t:02x}"),
             DecodeError::Malformed(what) => write!(f, "malformed datagram: {what}"),
@@ -750,9 +764,7 @@ mod tests {
                 offset: 4096,
                 payload: vec![0xab; DEFAULT_MAX_PAYLOAD],
             },
-            Body::VersionNegotiation {
-                supported: vec![1],
-            },
+            Body::VersionNegotiation { supported: vec![1] },
         ]
     }
 

@@ -1,0 +1,416 @@
+//! A blocking driver for [`ClientConnection`]: one UDP socket and one network
+//! thread, with cancellable waits for the element's streaming thread (and
+//! for simple tools such as the catalog example).
+//!
+//! The network thread receives datagrams and runs timers; any thread that
+//! changes the connection (reading, seeking) sends what the change produced
+//! itself, so a window update leaves at once instead of at the next tick.
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::protocol::catalog::CatalogEntry;
+use crate::protocol::client::{ClientConfig, ClientConnection, ClientEvent, ClientStats};
+use crate::protocol::wire::{CloseReason, OpenErrorKind, VERSION};
+
+/// The network thread never sleeps longer than this, so a stop request is
+/// seen promptly even when the socket is silent.
+const MAX_POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// Receive buffer we ask for: a read-ahead's worth of datagrams in flight.
+const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+/// Why a wait ended without its result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitError {
+    /// `cancel()` was called (the element is flushing or stopping).
+    Cancelled,
+    /// Nothing from the server for the whole timeout.
+    Timeout { waited: Duration },
+    /// The server refused to open the file.
+    Open {
+        kind: OpenErrorKind,
+        message: String,
+    },
+    /// The server speaks another protocol version.
+    VersionMismatch { server_supports: Vec<u8> },
+    /// The server ended the session.
+    Closed {
+        reason: CloseReason,
+        message: String,
+    },
+    /// The server sent something we cannot use.
+    Protocol(String),
+}
+
+impl fmt::Display for WaitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WaitError::Cancelled => write!(f, "cancelled"),
+            WaitError::Timeout { waited } => write!(
+                f,
+                "no answer from the server for {:.1} s",
+                waited.as_secs_f64()
+            ),
+            WaitError::Open { kind, message } => write!(f, "{kind}: {message}"),
+            WaitError::VersionMismatch { server_supports } => write!(
+                f,
+                "protocol version mismatch: this client speaks udpvid v{VERSION}, the server speaks {:?}",
+                server_supports
+            ),
+            WaitError::Closed { reason, message } if message.is_empty() => {
+                write!(f, "server ended the session: {reason}")
+            }
+            WaitError::Closed { reason, message } => {
+                write!(f, "server ended the session: {reason} ({message})")
+            }
+            WaitError::Protocol(m) => write!(f, "protocol error: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for WaitError {}
+
+/// What the server said about an opened file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenedFile {
+    pub size: u64,
+    pub content_tag: u64,
+    pub offset: u64,
+}
+
+#[derive(Default)]
+struct Outcomes {
+    opened: Option<(u32, OpenedFile)>,
+    open_failed: Option<(u32, OpenErrorKind, String)>,
+    catalog: Option<Vec<CatalogEntry>>,
+    fatal: Option<WaitError>,
+}
+
+struct Inner {
+    conn: ClientConnection,
+    outcomes: Outcomes,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    changed: Condvar,
+    cancelled: AtomicBool,
+    stop: AtomicBool,
+}
+
+pub struct BlockingClient {
+    shared: Arc<Shared>,
+    socket: Arc<UdpSocket>,
+    server: SocketAddr,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn lock(shared: &Shared) -> MutexGuard<'_, Inner> {
+    // A panic on another thread while holding the lock leaves consistent
+    // enough state for a shutdown; do not propagate the poison.
+    shared.inner.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn flush(socket: &UdpSocket, server: SocketAddr, inner: &mut Inner) {
+    let now = Instant::now();
+    while let Some(d) = inner.conn.poll_transmit(now) {
+        // A send error (e.g. ICMP unreachable reported back) is the same as
+        // a lost datagram: timers resend, the timeout reports.
+        let _ = socket.send_to(&d, server);
+    }
+}
+
+fn collect_events(inner: &mut Inner) -> bool {
+    let mut any = false;
+    while let Some(event) = inner.conn.poll_event() {
+        any = true;
+        let o = &mut inner.outcomes;
+        match event {
+            ClientEvent::Connected => {}
+            ClientEvent::Opened {
+                transfer_id,
+                size,
+                content_tag,
+                offset,
+            } => {
+                o.opened = Some((
+                    transfer_id,
+                    OpenedFile {
+                        size,
+                        content_tag,
+                        offset,
+                    },
+                ))
+            }
+            ClientEvent::OpenFailed {
+                transfer_id,
+                kind,
+                message,
+            } => o.open_failed = Some((transfer_id, kind, message)),
+            ClientEvent::Catalog(entries) => o.catalog = Some(entries),
+            ClientEvent::Closed { reason, message } => {
+                o.fatal.get_or_insert(WaitError::Closed { reason, message });
+            }
+            ClientEvent::VersionMismatch { server_supports } => {
+                o.fatal
+                    .get_or_insert(WaitError::VersionMismatch { server_supports });
+            }
+            ClientEvent::ProtocolError(m) => {
+                o.fatal.get_or_insert(WaitError::Protocol(m));
+            }
+        }
+    }
+    any
+}
+
+fn network_loop(shared: Arc<Shared>, socket: Arc<UdpSocket>, server: SocketAddr) {
+    let mut buf = vec![0u8; 65536];
+    while !shared.stop.load(Ordering::Acquire) {
+        let wait = {
+            let mut inner = lock(&shared);
+            flush(&socket, server, &mut inner);
+            let now = Instant::now();
+            inner
+                .conn
+                .poll_timeout()
+                .map_or(MAX_POLL_INTERVAL, |t| t.saturating_duration_since(now))
+                .clamp(Duration::from_millis(1), MAX_POLL_INTERVAL)
+        };
+        let _ = socket.set_read_timeout(Some(wait));
+        let received = socket.recv_from(&mut buf);
+        let mut inner = lock(&shared);
+        let mut progressed = false;
+        if let Ok((n, from)) = received {
+            // Datagrams from anyone but the server are ignored.
+            if from == server {
+                inner.conn.handle_datagram(Instant::now(), &buf[..n]);
+                progressed = true;
+            }
+        }
+        let now = Instant::now();
+        if inner.conn.poll_timeout().is_some_and(|t| t <= now) {
+            inner.conn.handle_timeout(now);
+        }
+        progressed |= collect_events(&mut inner);
+        flush(&socket, server, &mut inner);
+        drop(inner);
+        if progressed {
+            shared.changed.notify_all();
+        }
+    }
+}
+
+impl BlockingClient {
+    /// Resolves `host`, binds a socket and starts the handshake.
+    pub fn connect(host: &str, port: u16, config: ClientConfig) -> std::io::Result<Self> {
+        let server = (host, port).to_socket_addrs()?.next().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{host} has no address"),
+            )
+        })?;
+        let bind: SocketAddr = if server.is_ipv6() {
+            "[::]:0".parse().map_err(std::io::Error::other)?
+        } else {
+            "0.0.0.0:0".parse().map_err(std::io::Error::other)?
+        };
+        let socket = {
+            use socket2::{Domain, Protocol, Socket, Type};
+            let s = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
+            let _ = s.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+            s.bind(&bind.into())?;
+            UdpSocket::from(s)
+        };
+        let nonce = rand::random::<u64>();
+        let conn = ClientConnection::new(config, nonce, Instant::now());
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                conn,
+                outcomes: Outcomes::default(),
+            }),
+            changed: Condvar::new(),
+            cancelled: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        });
+        let socket = Arc::new(socket);
+        let thread = {
+            let shared = shared.clone();
+            let socket = socket.clone();
+            std::thread::Builder::new()
+                .name("udpvid-net".into())
+                .spawn(move || network_loop(shared, socket, server))?
+        };
+        Ok(BlockingClient {
+            shared,
+            socket,
+            server,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    pub fn server_addr(&self) -> SocketAddr {
+        self.server
+    }
+
+    /// Makes every current and future wait return [`WaitError::Cancelled`]
+    /// until [`BlockingClient::resume`].
+    pub fn cancel(&self) {
+        self.shared.cancelled.store(true, Ordering::Release);
+        // Take the lock so a waiter between its check and its wait sees it.
+        drop(lock(&self.shared));
+        self.shared.changed.notify_all();
+    }
+
+    pub fn resume(&self) {
+        self.shared.cancelled.store(false, Ordering::Release);
+    }
+
+    /// Runs `f` on the connection and sends what it produced.
+    fn with_conn<R>(&self, f: impl FnOnce(&mut ClientConnection, Instant) -> R) -> R {
+        let mut inner = lock(&self.shared);
+        let r = f(&mut inner.conn, Instant::now());
+        flush(&self.socket, self.server, &mut inner);
+        r
+    }
+
+    /// Waits until `ready` yields a value, an error is fatal, the wait is
+    /// cancelled, or nothing arrived from the server for `timeout`.
+    fn wait_for<R>(
+        &self,
+        timeout: Duration,
+        mut ready: impl FnMut(&mut Inner) -> Option<Result<R, WaitError>>,
+    ) -> Result<R, WaitError> {
+        let started = Instant::now();
+        let mut inner = lock(&self.shared);
+        loop {
+            if self.shared.cancelled.load(Ordering::Acquire) {
+                return Err(WaitError::Cancelled);
+            }
+            if let Some(r) = ready(&mut inner) {
+                flush(&self.socket, self.server, &mut inner);
+                return r;
+            }
+            if let Some(e) = inner.outcomes.fatal.clone() {
+                return Err(e);
+            }
+            let now = Instant::now();
+            // Progress is anything heard from the server since the wait began.
+            let last_heard = inner
+                .conn
+                .last_received()
+                .map_or(started, |t| t.max(started));
+            let deadline = last_heard + timeout;
+            if now >= deadline {
+                return Err(WaitError::Timeout {
+                    waited: now - last_heard,
+                });
+            }
+            let slice = (deadline - now).min(Duration::from_millis(100));
+            inner = self
+                .shared
+                .changed
+                .wait_timeout(inner, slice)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Opens `path` at `offset` (replacing any current transfer) and waits for
+    /// the server's answer.
+    pub fn open(
+        &self,
+        path: &str,
+        offset: u64,
+        timeout: Duration,
+    ) -> Result<OpenedFile, WaitError> {
+        let id = self.with_conn(|c, now| c.open_file(now, path, offset));
+        self.wait_for(timeout, |inner| {
+            if let Some((tid, file)) = inner.outcomes.opened {
+                if tid == id {
+                    return Some(Ok(file));
+                }
+            }
+            if let Some((tid, kind, message)) = inner.outcomes.open_failed.clone() {
+                if tid == id {
+                    return Some(Err(WaitError::Open { kind, message }));
+                }
+            }
+            None
+        })
+    }
+
+    /// Asks for the catalog and waits for all of it.
+    pub fn catalog(&self, timeout: Duration) -> Result<Vec<CatalogEntry>, WaitError> {
+        self.with_conn(|c, now| {
+            c.open_catalog(now);
+        });
+        lock(&self.shared).outcomes.catalog = None;
+        self.wait_for(timeout, |inner| inner.outcomes.catalog.take().map(Ok))
+    }
+
+    /// Reads up to `max` bytes at the current offset, waiting for at least
+    /// one. `Ok(None)` at the end of the file.
+    pub fn read(&self, max: usize, timeout: Duration) -> Result<Option<Vec<u8>>, WaitError> {
+        self.wait_for(timeout, |inner| {
+            if inner.conn.is_finished() {
+                return Some(Ok(None));
+            }
+            inner.conn.read(Instant::now(), max).map(|c| Ok(Some(c)))
+        })
+    }
+
+    /// Drops up to `n` bytes already received at the current offset, without
+    /// waiting; returns how many were dropped. Serves short forward seeks
+    /// from the read-ahead instead of asking the server again.
+    pub fn skip_buffered(&self, n: u64) -> u64 {
+        self.with_conn(|c, now| {
+            let mut skipped = 0;
+            while skipped < n {
+                let want = (n - skipped).min(1 << 20) as usize;
+                match c.read(now, want) {
+                    Some(chunk) => skipped += chunk.len() as u64,
+                    None => break,
+                }
+            }
+            skipped
+        })
+    }
+
+    /// (next offset, contiguous bytes ready there)
+    pub fn position(&self) -> Option<(u64, u64)> {
+        let inner = lock(&self.shared);
+        inner
+            .conn
+            .read_offset()
+            .map(|o| (o, inner.conn.available()))
+    }
+
+    pub fn set_read_ahead(&self, bytes: u64) {
+        self.with_conn(|c, now| c.set_read_ahead(now, bytes));
+    }
+
+    pub fn stats(&self) -> ClientStats {
+        lock(&self.shared).conn.stats()
+    }
+
+    /// Sends Close and stops the network thread. Later waits fail at once.
+    pub fn close(&self) {
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(thread) = thread else {
+            return;
+        };
+        self.with_conn(|c, _| c.close());
+        self.shared.stop.store(true, Ordering::Release);
+        let _ = thread.join();
+    }
+}
+
+impl Drop for BlockingClient {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
