@@ -113,14 +113,14 @@ impl UdpVidSrc {
         match err {
             WaitError::Timeout { waited } => gst::error_msg!(
                 gst::ResourceError::OpenRead,
-                [
+                (
                     "No answer from udpvid server {}:{} for {:.1} s while reading {}: is the server running and reachable (UDP port {})?",
                     settings.host,
                     settings.port,
                     waited.as_secs_f64(),
                     location,
                     settings.port
-                ]
+                )
             ),
             WaitError::Open {
                 kind: OpenErrorKind::NotFound,
@@ -145,12 +145,12 @@ impl UdpVidSrc {
                     .unwrap_or_else(|| "the catalog could not be fetched".to_string());
                 gst::error_msg!(
                     gst::ResourceError::NotFound,
-                    [
+                    (
                         "File not found on udpvid server: {} ({}); {}",
                         location,
                         message,
                         offered
-                    ]
+                    )
                 )
             }
             WaitError::Open {
@@ -158,39 +158,39 @@ impl UdpVidSrc {
                 message,
             } => gst::error_msg!(
                 gst::ResourceError::NotAuthorized,
-                ["The server cannot read {}: {}", location, message]
+                ("The server cannot read {}: {}", location, message)
             ),
             WaitError::Open { kind, message } => gst::error_msg!(
                 gst::ResourceError::OpenRead,
-                ["The server refused {}: {}: {}", location, kind, message]
+                ("The server refused {}: {}: {}", location, kind, message)
             ),
             WaitError::VersionMismatch { .. } => gst::error_msg!(
                 gst::ResourceError::OpenRead,
-                [
+                (
                     "Cannot talk to {}:{}: {}; upgrade the older side",
                     settings.host,
                     settings.port,
                     err
-                ]
+                )
             ),
             WaitError::Closed {
                 reason: CloseReason::ServerBusy,
                 ..
             } => gst::error_msg!(
                 gst::ResourceError::Busy,
-                [
+                (
                     "udpvid server {}:{} is busy; try again later ({})",
                     settings.host,
                     settings.port,
                     err
-                ]
+                )
             ),
             WaitError::Closed { .. } | WaitError::Protocol(_) => {
-                gst::error_msg!(gst::ResourceError::Read, ["Lost {}: {}", location, err])
+                gst::error_msg!(gst::ResourceError::Read, ("Lost {}: {}", location, err))
             }
             WaitError::Cancelled => gst::error_msg!(
                 gst::ResourceError::Read,
-                ["Reading {} was cancelled", location]
+                ("Reading {} was cancelled", location)
             ),
         }
     }
@@ -378,13 +378,13 @@ impl BaseSrcImpl for UdpVidSrc {
         let Some(path) = settings.file.clone().filter(|f| !f.is_empty()) else {
             return Err(gst::error_msg!(
                 gst::ResourceError::Settings,
-                ["No file set: set the \"file\" property to a path from the server's catalog"]
+                ("No file set: set the \"file\" property to a path from the server's catalog")
             ));
         };
         let port = u16::try_from(settings.port).map_err(|_| {
             gst::error_msg!(
                 gst::ResourceError::Settings,
-                ["Invalid port {}", settings.port]
+                ("Invalid port {}", settings.port)
             )
         })?;
         gst::info!(CAT, imp = self, "connecting to {}", settings.location());
@@ -398,12 +398,12 @@ impl BaseSrcImpl for UdpVidSrc {
         .map_err(|e| {
             gst::error_msg!(
                 gst::ResourceError::NotFound,
-                [
+                (
                     "Cannot reach udpvid server {}:{}: {}",
                     settings.host,
                     settings.port,
                     e
-                ]
+                )
             )
         })?;
         let opened = match client.open(&path, 0, settings.timeout()) {
@@ -511,7 +511,7 @@ impl BaseSrcImpl for UdpVidSrc {
                 gst::element_imp_error!(
                     self,
                     gst::CoreError::Failed,
-                    ["create called while not started"]
+                    ("create called while not started")
                 );
                 return Err(gst::FlowError::Error);
             }

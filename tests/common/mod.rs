@@ -1,0 +1,249 @@
+//! Shared by the integration tests: the plugin registered statically, the
+//! real server binary started on a free loopback port, test clips made with
+//! GStreamer (cached under `target/`), and a bus-watching pipeline runner.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, Once, OnceLock};
+use std::time::{Duration, Instant};
+
+use gst::prelude::*;
+use sha2::{Digest, Sha256};
+
+pub fn init() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        gst::init().expect("GStreamer initialises");
+        gstudpvid::plugin_register_static().expect("udpvid plugin registers");
+    });
+}
+
+/// `target/<profile>/` of this build, found from the test binary's path.
+pub fn target_profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test>-<hash>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// The real `server` binary, built on demand if `make test` did not build it.
+pub fn server_binary() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let path = target_profile_dir().join("server");
+            if !path.exists() {
+                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+                let status = Command::new(cargo)
+                    .args(["build", "-p", "udpvid-server"])
+                    .status()
+                    .expect("cargo runs");
+                assert!(status.success(), "building the server failed");
+            }
+            assert!(path.exists(), "server binary missing at {}", path.display());
+            path
+        })
+        .clone()
+}
+
+/// A running server process; killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Server {
+    pub fn start(dir: &Path, extra: &[&str]) -> Server {
+        Self::start_on(dir, 0, extra)
+    }
+
+    pub fn start_on(dir: &Path, port: u16, extra: &[&str]) -> Server {
+        static N: Mutex<u32> = Mutex::new(0);
+        let n = {
+            let mut g = N.lock().unwrap_or_else(|p| p.into_inner());
+            *g += 1;
+            *g
+        };
+        let log = std::env::temp_dir().join(format!("udpvid-test-{}-{n}.log", std::process::id()));
+        let _ = std::fs::remove_file(&log);
+        let mut child = Command::new(server_binary())
+            .arg("--dir")
+            .arg(dir)
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .arg("--log-file")
+            .arg(&log)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("server starts");
+        let stdout = child.stdout.take().expect("server stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("server prints its address");
+        // "udpvid server listening on 127.0.0.1:PORT, serving DIR"
+        let port = line
+            .split_whitespace()
+            .nth(4)
+            .and_then(|a| a.trim_end_matches(',').rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected server banner: {line:?}"));
+        Server { child, port, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    let bytes = std::fs::read(path).expect("read file");
+    sha256(&bytes)
+}
+
+pub fn sha256(bytes: &[u8]) -> String {
+    let d = Sha256::digest(bytes);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The test clips, one per container, made once and cached.
+pub struct Clips {
+    pub dir: PathBuf,
+    pub names: Vec<&'static str>,
+}
+
+const CLIP_RECIPES: &[(&str, &str)] = &[
+    (
+        // mp4mux writes the moov atom at the end unless asked otherwise: the
+        // demuxer must seek to the end before it can play.
+        "movie.mp4",
+        "videotestsrc num-buffers=150 pattern=snow ! video/x-raw,width=640,height=360,framerate=30/1 \
+         ! x264enc speed-preset=ultrafast bitrate=1500 key-int-max=30 ! h264parse ! mux. \
+         audiotestsrc num-buffers=215 ! audioconvert ! avenc_aac ! aacparse ! mux. \
+         mp4mux name=mux",
+    ),
+    (
+        "movie.mkv",
+        "videotestsrc num-buffers=150 pattern=snow ! video/x-raw,width=640,height=360,framerate=30/1 \
+         ! x264enc speed-preset=ultrafast bitrate=1500 key-int-max=30 ! h264parse ! mux. \
+         audiotestsrc num-buffers=215 ! audioconvert ! avenc_aac ! aacparse ! mux. \
+         matroskamux name=mux",
+    ),
+    (
+        "movie.webm",
+        "videotestsrc num-buffers=150 pattern=snow ! video/x-raw,width=320,height=240,framerate=30/1 \
+         ! vp8enc deadline=1 target-bitrate=800000 keyframe-max-dist=30 ! mux. \
+         audiotestsrc num-buffers=215 ! audioconvert ! vorbisenc ! mux. \
+         webmmux name=mux",
+    ),
+    (
+        "movie.ts",
+        "videotestsrc num-buffers=150 pattern=snow ! video/x-raw,width=640,height=360,framerate=30/1 \
+         ! x264enc speed-preset=ultrafast bitrate=1500 key-int-max=30 ! h264parse ! mux. \
+         audiotestsrc num-buffers=215 ! audioconvert ! avenc_aac ! aacparse ! mux. \
+         mpegtsmux name=mux",
+    ),
+];
+
+pub fn clips() -> &'static Clips {
+    static CLIPS: OnceLock<Clips> = OnceLock::new();
+    CLIPS.get_or_init(|| {
+        init();
+        let dir = target_profile_dir().join("..").join("test-clips");
+        std::fs::create_dir_all(&dir).expect("clip dir");
+        for (name, recipe) in CLIP_RECIPES {
+            let path = dir.join(name);
+            if path.metadata().is_ok_and(|m| m.len() > 0) {
+                continue;
+            }
+            let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+            let desc = format!("{recipe} ! filesink location={}", tmp.display());
+            let pipeline = gst::parse::launch(&desc).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let outcome = run_pipeline(&pipeline, Duration::from_secs(120));
+            assert_eq!(outcome, Outcome::Eos, "making {name}");
+            std::fs::rename(&tmp, &path).expect("rename clip");
+        }
+        Clips {
+            dir,
+            names: CLIP_RECIPES.iter().map(|(n, _)| *n).collect(),
+        }
+    })
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Eos,
+    Error {
+        domain_resource: Option<gst::ResourceError>,
+        message: String,
+        debug: String,
+    },
+    TimedOut,
+}
+
+/// Plays `pipeline` until EOS, an error or `limit`; always ends in NULL.
+pub fn run_pipeline(pipeline: &gst::Element, limit: Duration) -> Outcome {
+    let bus = pipeline.bus().expect("pipeline has a bus");
+    let outcome = match pipeline.set_state(gst::State::Playing) {
+        Err(_) => wait_bus(&bus, Duration::from_secs(1)).unwrap_or(Outcome::Error {
+            domain_resource: None,
+            message: "state change failed without an error message".into(),
+            debug: String::new(),
+        }),
+        Ok(_) => wait_bus(&bus, limit).unwrap_or(Outcome::TimedOut),
+    };
+    pipeline
+        .set_state(gst::State::Null)
+        .expect("pipeline goes to NULL");
+    outcome
+}
+
+pub fn wait_bus(bus: &gst::Bus, limit: Duration) -> Option<Outcome> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        let msg = bus.timed_pop_filtered(
+            gst::ClockTime::from_nseconds(left.as_nanos() as u64),
+            &[gst::MessageType::Eos, gst::MessageType::Error],
+        )?;
+        match msg.view() {
+            gst::MessageView::Eos(_) => return Some(Outcome::Eos),
+            gst::MessageView::Error(e) => {
+                let err = e.error();
+                return Some(Outcome::Error {
+                    domain_resource: err.kind::<gst::ResourceError>(),
+                    message: err.to_string(),
+                    debug: e.debug().map(|d| d.to_string()).unwrap_or_default(),
+                });
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A `udpvidsrc` configured for `file` on the local server at `port`.
+pub fn source(port: u16, file: &str) -> gst::Element {
+    gst::ElementFactory::make("udpvidsrc")
+        .property("port", port as u32)
+        .property("file", file)
+        .build()
+        .expect("udpvidsrc exists")
+}
