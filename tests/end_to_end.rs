@@ -21,8 +21,7 @@ fn copy_through_udpvid(port: u16, file: &str, read_ahead: u64) -> Vec<u8> {
     src.link(&sink.0).expect("link");
     let outcome = run_pipeline(pipeline.upcast_ref(), Duration::from_secs(60));
     assert_eq!(outcome, Outcome::Eos, "{file}");
-    let bytes = sink.1.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    bytes
+    sink.1.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// A fakesink that collects every byte it receives, checking offsets.

@@ -94,13 +94,14 @@ impl Library {
             let Some(name) = rel.to_str() else { continue };
             // Listed only if a client could actually open it: this applies
             // the same symlink and file-type rules as `open`.
-            if let Ok(full) = self.resolve(name) {
-                if let Ok(meta) = std::fs::metadata(full) {
-                    out.push(CatalogEntry {
-                        name: name.to_owned(),
-                        size: meta.len(),
-                    });
-                }
+            if let Ok(meta) = self
+                .resolve(name)
+                .and_then(|full| std::fs::metadata(full).map_err(|e| e.to_string()))
+            {
+                out.push(CatalogEntry {
+                    name: name.to_owned(),
+                    size: meta.len(),
+                });
             }
         }
     }

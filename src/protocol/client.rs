@@ -471,15 +471,13 @@ impl ClientConnection {
                 transfer_id,
                 kind,
                 message,
-            } => {
-                if self.transfer.as_ref().is_some_and(|t| t.id == transfer_id) {
-                    self.transfer = None;
-                    self.events.push_back(ClientEvent::OpenFailed {
-                        transfer_id,
-                        kind,
-                        message,
-                    });
-                }
+            } if self.transfer.as_ref().is_some_and(|t| t.id == transfer_id) => {
+                self.transfer = None;
+                self.events.push_back(ClientEvent::OpenFailed {
+                    transfer_id,
+                    kind,
+                    message,
+                });
             }
             Body::Close { reason, message } => {
                 self.events
@@ -487,7 +485,8 @@ impl ClientConnection {
                 self.phase = Phase::Closed;
             }
             Body::Ping => self.out.push_back(Body::Pong),
-            Body::Pong | Body::Welcome { .. } | Body::Retry { .. } => {}
+            // Pongs only refresh `last_received`; replies to our handshake
+            // repeated after it completed, and client-only messages, are ignored.
             _ => {}
         }
     }

@@ -58,11 +58,7 @@ impl RttEstimator {
         } else {
             sample
         };
-        let diff = if self.smoothed > adjusted {
-            self.smoothed - adjusted
-        } else {
-            adjusted - self.smoothed
-        };
+        let diff = self.smoothed.abs_diff(adjusted);
         // rttvar = 3/4 rttvar + 1/4 |srtt - sample|; srtt = 7/8 srtt + 1/8 sample.
         self.variance = (self.variance * 3 + diff) / 4;
         self.smoothed = (self.smoothed * 7 + adjusted) / 8;

@@ -68,7 +68,9 @@ impl Settings {
     }
 }
 
+#[derive(Default)]
 enum State {
+    #[default]
     Stopped,
     Started {
         /// Shared so `unlock` can cancel a wait without the state lock,
@@ -85,12 +87,6 @@ enum State {
 pub struct UdpVidSrc {
     settings: Mutex<Settings>,
     state: Mutex<State>,
-}
-
-impl Default for State {
-    fn default() -> Self {
-        State::Stopped
-    }
 }
 
 impl UdpVidSrc {

@@ -1,0 +1,71 @@
+# udpvid: `make demo` and `make test` do everything on a fresh Debian 12.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+APT_PACKAGES := pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev \
+	gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
+	gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-x
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PLUGIN_DIR := $(CURDIR)/target/debug
+DEMO_DIR := $(CURDIR)/streamer
+DEMO_PORT ?= 50000
+
+.PHONY: all deps build test lint demo demo-clip clean
+
+all: build
+
+# Installs only what is missing, so a second run costs nothing.
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "Installing:$$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust 1.85 or newer (https://rustup.rs)"; exit 1; }
+
+build: deps
+	$(CARGO) build --workspace --all-targets
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+test: build lint
+	$(CARGO) test --workspace
+
+# A 20 s 720p H.264/AAC clip (moov at the end, as a camera would write it).
+demo-clip: deps
+	@mkdir -p $(DEMO_DIR)
+	@if [ ! -s $(DEMO_DIR)/sample.mp4 ]; then \
+		echo "Making $(DEMO_DIR)/sample.mp4"; \
+		gst-launch-1.0 -q videotestsrc num-buffers=600 pattern=ball ! \
+			video/x-raw,width=1280,height=720,framerate=30/1 ! timeoverlay ! \
+			x264enc speed-preset=veryfast bitrate=3000 key-int-max=60 ! h264parse ! mux. \
+			audiotestsrc num-buffers=862 wave=ticks ! audioconvert ! avenc_aac ! aacparse ! mux. \
+			mp4mux name=mux ! filesink location=$(DEMO_DIR)/sample.mp4.tmp && \
+		mv $(DEMO_DIR)/sample.mp4.tmp $(DEMO_DIR)/sample.mp4; \
+	fi
+
+# Serves streamer/ and plays sample.mp4 through udpvidsrc: in a window when
+# there is a display, else decoded into a fakesink in real time.
+demo: build demo-clip
+	@set -e; \
+	./target/debug/server --dir $(DEMO_DIR) --bind 127.0.0.1 --port $(DEMO_PORT) > target/demo-server.out 2> target/demo-server.log & \
+	server=$$!; trap "kill $$server 2>/dev/null; wait $$server 2>/dev/null" EXIT; \
+	for i in $$(seq 50); do grep -q listening target/demo-server.out 2>/dev/null && break; sleep 0.1; done; \
+	cat target/demo-server.out; \
+	echo "--- catalog:"; ./target/debug/examples/catalog 127.0.0.1 $(DEMO_PORT); \
+	if [ -n "$$DISPLAY$$WAYLAND_DISPLAY" ]; then vsink=autovideosink; asink=autoaudiosink; \
+	else echo "--- no display: decoding into fakesink in real time"; vsink="fakesink sync=true"; asink="fakesink sync=true"; fi; \
+	echo "--- playing udpvid://127.0.0.1:$(DEMO_PORT)/sample.mp4"; \
+	GST_PLUGIN_PATH=$(PLUGIN_DIR) gst-launch-1.0 udpvidsrc host=127.0.0.1 port=$(DEMO_PORT) file=sample.mp4 ! \
+		decodebin name=d d. ! queue ! videoconvert ! $$vsink d. ! queue ! audioconvert ! $$asink; \
+	echo "--- byte-exact copy check"; \
+	GST_PLUGIN_PATH=$(PLUGIN_DIR) gst-launch-1.0 -q udpvidsrc port=$(DEMO_PORT) file=sample.mp4 ! filesink location=target/demo-copy.mp4; \
+	if cmp -s target/demo-copy.mp4 $(DEMO_DIR)/sample.mp4; then echo "copy is byte-identical"; else echo "copy differs"; exit 1; fi
+
+clean:
+	$(CARGO) clean
+	rm -rf $(DEMO_DIR)
