@@ -145,6 +145,8 @@ pub struct ClientConnection {
     last_received: Option<Instant>,
     last_sent: Instant,
     keepalive_interval: Duration,
+    /// The server's idle timeout: silence this long means the session is gone.
+    idle_timeout: Duration,
     stats: ClientStats,
 }
 
@@ -170,6 +172,7 @@ impl ClientConnection {
             last_received: None,
             last_sent: now,
             keepalive_interval: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
             stats: ClientStats::default(),
         }
     }
@@ -384,6 +387,8 @@ impl ClientConnection {
                 self.hello_timer.stop();
                 self.send_hello = false;
                 // Ping well inside the server's idle timeout.
+                self.idle_timeout =
+                    Duration::from_millis(idle_timeout_ms as u64).max(Duration::from_millis(300));
                 self.keepalive_interval = (Duration::from_millis(idle_timeout_ms as u64) / 3)
                     .max(Duration::from_millis(100));
                 self.events.push_back(ClientEvent::Connected);
@@ -580,6 +585,7 @@ impl ClientConnection {
             Phase::Established => {
                 consider(self.acks.ack_deadline());
                 consider(Some(self.last_sent + self.keepalive_interval));
+                consider(self.last_received.map(|t| t + self.idle_timeout));
                 if let Some(t) = &self.transfer {
                     consider(t.open_timer.next);
                     if t.opened && !t.receiver.is_fully_received() {
@@ -600,6 +606,21 @@ impl ClientConnection {
                 }
             }
             Phase::Established => {
+                if self
+                    .last_received
+                    .is_some_and(|t| now.saturating_duration_since(t) >= self.idle_timeout)
+                {
+                    // The server has certainly dropped us by now.
+                    self.events.push_back(ClientEvent::Closed {
+                        reason: CloseReason::IdleTimeout,
+                        message: format!(
+                            "nothing from the server for {:.1} s",
+                            self.idle_timeout.as_secs_f64()
+                        ),
+                    });
+                    self.phase = Phase::Closed;
+                    return;
+                }
                 let mut resend_open = false;
                 let mut probe = false;
                 if let Some(t) = self.transfer.as_mut() {

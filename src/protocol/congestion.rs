@@ -10,6 +10,10 @@ use std::time::Instant;
 pub const INITIAL_WINDOW_PACKETS: u64 = 10;
 /// The window never shrinks below 2 datagrams (RFC 9002 kMinimumWindow).
 pub const MINIMUM_WINDOW_PACKETS: u64 = 2;
+/// The window never grows past this many bytes. It bounds a session's
+/// in-flight bookkeeping (and so the server's memory per session) whatever
+/// window a client advertises; 16 MiB fills 1 Gbit/s at 130 ms RTT.
+pub const MAXIMUM_WINDOW_BYTES: u64 = 16 * 1024 * 1024;
 /// Multiplicative decrease on loss (RFC 9002 kLossReductionFactor = 0.5).
 pub const LOSS_REDUCTION_DIVISOR: u64 = 2;
 
@@ -78,6 +82,7 @@ impl CongestionController for NewReno {
                 self.window += self.max_datagram;
             }
         }
+        self.window = self.window.min(MAXIMUM_WINDOW_BYTES);
     }
 
     fn on_congestion_event(&mut self, now: Instant, largest_lost_sent: Instant) {

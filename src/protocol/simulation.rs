@@ -528,3 +528,47 @@ fn seek_drops_the_old_position() {
     });
     assert!(sim.delivered == data[700_000..]);
 }
+
+#[test]
+fn both_sides_expire_a_silent_peer() {
+    let mut sim = Sim::new(
+        13,
+        file(10_000, 13),
+        65536,
+        Impairment::clean(5),
+        Impairment::clean(5),
+    );
+    let now = sim.now;
+    sim.client.open_file(now, "movie.mp4", 0);
+    sim.run_until(Consumer::Greedy, Duration::from_secs(10), |s| {
+        s.client.is_finished()
+    });
+    assert_eq!(sim.server.session_count(), 1);
+    // Keepalives hold the session while both can talk, however long.
+    let until = sim.now + Duration::from_secs(120);
+    sim.run_until(Consumer::Greedy, Duration::from_secs(120), |s| {
+        s.now >= until
+    });
+    assert_eq!(
+        sim.server.session_count(),
+        1,
+        "keepalive did not hold the session"
+    );
+    assert!(!sim.client.is_closed());
+    // The path dies: each side gives up after the idle timeout.
+    sim.up.down = true;
+    sim.down.down = true;
+    let until = sim.now + super::server::DEFAULT_IDLE_TIMEOUT + Duration::from_secs(1);
+    sim.run_until(Consumer::Greedy, Duration::from_secs(60), |s| {
+        s.now >= until
+    });
+    assert_eq!(sim.server.session_count(), 0);
+    assert!(sim.client.is_closed());
+    assert!(sim.events.iter().any(|e| matches!(
+        e,
+        ClientEvent::Closed {
+            reason: super::wire::CloseReason::IdleTimeout,
+            ..
+        }
+    )));
+}
