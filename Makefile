@@ -4,7 +4,8 @@ SHELL := /bin/bash
 CARGO ?= cargo
 APT_PACKAGES := pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev \
 	gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
-	gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-x
+	gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-x \
+	gstreamer1.0-plugins-base-apps
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PLUGIN_DIR := $(CURDIR)/target/debug
 DEMO_DIR := $(CURDIR)/streamer

@@ -44,6 +44,9 @@ pub enum WaitError {
     },
     /// The server sent something we cannot use.
     Protocol(String),
+    /// After reconnecting, the file on the server is not the one we were
+    /// playing (its size or modification time changed).
+    ContentChanged { path: String },
 }
 
 impl fmt::Display for WaitError {
@@ -68,11 +71,31 @@ impl fmt::Display for WaitError {
                 write!(f, "server ended the session: {reason} ({message})")
             }
             WaitError::Protocol(m) => write!(f, "protocol error: {m}"),
+            WaitError::ContentChanged { path } => write!(
+                f,
+                "{path} changed on the server while it was being played; start again to play the new version"
+            ),
         }
     }
 }
 
 impl std::error::Error for WaitError {}
+
+/// A consistent view of the client for stats and buffering.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClientSnapshot {
+    pub stats: ClientStats,
+    /// Next offset the pipeline gets.
+    pub read_offset: u64,
+    /// Contiguous bytes ready at `read_offset`.
+    pub available: u64,
+    /// Bytes held, in order or not.
+    pub buffered: u64,
+    /// Bytes the server may still send beyond `read_offset`.
+    pub window: u64,
+    pub read_ahead: u64,
+    pub reconnects: u64,
+}
 
 /// What the server said about an opened file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,10 +113,43 @@ struct Outcomes {
     fatal: Option<WaitError>,
 }
 
+/// The file being played, so a lost session can be resumed.
+#[derive(Clone)]
+struct Resume {
+    path: String,
+    content_tag: u64,
+}
+
 struct Inner {
     conn: ClientConnection,
+    config: ClientConfig,
     outcomes: Outcomes,
+    resume: Option<Resume>,
+    /// Transfer whose answer `open` waits for (a reconnect replaces it).
+    awaited_open: Option<(u32, String, u64)>,
+    /// Set while the transfer re-opened after a reconnect is unanswered.
+    reopening: Option<u32>,
+    reconnects: u64,
+    /// Last time anything came from the server, across reconnects.
+    last_heard: Option<Instant>,
 }
+
+/// Session ends after which a new session is opened transparently: the
+/// server restarted, or forgot us after an idle period.
+fn is_resumable(err: &WaitError) -> bool {
+    matches!(
+        err,
+        WaitError::Closed {
+            reason: CloseReason::UnknownConnection
+                | CloseReason::IdleTimeout
+                | CloseReason::Shutdown,
+            ..
+        }
+    )
+}
+/// Reconnects within one wait before giving up: a server that keeps
+/// dropping us is broken, not restarting.
+const MAX_RECONNECTS_PER_WAIT: u32 = 3;
 
 struct Shared {
     inner: Mutex<Inner>,
@@ -126,6 +182,9 @@ fn flush(socket: &UdpSocket, server: SocketAddr, inner: &mut Inner) {
 
 fn collect_events(inner: &mut Inner) -> bool {
     let mut any = false;
+    if let Some(t) = inner.conn.last_received() {
+        inner.last_heard = Some(inner.last_heard.map_or(t, |l| l.max(t)));
+    }
     while let Some(event) = inner.conn.poll_event() {
         any = true;
         let o = &mut inner.outcomes;
@@ -137,6 +196,18 @@ fn collect_events(inner: &mut Inner) -> bool {
                 content_tag,
                 offset,
             } => {
+                if inner.reopening == Some(transfer_id) {
+                    inner.reopening = None;
+                    if let Some(r) = inner
+                        .resume
+                        .as_ref()
+                        .filter(|r| r.content_tag != content_tag)
+                    {
+                        o.fatal.get_or_insert(WaitError::ContentChanged {
+                            path: r.path.clone(),
+                        });
+                    }
+                }
                 o.opened = Some((
                     transfer_id,
                     OpenedFile {
@@ -226,11 +297,17 @@ impl BlockingClient {
             UdpSocket::from(s)
         };
         let nonce = rand::random::<u64>();
-        let conn = ClientConnection::new(config, nonce, Instant::now());
+        let conn = ClientConnection::new(config.clone(), nonce, Instant::now());
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 conn,
+                config,
                 outcomes: Outcomes::default(),
+                resume: None,
+                awaited_open: None,
+                reopening: None,
+                reconnects: 0,
+                last_heard: None,
             }),
             changed: Condvar::new(),
             cancelled: AtomicBool::new(false),
@@ -271,20 +348,26 @@ impl BlockingClient {
 
     /// Runs `f` on the connection and sends what it produced.
     fn with_conn<R>(&self, f: impl FnOnce(&mut ClientConnection, Instant) -> R) -> R {
+        self.with_conn_inner(|inner, now| f(&mut inner.conn, now))
+    }
+
+    fn with_conn_inner<R>(&self, f: impl FnOnce(&mut Inner, Instant) -> R) -> R {
         let mut inner = lock(&self.shared);
-        let r = f(&mut inner.conn, Instant::now());
+        let r = f(&mut inner, Instant::now());
         flush(&self.socket, self.server, &mut inner);
         r
     }
 
     /// Waits until `ready` yields a value, an error is fatal, the wait is
-    /// cancelled, or nothing arrived from the server for `timeout`.
+    /// cancelled, or nothing arrived from the server for `timeout`. A session
+    /// the server lost (restart, idle expiry) is replaced on the way.
     fn wait_for<R>(
         &self,
         timeout: Duration,
         mut ready: impl FnMut(&mut Inner) -> Option<Result<R, WaitError>>,
     ) -> Result<R, WaitError> {
         let started = Instant::now();
+        let mut reconnects = 0;
         let mut inner = lock(&self.shared);
         loop {
             if self.shared.cancelled.load(Ordering::Acquire) {
@@ -295,14 +378,19 @@ impl BlockingClient {
                 return r;
             }
             if let Some(e) = inner.outcomes.fatal.clone() {
+                if is_resumable(&e)
+                    && reconnects < MAX_RECONNECTS_PER_WAIT
+                    && Self::reconnect(&mut inner)
+                {
+                    reconnects += 1;
+                    flush(&self.socket, self.server, &mut inner);
+                    continue;
+                }
                 return Err(e);
             }
             let now = Instant::now();
             // Progress is anything heard from the server since the wait began.
-            let last_heard = inner
-                .conn
-                .last_received()
-                .map_or(started, |t| t.max(started));
+            let last_heard = inner.last_heard.map_or(started, |t| t.max(started));
             let deadline = last_heard + timeout;
             if now >= deadline {
                 return Err(WaitError::Timeout {
@@ -319,6 +407,36 @@ impl BlockingClient {
         }
     }
 
+    /// Replaces a lost session with a new one and re-opens what was being
+    /// read (or the open being waited for). False when there is nothing to
+    /// resume.
+    fn reconnect(inner: &mut Inner) -> bool {
+        let target = match (&inner.awaited_open, &inner.resume) {
+            (Some((_, path, offset)), _) => Some((path.clone(), *offset)),
+            (None, Some(r)) => inner.conn.read_offset().map(|o| (r.path.clone(), o)),
+            (None, None) => None,
+        };
+        let Some((path, offset)) = target else {
+            return false;
+        };
+        let now = Instant::now();
+        inner.conn = ClientConnection::new(inner.config.clone(), rand::random(), now);
+        inner.outcomes = Outcomes::default();
+        inner.reconnects += 1;
+        let id = inner.conn.open_file(now, &path, offset);
+        if let Some(awaited) = inner.awaited_open.as_mut() {
+            awaited.0 = id;
+        } else {
+            inner.reopening = Some(id);
+        }
+        true
+    }
+
+    /// Sessions replaced after the server lost them.
+    pub fn reconnects(&self) -> u64 {
+        lock(&self.shared).reconnects
+    }
+
     /// Opens `path` at `offset` (replacing any current transfer) and waits for
     /// the server's answer.
     pub fn open(
@@ -327,8 +445,12 @@ impl BlockingClient {
         offset: u64,
         timeout: Duration,
     ) -> Result<OpenedFile, WaitError> {
-        let id = self.with_conn(|c, now| c.open_file(now, path, offset));
-        self.wait_for(timeout, |inner| {
+        self.with_conn_inner(|inner, now| {
+            let id = inner.conn.open_file(now, path, offset);
+            inner.awaited_open = Some((id, path.to_owned(), offset));
+        });
+        let result = self.wait_for(timeout, |inner| {
+            let (id, _, _) = inner.awaited_open.clone()?;
             if let Some((tid, file)) = inner.outcomes.opened {
                 if tid == id {
                     return Some(Ok(file));
@@ -340,7 +462,26 @@ impl BlockingClient {
                 }
             }
             None
-        })
+        });
+        let mut inner = lock(&self.shared);
+        inner.awaited_open = None;
+        if let Ok(file) = &result {
+            match &inner.resume {
+                // A seek in the same file: the content must still be the one we play.
+                Some(r) if r.path == path && r.content_tag != file.content_tag => {
+                    return Err(WaitError::ContentChanged {
+                        path: path.to_owned(),
+                    });
+                }
+                _ => {
+                    inner.resume = Some(Resume {
+                        path: path.to_owned(),
+                        content_tag: file.content_tag,
+                    })
+                }
+            }
+        }
+        result
     }
 
     /// Asks for the catalog and waits for all of it.
@@ -390,11 +531,32 @@ impl BlockingClient {
     }
 
     pub fn set_read_ahead(&self, bytes: u64) {
-        self.with_conn(|c, now| c.set_read_ahead(now, bytes));
+        self.with_conn_inner(|inner, now| {
+            inner.config.read_ahead = bytes;
+            inner.conn.set_read_ahead(now, bytes)
+        });
     }
 
     pub fn stats(&self) -> ClientStats {
         lock(&self.shared).conn.stats()
+    }
+
+    /// Everything the element reports, read under one lock.
+    pub fn snapshot(&self) -> ClientSnapshot {
+        let inner = lock(&self.shared);
+        let read_offset = inner.conn.read_offset().unwrap_or(0);
+        ClientSnapshot {
+            stats: inner.conn.stats(),
+            read_offset,
+            available: inner.conn.available(),
+            buffered: inner.conn.buffered(),
+            window: inner
+                .conn
+                .advertised_window()
+                .map_or(0, |w| w.saturating_sub(read_offset)),
+            read_ahead: inner.config.read_ahead,
+            reconnects: inner.reconnects,
+        }
     }
 
     /// Sends Close and stops the network thread. Later waits fail at once.

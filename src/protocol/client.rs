@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::catalog::{self, CatalogEntry};
 use super::receiver::{AckTracker, StreamReceiver};
+use super::rtt::RttEstimator;
 use super::wire::{
     Body, CloseReason, ConnectionId, DecodeError, OpenErrorKind, Packet, TransferKind,
 };
@@ -18,6 +19,10 @@ pub const MAX_RETRY_INTERVAL: Duration = Duration::from_secs(2);
 /// window (and pings), in case the update that opened it was lost: without
 /// this, a lost window update would leave both sides waiting forever.
 pub const WINDOW_PROBE_INTERVAL: Duration = Duration::from_millis(200);
+/// How often the client pings to measure the round-trip time (the server
+/// measures its own from ACKs; the client needs one for its stats and its
+/// adaptive choices). Two tiny datagrams a second cost nothing.
+pub const RTT_PING_INTERVAL: Duration = Duration::from_secs(1);
 /// Default read-ahead: what the server may send beyond what was consumed.
 pub const DEFAULT_READ_AHEAD: u64 = 2 * 1024 * 1024;
 
@@ -127,6 +132,11 @@ pub struct ClientStats {
     pub stale_packets: u64,
     pub bytes_received: u64,
     pub bytes_delivered: u64,
+    /// Server packets never seen: gaps in its packet numbers.
+    pub packets_lost: u64,
+    pub smoothed_rtt: Duration,
+    pub rtt_variance: Duration,
+    pub transfers: u64,
 }
 
 pub struct ClientConnection {
@@ -148,6 +158,11 @@ pub struct ClientConnection {
     /// The server's idle timeout: silence this long means the session is gone.
     idle_timeout: Duration,
     stats: ClientStats,
+    rtt: RttEstimator,
+    /// When the outstanding RTT ping left.
+    rtt_ping_sent: Option<Instant>,
+    next_rtt_ping: Instant,
+    largest_server_pn: Option<u64>,
 }
 
 impl ClientConnection {
@@ -174,6 +189,10 @@ impl ClientConnection {
             keepalive_interval: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
             stats: ClientStats::default(),
+            rtt: RttEstimator::new(),
+            rtt_ping_sent: None,
+            next_rtt_ping: now,
+            largest_server_pn: None,
         }
     }
 
@@ -192,7 +211,18 @@ impl ClientConnection {
     pub fn stats(&self) -> ClientStats {
         let mut s = self.stats;
         s.duplicate_packets = self.acks.duplicates();
+        let unique = s.packets_received.saturating_sub(s.duplicate_packets);
+        s.packets_lost = self
+            .largest_server_pn
+            .map_or(0, |l| (l + 1).saturating_sub(unique));
+        s.smoothed_rtt = self.rtt.smoothed();
+        s.rtt_variance = self.rtt.variance();
         s
+    }
+
+    /// Round-trip time as measured by the client's pings.
+    pub fn rtt(&self) -> &RttEstimator {
+        &self.rtt
     }
 
     /// When a datagram from the server last arrived.
@@ -223,6 +253,7 @@ impl ClientConnection {
     ) -> u32 {
         let id = self.next_transfer_id;
         self.next_transfer_id = self.next_transfer_id.wrapping_add(1).max(1);
+        self.stats.transfers += 1;
         let receiver = StreamReceiver::new(offset, self.config.read_ahead);
         self.transfer = Some(ClientTransfer {
             id,
@@ -283,6 +314,11 @@ impl ClientConnection {
     /// Bytes ready to read at the current offset.
     pub fn available(&self) -> u64 {
         self.transfer.as_ref().map_or(0, |t| t.receiver.available())
+    }
+
+    /// Window last sent to the server (absolute offset).
+    pub fn advertised_window(&self) -> Option<u64> {
+        self.transfer.as_ref().map(|t| t.receiver.advertised())
     }
 
     /// Bytes held for the current transfer, in order or not.
@@ -417,7 +453,9 @@ impl ClientConnection {
                 }
                 self.last_received = Some(now);
                 self.stats.packets_received += 1;
-                self.handle_established(now, packet.packet_number, body);
+                let pn = packet.packet_number;
+                self.largest_server_pn = Some(self.largest_server_pn.map_or(pn, |l| l.max(pn)));
+                self.handle_established(now, pn, body);
             }
         }
     }
@@ -490,6 +528,12 @@ impl ClientConnection {
                 self.phase = Phase::Closed;
             }
             Body::Ping => self.out.push_back(Body::Pong),
+            Body::Pong => {
+                if let Some(sent) = self.rtt_ping_sent.take() {
+                    self.rtt
+                        .update(now.saturating_duration_since(sent), Duration::ZERO);
+                }
+            }
             // Pongs only refresh `last_received`; replies to our handshake
             // repeated after it completed, and client-only messages, are ignored.
             _ => {}
@@ -565,6 +609,9 @@ impl ClientConnection {
     }
 
     fn emit(&mut self, now: Instant, body: Body) -> Vec<u8> {
+        if body == Body::Ping && self.rtt_ping_sent.is_none() {
+            self.rtt_ping_sent = Some(now);
+        }
         let pn = self.next_packet_number;
         self.next_packet_number += 1;
         self.last_sent = now;
@@ -586,6 +633,7 @@ impl ClientConnection {
                 consider(self.acks.ack_deadline());
                 consider(Some(self.last_sent + self.keepalive_interval));
                 consider(self.last_received.map(|t| t + self.idle_timeout));
+                consider(Some(self.next_rtt_ping));
                 if let Some(t) = &self.transfer {
                     consider(t.open_timer.next);
                     if t.opened && !t.receiver.is_fully_received() {
@@ -652,7 +700,22 @@ impl ClientConnection {
                     // told apart from a dead one.
                     self.out.push_back(Body::Ping);
                 }
-                if now.saturating_duration_since(self.last_sent) >= self.keepalive_interval {
+                if self.next_rtt_ping <= now {
+                    self.next_rtt_ping = now + RTT_PING_INTERVAL;
+                    // A ping unanswered for this long was lost: measure anew.
+                    if self
+                        .rtt_ping_sent
+                        .is_some_and(|t| now.saturating_duration_since(t) > RTT_PING_INTERVAL * 3)
+                    {
+                        self.rtt_ping_sent = None;
+                    }
+                    if self.rtt_ping_sent.is_none() && !self.out.contains(&Body::Ping) {
+                        self.out.push_back(Body::Ping);
+                    }
+                }
+                if now.saturating_duration_since(self.last_sent) >= self.keepalive_interval
+                    && !self.out.contains(&Body::Ping)
+                {
                     self.out.push_back(Body::Ping);
                 }
             }

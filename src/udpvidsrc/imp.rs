@@ -1,8 +1,12 @@
 //! The element: GStreamer glue around [`BlockingClient`]. Nothing
-//! protocol-shaped lives here; it maps properties, seeks and errors.
+//! protocol-shaped lives here; it maps properties, URIs, seeks, buffering,
+//! stats and errors.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
-use std::time::Duration;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use gst::glib;
 use gst::prelude::*;
@@ -11,19 +15,26 @@ use gst_base::prelude::*;
 use gst_base::subclass::base_src::CreateSuccess;
 use gst_base::subclass::prelude::*;
 
-use crate::blocking_client::{BlockingClient, WaitError};
+use crate::blocking_client::{BlockingClient, ClientSnapshot, WaitError};
+use crate::location::{DEFAULT_PORT, Location};
 use crate::protocol::client::{ClientConfig, DEFAULT_READ_AHEAD};
 use crate::protocol::wire::{CloseReason, OpenErrorKind};
 
 const DEFAULT_HOST: &str = "127.0.0.1";
-/// The seed design's port; the server uses it by default too.
-const DEFAULT_PORT: u32 = 50000;
 const DEFAULT_TIMEOUT_SECS: u32 = 10;
 /// Smallest read-ahead accepted: a few datagrams, or the transfer crawls.
 const MIN_READ_AHEAD: u64 = 16 * 1024;
 /// A forward seek this close is served by dropping buffered bytes instead
 /// of asking the server to start again.
 const LOCAL_SKIP_LIMIT: u64 = 4 * 1024 * 1024;
+/// How often buffering progress is reported while buffering.
+const MONITOR_TICK: Duration = Duration::from_millis(100);
+/// Buffering ends (100 %) once this share of the read-ahead is ready, or
+/// the rest of the file: waiting for the whole read-ahead would delay the
+/// start for no gain.
+const BUFFERING_TARGET_DIVISOR: u64 = 2;
+/// How long the catalog fetch posted at start may take.
+const CATALOG_TIMEOUT: Duration = Duration::from_secs(5);
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -40,16 +51,18 @@ struct Settings {
     file: Option<String>,
     read_ahead: u64,
     timeout: u32,
+    stats_interval: u32,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
             host: DEFAULT_HOST.into(),
-            port: DEFAULT_PORT,
+            port: DEFAULT_PORT as u32,
             file: None,
             read_ahead: DEFAULT_READ_AHEAD,
             timeout: DEFAULT_TIMEOUT_SECS,
+            stats_interval: 0,
         }
     }
 }
@@ -58,14 +71,29 @@ impl Settings {
     fn timeout(&self) -> Duration {
         Duration::from_secs(self.timeout as u64)
     }
-    fn location(&self) -> String {
-        format!(
-            "udpvid://{}:{}/{}",
-            self.host,
-            self.port,
-            self.file.as_deref().unwrap_or("")
+
+    fn location(&self) -> Option<Location> {
+        Some(Location {
+            host: self.host.clone(),
+            port: u16::try_from(self.port).ok()?,
+            path: self.file.clone().filter(|f| !f.is_empty())?,
+        })
+    }
+
+    /// For messages: the URI, or what is missing from it.
+    fn describe(&self) -> String {
+        self.location().map_or_else(
+            || format!("udpvid://{}:{}/ (no file set)", self.host, self.port),
+            |l| l.to_uri(),
         )
     }
+}
+
+/// Background thread of a started element: reports buffering progress
+/// while buffering and posts stats every `stats-interval`.
+struct Monitor {
+    stop: mpsc::Sender<()>,
+    thread: JoinHandle<()>,
 }
 
 #[derive(Default)]
@@ -77,25 +105,186 @@ enum State {
         /// which `create` must not hold while it blocks.
         client: Arc<BlockingClient>,
         size: u64,
-        content_tag: u64,
         /// Offset of the next byte `create` returns without a seek.
         position: u64,
+        started_at: Instant,
+        monitor: Option<Monitor>,
     },
 }
 
-#[derive(Default)]
 pub struct UdpVidSrc {
     settings: Mutex<Settings>,
     state: Mutex<State>,
+    /// Set on underrun (and at start, and after a seek to the server);
+    /// cleared by the monitor once the buffer is full enough.
+    buffering: Arc<AtomicBool>,
+    last_buffering_percent: Arc<Mutex<Option<i32>>>,
+}
+
+impl Default for UdpVidSrc {
+    fn default() -> Self {
+        UdpVidSrc {
+            settings: Mutex::new(Settings::default()),
+            state: Mutex::new(State::Stopped),
+            buffering: Arc::new(AtomicBool::new(false)),
+            last_buffering_percent: Arc::new(Mutex::new(None)),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Stats as a structure; zeros when not connected.
+fn stats_structure(snapshot: Option<(&ClientSnapshot, Duration)>) -> gst::Structure {
+    let (s, elapsed) = match snapshot {
+        Some((s, e)) => (*s, e),
+        None => (ClientSnapshot::default(), Duration::ZERO),
+    };
+    let secs = elapsed.as_secs_f64();
+    let goodput = if secs > 0.0 {
+        s.stats.bytes_delivered as f64 * 8.0 / secs
+    } else {
+        0.0
+    };
+    gst::Structure::builder("application/x-udpvid-stats")
+        .field("connected", snapshot.is_some())
+        .field("rtt-ms", s.stats.smoothed_rtt.as_secs_f64() * 1000.0)
+        .field(
+            "rtt-variance-ms",
+            s.stats.rtt_variance.as_secs_f64() * 1000.0,
+        )
+        .field("packets-sent", s.stats.packets_sent)
+        .field("packets-received", s.stats.packets_received)
+        .field("packets-lost", s.stats.packets_lost)
+        .field("packets-duplicated", s.stats.duplicate_packets)
+        .field("data-packets", s.stats.data_packets)
+        .field("bytes-received", s.stats.bytes_received)
+        .field("bytes-delivered", s.stats.bytes_delivered)
+        .field("goodput-bps", goodput)
+        .field("receive-window", s.window)
+        .field("read-ahead", s.read_ahead)
+        .field("read-ahead-level", s.available)
+        .field("buffered", s.buffered)
+        .field("transfers", s.stats.transfers)
+        .field("reconnects", s.reconnects)
+        .build()
+}
+
+/// Percent of the buffering target that is ready.
+fn buffering_percent(s: &ClientSnapshot, size: u64) -> i32 {
+    let remaining = size.saturating_sub(s.read_offset);
+    let target = (s.read_ahead / BUFFERING_TARGET_DIVISOR).min(remaining);
+    if target == 0 {
+        return 100;
+    }
+    (s.available.min(target) * 100 / target) as i32
 }
 
 impl UdpVidSrc {
     fn settings(&self) -> MutexGuard<'_, Settings> {
-        self.settings.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.settings)
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
+    }
+
+    /// Posts a buffering message unless the same percent was just posted.
+    fn post_buffering(element: &super::UdpVidSrc, last: &Mutex<Option<i32>>, percent: i32) {
+        let mut last = lock(last);
+        if *last == Some(percent) {
+            return;
+        }
+        *last = Some(percent);
+        drop(last);
+        gst::debug!(CAT, obj = element, "buffering {percent}%");
+        let _ = element.post_message(
+            gst::message::Buffering::builder(percent)
+                .src(element)
+                .build(),
+        );
+    }
+
+    fn enter_buffering(&self) {
+        if !self.buffering.swap(true, Ordering::AcqRel) {
+            Self::post_buffering(&self.obj(), &self.last_buffering_percent, 0);
+        }
+    }
+
+    fn start_monitor(
+        &self,
+        client: Arc<BlockingClient>,
+        size: u64,
+        stats_interval: Duration,
+    ) -> Option<Monitor> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let element = self.obj().downgrade();
+        let buffering = self.buffering.clone();
+        let last = self.last_buffering_percent.clone();
+        let started = Instant::now();
+        let thread = std::thread::Builder::new()
+            .name("udpvidsrc-monitor".into())
+            .spawn(move || {
+                let mut next_stats = started + stats_interval;
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(MONITOR_TICK)
+                {
+                    let Some(element) = element.upgrade() else {
+                        return;
+                    };
+                    let snapshot = client.snapshot();
+                    if buffering.load(Ordering::Acquire) {
+                        let percent = buffering_percent(&snapshot, size);
+                        if percent >= 100 {
+                            buffering.store(false, Ordering::Release);
+                        }
+                        Self::post_buffering(&element, &last, percent);
+                    }
+                    if !stats_interval.is_zero() && Instant::now() >= next_stats {
+                        next_stats += stats_interval;
+                        let s = stats_structure(Some((&snapshot, started.elapsed())));
+                        let _ = element
+                            .post_message(gst::message::Element::builder(s).src(&element).build());
+                    }
+                }
+            })
+            .ok()?;
+        Some(Monitor { stop, thread })
+    }
+
+    /// Fetches the catalog on a separate short session and posts it, so an
+    /// app can show a list without delaying playback.
+    fn post_catalog_in_background(&self, host: String, port: u16) {
+        let element = self.obj().downgrade();
+        let _ = std::thread::Builder::new()
+            .name("udpvidsrc-catalog".into())
+            .spawn(move || {
+                let Ok(client) = BlockingClient::connect(&host, port, ClientConfig::default())
+                else {
+                    return;
+                };
+                let entries = client.catalog(CATALOG_TIMEOUT);
+                client.close();
+                let (Ok(entries), Some(element)) = (entries, element.upgrade()) else {
+                    return;
+                };
+                let files = gst::Array::new(entries.iter().map(|e| {
+                    gst::Structure::builder("file")
+                        .field("name", e.name.as_str())
+                        .field("size", e.size)
+                        .build()
+                        .to_send_value()
+                }));
+                let s = gst::Structure::builder("udpvid-catalog")
+                    .field("host", host.as_str())
+                    .field("port", port as u32)
+                    .field("files", files)
+                    .build();
+                gst::debug!(CAT, obj = element, "catalog: {} files", entries.len());
+                let _ =
+                    element.post_message(gst::message::Element::builder(s).src(&element).build());
+            });
     }
 
     /// Turns a failed wait into the element error a user can act on.
@@ -105,7 +294,7 @@ impl UdpVidSrc {
         err: &WaitError,
         client: Option<&BlockingClient>,
     ) -> gst::ErrorMessage {
-        let location = settings.location();
+        let location = settings.describe();
         match err {
             WaitError::Timeout { waited } => gst::error_msg!(
                 gst::ResourceError::OpenRead,
@@ -181,6 +370,9 @@ impl UdpVidSrc {
                     err
                 )
             ),
+            WaitError::ContentChanged { .. } => {
+                gst::error_msg!(gst::ResourceError::Read, ("{}", err))
+            }
             WaitError::Closed { .. } | WaitError::Protocol(_) => {
                 gst::error_msg!(gst::ResourceError::Read, ("Lost {}: {}", location, err))
             }
@@ -209,7 +401,6 @@ impl UdpVidSrc {
         client: &BlockingClient,
         settings: &Settings,
         path: &str,
-        position: &mut u64,
         offset: u64,
     ) -> Result<(), gst::FlowError> {
         if let Some((current, ready)) = client.position() {
@@ -220,18 +411,22 @@ impl UdpVidSrc {
                     imp = self,
                     "seek to {offset} served from the read-ahead ({skipped} bytes skipped)"
                 );
-                *position = offset;
                 return Ok(());
             }
         }
         gst::debug!(CAT, imp = self, "seek to {offset}: asking the server");
-        match client.open(path, offset, settings.timeout()) {
-            Ok(_) => {
-                *position = offset;
-                Ok(())
-            }
-            Err(e) => Err(self.flow_error(settings, e)),
-        }
+        self.enter_buffering();
+        client
+            .open(path, offset, settings.timeout())
+            .map(|_| ())
+            .map_err(|e| self.flow_error(settings, e))
+    }
+
+    fn set_location(&self, location: Location) {
+        let mut settings = self.settings();
+        settings.host = location.host;
+        settings.port = location.port as u32;
+        settings.file = Some(location.path);
     }
 }
 
@@ -240,6 +435,7 @@ impl ObjectSubclass for UdpVidSrc {
     const NAME: &'static str = "GstUdpVidSrc";
     type Type = super::UdpVidSrc;
     type ParentType = gst_base::BaseSrc;
+    type Interfaces = (gst::URIHandler,);
 }
 
 impl ObjectImpl for UdpVidSrc {
@@ -256,11 +452,15 @@ impl ObjectImpl for UdpVidSrc {
                     .blurb("UDP port of the udpvid server")
                     .minimum(1)
                     .maximum(u16::MAX as u32)
-                    .default_value(DEFAULT_PORT)
+                    .default_value(DEFAULT_PORT as u32)
                     .build(),
                 glib::ParamSpecString::builder("file")
                     .nick("File")
                     .blurb("Path of the file to play, relative to the server's folder (see the server's catalog)")
+                    .build(),
+                glib::ParamSpecString::builder("uri")
+                    .nick("URI")
+                    .blurb("udpvid://host[:port]/path, the same as host, port and file together")
                     .build(),
                 glib::ParamSpecUInt64::builder("read-ahead")
                     .nick("Read-ahead")
@@ -276,6 +476,17 @@ impl ObjectImpl for UdpVidSrc {
                     .maximum(3600)
                     .default_value(DEFAULT_TIMEOUT_SECS)
                     .build(),
+                glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
+                    .nick("Statistics")
+                    .blurb("Transfer statistics: RTT, packets sent/received/lost/duplicated, bytes, goodput, windows, read-ahead level")
+                    .read_only()
+                    .build(),
+                glib::ParamSpecUInt::builder("stats-interval")
+                    .nick("Statistics interval")
+                    .blurb("Milliseconds between stats posted as element messages (0 = never)")
+                    .maximum(3_600_000)
+                    .default_value(0)
+                    .build(),
             ]
         });
         PROPERTIES.as_ref()
@@ -283,46 +494,60 @@ impl ObjectImpl for UdpVidSrc {
 
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
         let running = matches!(*self.state(), State::Started { .. });
-        if running && pspec.name() != "read-ahead" {
+        let name = pspec.name();
+        if running && !matches!(name, "read-ahead" | "stats-interval") {
             gst::warning!(
                 CAT,
                 imp = self,
-                "changing {} has no effect while running",
-                pspec.name()
+                "changing {name} has no effect until the element is restarted"
             );
         }
-        let mut settings = self.settings();
-        match pspec.name() {
+        match name {
             "host" => {
-                settings.host = value
+                self.settings().host = value
                     .get::<Option<String>>()
                     .ok()
                     .flatten()
                     .unwrap_or_else(|| DEFAULT_HOST.to_string())
             }
-            "port" => settings.port = value.get().unwrap_or(DEFAULT_PORT),
-            "file" => settings.file = value.get().ok().flatten(),
+            "port" => self.settings().port = value.get().unwrap_or(DEFAULT_PORT as u32),
+            "file" => self.settings().file = value.get().ok().flatten(),
+            "uri" => {
+                let uri: Option<String> = value.get().ok().flatten();
+                match uri.as_deref().map(Location::parse) {
+                    Some(Ok(location)) => self.set_location(location),
+                    Some(Err(e)) => gst::warning!(CAT, imp = self, "{e}"),
+                    None => self.settings().file = None,
+                }
+            }
             "read-ahead" => {
-                settings.read_ahead = value.get().unwrap_or(DEFAULT_READ_AHEAD);
-                let read_ahead = settings.read_ahead;
-                drop(settings);
+                let read_ahead = value.get().unwrap_or(DEFAULT_READ_AHEAD);
+                self.settings().read_ahead = read_ahead;
                 if let State::Started { client, .. } = &*self.state() {
                     client.set_read_ahead(read_ahead);
                 }
             }
-            "timeout" => settings.timeout = value.get().unwrap_or(DEFAULT_TIMEOUT_SECS),
+            "timeout" => self.settings().timeout = value.get().unwrap_or(DEFAULT_TIMEOUT_SECS),
+            "stats-interval" => self.settings().stats_interval = value.get().unwrap_or(0),
             other => gst::warning!(CAT, imp = self, "unknown property {other}"),
         }
     }
 
     fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
-        let settings = self.settings();
         match pspec.name() {
-            "host" => settings.host.to_value(),
-            "port" => settings.port.to_value(),
-            "file" => settings.file.to_value(),
-            "read-ahead" => settings.read_ahead.to_value(),
-            "timeout" => settings.timeout.to_value(),
+            "host" => self.settings().host.to_value(),
+            "port" => self.settings().port.to_value(),
+            "file" => self.settings().file.to_value(),
+            "uri" => self.settings().location().map(|l| l.to_uri()).to_value(),
+            "read-ahead" => self.settings().read_ahead.to_value(),
+            "timeout" => self.settings().timeout.to_value(),
+            "stats-interval" => self.settings().stats_interval.to_value(),
+            "stats" => match &*self.state() {
+                State::Started {
+                    client, started_at, ..
+                } => stats_structure(Some((&client.snapshot(), started_at.elapsed()))).to_value(),
+                State::Stopped => stats_structure(None).to_value(),
+            },
             // GObject only asks for properties we declared.
             _ => glib::Value::from_type(pspec.value_type()),
         }
@@ -368,25 +593,44 @@ impl ElementImpl for UdpVidSrc {
     }
 }
 
+impl URIHandlerImpl for UdpVidSrc {
+    const URI_TYPE: gst::URIType = gst::URIType::Src;
+
+    fn protocols() -> &'static [&'static str] {
+        &["udpvid"]
+    }
+
+    fn uri(&self) -> Option<String> {
+        self.settings().location().map(|l| l.to_uri())
+    }
+
+    fn set_uri(&self, uri: &str) -> Result<(), glib::Error> {
+        if matches!(*self.state(), State::Started { .. }) {
+            return Err(glib::Error::new(
+                gst::URIError::BadState,
+                "cannot change the URI while the element is running",
+            ));
+        }
+        let location = Location::parse(uri)
+            .map_err(|e| glib::Error::new(gst::URIError::BadUri, &e.to_string()))?;
+        self.set_location(location);
+        Ok(())
+    }
+}
+
 impl BaseSrcImpl for UdpVidSrc {
     fn start(&self) -> Result<(), gst::ErrorMessage> {
         let settings = self.settings().clone();
-        let Some(path) = settings.file.clone().filter(|f| !f.is_empty()) else {
+        let Some(location) = settings.location() else {
             return Err(gst::error_msg!(
                 gst::ResourceError::Settings,
-                ("No file set: set the \"file\" property to a path from the server's catalog")
+                ("No file set: set the \"file\" property (or \"uri\") to a path from the server's catalog")
             ));
         };
-        let port = u16::try_from(settings.port).map_err(|_| {
-            gst::error_msg!(
-                gst::ResourceError::Settings,
-                ("Invalid port {}", settings.port)
-            )
-        })?;
-        gst::info!(CAT, imp = self, "connecting to {}", settings.location());
+        gst::info!(CAT, imp = self, "connecting to {}", location.to_uri());
         let client = BlockingClient::connect(
-            &settings.host,
-            port,
+            &location.host,
+            location.port,
             ClientConfig {
                 read_ahead: settings.read_ahead,
             },
@@ -396,29 +640,41 @@ impl BaseSrcImpl for UdpVidSrc {
                 gst::ResourceError::NotFound,
                 (
                     "Cannot reach udpvid server {}:{}: {}",
-                    settings.host,
-                    settings.port,
+                    location.host,
+                    location.port,
                     e
                 )
             )
         })?;
-        let opened = match client.open(&path, 0, settings.timeout()) {
+        *lock(&self.last_buffering_percent) = None;
+        self.buffering.store(false, Ordering::Release);
+        self.enter_buffering();
+        let opened = match client.open(&location.path, 0, settings.timeout()) {
             Ok(o) => o,
             Err(e) => return Err(self.error_message(&settings, &e, Some(&client))),
         };
         gst::info!(
             CAT,
             imp = self,
-            "opened {} ({} bytes) from {}",
-            path,
+            "opened {} ({} bytes, content tag {:016x}) from {}",
+            location.path,
             opened.size,
+            opened.content_tag,
             client.server_addr()
         );
+        let client = Arc::new(client);
+        let monitor = self.start_monitor(
+            client.clone(),
+            opened.size,
+            Duration::from_millis(settings.stats_interval as u64),
+        );
+        self.post_catalog_in_background(location.host.clone(), location.port);
         *self.state() = State::Started {
-            client: Arc::new(client),
+            client,
             size: opened.size,
-            content_tag: opened.content_tag,
             position: 0,
+            started_at: Instant::now(),
+            monitor,
         };
         Ok(())
     }
@@ -426,23 +682,28 @@ impl BaseSrcImpl for UdpVidSrc {
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
         let state = std::mem::take(&mut *self.state());
         if let State::Started {
-            client,
-            content_tag,
-            ..
+            client, monitor, ..
         } = state
         {
-            let stats = client.stats();
+            if let Some(m) = monitor {
+                drop(m.stop);
+                let _ = m.thread.join();
+            }
+            let s = client.snapshot();
             gst::info!(
                 CAT,
                 imp = self,
-                "stopping (content tag {content_tag:016x}): {} data packets, {} duplicates, {} bytes received, {} delivered",
-                stats.data_packets,
-                stats.duplicate_packets,
-                stats.bytes_received,
-                stats.bytes_delivered
+                "stopping: {} data packets, {} duplicates, ~{} lost, {} bytes received, {} delivered, {} reconnects",
+                s.stats.data_packets,
+                s.stats.duplicate_packets,
+                s.stats.packets_lost,
+                s.stats.bytes_received,
+                s.stats.bytes_delivered,
+                s.reconnects
             );
             client.close();
         }
+        self.buffering.store(false, Ordering::Release);
         Ok(())
     }
 
@@ -483,6 +744,7 @@ impl BaseSrcImpl for UdpVidSrc {
             gst::warning!(CAT, imp = self, "seek to {offset} past the end ({size})");
             return false;
         }
+        gst::debug!(CAT, imp = self, "seek to byte {offset}");
         // The move itself happens in `create`, which gets the new offset and
         // can wait (and be cancelled) there.
         true
@@ -496,7 +758,7 @@ impl BaseSrcImpl for UdpVidSrc {
     ) -> Result<CreateSuccess, gst::FlowError> {
         let settings = self.settings().clone();
         let path = settings.file.clone().unwrap_or_default();
-        let (client, size, mut position) = match &*self.state() {
+        let (client, size, position) = match &*self.state() {
             State::Started {
                 client,
                 size,
@@ -516,17 +778,30 @@ impl BaseSrcImpl for UdpVidSrc {
             return Err(gst::FlowError::Eos);
         }
         if offset != position {
-            self.reposition(&client, &settings, &path, &mut position, offset)?;
+            self.reposition(&client, &settings, &path, offset)?;
         }
         let want = (length as u64).min(size - offset) as usize;
+        let reconnects_before = client.reconnects();
         let mut data = Vec::with_capacity(want);
         // Fill the whole request: demuxers expect full blocks except at the end.
         while data.len() < want {
+            if client.position().is_some_and(|(_, ready)| ready == 0) {
+                // Underrun: the pipeline waits for the network.
+                self.enter_buffering();
+            }
             match client.read(want - data.len(), settings.timeout()) {
                 Ok(Some(chunk)) => data.extend_from_slice(&chunk),
                 Ok(None) => break,
                 Err(e) => return Err(self.flow_error(&settings, e)),
             }
+        }
+        let reconnects = client.reconnects();
+        if reconnects != reconnects_before {
+            gst::info!(
+                CAT,
+                imp = self,
+                "session lost and resumed at {offset} ({reconnects} reconnects so far)"
+            );
         }
         if data.is_empty() {
             return Err(gst::FlowError::Eos);
@@ -547,6 +822,7 @@ impl BaseSrcImpl for UdpVidSrc {
 
     fn unlock(&self) -> Result<(), gst::ErrorMessage> {
         if let State::Started { client, .. } = &*self.state() {
+            gst::debug!(CAT, imp = self, "unlock: cancelling waits");
             client.cancel();
         }
         Ok(())
