@@ -22,6 +22,72 @@ use crate::protocol::wire::{CloseReason, OpenErrorKind, VERSION};
 const MAX_POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// Receive buffer we ask for: a read-ahead's worth of datagrams in flight.
 const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+/// Bytes already handed out that are kept, so a demuxer that reads a little
+/// backwards (qtdemux alternating between audio and video chunks does) is
+/// served locally instead of making the server start again.
+pub const HISTORY_BYTES: usize = 2 * 1024 * 1024;
+/// A forward jump this short is served by dropping bytes that already
+/// arrived, instead of asking the server to start again.
+pub const LOCAL_SKIP_LIMIT: u64 = 4 * 1024 * 1024;
+
+/// The most recent bytes handed out, as one contiguous range of the file.
+#[derive(Debug, Default)]
+pub struct RecentBytes {
+    start: u64,
+    bytes: std::collections::VecDeque<u8>,
+    limit: usize,
+}
+
+impl RecentBytes {
+    pub fn new(limit: usize) -> Self {
+        RecentBytes {
+            start: 0,
+            bytes: Default::default(),
+            limit,
+        }
+    }
+
+    pub fn end(&self) -> u64 {
+        self.start + self.bytes.len() as u64
+    }
+
+    /// Records `data` handed out at `offset`; a gap starts a new range.
+    pub fn push(&mut self, offset: u64, data: &[u8]) {
+        if offset != self.end() {
+            self.bytes.clear();
+            self.start = offset;
+        }
+        self.bytes.extend(data);
+        let excess = self.bytes.len().saturating_sub(self.limit);
+        if excess > 0 {
+            self.bytes.drain(..excess);
+            self.start += excess as u64;
+        }
+    }
+
+    /// Appends to `out` what is held of `[offset, offset + len)`, from
+    /// `offset` on; returns how many bytes that was.
+    pub fn copy_into(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> usize {
+        if offset < self.start || offset >= self.end() {
+            return 0;
+        }
+        let from = (offset - self.start) as usize;
+        let to = (from + len).min(self.bytes.len());
+        let (a, b) = self.bytes.as_slices();
+        let before = out.len();
+        if from < a.len() {
+            out.extend_from_slice(&a[from..to.min(a.len())]);
+        }
+        if to > a.len() {
+            out.extend_from_slice(&b[from.max(a.len()) - a.len()..to - a.len()]);
+        }
+        out.len() - before
+    }
+
+    pub fn contains(&self, offset: u64) -> bool {
+        offset >= self.start && offset < self.end()
+    }
+}
 
 /// Why a wait ended without its result.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +188,7 @@ struct Resume {
 
 struct Inner {
     conn: ClientConnection,
+    history: RecentBytes,
     config: ClientConfig,
     outcomes: Outcomes,
     resume: Option<Resume>,
@@ -301,6 +368,7 @@ impl BlockingClient {
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 conn,
+                history: RecentBytes::new(HISTORY_BYTES),
                 config,
                 outcomes: Outcomes::default(),
                 resume: None,
@@ -500,28 +568,85 @@ impl BlockingClient {
             if inner.conn.is_finished() {
                 return Some(Ok(None));
             }
-            inner.conn.read(Instant::now(), max).map(|c| Ok(Some(c)))
+            let offset = inner.conn.read_offset()?;
+            let chunk = inner.conn.read(Instant::now(), max)?;
+            inner.history.push(offset, &chunk);
+            Some(Ok(Some(chunk)))
         })
     }
 
-    /// Drops up to `n` bytes already received at the current offset, without
-    /// waiting; returns how many were dropped. Serves short forward seeks
-    /// from the read-ahead instead of asking the server again.
-    pub fn skip_buffered(&self, n: u64) -> u64 {
-        self.with_conn(|c, now| {
-            let mut skipped = 0;
-            while skipped < n {
-                let want = (n - skipped).min(1 << 20) as usize;
-                match c.read(now, want) {
-                    Some(chunk) => skipped += chunk.len() as u64,
-                    None => break,
-                }
+    /// The bytes of `[offset, offset + len)` of the open file (fewer only at
+    /// its end): from what was recently handed out, from what already
+    /// arrived ahead, or else by asking the server to continue from there.
+    pub fn read_at(
+        &self,
+        offset: u64,
+        len: usize,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, WaitError> {
+        let mut out = Vec::with_capacity(len);
+        lock(&self.shared).history.copy_into(offset, len, &mut out);
+        if out.len() == len {
+            return Ok(out);
+        }
+        self.move_to(offset + out.len() as u64, timeout)?;
+        while out.len() < len {
+            match self.read(len - out.len(), timeout)? {
+                Some(chunk) => out.extend_from_slice(&chunk),
+                None => break,
             }
-            skipped
-        })
+        }
+        Ok(out)
     }
 
-    /// (next offset, contiguous bytes ready there)
+    /// True when `offset` can be served without waiting for the network.
+    pub fn is_ready(&self, offset: u64) -> bool {
+        let inner = lock(&self.shared);
+        if inner.history.contains(offset) {
+            return true;
+        }
+        inner
+            .conn
+            .read_offset()
+            .is_some_and(|o| offset >= o && offset < o + inner.conn.available())
+    }
+
+    /// Puts the network stream at `offset`.
+    fn move_to(&self, offset: u64, timeout: Duration) -> Result<(), WaitError> {
+        let path = {
+            let mut inner = lock(&self.shared);
+            let Some(current) = inner.conn.read_offset() else {
+                return Err(WaitError::Protocol("no file is open".into()));
+            };
+            if offset == current {
+                return Ok(());
+            }
+            let ready = inner.conn.available();
+            if offset > current && offset - current <= ready.min(LOCAL_SKIP_LIMIT) {
+                // Skipped bytes count as handed out: a jump back into them
+                // is then served locally too.
+                let now = Instant::now();
+                let mut at = current;
+                while at < offset {
+                    let want = (offset - at).min(1 << 20) as usize;
+                    let Some(chunk) = inner.conn.read(now, want) else {
+                        break;
+                    };
+                    inner.history.push(at, &chunk);
+                    at += chunk.len() as u64;
+                }
+                flush(&self.socket, self.server, &mut inner);
+                return Ok(());
+            }
+            match &inner.resume {
+                Some(r) => r.path.clone(),
+                None => return Err(WaitError::Protocol("no file is open".into())),
+            }
+        };
+        self.open(&path, offset, timeout).map(|_| ())
+    }
+
+    /// (next offset from the network, contiguous bytes ready there)
     pub fn position(&self) -> Option<(u64, u64)> {
         let inner = lock(&self.shared);
         inner
@@ -574,5 +699,27 @@ impl BlockingClient {
 impl Drop for BlockingClient {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_bytes_keep_the_tail_of_one_contiguous_range() {
+        let mut h = RecentBytes::new(10);
+        h.push(100, &[1, 2, 3, 4, 5, 6]);
+        h.push(106, &[7, 8, 9, 10, 11, 12]);
+        assert_eq!(h.end(), 112);
+        assert!(!h.contains(101) && h.contains(102) && !h.contains(112));
+        let mut out = Vec::new();
+        assert_eq!(h.copy_into(104, 100, &mut out), 8);
+        assert_eq!(out, vec![5, 6, 7, 8, 9, 10, 11, 12]);
+        out.clear();
+        assert_eq!(h.copy_into(101, 4, &mut out), 0);
+        // A gap starts over.
+        h.push(200, &[42]);
+        assert!(!h.contains(110) && h.contains(200));
     }
 }

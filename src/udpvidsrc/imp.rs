@@ -24,9 +24,6 @@ const DEFAULT_HOST: &str = "127.0.0.1";
 const DEFAULT_TIMEOUT_SECS: u32 = 10;
 /// Smallest read-ahead accepted: a few datagrams, or the transfer crawls.
 const MIN_READ_AHEAD: u64 = 16 * 1024;
-/// A forward seek this close is served by dropping buffered bytes instead
-/// of asking the server to start again.
-const LOCAL_SKIP_LIMIT: u64 = 4 * 1024 * 1024;
 /// How often buffering progress is reported while buffering.
 const MONITOR_TICK: Duration = Duration::from_millis(100);
 /// Buffering ends (100 %) once this share of the read-ahead is ready, or
@@ -394,34 +391,6 @@ impl UdpVidSrc {
         gst::FlowError::Error
     }
 
-    /// Moves the stream to `offset`: from the read-ahead when it is just
-    /// ahead, otherwise by asking the server to start there.
-    fn reposition(
-        &self,
-        client: &BlockingClient,
-        settings: &Settings,
-        path: &str,
-        offset: u64,
-    ) -> Result<(), gst::FlowError> {
-        if let Some((current, ready)) = client.position() {
-            if offset >= current && offset - current <= ready.min(LOCAL_SKIP_LIMIT) {
-                let skipped = client.skip_buffered(offset - current);
-                gst::debug!(
-                    CAT,
-                    imp = self,
-                    "seek to {offset} served from the read-ahead ({skipped} bytes skipped)"
-                );
-                return Ok(());
-            }
-        }
-        gst::debug!(CAT, imp = self, "seek to {offset}: asking the server");
-        self.enter_buffering();
-        client
-            .open(path, offset, settings.timeout())
-            .map(|_| ())
-            .map_err(|e| self.flow_error(settings, e))
-    }
-
     fn set_location(&self, location: Location) {
         let mut settings = self.settings();
         settings.host = location.host;
@@ -720,10 +689,11 @@ impl BaseSrcImpl for UdpVidSrc {
 
     fn query(&self, query: &mut gst::QueryRef) -> bool {
         if let gst::QueryViewMut::Scheduling(q) = query.view_mut() {
-            // Push mode with byte seeks, as souphttpsrc: a demuxer's random
-            // reads become seeks, which we serve from the read-ahead when close.
+            // Pull mode lets demuxers seek exactly (tsdemux's push-mode
+            // seeks only estimate); their small jumps are served from the
+            // recent bytes and the read-ahead, larger ones by the server.
             q.set(gst::SchedulingFlags::SEEKABLE, 1, -1, 0);
-            q.add_scheduling_modes([gst::PadMode::Push]);
+            q.add_scheduling_modes([gst::PadMode::Push, gst::PadMode::Pull]);
             return true;
         }
         BaseSrcImplExt::parent_query(self, query)
@@ -757,7 +727,6 @@ impl BaseSrcImpl for UdpVidSrc {
         length: u32,
     ) -> Result<CreateSuccess, gst::FlowError> {
         let settings = self.settings().clone();
-        let path = settings.file.clone().unwrap_or_default();
         let (client, size, position) = match &*self.state() {
             State::Started {
                 client,
@@ -777,24 +746,22 @@ impl BaseSrcImpl for UdpVidSrc {
         if offset >= size {
             return Err(gst::FlowError::Eos);
         }
+        if !client.is_ready(offset) {
+            // Underrun (or a jump the server must serve): the pipeline waits
+            // for the network.
+            self.enter_buffering();
+        }
         if offset != position {
-            self.reposition(&client, &settings, &path, offset)?;
+            gst::debug!(CAT, imp = self, "jump from {position} to {offset}");
         }
         let want = (length as u64).min(size - offset) as usize;
         let reconnects_before = client.reconnects();
-        let mut data = Vec::with_capacity(want);
-        // Fill the whole request: demuxers expect full blocks except at the end.
-        while data.len() < want {
-            if client.position().is_some_and(|(_, ready)| ready == 0) {
-                // Underrun: the pipeline waits for the network.
-                self.enter_buffering();
-            }
-            match client.read(want - data.len(), settings.timeout()) {
-                Ok(Some(chunk)) => data.extend_from_slice(&chunk),
-                Ok(None) => break,
-                Err(e) => return Err(self.flow_error(&settings, e)),
-            }
-        }
+        let transfers_before = client.stats().transfers;
+        // The whole request is filled: demuxers expect full blocks except at
+        // the end, and in pull mode they require them.
+        let data = client
+            .read_at(offset, want, settings.timeout())
+            .map_err(|e| self.flow_error(&settings, e))?;
         let reconnects = client.reconnects();
         if reconnects != reconnects_before {
             gst::info!(
@@ -802,6 +769,9 @@ impl BaseSrcImpl for UdpVidSrc {
                 imp = self,
                 "session lost and resumed at {offset} ({reconnects} reconnects so far)"
             );
+        }
+        if client.stats().transfers != transfers_before {
+            gst::debug!(CAT, imp = self, "server asked to continue from {offset}");
         }
         if data.is_empty() {
             return Err(gst::FlowError::Eos);

@@ -1,0 +1,438 @@
+//! playbin and application-level behaviour: URIs, time seeks, pause,
+//! server restarts, buffering, stats and the catalog message.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gst::prelude::*;
+
+use common::{Outcome, Server, clips, init, run_pipeline, sha256};
+
+fn playbin(uri: &str) -> gst::Element {
+    let video = gst::ElementFactory::make("fakesink")
+        .property("sync", false)
+        .build()
+        .expect("fakesink");
+    let audio = gst::ElementFactory::make("fakesink")
+        .property("sync", false)
+        .build()
+        .expect("fakesink");
+    gst::ElementFactory::make("playbin")
+        .property("uri", uri)
+        .property("video-sink", &video)
+        .property("audio-sink", &audio)
+        .build()
+        .expect("playbin")
+}
+
+/// Waits for the pipeline to finish a state change (or a seek).
+fn settle(pipeline: &gst::Element) {
+    let (result, _, _) = pipeline.state(gst::ClockTime::from_seconds(20));
+    result.expect("state change completes");
+}
+
+fn position(pipeline: &gst::Element) -> gst::ClockTime {
+    pipeline
+        .query_position::<gst::ClockTime>()
+        .expect("position known")
+}
+
+fn bus_error(bus: &gst::Bus) -> Option<String> {
+    while let Some(msg) = bus.pop_filtered(&[gst::MessageType::Error]) {
+        if let gst::MessageView::Error(e) = msg.view() {
+            return Some(format!("{} ({:?})", e.error(), e.debug()));
+        }
+    }
+    None
+}
+
+#[test]
+fn playbin_seeks_by_time_in_every_container_then_reaches_eos() {
+    init();
+    let clips = clips();
+    let server = Server::start(&clips.dir, &[]);
+    for name in &clips.names {
+        let uri = format!("udpvid://127.0.0.1:{}/{name}", server.port);
+        let pipeline = playbin(&uri);
+        let bus = pipeline.bus().expect("bus");
+        pipeline.set_state(gst::State::Paused).expect("paused");
+        settle(&pipeline);
+        for target_ms in [3000u64, 1000, 4000] {
+            let target = gst::ClockTime::from_mseconds(target_ms);
+            pipeline
+                .seek_simple(gst::SeekFlags::FLUSH | gst::SeekFlags::ACCURATE, target)
+                .unwrap_or_else(|_| panic!("{name}: seek to {target} refused"));
+            settle(&pipeline);
+            assert_eq!(bus_error(&bus), None, "{name}");
+            let pos = position(&pipeline);
+            let diff = pos.nseconds().abs_diff(target.nseconds());
+            assert!(
+                diff < 50_000_000,
+                "{name}: at {pos} after seeking to {target}"
+            );
+        }
+        pipeline.set_state(gst::State::Playing).expect("playing");
+        let outcome = common::wait_bus(&bus, Duration::from_secs(30)).unwrap_or(Outcome::TimedOut);
+        pipeline.set_state(gst::State::Null).expect("null");
+        assert_eq!(outcome, Outcome::Eos, "{name}");
+    }
+}
+
+#[test]
+fn uri_property_follows_host_port_and_file() {
+    init();
+    let src = gst::ElementFactory::make("udpvidsrc")
+        .build()
+        .expect("udpvidsrc");
+    src.set_property("uri", "udpvid://[::1]:6000/dir/my%20clip.mp4");
+    assert_eq!(src.property::<String>("host"), "::1");
+    assert_eq!(src.property::<u32>("port"), 6000);
+    assert_eq!(src.property::<String>("file"), "dir/my clip.mp4");
+    src.set_property("port", 7000u32);
+    assert_eq!(
+        src.property::<String>("uri"),
+        "udpvid://[::1]:7000/dir/my%20clip.mp4"
+    );
+    let handler = src
+        .dynamic_cast_ref::<gst::URIHandler>()
+        .expect("URI handler");
+    assert!(handler.set_uri("http://example.com/x").is_err());
+    assert!(handler.set_uri("udpvid://host:70000/x").is_err());
+    // A failed set leaves the previous location.
+    assert_eq!(
+        handler.uri().as_deref(),
+        Some("udpvid://[::1]:7000/dir/my%20clip.mp4")
+    );
+    let made = gst::Element::make_from_uri(gst::URIType::Src, "udpvid://localhost/a.mp4", None)
+        .expect("made from URI");
+    assert_eq!(made.factory().expect("factory").name(), "udpvidsrc");
+    assert_eq!(made.property::<u32>("port"), 50000);
+}
+
+#[test]
+fn source_answers_size_seeking_and_scheduling_queries() {
+    init();
+    let clips = clips();
+    let server = Server::start(&clips.dir, &[]);
+    let size = std::fs::metadata(clips.dir.join("movie.ts"))
+        .expect("clip")
+        .len();
+    let src = common::source(server.port, "movie.ts");
+    let sink = gst::ElementFactory::make("fakesink")
+        .build()
+        .expect("fakesink");
+    let pipeline = gst::Pipeline::new();
+    pipeline.add_many([&src, &sink]).expect("add");
+    src.link(&sink).expect("link");
+    pipeline.set_state(gst::State::Paused).expect("paused");
+    settle(pipeline.upcast_ref());
+    let pad = src.static_pad("src").expect("src pad");
+    assert_eq!(
+        pad.query_duration::<gst::format::Bytes>().map(|b| *b),
+        Some(size)
+    );
+    let mut q = gst::query::Seeking::new(gst::Format::Bytes);
+    assert!(pad.query(&mut q));
+    let (seekable, start, end) = q.result();
+    assert!(seekable);
+    assert_eq!(
+        start,
+        gst::GenericFormattedValue::from(gst::format::Bytes::ZERO)
+    );
+    assert_eq!(
+        end,
+        gst::GenericFormattedValue::from(gst::format::Bytes::from_u64(size))
+    );
+    let mut q = gst::query::Scheduling::new();
+    assert!(pad.query(&mut q));
+    assert!(q.has_scheduling_mode(gst::PadMode::Push));
+    assert!(q.has_scheduling_mode(gst::PadMode::Pull));
+    assert!(q.result().0.contains(gst::SchedulingFlags::SEEKABLE));
+    let mut q = gst::query::Latency::new();
+    assert!(pad.query(&mut q));
+    assert!(!q.result().0, "udpvidsrc must not be live");
+    pipeline.set_state(gst::State::Null).expect("null");
+}
+
+/// A 16 MiB file of known bytes, served from its own folder.
+fn big_file_dir(tag: &str) -> (std::path::PathBuf, Vec<u8>) {
+    let dir = std::env::temp_dir().join(format!("udpvid-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let big: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    std::fs::write(dir.join("big.bin"), &big).expect("write");
+    (dir, big)
+}
+
+/// `udpvidsrc ! identity sleep-time ! fakesink` collecting every byte.
+fn slow_reader(
+    port: u16,
+    file: &str,
+    sleep_us: u32,
+    extra: &str,
+) -> (gst::Element, Arc<Mutex<Vec<u8>>>) {
+    let pipeline = gst::parse::launch(&format!(
+        "udpvidsrc name=src port={port} file={file} {extra} ! identity sleep-time={sleep_us} ! fakesink name=sink signal-handoffs=true sync=false"
+    ))
+    .expect("pipeline");
+    let bin = pipeline.downcast_ref::<gst::Bin>().expect("bin");
+    let sink = bin.by_name("sink").expect("sink");
+    let data = Arc::new(Mutex::new(Vec::new()));
+    let d = data.clone();
+    sink.connect("handoff", false, move |args| {
+        let buffer = args[1].get::<gst::Buffer>().expect("buffer");
+        let map = buffer.map_readable().expect("readable");
+        d.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(&map);
+        None
+    });
+    (pipeline, data)
+}
+
+#[test]
+fn server_restart_mid_stream_resumes_with_identical_bytes() {
+    init();
+    let (dir, big) = big_file_dir("restart");
+    let mut server = Server::start(&dir, &[]);
+    let port = server.port;
+    let (pipeline, data) = slow_reader(port, "big.bin", 5000, "timeout=8 read-ahead=262144");
+    let bus = pipeline.bus().expect("bus");
+    pipeline.set_state(gst::State::Playing).expect("playing");
+    std::thread::sleep(Duration::from_millis(800));
+    server.kill();
+    std::thread::sleep(Duration::from_millis(1500));
+    let _server = Server::start_on(&dir, port, &[]);
+    let outcome = common::wait_bus(&bus, Duration::from_secs(60)).unwrap_or(Outcome::TimedOut);
+    let src = pipeline
+        .downcast_ref::<gst::Bin>()
+        .expect("bin")
+        .by_name("src")
+        .expect("src");
+    let stats = src.property::<gst::Structure>("stats");
+    pipeline.set_state(gst::State::Null).expect("null");
+    assert_eq!(outcome, Outcome::Eos);
+    let got = data.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert_eq!(got.len(), big.len());
+    assert_eq!(sha256(&got), sha256(&big));
+    assert!(
+        stats.get::<u64>("reconnects").expect("reconnects") >= 1,
+        "{stats}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn file_replaced_during_an_outage_is_a_clear_error() {
+    init();
+    let (dir, _) = big_file_dir("replaced");
+    let mut server = Server::start(&dir, &[]);
+    let port = server.port;
+    let (pipeline, _data) = slow_reader(port, "big.bin", 10000, "timeout=8 read-ahead=262144");
+    let bus = pipeline.bus().expect("bus");
+    pipeline.set_state(gst::State::Playing).expect("playing");
+    std::thread::sleep(Duration::from_millis(500));
+    server.kill();
+    std::fs::write(dir.join("big.bin"), vec![7u8; 20 << 20]).expect("replace");
+    let _server = Server::start_on(&dir, port, &[]);
+    let outcome = common::wait_bus(&bus, Duration::from_secs(30)).unwrap_or(Outcome::TimedOut);
+    pipeline.set_state(gst::State::Null).expect("null");
+    match outcome {
+        Outcome::Error { message, .. } => {
+            assert!(message.contains("changed on the server"), "{message}")
+        }
+        other => panic!("expected a changed-file error, got {other:?}"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn pause_longer_than_the_idle_timeout_resumes_and_costs_nothing() {
+    init();
+    let (dir, big) = big_file_dir("pause");
+    let server = Server::start(&dir, &["--idle-timeout", "1"]);
+    let read_ahead = 262_144u64;
+    let (pipeline, data) = slow_reader(
+        server.port,
+        "big.bin",
+        2000,
+        &format!("read-ahead={read_ahead}"),
+    );
+    let bus = pipeline.bus().expect("bus");
+    pipeline.set_state(gst::State::Playing).expect("playing");
+    std::thread::sleep(Duration::from_millis(500));
+    pipeline.set_state(gst::State::Paused).expect("paused");
+    settle(&pipeline);
+    let src = pipeline
+        .downcast_ref::<gst::Bin>()
+        .expect("bin")
+        .by_name("src")
+        .expect("src");
+    // Let the read-ahead fill, then measure over a pause of 3 idle timeouts.
+    std::thread::sleep(Duration::from_millis(500));
+    let before = src.property::<gst::Structure>("stats");
+    std::thread::sleep(Duration::from_secs(3));
+    let after = src.property::<gst::Structure>("stats");
+    let received = |s: &gst::Structure| s.get::<u64>("bytes-received").expect("bytes-received");
+    let delivered = |s: &gst::Structure| s.get::<u64>("bytes-delivered").expect("bytes-delivered");
+    assert_eq!(
+        received(&after),
+        received(&before),
+        "server kept sending during the pause"
+    );
+    // What crossed the wire beyond what the pipeline took is the read-ahead
+    // (plus at most one window update of slack).
+    let waste = received(&after) - delivered(&after);
+    assert!(waste <= read_ahead + read_ahead / 8 + 1500, "waste {waste}");
+    pipeline.set_state(gst::State::Playing).expect("playing");
+    let outcome = common::wait_bus(&bus, Duration::from_secs(60)).unwrap_or(Outcome::TimedOut);
+    pipeline.set_state(gst::State::Null).expect("null");
+    assert_eq!(outcome, Outcome::Eos);
+    let got = data.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert_eq!(sha256(&got), sha256(&big));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn rapid_seeks_neither_hang_nor_leak_sessions() {
+    init();
+    let clips = clips();
+    let server = Server::start(&clips.dir, &[]);
+    let pipeline = playbin(&format!("udpvid://127.0.0.1:{}/movie.mkv", server.port));
+    let bus = pipeline.bus().expect("bus");
+    pipeline.set_state(gst::State::Paused).expect("paused");
+    settle(&pipeline);
+    pipeline.set_state(gst::State::Playing).expect("playing");
+    // A user dragging the slider: 30 seeks, 20 ms apart, without waiting.
+    for i in 0..30u64 {
+        let target = gst::ClockTime::from_mseconds((i * 733) % 4500);
+        let _ = pipeline.seek_simple(gst::SeekFlags::FLUSH | gst::SeekFlags::KEY_UNIT, target);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    settle(&pipeline);
+    let outcome = common::wait_bus(&bus, Duration::from_secs(30)).unwrap_or(Outcome::TimedOut);
+    let started = Instant::now();
+    pipeline.set_state(gst::State::Null).expect("null");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(outcome, Outcome::Eos);
+    // Every session opened was closed again (the element's own, and the
+    // short one that fetched the catalog).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = server.log_text();
+        let opened = log.matches("session opened").count();
+        let closed = log.matches("session closed").count();
+        if opened == closed {
+            assert!(opened <= 2, "{opened} sessions for one playback");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{opened} opened, {closed} closed:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn buffering_stats_and_catalog_messages_are_posted() {
+    init();
+    let clips = clips();
+    let server = Server::start(&clips.dir, &[]);
+    let pipeline = gst::parse::launch(&format!(
+        "udpvidsrc name=src port={} file=movie.webm stats-interval=100 ! identity sleep-time=20000 ! fakesink",
+        server.port
+    ))
+    .expect("pipeline");
+    let bus = pipeline.bus().expect("bus");
+    let buffering = Arc::new(Mutex::new(Vec::new()));
+    let stats_seen = Arc::new(AtomicU64::new(0));
+    let catalog = Arc::new(Mutex::new(None));
+    pipeline.set_state(gst::State::Playing).expect("playing");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut done = false;
+    while !done && Instant::now() < deadline {
+        let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else {
+            continue;
+        };
+        match msg.view() {
+            gst::MessageView::Buffering(b) => buffering.lock().expect("lock").push(b.percent()),
+            gst::MessageView::Element(e) => {
+                let Some(s) = e.structure() else { continue };
+                if s.name() == "application/x-udpvid-stats" {
+                    stats_seen.fetch_add(1, Ordering::Relaxed);
+                    assert!(s.get::<f64>("rtt-ms").expect("rtt-ms") >= 0.0);
+                } else if s.name() == "udpvid-catalog" {
+                    let files = s.get::<gst::Array>("files").expect("files");
+                    let names: Vec<String> = files
+                        .iter()
+                        .filter_map(|v| v.get::<gst::Structure>().ok())
+                        .filter_map(|f| f.get::<String>("name").ok())
+                        .collect();
+                    *catalog.lock().expect("lock") = Some(names);
+                }
+            }
+            gst::MessageView::Eos(_) => done = true,
+            gst::MessageView::Error(e) => panic!("{}", e.error()),
+            _ => {}
+        }
+    }
+    let src = pipeline
+        .downcast_ref::<gst::Bin>()
+        .expect("bin")
+        .by_name("src")
+        .expect("src");
+    let stats = src.property::<gst::Structure>("stats");
+    pipeline.set_state(gst::State::Null).expect("null");
+    assert!(done, "no EOS");
+    let size = std::fs::metadata(clips.dir.join("movie.webm"))
+        .expect("clip")
+        .len();
+    assert_eq!(
+        stats.get::<u64>("bytes-delivered").expect("field"),
+        size,
+        "{stats}"
+    );
+    assert!(stats.get::<u64>("packets-received").expect("field") > 0);
+    assert!(stats.get::<f64>("rtt-ms").expect("field") > 0.0, "{stats}");
+    assert!(
+        stats_seen.load(Ordering::Relaxed) >= 3,
+        "stats messages: {}",
+        stats_seen.load(Ordering::Relaxed)
+    );
+    let buffering = buffering.lock().expect("lock").clone();
+    assert_eq!(buffering.first(), Some(&0), "{buffering:?}");
+    assert_eq!(buffering.last(), Some(&100), "{buffering:?}");
+    let names = catalog
+        .lock()
+        .expect("lock")
+        .clone()
+        .expect("catalog message");
+    for name in &clips.names {
+        assert!(names.iter().any(|n| n == name), "{name} not in {names:?}");
+    }
+}
+
+#[test]
+fn run_pipeline_helper_sees_errors() {
+    // Guards the helper the other tests rely on: a failing pipeline must not
+    // look like EOS.
+    init();
+    let pipeline = gst::parse::launch("udpvidsrc ! fakesink").expect("pipeline");
+    match run_pipeline(&pipeline, Duration::from_secs(10)) {
+        Outcome::Error {
+            domain_resource,
+            message,
+            ..
+        } => {
+            assert_eq!(domain_resource, Some(gst::ResourceError::Settings));
+            assert!(message.contains("file"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
