@@ -436,3 +436,42 @@ fn run_pipeline_helper_sees_errors() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn player_example_plays_headless_with_a_seek() {
+    let clips = clips();
+    let server = Server::start(&clips.dir, &[]);
+    let out = std::process::Command::new(common::example_binary("player"))
+        .args(["--headless", "--seek", "2"])
+        .arg(format!("udpvid://127.0.0.1:{}/movie.webm", server.port))
+        .output()
+        .expect("player runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "player failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("seeked to 2 s"), "{stdout}");
+    assert!(stdout.contains("end of stream"), "{stdout}");
+    assert!(stdout.contains("rtt"), "no status line: {stdout}");
+}
+
+#[test]
+fn catalog_example_lists_the_clips() {
+    let clips = clips();
+    let server = Server::start(&clips.dir, &[]);
+    let out = std::process::Command::new(common::example_binary("catalog"))
+        .args(["127.0.0.1", &server.port.to_string()])
+        .output()
+        .expect("catalog runs");
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for name in &clips.names {
+        assert!(stdout.contains(name), "{stdout}");
+    }
+    assert!(
+        stdout.contains(&format!("{} files", clips.names.len())),
+        "{stdout}"
+    );
+}

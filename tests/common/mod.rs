@@ -51,6 +51,20 @@ pub fn server_binary() -> PathBuf {
         .clone()
 }
 
+/// An example binary (`target/<profile>/examples/NAME`), built on demand.
+pub fn example_binary(name: &str) -> PathBuf {
+    let path = target_profile_dir().join("examples").join(name);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--example", name])
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building example {name} failed");
+    }
+    path
+}
+
 /// A running server process; killed when dropped.
 pub struct Server {
     pub child: Child,
