@@ -18,6 +18,7 @@ use super::server::{
     Content, ContentStore, MemoryContent, OpenFailure, ServerConfig, ServerEndpoint,
 };
 use super::wire::{Body, OpenErrorKind, Packet};
+use crate::impairment::{GilbertElliott, Impairment, ImpairmentConfig};
 
 struct Store {
     files: Vec<(String, Vec<u8>)>,
@@ -51,22 +52,20 @@ impl ContentStore for Store {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Impairment {
-    loss: f64,
-    duplicate: f64,
-    delay: Duration,
-    jitter: Duration,
+fn clean(delay_ms: u64) -> ImpairmentConfig {
+    ImpairmentConfig {
+        delay: Duration::from_millis(delay_ms),
+        ..Default::default()
+    }
 }
 
-impl Impairment {
-    fn clean(delay_ms: u64) -> Self {
-        Impairment {
-            loss: 0.0,
-            duplicate: 0.0,
-            delay: Duration::from_millis(delay_ms),
-            jitter: Duration::ZERO,
-        }
+fn lossy(loss: f64, duplicate: f64, delay_ms: u64, jitter_ms: u64) -> ImpairmentConfig {
+    ImpairmentConfig {
+        loss,
+        duplicate,
+        delay: Duration::from_millis(delay_ms),
+        jitter: Duration::from_millis(jitter_ms),
+        ..Default::default()
     }
 }
 
@@ -81,37 +80,27 @@ struct Link {
 }
 
 impl Link {
-    fn new(imp: Impairment) -> Self {
+    fn new(config: ImpairmentConfig, seed: u64) -> Self {
         Link {
-            imp,
+            imp: Impairment::new(config, seed),
             queue: BinaryHeap::new(),
             seq: 0,
             down: false,
             dropped: 0,
         }
     }
-    fn send(&mut self, rng: &mut StdRng, now: Instant, d: Vec<u8>) {
-        if self.down || rng.r#gen::<f64>() < self.imp.loss {
+    fn send(&mut self, now: Instant, d: Vec<u8>) {
+        if self.down {
             self.dropped += 1;
             return;
         }
-        let copies = if rng.r#gen::<f64>() < self.imp.duplicate {
-            2
-        } else {
-            1
-        };
-        for _ in 0..copies {
-            let jitter = if self.imp.jitter.is_zero() {
-                Duration::ZERO
-            } else {
-                self.imp.jitter.mul_f64(rng.r#gen::<f64>())
-            };
+        let arrivals = self.imp.process(now, d.len());
+        if arrivals.is_empty() {
+            self.dropped += 1;
+        }
+        for at in arrivals {
             self.seq += 1;
-            self.queue.push(Reverse((
-                now + self.imp.delay + jitter,
-                self.seq,
-                d.clone(),
-            )));
+            self.queue.push(Reverse((at, self.seq, d.clone())));
         }
     }
     fn next_time(&self) -> Option<Instant> {
@@ -139,7 +128,6 @@ enum Consumer {
 }
 
 struct Sim {
-    rng: StdRng,
     now: Instant,
     server: ServerEndpoint<Store>,
     client: ClientConnection,
@@ -155,7 +143,13 @@ struct Sim {
 }
 
 impl Sim {
-    fn new(seed: u64, file: Vec<u8>, read_ahead: u64, up: Impairment, down: Impairment) -> Self {
+    fn new(
+        seed: u64,
+        file: Vec<u8>,
+        read_ahead: u64,
+        up: ImpairmentConfig,
+        down: ImpairmentConfig,
+    ) -> Self {
         let now = Instant::now();
         let mut rng = StdRng::seed_from_u64(seed);
         let server = ServerEndpoint::new(
@@ -168,12 +162,11 @@ impl Sim {
         );
         let client = ClientConnection::new(ClientConfig { read_ahead }, rng.r#gen(), now);
         Sim {
-            rng,
             now,
             server,
             client,
-            up: Link::new(up),
-            down: Link::new(down),
+            up: Link::new(up, seed ^ 0x5555),
+            down: Link::new(down, seed ^ 0xaaaa),
             client_addr: "10.0.0.2:4000".parse().expect("valid address"),
             delivered: Vec::new(),
             max_window_advertised: 0,
@@ -191,7 +184,7 @@ impl Sim {
                     self.max_window_advertised = self.max_window_advertised.max(window);
                 }
             }
-            self.up.send(&mut self.rng, self.now, d);
+            self.up.send(self.now, d);
         }
     }
 
@@ -299,7 +292,7 @@ impl Sim {
                     self.max_window_advertised
                 );
             }
-            self.down.send(&mut self.rng, self.now, buf.clone());
+            self.down.send(self.now, buf.clone());
         }
         self.check_no_acked_resend(&sent);
         self.flush();
@@ -326,7 +319,7 @@ fn file(len: usize, seed: u64) -> Vec<u8> {
     (0..len).map(|_| rng.r#gen()).collect()
 }
 
-fn transfer(seed: u64, size: usize, up: Impairment, down: Impairment) -> Sim {
+fn transfer(seed: u64, size: usize, up: ImpairmentConfig, down: ImpairmentConfig) -> Sim {
     let data = file(size, seed);
     let mut sim = Sim::new(seed, data.clone(), 256 * 1024, up, down);
     let now = sim.now;
@@ -348,7 +341,7 @@ fn transfer(seed: u64, size: usize, up: Impairment, down: Impairment) -> Sim {
 
 #[test]
 fn clean_path_delivers_the_file() {
-    let sim = transfer(1, 3_000_000, Impairment::clean(10), Impairment::clean(10));
+    let sim = transfer(1, 3_000_000, clean(10), clean(10));
     // No loss: every byte is sent exactly once, in full-size packets.
     assert_eq!(sim.data_bytes_sent, 3_000_000);
     let needed = 3_000_000u64.div_ceil(super::wire::DEFAULT_MAX_PAYLOAD as u64);
@@ -361,14 +354,9 @@ fn clean_path_delivers_the_file() {
 
 #[test]
 fn lossy_reordering_duplicating_path_delivers_the_file() {
-    let bad = Impairment {
-        loss: 0.1,
-        duplicate: 0.05,
-        delay: Duration::from_millis(40),
-        jitter: Duration::from_millis(15),
-    };
+    let bad = lossy(0.1, 0.05, 40, 15);
     for seed in 0..6 {
-        let sim = transfer(100 + seed, 600_000, bad, bad);
+        let sim = transfer(100 + seed, 600_000, bad.clone(), bad.clone());
         // About a tenth of the server's packets were dropped on the way.
         let stats = sim.client.stats();
         let ratio =
@@ -379,24 +367,13 @@ fn lossy_reordering_duplicating_path_delivers_the_file() {
 
 #[test]
 fn heavy_loss_still_completes() {
-    let awful = Impairment {
-        loss: 0.3,
-        duplicate: 0.0,
-        delay: Duration::from_millis(5),
-        jitter: Duration::from_millis(5),
-    };
-    transfer(7, 200_000, awful, awful);
+    let awful = lossy(0.3, 0.0, 5, 5);
+    transfer(7, 200_000, awful.clone(), awful);
 }
 
 #[test]
 fn catalog_and_missing_file() {
-    let mut sim = Sim::new(
-        3,
-        file(5000, 3),
-        65536,
-        Impairment::clean(5),
-        Impairment::clean(5),
-    );
+    let mut sim = Sim::new(3, file(5000, 3), 65536, clean(5), clean(5));
     let now = sim.now;
     sim.client.open_catalog(now);
     sim.run_until(Consumer::Greedy, Duration::from_secs(10), |s| {
@@ -431,13 +408,7 @@ fn catalog_and_missing_file() {
 fn paused_reader_stops_the_sender_at_the_read_ahead() {
     let read_ahead = 100_000u64;
     let data = file(2_000_000, 9);
-    let mut sim = Sim::new(
-        9,
-        data.clone(),
-        read_ahead,
-        Impairment::clean(20),
-        Impairment::clean(20),
-    );
+    let mut sim = Sim::new(9, data.clone(), read_ahead, clean(20), clean(20));
     let now = sim.now;
     sim.client.open_file(now, "movie.mp4", 0);
     // Play 300 kB, then pause for 30 simulated seconds.
@@ -476,13 +447,7 @@ fn paused_reader_stops_the_sender_at_the_read_ahead() {
 fn lost_window_updates_do_not_deadlock() {
     let read_ahead = 50_000u64;
     let data = file(400_000, 11);
-    let mut sim = Sim::new(
-        11,
-        data.clone(),
-        read_ahead,
-        Impairment::clean(10),
-        Impairment::clean(10),
-    );
+    let mut sim = Sim::new(11, data.clone(), read_ahead, clean(10), clean(10));
     let now = sim.now;
     sim.client.open_file(now, "movie.mp4", 0);
     let paused = Consumer::Paced {
@@ -513,13 +478,7 @@ fn lost_window_updates_do_not_deadlock() {
 #[test]
 fn seek_drops_the_old_position() {
     let data = file(1_000_000, 12);
-    let mut sim = Sim::new(
-        12,
-        data.clone(),
-        100_000,
-        Impairment::clean(10),
-        Impairment::clean(10),
-    );
+    let mut sim = Sim::new(12, data.clone(), 100_000, clean(10), clean(10));
     let now = sim.now;
     sim.client.open_file(now, "movie.mp4", 0);
     sim.run_until(Consumer::Greedy, Duration::from_secs(10), |s| {
@@ -536,13 +495,7 @@ fn seek_drops_the_old_position() {
 
 #[test]
 fn both_sides_expire_a_silent_peer() {
-    let mut sim = Sim::new(
-        13,
-        file(10_000, 13),
-        65536,
-        Impairment::clean(5),
-        Impairment::clean(5),
-    );
+    let mut sim = Sim::new(13, file(10_000, 13), 65536, clean(5), clean(5));
     let now = sim.now;
     sim.client.open_file(now, "movie.mp4", 0);
     sim.run_until(Consumer::Greedy, Duration::from_secs(10), |s| {
@@ -576,4 +529,45 @@ fn both_sides_expire_a_silent_peer() {
             ..
         }
     )));
+}
+
+fn bottleneck(rate_mbit: u64, delay_ms: u64, queue_kb: usize) -> ImpairmentConfig {
+    ImpairmentConfig {
+        delay: Duration::from_millis(delay_ms),
+        rate_bps: Some(rate_mbit * 1_000_000),
+        queue_bytes: queue_kb * 1024,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn burst_loss_behind_a_bottleneck_delivers_the_file() {
+    let mut down = bottleneck(20, 40, 64);
+    down.burst = Some(GilbertElliott::with_rate(0.03, 8.0));
+    for seed in 0..3 {
+        transfer(200 + seed, 2_000_000, clean(40), down.clone());
+    }
+}
+
+#[test]
+fn every_impairment_at_once_delivers_the_file() {
+    let nasty = ImpairmentConfig {
+        loss: 0.05,
+        burst: Some(GilbertElliott::with_rate(0.02, 4.0)),
+        delay: Duration::from_millis(30),
+        jitter: Duration::from_millis(10),
+        reorder: 0.05,
+        reorder_delay: Duration::from_millis(15),
+        duplicate: 0.03,
+        rate_bps: Some(10_000_000),
+        queue_bytes: 48 * 1024,
+    };
+    for seed in 0..3 {
+        let sim = transfer(300 + seed, 1_000_000, nasty.clone(), nasty.clone());
+        let s = sim.down.imp.stats();
+        assert!(
+            s.dropped_random > 0 && s.dropped_burst > 0 && s.duplicated > 0 && s.reordered > 0,
+            "{s}"
+        );
+    }
 }
