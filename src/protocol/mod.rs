@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod client;
 pub mod congestion;
 pub mod cookie;
+pub mod pacing;
 pub mod ranges;
 pub mod receiver;
 pub mod rtt;

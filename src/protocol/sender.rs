@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use super::congestion::{CongestionController, NewReno};
+use super::congestion::{AckEvent, Bbr, CongestionController, RateSample};
+use super::pacing::Pacer;
 use super::ranges::RangeSet;
 use super::rtt::RttEstimator;
 use super::wire::AckRange;
@@ -154,6 +155,11 @@ pub struct SentPacket {
     /// The sender had more to send but the receiver's window stopped it:
     /// such ACKs say nothing about the path's capacity.
     pub app_limited: bool,
+    /// Delivery-rate bookkeeping at send time
+    /// (draft-cheng-iccrg-delivery-rate-estimation).
+    pub delivered: u64,
+    pub delivered_time: Instant,
+    pub first_sent_time: Instant,
 }
 
 /// What an ACK or a timer changed.
@@ -188,6 +194,13 @@ pub struct LossRecovery {
     last_sent: Option<Instant>,
     probe_credit: u32,
     stats: RecoveryStats,
+    max_datagram: u64,
+    pacer: Pacer,
+    /// Bytes acknowledged so far, and when the last ones were.
+    delivered: u64,
+    delivered_time: Option<Instant>,
+    /// Send time of the packet that started the current delivery interval.
+    first_sent_time: Option<Instant>,
 }
 
 impl LossRecovery {
@@ -198,13 +211,36 @@ impl LossRecovery {
             largest_acked: None,
             largest_sent: None,
             rtt: RttEstimator::new(),
-            cc: Box::new(NewReno::new(max_datagram)),
+            cc: Box::new(Bbr::new(max_datagram)),
             pto_count: 0,
             loss_time: None,
             last_sent: None,
             probe_credit: 0,
             stats: RecoveryStats::default(),
+            max_datagram,
+            pacer: Pacer::new(max_datagram),
+            delivered: 0,
+            delivered_time: None,
+            first_sent_time: None,
         }
+    }
+
+    /// Replaces the congestion controller (before anything was sent).
+    pub fn with_controller(mut self, cc: Box<dyn CongestionController>) -> Self {
+        self.cc = cc;
+        self
+    }
+
+    pub fn controller(&self) -> &dyn CongestionController {
+        self.cc.as_ref()
+    }
+
+    /// When pacing next lets a full datagram leave, if it holds one back.
+    pub fn pacing_deadline(&self) -> Option<Instant> {
+        if self.probe_credit > 0 {
+            return None;
+        }
+        self.pacer.next_send_time(self.max_datagram)
     }
 
     pub fn rtt(&self) -> &RttEstimator {
@@ -223,18 +259,55 @@ impl LossRecovery {
         self.stats
     }
 
-    /// May a packet of `size` bytes leave now?
-    pub fn can_send(&self, size: u64) -> bool {
-        self.probe_credit > 0 || self.bytes_in_flight + size <= self.cc.window()
+    /// May a packet of `size` bytes leave now? Probes ignore both the
+    /// window and pacing.
+    pub fn can_send(&mut self, now: Instant, size: u64) -> bool {
+        if self.probe_credit > 0 {
+            return true;
+        }
+        if self.bytes_in_flight + size > self.cc.window() {
+            return false;
+        }
+        self.pacer
+            .refill(now, self.cc.pacing_rate(), self.max_datagram);
+        self.pacer.allows(size)
     }
 
-    pub fn on_packet_sent(&mut self, packet: SentPacket) {
+    /// Records a data packet that just left.
+    pub fn on_packet_sent(
+        &mut self,
+        now: Instant,
+        packet_number: u64,
+        size: u64,
+        transfer_id: u32,
+        range: Range<u64>,
+        app_limited: bool,
+    ) {
+        if self.sent.is_empty() {
+            // A new delivery interval starts with the first packet after idle.
+            self.first_sent_time = Some(now);
+            self.delivered_time = Some(now);
+        }
         self.probe_credit = self.probe_credit.saturating_sub(1);
-        self.bytes_in_flight += packet.size;
-        self.last_sent = Some(packet.time_sent);
-        self.largest_sent = Some(packet.packet_number);
+        self.pacer.on_sent(size);
+        self.bytes_in_flight += size;
+        self.last_sent = Some(now);
+        self.largest_sent = Some(packet_number);
         self.stats.packets_sent += 1;
-        self.sent.insert(packet.packet_number, packet);
+        self.sent.insert(
+            packet_number,
+            SentPacket {
+                packet_number,
+                time_sent: now,
+                size,
+                transfer_id,
+                range,
+                app_limited,
+                delivered: self.delivered,
+                delivered_time: self.delivered_time.unwrap_or(now),
+                first_sent_time: self.first_sent_time.unwrap_or(now),
+            },
+        );
     }
 
     /// Forgets every in-flight packet of transfers other than `keep`: after a
@@ -290,19 +363,58 @@ impl LossRecovery {
         );
         // RTT sample only when the ACK's largest packet is newly acknowledged,
         // so the sample measures that packet (RFC 9002 §5.1).
+        let mut rtt_sample = None;
         if let Some(p) = outcome
             .acked
             .iter()
             .find(|p| p.packet_number == largest_in_ack)
         {
-            self.rtt
-                .update(now.saturating_duration_since(p.time_sent), ack_delay);
+            let sample = now.saturating_duration_since(p.time_sent);
+            self.rtt.update(sample, ack_delay);
+            rtt_sample = Some(sample);
         }
-        for p in &outcome.acked {
-            self.cc.on_ack(now, p.time_sent, p.size, p.app_limited);
+        let acked_bytes: u64 = outcome.acked.iter().map(|p| p.size).sum();
+        self.delivered += acked_bytes;
+        self.delivered_time = Some(now);
+        // The delivery rate over the interval of the most recently sent
+        // acknowledged packet: bytes delivered since it was sent, over the
+        // longer of its send and ACK intervals.
+        let newest = outcome
+            .acked
+            .iter()
+            .max_by_key(|p| (p.delivered, p.time_sent))
+            .cloned();
+        let mut rate = None;
+        if let Some(p) = &newest {
+            self.first_sent_time = Some(p.time_sent);
+            let send_elapsed = p.time_sent.saturating_duration_since(p.first_sent_time);
+            let ack_elapsed = now.saturating_duration_since(p.delivered_time);
+            let interval = send_elapsed.max(ack_elapsed);
+            // Shorter than the path's RTT, a sample measures ACK
+            // compression, not the bottleneck.
+            if interval >= self.rtt.min() && !interval.is_zero() {
+                rate = Some(RateSample {
+                    delivery_rate: (self.delivered - p.delivered) as f64 / interval.as_secs_f64(),
+                    app_limited: p.app_limited,
+                });
+            }
         }
         self.pto_count = 0;
         outcome.lost = self.detect_lost(now);
+        if let Some(p) = newest {
+            self.cc.on_ack(&AckEvent {
+                now,
+                acked_bytes,
+                largest_acked_sent: p.time_sent,
+                bytes_in_flight: self.bytes_in_flight,
+                rtt_sample,
+                smoothed_rtt: self.rtt.smoothed(),
+                rate,
+                app_limited: p.app_limited,
+                delivered: self.delivered,
+                prior_delivered: p.delivered,
+            });
+        }
         outcome
     }
 
@@ -332,7 +444,8 @@ impl LossRecovery {
         }
         if let Some(newest) = lost.iter().map(|p| p.time_sent).max() {
             self.stats.packets_lost += lost.len() as u64;
-            self.cc.on_congestion_event(now, newest);
+            let bytes = lost.iter().map(|p| p.size).sum();
+            self.cc.on_loss(now, bytes, newest);
         }
         lost
     }
@@ -402,15 +515,8 @@ mod tests {
         assert!(!s.is_complete());
     }
 
-    fn packet(pn: u64, t: Instant) -> SentPacket {
-        SentPacket {
-            packet_number: pn,
-            time_sent: t,
-            size: 1000,
-            transfer_id: 1,
-            range: pn * 1000..(pn + 1) * 1000,
-            app_limited: false,
-        }
+    fn send(r: &mut LossRecovery, pn: u64, t: Instant) {
+        r.on_packet_sent(t, pn, 1000, 1, pn * 1000..(pn + 1) * 1000, false);
     }
 
     #[test]
@@ -418,7 +524,7 @@ mod tests {
         let t0 = Instant::now();
         let mut r = LossRecovery::new(1000);
         for pn in 0..5 {
-            r.on_packet_sent(packet(pn, t0));
+            send(&mut r, pn, t0);
         }
         let out = r.on_ack_received(
             t0 + Duration::from_millis(50),
@@ -442,7 +548,7 @@ mod tests {
     fn ack_for_unsent_packet_is_ignored() {
         let t0 = Instant::now();
         let mut r = LossRecovery::new(1000);
-        r.on_packet_sent(packet(0, t0));
+        send(&mut r, 0, t0);
         let out = r.on_ack_received(
             t0,
             &[AckRange {
@@ -459,11 +565,11 @@ mod tests {
     fn probe_timeout_backs_off() {
         let t0 = Instant::now();
         let mut r = LossRecovery::new(1000);
-        r.on_packet_sent(packet(0, t0));
+        send(&mut r, 0, t0);
         let first = r.timeout().expect("pto armed");
         let out = r.on_timeout(first);
         assert_eq!(out.probe.len(), 1);
-        assert!(r.can_send(u64::MAX / 2));
+        assert!(r.can_send(first, u64::MAX / 2));
         let second = r.timeout().expect("pto armed");
         assert!(second - first >= (first - t0) * 2 - Duration::from_millis(1));
     }

@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 
 use super::catalog::{self, CatalogEntry};
 use super::cookie::AddressValidator;
-use super::sender::{LossRecovery, RecoveryOutcome, SentPacket, StreamSender};
+use super::sender::{LossRecovery, RecoveryOutcome, StreamSender};
 use super::wire::{
     Body, CloseReason, ConnectionId, DATA_OVERHEAD, DEFAULT_MAX_PAYLOAD, DecodeError, HEADER_LEN,
     MAX_DATAGRAM_SIZE, MIN_HELLO_SIZE, OpenErrorKind, Packet, TransferKind, VERSION,
@@ -596,7 +596,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             return None;
         }
         let size = (max_payload + DATA_OVERHEAD) as u64;
-        if !session.recovery.can_send(size) {
+        if !session.recovery.can_send(now, size) {
             return None;
         }
         let nothing_in_flight = session.recovery.bytes_in_flight() == 0;
@@ -643,14 +643,9 @@ impl<S: ContentStore> ServerEndpoint<S> {
         let pn = session.next_pn();
         encode_data(out, id, pn, transfer_id, range.start, buf);
         session.bytes_sent += out.len() as u64;
-        session.recovery.on_packet_sent(SentPacket {
-            packet_number: pn,
-            time_sent: now,
-            size: out.len() as u64,
-            transfer_id,
-            range,
-            app_limited,
-        });
+        session
+            .recovery
+            .on_packet_sent(now, pn, out.len() as u64, transfer_id, range, app_limited);
         Some(session.addr)
     }
 
@@ -662,6 +657,15 @@ impl<S: ContentStore> ServerEndpoint<S> {
             next = Some(next.map_or(idle, |n: Instant| n.min(idle)));
             if let Some(t) = s.recovery.timeout() {
                 next = Some(next.map_or(t, |n: Instant| n.min(t)));
+            }
+            // Data held back only by pacing wakes us when it may leave.
+            if s.transfer
+                .as_ref()
+                .is_some_and(|t| t.stream.has_data_to_send())
+            {
+                if let Some(t) = s.recovery.pacing_deadline() {
+                    next = Some(next.map_or(t, |n: Instant| n.min(t)));
+                }
             }
         }
         next

@@ -571,3 +571,75 @@ fn every_impairment_at_once_delivers_the_file() {
         );
     }
 }
+
+/// Goodput in Mbit/s of a greedy transfer of `size` bytes.
+fn goodput(seed: u64, size: usize, up: ImpairmentConfig, down: ImpairmentConfig) -> f64 {
+    let data = file(size, seed);
+    let mut sim = Sim::new(seed, data.clone(), 8 << 20, up, down);
+    let start = sim.now;
+    sim.client.open_file(start, "movie.mp4", 0);
+    sim.run_until(Consumer::Greedy, Duration::from_secs(300), |s| {
+        s.client.is_finished()
+    });
+    assert!(sim.delivered == data);
+    size as f64 * 8.0 / (sim.now - start).as_secs_f64() / 1e6
+}
+
+// Simulated time, not wall-clock time: these are deterministic checks of
+// the controller's behaviour, not benchmarks.
+
+#[test]
+fn fills_a_clean_bottleneck() {
+    let mbit = goodput(1, 6_000_000, clean(40), bottleneck(20, 40, 100));
+    assert!(mbit > 14.0, "{mbit:.2} Mbit/s of 20");
+}
+
+#[test]
+fn random_loss_does_not_starve_the_transfer() {
+    // 10 % loss both ways at 80 ms RTT: a loss-based window would collapse
+    // to well under 1 Mbit/s here.
+    let mut down = bottleneck(20, 40, 100);
+    down.loss = 0.1;
+    let mut up = clean(40);
+    up.loss = 0.1;
+    let mbit = goodput(2, 6_000_000, up, down);
+    assert!(mbit > 10.0, "{mbit:.2} Mbit/s of 20 at 10 % loss");
+}
+
+#[test]
+fn burst_loss_does_not_starve_the_transfer() {
+    let mut down = bottleneck(20, 40, 100);
+    down.burst = Some(GilbertElliott::with_rate(0.03, 8.0));
+    let mbit = goodput(3, 6_000_000, clean(40), down);
+    assert!(mbit > 12.0, "{mbit:.2} Mbit/s of 20 at 3 % burst loss");
+}
+
+#[test]
+fn throughput_recovers_within_a_few_round_trips_after_loss_stops() {
+    let data = file(24_000_000, 4);
+    let mut heavy = bottleneck(20, 40, 100);
+    heavy.loss = 0.3;
+    let mut up = clean(40);
+    up.loss = 0.3;
+    let mut sim = Sim::new(4, data.clone(), 8 << 20, up, heavy);
+    let start = sim.now;
+    sim.client.open_file(start, "movie.mp4", 0);
+    let loss_ends = start + Duration::from_secs(4);
+    sim.run_until(Consumer::Greedy, Duration::from_secs(5), |s| {
+        s.now >= loss_ends
+    });
+    sim.up.imp.set_config(clean(40));
+    sim.down.imp.set_config(bottleneck(20, 40, 100));
+    // Allow a few round trips (80 ms each), then measure two seconds.
+    let from = sim.now + Duration::from_millis(500);
+    sim.run_until(Consumer::Greedy, Duration::from_secs(1), |s| s.now >= from);
+    let before = sim.delivered.len();
+    let to = sim.now + Duration::from_secs(2);
+    sim.run_until(Consumer::Greedy, Duration::from_secs(3), |s| s.now >= to);
+    let mbit = (sim.delivered.len() - before) as f64 * 8.0 / 2.0 / 1e6;
+    assert!(mbit > 15.0, "{mbit:.2} Mbit/s of 20 after loss stopped");
+    sim.run_until(Consumer::Greedy, Duration::from_secs(60), |s| {
+        s.client.is_finished()
+    });
+    assert!(sim.delivered == data);
+}
