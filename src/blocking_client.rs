@@ -26,9 +26,12 @@ const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 /// backwards (qtdemux alternating between audio and video chunks does) is
 /// served locally instead of making the server start again.
 pub const HISTORY_BYTES: usize = 2 * 1024 * 1024;
-/// A forward jump this short is served by dropping bytes that already
-/// arrived, instead of asking the server to start again.
-pub const LOCAL_SKIP_LIMIT: u64 = 4 * 1024 * 1024;
+/// A forward jump this short is made by consuming the bytes in between,
+/// those that arrived and those on their way, instead of asking the server
+/// to start again: at this distance they arrive sooner than a new transfer
+/// would start (one RTT plus slow start). Beyond it (qtdemux jumping to a
+/// `moov` at the end, say) the server is asked.
+pub const LOCAL_SKIP_LIMIT: u64 = 256 * 1024;
 
 /// The most recent bytes handed out, as one contiguous range of the file.
 #[derive(Debug, Default)]
@@ -611,38 +614,39 @@ impl BlockingClient {
             .is_some_and(|o| offset >= o && offset < o + inner.conn.available())
     }
 
-    /// Puts the network stream at `offset`.
+    /// Puts the network stream at `offset`. A forward jump within what the
+    /// server is sending anyway (the read-ahead) is made by consuming the
+    /// bytes in between as they arrive; they stay in the recent bytes, so a
+    /// jump back into them is local too. Anything else asks the server.
     fn move_to(&self, offset: u64, timeout: Duration) -> Result<(), WaitError> {
-        let path = {
-            let mut inner = lock(&self.shared);
+        let (current, ready, read_ahead, path) = {
+            let inner = lock(&self.shared);
             let Some(current) = inner.conn.read_offset() else {
                 return Err(WaitError::Protocol("no file is open".into()));
             };
-            if offset == current {
-                return Ok(());
-            }
-            let ready = inner.conn.available();
-            if offset > current && offset - current <= ready.min(LOCAL_SKIP_LIMIT) {
-                // Skipped bytes count as handed out: a jump back into them
-                // is then served locally too.
-                let now = Instant::now();
-                let mut at = current;
-                while at < offset {
-                    let want = (offset - at).min(1 << 20) as usize;
-                    let Some(chunk) = inner.conn.read(now, want) else {
-                        break;
-                    };
-                    inner.history.push(at, &chunk);
-                    at += chunk.len() as u64;
-                }
-                flush(&self.socket, self.server, &mut inner);
-                return Ok(());
-            }
-            match &inner.resume {
-                Some(r) => r.path.clone(),
-                None => return Err(WaitError::Protocol("no file is open".into())),
-            }
+            (
+                current,
+                inner.conn.available(),
+                inner.config.read_ahead,
+                inner.resume.as_ref().map(|r| r.path.clone()),
+            )
         };
+        if offset == current {
+            return Ok(());
+        }
+        let distance = offset.wrapping_sub(current);
+        if offset > current && distance <= ready.max(read_ahead.min(LOCAL_SKIP_LIMIT)) {
+            let mut at = current;
+            while at < offset {
+                let want = (offset - at).min(1 << 20) as usize;
+                match self.read(want, timeout)? {
+                    Some(chunk) => at += chunk.len() as u64,
+                    None => break,
+                }
+            }
+            return Ok(());
+        }
+        let path = path.ok_or_else(|| WaitError::Protocol("no file is open".into()))?;
         self.open(&path, offset, timeout).map(|_| ())
     }
 

@@ -181,11 +181,23 @@ pub const BBR_FULL_BW_GROWTH: f64 = 1.25;
 pub const BBR_LOSS_THRESHOLD: f64 = 0.2;
 /// On such a round the rate estimate is cut to this share (BBR v2's beta).
 pub const BBR_LOSS_BETA: f64 = 0.7;
+/// A round is judged on its loss share only with at least this many
+/// datagrams in it: 3 lost of 10 is noise at 10 % random loss, 30 of 100
+/// is congestion.
+pub const BBR_LOSS_MIN_PACKETS: u64 = 20;
+/// Each round without heavy loss lifts a loss cap by this factor, as
+/// ProbeBW's up-phase probes above the estimate.
+pub const BBR_CAP_GROWTH: f64 = 1.25;
 /// When the smoothed RTT exceeds the minimum by this factor, a queue is
 /// standing at the bottleneck: cruise below the estimate until it drains.
 pub const BBR_QUEUE_RTT_FACTOR: f64 = 1.5;
 /// Pacing gain used while a standing queue is seen.
 pub const BBR_QUEUE_DRAIN_GAIN: f64 = 0.85;
+/// Startup also ends after this many RTT samples in a row exceed the
+/// minimum by clamp(min/8, 4 ms, 16 ms), HyStart's delay-increase test: the
+/// bottleneck queue is filling, the rate is found. Several in a row, so
+/// jitter alone does not end it.
+pub const BBR_STARTUP_DELAY_SAMPLES: u32 = 3;
 /// The window never falls below four datagrams (BBR's floor).
 pub const BBR_MIN_WINDOW_PACKETS: u64 = 4;
 
@@ -216,6 +228,8 @@ pub struct Bbr {
     /// Upper bound on the rate after a heavily lossy round.
     bw_cap: Option<f64>,
     queue_standing: bool,
+    /// Consecutive startup RTT samples above the minimum plus a margin.
+    startup_delay_hits: u32,
 }
 
 impl Bbr {
@@ -237,6 +251,7 @@ impl Bbr {
             window: INITIAL_WINDOW_PACKETS * max_datagram,
             bw_cap: None,
             queue_standing: false,
+            startup_delay_hits: 0,
         }
     }
 
@@ -290,31 +305,24 @@ impl Bbr {
         while self.bw_samples.front().is_some_and(|&(r, _)| r < oldest) {
             self.bw_samples.pop_front();
         }
-        if let Some(cap) = self.bw_cap {
-            // A new round that delivers above the cap lifts it gradually.
-            if rate.delivery_rate > cap && !rate.app_limited {
-                self.bw_cap = Some(cap * 1.1);
-            }
-        }
     }
 
     fn on_round_start(&mut self, ack: &AckEvent) {
         self.round += 1;
         // Heavy loss in the round that just ended: congestion.
         let total = self.round_lost + self.round_delivered;
-        if total > 0 && self.round_lost as f64 / total as f64 > BBR_LOSS_THRESHOLD {
-            let cut = self.bottleneck_bw() * BBR_LOSS_BETA;
-            self.bw_cap =
-                Some(cut.max(self.max_datagram as f64 / self.min_rtt().as_secs_f64().max(0.001)));
+        let judged = total >= BBR_LOSS_MIN_PACKETS * self.max_datagram;
+        if judged && self.round_lost as f64 / total as f64 > BBR_LOSS_THRESHOLD {
+            let floor = BBR_MIN_WINDOW_PACKETS as f64 * self.max_datagram as f64
+                / self.min_rtt().as_secs_f64().max(0.001);
+            self.bw_cap = Some((self.bottleneck_bw() * BBR_LOSS_BETA).max(floor));
             if self.mode == BbrMode::Startup {
                 self.mode = BbrMode::Drain;
             }
         } else if let Some(cap) = self.bw_cap {
-            // A clean round: let the rate grow back.
-            self.bw_cap = Some(cap * 1.05);
-            if cap * 1.05 > self.bw_samples.iter().map(|&(_, r)| r).fold(0.0, f64::max) * 2.0 {
-                self.bw_cap = None;
-            }
+            let grown = cap * BBR_CAP_GROWTH;
+            let uncapped = self.bw_samples.iter().map(|&(_, r)| r).fold(0.0, f64::max);
+            self.bw_cap = (grown < uncapped).then_some(grown);
         }
         self.round_lost = 0;
         self.round_delivered = 0;
@@ -366,11 +374,24 @@ impl CongestionController for Bbr {
         if let Some(rate) = ack.rate {
             self.update_bw(rate);
         }
+        if let (Some(sample), Some((min, _))) = (ack.rtt_sample, self.min_rtt) {
+            let threshold = (min / 8).clamp(Duration::from_millis(4), Duration::from_millis(16));
+            if self.mode == BbrMode::Startup && !ack.app_limited && sample > min + threshold {
+                self.startup_delay_hits += 1;
+            } else {
+                self.startup_delay_hits = 0;
+            }
+        }
         self.queue_standing = self.min_rtt.is_some_and(|(min, _)| {
             ack.smoothed_rtt.as_secs_f64() > min.as_secs_f64() * BBR_QUEUE_RTT_FACTOR
                 && ack.smoothed_rtt > min + Duration::from_millis(5)
         });
         match self.mode {
+            // A queue building up during startup means the rate was found
+            // (HyStart's delay test): leave before the queue overflows.
+            BbrMode::Startup if self.startup_delay_hits >= BBR_STARTUP_DELAY_SAMPLES => {
+                self.mode = BbrMode::Drain;
+            }
             BbrMode::Drain if ack.bytes_in_flight <= self.bdp() => {
                 self.mode = BbrMode::ProbeBw;
                 self.cycle_index = 2;

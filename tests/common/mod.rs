@@ -31,38 +31,41 @@ pub fn target_profile_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// The real `server` binary, built on demand if `make test` did not build it.
+/// Runs `cargo build` with `args` once per test process, so the binaries the
+/// tests start are never stale (`cargo test` alone does not rebuild the
+/// server package or the examples).
+fn cargo_build(args: &[&str]) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .arg("build")
+        .args(args)
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "cargo build {args:?} failed");
+}
+
+/// The real `server` binary, brought up to date first.
 pub fn server_binary() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {
+            cargo_build(&["-q", "-p", "udpvid-server"]);
             let path = target_profile_dir().join("server");
-            if !path.exists() {
-                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-                let status = Command::new(cargo)
-                    .args(["build", "-p", "udpvid-server"])
-                    .status()
-                    .expect("cargo runs");
-                assert!(status.success(), "building the server failed");
-            }
             assert!(path.exists(), "server binary missing at {}", path.display());
             path
         })
         .clone()
 }
 
-/// An example binary (`target/<profile>/examples/NAME`), built on demand.
+/// An example binary (`target/<profile>/examples/NAME`), brought up to date first.
 pub fn example_binary(name: &str) -> PathBuf {
-    let path = target_profile_dir().join("examples").join(name);
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--example", name])
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building example {name} failed");
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if !built.iter().any(|n| n == name) {
+        cargo_build(&["-q", "--example", name]);
+        built.push(name.to_owned());
     }
-    path
+    target_profile_dir().join("examples").join(name)
 }
 
 /// A running server process; killed when dropped.
