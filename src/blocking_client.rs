@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::protocol::catalog::CatalogEntry;
 use crate::protocol::client::{ClientConfig, ClientConnection, ClientEvent, ClientStats};
+use crate::protocol::read_ahead::ReadAhead;
 use crate::protocol::wire::{CloseReason, OpenErrorKind, VERSION};
 
 /// The network thread never sleeps longer than this, so a stop request is
@@ -627,7 +628,7 @@ impl BlockingClient {
             (
                 current,
                 inner.conn.available(),
-                inner.config.read_ahead,
+                inner.conn.current_read_ahead(Instant::now()),
                 inner.resume.as_ref().map(|r| r.path.clone()),
             )
         };
@@ -659,10 +660,10 @@ impl BlockingClient {
             .map(|o| (o, inner.conn.available()))
     }
 
-    pub fn set_read_ahead(&self, bytes: u64) {
+    pub fn set_read_ahead(&self, read_ahead: ReadAhead) {
         self.with_conn_inner(|inner, now| {
-            inner.config.read_ahead = bytes;
-            inner.conn.set_read_ahead(now, bytes)
+            inner.config.read_ahead = read_ahead;
+            inner.conn.set_read_ahead(now, read_ahead)
         });
     }
 
@@ -683,7 +684,7 @@ impl BlockingClient {
                 .conn
                 .advertised_window()
                 .map_or(0, |w| w.saturating_sub(read_offset)),
-            read_ahead: inner.config.read_ahead,
+            read_ahead: inner.conn.current_read_ahead(Instant::now()),
             reconnects: inner.reconnects,
         }
     }

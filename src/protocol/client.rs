@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::catalog::{self, CatalogEntry};
+use super::read_ahead::{ReadAhead, ReadAheadPolicy};
 use super::receiver::{AckTracker, StreamReceiver};
 use super::rtt::RttEstimator;
 use super::wire::{
@@ -23,20 +24,10 @@ pub const WINDOW_PROBE_INTERVAL: Duration = Duration::from_millis(200);
 /// measures its own from ACKs; the client needs one for its stats and its
 /// adaptive choices). Two tiny datagrams a second cost nothing.
 pub const RTT_PING_INTERVAL: Duration = Duration::from_secs(1);
-/// Default read-ahead: what the server may send beyond what was consumed.
-pub const DEFAULT_READ_AHEAD: u64 = 2 * 1024 * 1024;
-
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ClientConfig {
-    pub read_ahead: u64,
-}
-
-impl Default for ClientConfig {
-    fn default() -> Self {
-        ClientConfig {
-            read_ahead: DEFAULT_READ_AHEAD,
-        }
-    }
+    /// What the server may send beyond what was consumed.
+    pub read_ahead: ReadAhead,
 }
 
 /// What happened, for the element to act on.
@@ -120,6 +111,9 @@ struct ClientTransfer {
     probe_timer: RetryTimer,
     receiver: StreamReceiver,
     catalog_delivered: bool,
+    last_data: Option<Instant>,
+    /// After the last data, the window allowed the server to send more.
+    expecting_more: bool,
 }
 
 /// Counters for stats and logs.
@@ -163,12 +157,14 @@ pub struct ClientConnection {
     rtt_ping_sent: Option<Instant>,
     next_rtt_ping: Instant,
     largest_server_pn: Option<u64>,
+    read_ahead: ReadAheadPolicy,
 }
 
 impl ClientConnection {
     /// Starts the handshake. `nonce` must be random: it ties the server's
     /// replies to this client.
     pub fn new(config: ClientConfig, nonce: u64, now: Instant) -> Self {
+        let read_ahead_mode = config.read_ahead;
         let mut hello_timer = RetryTimer::new(INITIAL_RETRY_INTERVAL);
         hello_timer.start(now);
         ClientConnection {
@@ -193,6 +189,7 @@ impl ClientConnection {
             rtt_ping_sent: None,
             next_rtt_ping: now,
             largest_server_pn: None,
+            read_ahead: ReadAheadPolicy::new(read_ahead_mode),
         }
     }
 
@@ -254,7 +251,7 @@ impl ClientConnection {
         let id = self.next_transfer_id;
         self.next_transfer_id = self.next_transfer_id.wrapping_add(1).max(1);
         self.stats.transfers += 1;
-        let receiver = StreamReceiver::new(offset, self.config.read_ahead);
+        let receiver = StreamReceiver::new(offset, self.current_read_ahead(now));
         self.transfer = Some(ClientTransfer {
             id,
             kind,
@@ -266,6 +263,8 @@ impl ClientConnection {
             probe_timer: RetryTimer::new(WINDOW_PROBE_INTERVAL),
             receiver,
             catalog_delivered: false,
+            last_data: None,
+            expecting_more: false,
         });
         if self.phase == Phase::Established {
             self.queue_open(now);
@@ -289,10 +288,28 @@ impl ClientConnection {
         });
     }
 
-    pub fn set_read_ahead(&mut self, now: Instant, read_ahead: u64) {
+    pub fn set_read_ahead(&mut self, now: Instant, read_ahead: ReadAhead) {
         self.config.read_ahead = read_ahead;
+        self.read_ahead.set_mode(read_ahead);
+        self.apply_read_ahead(now);
+    }
+
+    /// The read-ahead in bytes the policy chooses now.
+    pub fn current_read_ahead(&self, now: Instant) -> u64 {
+        self.read_ahead
+            .read_ahead(now, self.rtt.smoothed(), self.rtt.variance())
+    }
+
+    pub fn read_ahead_policy(&self) -> &ReadAheadPolicy {
+        &self.read_ahead
+    }
+
+    fn apply_read_ahead(&mut self, now: Instant) {
+        let bytes = self.current_read_ahead(now);
         if let Some(t) = self.transfer.as_mut() {
-            t.receiver.set_read_ahead(read_ahead);
+            if t.receiver.read_ahead() != bytes {
+                t.receiver.set_read_ahead(bytes);
+            }
         }
         self.maybe_update_window(now);
     }
@@ -345,7 +362,8 @@ impl ClientConnection {
         }
         let chunk = t.receiver.read(max)?;
         self.stats.bytes_delivered += chunk.len() as u64;
-        self.maybe_update_window(now);
+        self.read_ahead.on_consumed(now, chunk.len() as u64);
+        self.apply_read_ahead(now);
         Some(chunk)
     }
 
@@ -474,7 +492,18 @@ impl ClientConnection {
                     return;
                 };
                 self.stats.bytes_received += payload.len() as u64;
+                // A long silence while the window was open is a stall the
+                // link can cause again: the read-ahead should cover it.
+                if let Some(last) = t.last_data.filter(|_| t.expecting_more) {
+                    let gap = now.saturating_duration_since(last);
+                    if gap > (self.rtt.smoothed() * 2).max(Duration::from_millis(20)) {
+                        self.read_ahead.on_delivery_gap(now, gap);
+                    }
+                }
                 t.receiver.insert(offset, &payload);
+                t.last_data = Some(now);
+                t.expecting_more = !t.receiver.is_fully_received()
+                    && t.receiver.window() > t.receiver.highest_received();
                 t.probe_timer.start(now);
                 self.deliver_catalog();
             }
@@ -484,7 +513,7 @@ impl ClientConnection {
                 content_tag,
                 offset,
             } => {
-                let read_ahead = self.config.read_ahead;
+                let read_ahead = self.current_read_ahead(now);
                 let Some(t) = self.transfer.as_mut().filter(|t| t.id == transfer_id) else {
                     return;
                 };

@@ -11,6 +11,7 @@ pub mod congestion;
 pub mod cookie;
 pub mod pacing;
 pub mod ranges;
+pub mod read_ahead;
 pub mod receiver;
 pub mod rtt;
 pub mod sender;

@@ -14,6 +14,7 @@ use rand::{Rng, SeedableRng};
 
 use super::catalog::CatalogEntry;
 use super::client::{ClientConfig, ClientConnection, ClientEvent};
+use super::read_ahead::ReadAhead;
 use super::server::{
     Content, ContentStore, MemoryContent, OpenFailure, ServerConfig, ServerEndpoint,
 };
@@ -160,7 +161,13 @@ impl Sim {
             rng.r#gen(),
             now,
         );
-        let client = ClientConnection::new(ClientConfig { read_ahead }, rng.r#gen(), now);
+        let client = ClientConnection::new(
+            ClientConfig {
+                read_ahead: ReadAhead::Fixed(read_ahead),
+            },
+            rng.r#gen(),
+            now,
+        );
         Sim {
             now,
             server,

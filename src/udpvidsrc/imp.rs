@@ -17,7 +17,10 @@ use gst_base::subclass::prelude::*;
 
 use crate::blocking_client::{BlockingClient, ClientSnapshot, WaitError};
 use crate::location::{DEFAULT_PORT, Location};
-use crate::protocol::client::{ClientConfig, DEFAULT_READ_AHEAD};
+use crate::protocol::client::ClientConfig;
+use crate::protocol::read_ahead::{
+    DEFAULT_MAX_READ_AHEAD, DEFAULT_MIN_READ_AHEAD, DEFAULT_TARGET_TIME, ReadAhead,
+};
 use crate::protocol::wire::{CloseReason, OpenErrorKind};
 
 const DEFAULT_HOST: &str = "127.0.0.1";
@@ -46,7 +49,10 @@ struct Settings {
     host: String,
     port: u32,
     file: Option<String>,
+    /// Fixed read-ahead in bytes; 0 for the adaptive, time-based one.
     read_ahead: u64,
+    read_ahead_time: u64,
+    max_read_ahead: u64,
     timeout: u32,
     stats_interval: u32,
 }
@@ -57,7 +63,9 @@ impl Default for Settings {
             host: DEFAULT_HOST.into(),
             port: DEFAULT_PORT as u32,
             file: None,
-            read_ahead: DEFAULT_READ_AHEAD,
+            read_ahead: 0,
+            read_ahead_time: DEFAULT_TARGET_TIME.as_nanos() as u64,
+            max_read_ahead: DEFAULT_MAX_READ_AHEAD,
             timeout: DEFAULT_TIMEOUT_SECS,
             stats_interval: 0,
         }
@@ -67,6 +75,18 @@ impl Default for Settings {
 impl Settings {
     fn timeout(&self) -> Duration {
         Duration::from_secs(self.timeout as u64)
+    }
+
+    fn read_ahead(&self) -> ReadAhead {
+        if self.read_ahead > 0 {
+            ReadAhead::Fixed(self.read_ahead)
+        } else {
+            ReadAhead::Adaptive {
+                target_time: Duration::from_nanos(self.read_ahead_time),
+                min: DEFAULT_MIN_READ_AHEAD.min(self.max_read_ahead),
+                max: self.max_read_ahead,
+            }
+        }
     }
 
     fn location(&self) -> Option<Location> {
@@ -433,9 +453,22 @@ impl ObjectImpl for UdpVidSrc {
                     .build(),
                 glib::ParamSpecUInt64::builder("read-ahead")
                     .nick("Read-ahead")
-                    .blurb("Bytes the server may send beyond what the pipeline has consumed; more survives longer outages, less wastes less when playback stops early")
+                    .blurb("Fixed number of bytes the server may send beyond what the pipeline has consumed (0 = adaptive: read-ahead-time of media, grown on a bad link, up to max-read-ahead)")
+                    .default_value(0)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt64::builder("read-ahead-time")
+                    .nick("Read-ahead time")
+                    .blurb("Adaptive read-ahead: nanoseconds of media to keep ahead of playback on a clean link, measured from the consumption rate")
+                    .minimum(100_000_000)
+                    .default_value(DEFAULT_TARGET_TIME.as_nanos() as u64)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt64::builder("max-read-ahead")
+                    .nick("Maximum read-ahead")
+                    .blurb("Adaptive read-ahead never exceeds this many bytes")
                     .minimum(MIN_READ_AHEAD)
-                    .default_value(DEFAULT_READ_AHEAD)
+                    .default_value(DEFAULT_MAX_READ_AHEAD)
                     .mutable_playing()
                     .build(),
                 glib::ParamSpecUInt::builder("timeout")
@@ -464,7 +497,12 @@ impl ObjectImpl for UdpVidSrc {
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
         let running = matches!(*self.state(), State::Started { .. });
         let name = pspec.name();
-        if running && !matches!(name, "read-ahead" | "stats-interval") {
+        if running
+            && !matches!(
+                name,
+                "read-ahead" | "read-ahead-time" | "max-read-ahead" | "stats-interval"
+            )
+        {
             gst::warning!(
                 CAT,
                 imp = self,
@@ -489,11 +527,21 @@ impl ObjectImpl for UdpVidSrc {
                     None => self.settings().file = None,
                 }
             }
-            "read-ahead" => {
-                let read_ahead = value.get().unwrap_or(DEFAULT_READ_AHEAD);
-                self.settings().read_ahead = read_ahead;
+            "read-ahead" | "read-ahead-time" | "max-read-ahead" => {
+                let v: u64 = value.get().unwrap_or(0);
+                let mode = {
+                    let mut settings = self.settings();
+                    match name {
+                        // 1..MIN would crawl: treat it as the minimum.
+                        "read-ahead" if v > 0 => settings.read_ahead = v.max(MIN_READ_AHEAD),
+                        "read-ahead" => settings.read_ahead = 0,
+                        "read-ahead-time" => settings.read_ahead_time = v,
+                        _ => settings.max_read_ahead = v,
+                    }
+                    settings.read_ahead()
+                };
                 if let State::Started { client, .. } = &*self.state() {
-                    client.set_read_ahead(read_ahead);
+                    client.set_read_ahead(mode);
                 }
             }
             "timeout" => self.settings().timeout = value.get().unwrap_or(DEFAULT_TIMEOUT_SECS),
@@ -509,6 +557,8 @@ impl ObjectImpl for UdpVidSrc {
             "file" => self.settings().file.to_value(),
             "uri" => self.settings().location().map(|l| l.to_uri()).to_value(),
             "read-ahead" => self.settings().read_ahead.to_value(),
+            "read-ahead-time" => self.settings().read_ahead_time.to_value(),
+            "max-read-ahead" => self.settings().max_read_ahead.to_value(),
             "timeout" => self.settings().timeout.to_value(),
             "stats-interval" => self.settings().stats_interval.to_value(),
             "stats" => match &*self.state() {
@@ -601,7 +651,7 @@ impl BaseSrcImpl for UdpVidSrc {
             &location.host,
             location.port,
             ClientConfig {
-                read_ahead: settings.read_ahead,
+                read_ahead: settings.read_ahead(),
             },
         )
         .map_err(|e| {

@@ -1,0 +1,234 @@
+//! How far ahead of the player the server may send: the read-ahead.
+//!
+//! A fixed byte count is either wasteful on a clean link or too thin on a
+//! bad one. The adaptive rule sizes it in *time of media*:
+//!
+//! ```text
+//! read_ahead = consumption_rate × (target_time + risk_time)
+//! risk_time  = longest recent delivery gap + 2 × RTT + 4 × RTT variance
+//! ```
+//!
+//! clamped to `[min, max]`. `consumption_rate` is what the player actually
+//! took per second over the last few seconds (the media bitrate when
+//! playing in real time). `risk_time` is what the link has shown it can
+//! stall for: the longest gap in delivery while data was expected (a loss
+//! burst, an outage, a slow recovery), remembered for
+//! [`GAP_MEMORY`] and then halved every [`GAP_MEMORY`] of clean delivery,
+//! plus the time one retransmission takes. On a clean LAN this is a few
+//! milliseconds, so the read-ahead is about `target_time` of media; after a
+//! 3-second outage it grows by 3 seconds of media, and shrinks back when
+//! the link stays clean.
+
+use std::time::{Duration, Instant};
+
+/// Default media time kept ahead of the player.
+pub const DEFAULT_TARGET_TIME: Duration = Duration::from_secs(2);
+/// Smallest adaptive read-ahead: enough for a few round trips of data even
+/// for a low bitrate, so the transfer never crawls.
+pub const DEFAULT_MIN_READ_AHEAD: u64 = 256 * 1024;
+/// Largest adaptive read-ahead unless the user says otherwise.
+pub const DEFAULT_MAX_READ_AHEAD: u64 = 16 * 1024 * 1024;
+/// Read-ahead before the consumption rate is known: the player is
+/// prerolling and reads as fast as it can, which says nothing about the
+/// media bitrate yet.
+pub const INITIAL_READ_AHEAD: u64 = 1024 * 1024;
+/// Consumption is averaged over this long.
+pub const RATE_WINDOW: Duration = Duration::from_secs(3);
+/// A delivery gap is remembered at full weight this long, then halves
+/// every such period.
+pub const GAP_MEMORY: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ReadAhead {
+    /// Exactly this many bytes.
+    Fixed(u64),
+    /// Media time ahead of the player, bounded in bytes.
+    Adaptive {
+        target_time: Duration,
+        min: u64,
+        max: u64,
+    },
+}
+
+impl Default for ReadAhead {
+    fn default() -> Self {
+        ReadAhead::Adaptive {
+            target_time: DEFAULT_TARGET_TIME,
+            min: DEFAULT_MIN_READ_AHEAD,
+            max: DEFAULT_MAX_READ_AHEAD,
+        }
+    }
+}
+
+/// Computes the read-ahead from what the player consumed and what the link
+/// did.
+#[derive(Debug, Clone)]
+pub struct ReadAheadPolicy {
+    mode: ReadAhead,
+    /// (time, bytes consumed) samples within the rate window.
+    consumed: std::collections::VecDeque<(Instant, u64)>,
+    first_read: Option<Instant>,
+    worst_gap: Duration,
+    worst_gap_at: Option<Instant>,
+}
+
+impl ReadAheadPolicy {
+    pub fn new(mode: ReadAhead) -> Self {
+        ReadAheadPolicy {
+            mode,
+            consumed: Default::default(),
+            first_read: None,
+            worst_gap: Duration::ZERO,
+            worst_gap_at: None,
+        }
+    }
+
+    pub fn mode(&self) -> ReadAhead {
+        self.mode
+    }
+
+    pub fn set_mode(&mut self, mode: ReadAhead) {
+        self.mode = mode;
+    }
+
+    /// The player took `bytes` at `now`.
+    pub fn on_consumed(&mut self, now: Instant, bytes: u64) {
+        self.first_read.get_or_insert(now);
+        self.consumed.push_back((now, bytes));
+        while self
+            .consumed
+            .front()
+            .is_some_and(|&(t, _)| now.saturating_duration_since(t) > RATE_WINDOW)
+        {
+            self.consumed.pop_front();
+        }
+    }
+
+    /// Data arrived `gap` after the previous data although more was expected.
+    pub fn on_delivery_gap(&mut self, now: Instant, gap: Duration) {
+        if gap >= self.decayed_gap(now) {
+            self.worst_gap = gap;
+            self.worst_gap_at = Some(now);
+        }
+    }
+
+    fn decayed_gap(&self, now: Instant) -> Duration {
+        let Some(at) = self.worst_gap_at else {
+            return Duration::ZERO;
+        };
+        let age = now.saturating_duration_since(at);
+        if age <= GAP_MEMORY {
+            return self.worst_gap;
+        }
+        let halvings = (age.as_secs_f64() / GAP_MEMORY.as_secs_f64()).floor() - 1.0;
+        self.worst_gap.div_f64(2f64.powf(halvings.min(60.0)))
+    }
+
+    /// Bytes per second the player consumed recently, once known.
+    pub fn consumption_rate(&self, now: Instant) -> Option<f64> {
+        let first = self.first_read?;
+        // Preroll reads as fast as it can: wait for a full window of history.
+        if now.saturating_duration_since(first) < RATE_WINDOW {
+            return None;
+        }
+        let bytes: u64 = self.consumed.iter().map(|&(_, b)| b).sum();
+        Some(bytes as f64 / RATE_WINDOW.as_secs_f64())
+    }
+
+    /// The stall the link may cause, given its RTT and variance.
+    pub fn risk_time(&self, now: Instant, rtt: Duration, rtt_var: Duration) -> Duration {
+        self.decayed_gap(now) + rtt * 2 + rtt_var * 4
+    }
+
+    /// The read-ahead to use now.
+    pub fn read_ahead(&self, now: Instant, rtt: Duration, rtt_var: Duration) -> u64 {
+        match self.mode {
+            ReadAhead::Fixed(bytes) => bytes,
+            ReadAhead::Adaptive {
+                target_time,
+                min,
+                max,
+            } => {
+                let max = max.max(min);
+                let Some(rate) = self.consumption_rate(now) else {
+                    return INITIAL_READ_AHEAD.clamp(min, max);
+                };
+                let time = target_time + self.risk_time(now, rtt, rtt_var);
+                ((rate * time.as_secs_f64()) as u64).clamp(min, max)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn adaptive() -> ReadAheadPolicy {
+        ReadAheadPolicy::new(ReadAhead::default())
+    }
+
+    /// A player consuming `rate` bytes/s for `secs`, in 10 reads a second.
+    fn play(p: &mut ReadAheadPolicy, from: Instant, secs: u64, rate: u64) -> Instant {
+        let mut now = from;
+        for _ in 0..secs * 10 {
+            now += Duration::from_millis(100);
+            p.on_consumed(now, rate / 10);
+        }
+        now
+    }
+
+    #[test]
+    fn follows_the_bitrate_on_a_clean_link() {
+        let t0 = Instant::now();
+        let mut p = adaptive();
+        let rtt = Duration::from_millis(20);
+        assert_eq!(p.read_ahead(t0, rtt, Duration::ZERO), INITIAL_READ_AHEAD);
+        // 4 Mbit/s = 500 kB/s: about 2 s of it plus 2 RTT.
+        let now = play(&mut p, t0, 5, 500_000);
+        let ra = p.read_ahead(now, rtt, Duration::ZERO);
+        assert!((1_000_000..1_100_000).contains(&ra), "{ra}");
+        // A low bitrate still gets the floor.
+        let mut low = adaptive();
+        let now = play(&mut low, t0, 5, 10_000);
+        assert_eq!(
+            low.read_ahead(now, rtt, Duration::ZERO),
+            DEFAULT_MIN_READ_AHEAD
+        );
+    }
+
+    #[test]
+    fn grows_after_an_outage_and_shrinks_back() {
+        let t0 = Instant::now();
+        let mut p = adaptive();
+        let rtt = Duration::from_millis(80);
+        let now = play(&mut p, t0, 5, 500_000);
+        let clean = p.read_ahead(now, rtt, Duration::ZERO);
+        p.on_delivery_gap(now, Duration::from_secs(3));
+        let after = p.read_ahead(now, rtt, Duration::ZERO);
+        assert!(after >= clean + 1_400_000, "{clean} -> {after}");
+        // After a long clean stretch it is back near where it was.
+        let later = play(&mut p, now, 120, 500_000);
+        let healed = p.read_ahead(later, rtt, Duration::ZERO);
+        assert!(healed < clean + 100_000, "{healed}");
+        // Bounded by max.
+        p.on_delivery_gap(later, Duration::from_secs(600));
+        assert_eq!(
+            p.read_ahead(later, rtt, Duration::ZERO),
+            DEFAULT_MAX_READ_AHEAD
+        );
+    }
+
+    #[test]
+    fn fixed_is_fixed() {
+        let p = ReadAheadPolicy::new(ReadAhead::Fixed(12345));
+        assert_eq!(
+            p.read_ahead(
+                Instant::now(),
+                Duration::from_secs(1),
+                Duration::from_secs(1)
+            ),
+            12345
+        );
+    }
+}
