@@ -11,7 +11,8 @@ PLUGIN_DIR := $(CURDIR)/target/debug
 DEMO_DIR := $(CURDIR)/streamer
 DEMO_PORT ?= 50000
 
-.PHONY: all deps build test lint demo demo-clip clean
+.PHONY: all deps build test lint demo demo-clip bench clean
+BENCH_PACKAGES := nginx nftables iproute2
 
 all: build
 
@@ -66,6 +67,17 @@ demo: build demo-clip
 	echo "--- byte-exact copy check"; \
 	GST_PLUGIN_PATH=$(PLUGIN_DIR) gst-launch-1.0 -q udpvidsrc port=$(DEMO_PORT) file=sample.mp4 ! filesink location=target/demo-copy.mp4; \
 	if cmp -s target/demo-copy.mp4 $(DEMO_DIR)/sample.mp4; then echo "copy is byte-identical"; else echo "copy differs"; exit 1; fi
+
+# udpvid against HTTP (nginx + souphttpsrc) and SRT, same clip, same
+# impairments; prints a table and writes target/bench/results.md.
+# Not part of `make test`. Needs root for nftables and network namespaces.
+bench: deps
+	@missing=""; for p in $(BENCH_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
+	$(CARGO) build --release --workspace --examples
+	$(CARGO) bench --bench bench
 
 clean:
 	$(CARGO) clean

@@ -1,0 +1,1117 @@
+//! `make bench`: udpvid against the peers a GStreamer user would pick
+//! instead — HTTP progressive download (nginx + souphttpsrc through
+//! playbin) and SRT (srtsink/srtsrc) — on the same clip, the same machine,
+//! the same impairments, in one run. Prints a table (and writes it to
+//! `target/bench/results.md`); compare ratios, not absolute numbers, since
+//! the machine is shared.
+//!
+//! Impairments: UDP peers go through the seeded impairment proxy
+//! (`examples/impair.rs`); HTTP goes through a TCP relay adding the same
+//! delay and rate cap (a relay cannot drop TCP segments, so HTTP's lossy
+//! rows come from the kernel table instead); the kernel table runs server
+//! and client inside a network namespace where nftables drops a random
+//! share of packets (the kernel here has no netem, so no delay there).
+//!
+//! `BENCH_QUICK=1` shortens the real-time runs.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use gst::prelude::*;
+
+const CLIP_SECONDS: u64 = 60;
+const STOP_AFTER: Duration = Duration::from_secs(10);
+const PAUSE_FOR: Duration = Duration::from_secs(30);
+const SRT_LATENCY_MS: u32 = 400;
+
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("bench path");
+    exe.parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+fn profile_dir() -> PathBuf {
+    std::env::current_exe()
+        .expect("bench path")
+        .parent()
+        .and_then(Path::parent)
+        .expect("profile dir")
+        .to_path_buf()
+}
+
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// CPU seconds (user + system) of a process, from /proc.
+fn cpu_seconds(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15; 12 and 13 after ") state".
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn make_clips(dir: &Path) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).expect("clip dir");
+    let mp4 = dir.join("bench.mp4");
+    let ts = dir.join("bench.ts");
+    let frames = CLIP_SECONDS * 30;
+    let audio_buffers = CLIP_SECONDS * 44100 / 1024 + 1;
+    for (path, mux) in [(&mp4, "mp4mux"), (&ts, "mpegtsmux")] {
+        if path.exists() {
+            continue;
+        }
+        eprintln!(
+            "making {} ({CLIP_SECONDS} s, 4 Mbit/s H.264 + AAC)",
+            path.display()
+        );
+        let tmp = path.with_extension("tmp");
+        let desc = format!(
+            "videotestsrc num-buffers={frames} pattern=snow ! video/x-raw,width=1280,height=720,framerate=30/1 \
+             ! x264enc speed-preset=ultrafast bitrate=4000 vbv-buf-capacity=1000 key-int-max=60 ! h264parse ! mux. \
+             audiotestsrc num-buffers={audio_buffers} ! audioconvert ! avenc_aac ! aacparse ! mux. \
+             {mux} name=mux ! filesink location={}",
+            tmp.display()
+        );
+        let status = Command::new("gst-launch-1.0")
+            .arg("-q")
+            .args(desc.split_whitespace())
+            .status()
+            .expect("gst-launch");
+        assert!(status.success(), "making {}", path.display());
+        std::fs::rename(&tmp, path).expect("rename");
+    }
+    (mp4, ts)
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        std::thread::sleep(Duration::from_millis(50));
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    fn pid(&self) -> String {
+        self.0.id().to_string()
+    }
+}
+
+fn spawn_with_banner(mut cmd: Command, word: &str) -> (Proc, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().expect("stdout"))
+        .read_line(&mut line)
+        .expect("banner");
+    assert!(line.contains(word), "unexpected banner {line:?}");
+    (Proc(child), line)
+}
+
+fn port_of(banner: &str, field: usize) -> u16 {
+    banner
+        .split_whitespace()
+        .nth(field)
+        .and_then(|a| a.trim_end_matches(',').rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .expect("port in banner")
+}
+
+fn start_udpvid_server(dir: &Path) -> (Proc, u16) {
+    let mut cmd = Command::new(profile_dir().join("server"));
+    cmd.arg("--dir")
+        .arg(dir)
+        .args(["--bind", "127.0.0.1", "--port", "0"]);
+    cmd.env("UDPVID_LOG", "warn");
+    let (p, banner) = spawn_with_banner(cmd, "listening");
+    (p, port_of(&banner, 4))
+}
+
+fn start_nginx(dir: &Path, work: &Path) -> (Proc, u16) {
+    let port = free_port();
+    std::fs::create_dir_all(work.join("logs")).expect("nginx dir");
+    let conf = work.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off; master_process off; worker_processes 1; pid {}/nginx.pid; error_log stderr crit;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{ access_log off; sendfile on; tcp_nopush on; default_type application/octet-stream;\n\
+             client_body_temp_path {w}; proxy_temp_path {w}; fastcgi_temp_path {w}; uwsgi_temp_path {w}; scgi_temp_path {w};\n\
+             server {{ listen 127.0.0.1:{port}; root {}; }} }}\n",
+            work.display(),
+            dir.display(),
+            w = work.display()
+        ),
+    )
+    .expect("nginx.conf");
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(work)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nginx starts (apt-get install nginx)");
+    // Wait until it accepts.
+    for _ in 0..100 {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (Proc(child), port)
+}
+
+#[derive(Clone, Copy)]
+struct Condition {
+    name: &'static str,
+    rate_mbit: Option<u64>,
+    one_way_ms: u64,
+    loss: f64,
+}
+
+impl Condition {
+    fn is_clean(&self) -> bool {
+        self.rate_mbit.is_none() && self.one_way_ms == 0 && self.loss == 0.0
+    }
+    fn proxy_args(&self, seed: u64) -> Vec<String> {
+        let mut a = vec!["--seed".into(), seed.to_string()];
+        if let Some(r) = self.rate_mbit {
+            a.extend([
+                "--down-rate-mbit".into(),
+                r.to_string(),
+                "--down-queue-kb".into(),
+                "256".into(),
+            ]);
+        }
+        if self.one_way_ms > 0 {
+            a.extend(["--delay-ms".into(), self.one_way_ms.to_string()]);
+        }
+        if self.loss > 0.0 {
+            a.extend(["--loss".into(), self.loss.to_string()]);
+        }
+        a
+    }
+}
+
+/// A TCP relay that adds one-way delay and a rate cap in the server →
+/// client direction (and the delay client → server), with a bounded
+/// buffer so the sender still feels back-pressure.
+fn start_tcp_relay(upstream: u16, cond: Condition) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("relay bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                continue;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let pairs = [
+                (server.try_clone(), client.try_clone(), cond.rate_mbit),
+                (client.try_clone(), server.try_clone(), None),
+            ];
+            for (from, to, rate) in pairs {
+                let (Ok(from), Ok(to)) = (from, to) else {
+                    continue;
+                };
+                pump(from, to, rate, Duration::from_millis(cond.one_way_ms));
+            }
+        }
+    });
+    port
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, rate_mbit: Option<u64>, delay: Duration) {
+    // Capacity: a bandwidth-delay product plus a 256 KiB queue, in 16 KiB chunks.
+    let bdp = rate_mbit.map_or(4 << 20, |r| {
+        (r as f64 * 1e6 / 8.0 * delay.as_secs_f64() * 2.0) as usize + (256 << 10)
+    });
+    let (tx, rx) = mpsc::sync_channel::<(Instant, Vec<u8>)>((bdp / 16384).max(4));
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 16384];
+        let mut free_at = Instant::now();
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let now = Instant::now();
+            let start = free_at.max(now);
+            let serialise = rate_mbit.map_or(Duration::ZERO, |r| {
+                Duration::from_secs_f64(n as f64 * 8.0 / (r as f64 * 1e6))
+            });
+            free_at = start + serialise;
+            if tx.send((free_at + delay, buf[..n].to_vec())).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        while let Ok((due, data)) = rx.recv() {
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if to.write_all(&data).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+}
+
+/// nftables byte counters on loopback for the ports the client receives from.
+struct WireCounter;
+
+impl WireCounter {
+    fn install() -> Option<WireCounter> {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", "udpvidbench"])
+            .stderr(Stdio::null())
+            .status();
+        let ok = |args: &[&str]| {
+            Command::new("nft")
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !ok(&["add", "table", "inet", "udpvidbench"])
+            || !ok(&[
+                "add",
+                "chain",
+                "inet",
+                "udpvidbench",
+                "out",
+                "{ type filter hook output priority 0; }",
+            ])
+        {
+            return None;
+        }
+        Some(WireCounter)
+    }
+    fn watch(&self, port: u16) {
+        for proto in ["udp", "tcp"] {
+            let p = port.to_string();
+            let _ = Command::new("nft")
+                .args([
+                    "add",
+                    "rule",
+                    "inet",
+                    "udpvidbench",
+                    "out",
+                    "oif",
+                    "lo",
+                    proto,
+                    "sport",
+                    &p,
+                    "counter",
+                    "comment",
+                    &format!("\"{proto}{p}\""),
+                ])
+                .status();
+        }
+    }
+    /// IP bytes sent from `port` so far.
+    fn bytes(&self, port: u16) -> u64 {
+        let out = Command::new("nft")
+            .args(["list", "chain", "inet", "udpvidbench", "out"])
+            .output();
+        let Ok(out) = out else { return 0 };
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut total = 0;
+        for line in text.lines() {
+            if line.contains(&format!("sport {port} ")) {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                if let Some(i) = words.iter().position(|w| *w == "bytes") {
+                    total += words
+                        .get(i + 1)
+                        .and_then(|b| b.parse::<u64>().ok())
+                        .unwrap_or(0);
+                }
+            }
+        }
+        total
+    }
+}
+
+impl Drop for WireCounter {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", "udpvidbench"])
+            .status();
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Peer {
+    Udpvid,
+    UdpvidFixed,
+    Http,
+    Srt,
+}
+
+impl Peer {
+    fn name(self) -> &'static str {
+        match self {
+            Peer::Udpvid => "udpvid",
+            Peer::UdpvidFixed => "udpvid fixed 4 MiB",
+            Peer::Http => "HTTP (nginx, souphttpsrc)",
+            Peer::Srt => "SRT (srtsrc)",
+        }
+    }
+}
+
+struct Env {
+    clips: PathBuf,
+    mp4_size: u64,
+    ts_size: u64,
+    udpvid_port: u16,
+    udpvid_pid: String,
+    http_port: u16,
+    http_pid: String,
+    wire: Option<WireCounter>,
+}
+
+/// Everything a run needs kept alive: proxies, SRT sender.
+struct PeerPath {
+    uri: String,
+    /// Port the client receives from (for the wire counter).
+    client_port: u16,
+    server_pid: String,
+    _guards: Vec<Proc>,
+}
+
+fn open_path(env: &Env, peer: Peer, cond: Condition, seed: u64) -> PeerPath {
+    let impair = profile_dir().join("examples").join("impair");
+    match peer {
+        Peer::Udpvid | Peer::UdpvidFixed => {
+            let (port, guards) = if cond.is_clean() {
+                (env.udpvid_port, vec![])
+            } else {
+                let mut cmd = Command::new(&impair);
+                cmd.args(["--upstream", &format!("127.0.0.1:{}", env.udpvid_port)])
+                    .args(cond.proxy_args(seed));
+                let (p, banner) = spawn_with_banner(cmd, "listening");
+                (port_of(&banner, 3), vec![p])
+            };
+            if let Some(w) = &env.wire {
+                w.watch(port);
+            }
+            PeerPath {
+                uri: format!("udpvid://127.0.0.1:{port}/bench.mp4"),
+                client_port: port,
+                server_pid: env.udpvid_pid.clone(),
+                _guards: guards,
+            }
+        }
+        Peer::Http => {
+            let port = if cond.is_clean() {
+                env.http_port
+            } else {
+                start_tcp_relay(env.http_port, cond)
+            };
+            if let Some(w) = &env.wire {
+                w.watch(port);
+            }
+            PeerPath {
+                uri: format!("http://127.0.0.1:{port}/bench.mp4"),
+                client_port: port,
+                server_pid: env.http_pid.clone(),
+                _guards: vec![],
+            }
+        }
+        Peer::Srt => {
+            let srt_port = free_port();
+            // The sender paces the TS in real time, as a live SRT source does.
+            let sender = Command::new("gst-launch-1.0")
+                .args([
+                    "-q",
+                    "filesrc",
+                    &format!("location={}", env.clips.join("bench.ts").display()),
+                    "!",
+                    "tsparse",
+                    "set-timestamps=true",
+                    "!",
+                ])
+                .args([
+                    "srtsink",
+                    &format!("uri=srt://:{srt_port}?mode=listener"),
+                    &format!("latency={SRT_LATENCY_MS}"),
+                    "wait-for-connection=true",
+                    "sync=true",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("srt sender");
+            std::thread::sleep(Duration::from_millis(300));
+            let sender = Proc(sender);
+            let server_pid = sender.pid();
+            let (port, mut guards) = if cond.is_clean() {
+                (srt_port, vec![])
+            } else {
+                let mut cmd = Command::new(&impair);
+                cmd.args(["--upstream", &format!("127.0.0.1:{srt_port}")])
+                    .args(cond.proxy_args(seed));
+                let (p, banner) = spawn_with_banner(cmd, "listening");
+                (port_of(&banner, 3), vec![p])
+            };
+            guards.push(sender);
+            if let Some(w) = &env.wire {
+                w.watch(port);
+            }
+            PeerPath {
+                uri: format!("srt://127.0.0.1:{port}?mode=caller&latency={SRT_LATENCY_MS}"),
+                client_port: port,
+                server_pid,
+                _guards: guards,
+            }
+        }
+    }
+}
+
+/// One real-time playback through playbin, behaving like an app: it pauses
+/// while the source reports buffering below 100 %.
+struct Playback {
+    first_byte: Option<Duration>,
+    first_frame: Option<Duration>,
+    stalls: u32,
+    stalled_for: Duration,
+    position: Duration,
+    error: Option<String>,
+}
+
+/// When something first happened, set from a streaming thread.
+type FirstSeen = Arc<Mutex<Option<Instant>>>;
+
+fn playbin(uri: &str, peer: Peer) -> (gst::Element, FirstSeen, FirstSeen) {
+    let video = gst::ElementFactory::make("fakesink")
+        .property("sync", true)
+        .build()
+        .expect("fakesink");
+    let audio = gst::ElementFactory::make("fakesink")
+        .property("sync", true)
+        .build()
+        .expect("fakesink");
+    video.set_property("signal-handoffs", true);
+    let first_frame = Arc::new(Mutex::new(None));
+    let ff = first_frame.clone();
+    video.connect("handoff", false, move |_| {
+        ff.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(Instant::now);
+        None
+    });
+    let pipeline = gst::ElementFactory::make("playbin")
+        .property("uri", uri)
+        .property("video-sink", &video)
+        .property("audio-sink", &audio)
+        .build()
+        .expect("playbin");
+    let first_byte = Arc::new(Mutex::new(None));
+    let fb = first_byte.clone();
+    pipeline.connect("source-setup", false, move |args| {
+        let Ok(src) = args[1].get::<gst::Element>() else {
+            return None;
+        };
+        if peer == Peer::UdpvidFixed {
+            src.set_property("read-ahead", 4u64 << 20);
+        }
+        if let Some(pad) = src.static_pad("src") {
+            let fb = fb.clone();
+            pad.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+                fb.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert_with(Instant::now);
+                gst::PadProbeReturn::Ok
+            });
+        }
+        None
+    });
+    (pipeline, first_byte, first_frame)
+}
+
+fn play(uri: &str, peer: Peer, stop_at: Duration, pause: Option<Duration>) -> Playback {
+    let (pipeline, first_byte, first_frame) = playbin(uri, peer);
+    let bus = pipeline.bus().expect("bus");
+    let started = Instant::now();
+    let _ = pipeline.set_state(gst::State::Playing);
+    let mut result = Playback {
+        first_byte: None,
+        first_frame: None,
+        stalls: 0,
+        stalled_for: Duration::ZERO,
+        position: Duration::ZERO,
+        error: None,
+    };
+    let mut buffering = false;
+    let mut last_pos = Duration::ZERO;
+    let mut last_progress = Instant::now();
+    let mut in_stall = false;
+    let mut playing_since: Option<Instant> = None;
+    let hard_limit = stop_at + Duration::from_secs(60);
+    loop {
+        if started.elapsed() > hard_limit {
+            result.error = Some("did not reach the stop point".into());
+            break;
+        }
+        if let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(20)) {
+            match msg.view() {
+                gst::MessageView::Eos(_) => break,
+                gst::MessageView::Error(e) => {
+                    result.error = Some(e.error().to_string());
+                    break;
+                }
+                gst::MessageView::Buffering(b) => {
+                    if b.percent() < 100 && !buffering {
+                        buffering = true;
+                        let _ = pipeline.set_state(gst::State::Paused);
+                    } else if b.percent() >= 100 && buffering {
+                        buffering = false;
+                        let _ = pipeline.set_state(gst::State::Playing);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let pos = pipeline
+            .query_position::<gst::ClockTime>()
+            .map_or(Duration::ZERO, |p| Duration::from_nanos(p.nseconds()));
+        if pos > Duration::ZERO && playing_since.is_none() {
+            playing_since = Some(Instant::now());
+        }
+        if pos > last_pos {
+            if in_stall {
+                result.stalled_for += last_progress.elapsed();
+                in_stall = false;
+            }
+            last_pos = pos;
+            last_progress = Instant::now();
+        } else if playing_since.is_some()
+            && !in_stall
+            && last_progress.elapsed() > Duration::from_millis(250)
+        {
+            in_stall = true;
+            result.stalls += 1;
+        }
+        if pos >= stop_at {
+            break;
+        }
+    }
+    result.position = last_pos;
+    if let Some(p) = pause {
+        let _ = pipeline.set_state(gst::State::Paused);
+        std::thread::sleep(p);
+    }
+    result.first_byte = first_byte
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .map(|t| t - started);
+    result.first_frame = first_frame
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .map(|t| t - started);
+    let _ = pipeline.set_state(gst::State::Null);
+    result
+}
+
+struct Pull {
+    seconds: f64,
+    first_byte: Duration,
+    client_cpu: f64,
+    server_cpu: f64,
+    bytes: u64,
+}
+
+fn pull(uri: &str, server_pid: &str) -> Result<Pull, String> {
+    let src =
+        gst::Element::make_from_uri(gst::URIType::Src, uri, None).map_err(|e| e.to_string())?;
+    let sink = gst::ElementFactory::make("fakesink")
+        .property("sync", false)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let pipeline = gst::Pipeline::new();
+    pipeline
+        .add_many([&src, &sink])
+        .map_err(|e| e.to_string())?;
+    src.link(&sink).map_err(|e| e.to_string())?;
+    let bytes = Arc::new(AtomicU64::new(0));
+    let first = Arc::new(Mutex::new(None));
+    {
+        let (bytes, first) = (bytes.clone(), first.clone());
+        src.static_pad("src").ok_or("no src pad")?.add_probe(
+            gst::PadProbeType::BUFFER,
+            move |_, info| {
+                if let Some(b) = info.buffer() {
+                    bytes.fetch_add(b.size() as u64, Ordering::Relaxed);
+                }
+                first
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert_with(Instant::now);
+                gst::PadProbeReturn::Ok
+            },
+        );
+    }
+    let cpu0 = (cpu_seconds("self"), cpu_seconds(server_pid));
+    let started = Instant::now();
+    let bus = pipeline.bus().ok_or("bus")?;
+    pipeline
+        .set_state(gst::State::Playing)
+        .map_err(|e| e.to_string())?;
+    let msg = bus.timed_pop_filtered(
+        gst::ClockTime::from_seconds(300),
+        &[gst::MessageType::Eos, gst::MessageType::Error],
+    );
+    let seconds = started.elapsed().as_secs_f64();
+    let _ = pipeline.set_state(gst::State::Null);
+    match msg.as_ref().map(|m| m.view()) {
+        Some(gst::MessageView::Eos(_)) => {}
+        Some(gst::MessageView::Error(e)) => return Err(e.error().to_string()),
+        _ => return Err("timed out".into()),
+    }
+    let first_byte = first
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .map_or(Duration::ZERO, |t| t - started);
+    Ok(Pull {
+        seconds,
+        first_byte,
+        client_cpu: cpu_seconds("self") - cpu0.0,
+        server_cpu: cpu_seconds(server_pid) - cpu0.1,
+        bytes: bytes.load(Ordering::Relaxed),
+    })
+}
+
+fn ms(d: Option<Duration>) -> String {
+    d.map_or("–".into(), |d| format!("{:.0}", d.as_secs_f64() * 1000.0))
+}
+
+fn mib(b: f64) -> String {
+    format!("{:.2}", b / 1048576.0)
+}
+
+/// Runs server and client inside a namespace where nftables drops
+/// `percent` % of packets; returns the seconds a full pull took.
+fn kernel_loss_pull(env: &Env, percent: u32, http: bool) -> Result<f64, String> {
+    let ns = format!("udpvidbench{}", std::process::id());
+    let run = |args: &[&str]| {
+        Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let _ = Command::new("ip")
+        .args(["netns", "del", &ns])
+        .stderr(Stdio::null())
+        .status();
+    if !Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        return Err("no network namespace (needs root)".into());
+    }
+    struct Ns(String);
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _ns = Ns(ns.clone());
+    run(&["ip", "link", "set", "lo", "up"]);
+    let p = percent.to_string();
+    run(&["nft", "add", "table", "inet", "loss"]);
+    run(&[
+        "nft",
+        "add",
+        "chain",
+        "inet",
+        "loss",
+        "in",
+        "{ type filter hook input priority 0; }",
+    ]);
+    run(&[
+        "nft", "add", "rule", "inet", "loss", "in", "numgen", "random", "mod", "100", "<", &p,
+        "drop",
+    ]);
+    let (_server, uri) = if http {
+        let work = target_dir().join("bench").join("nginx-ns");
+        std::fs::create_dir_all(work.join("logs")).map_err(|e| e.to_string())?;
+        let conf = work.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off; master_process off; worker_processes 1; pid {w}/nginx.pid; error_log stderr crit;\n\
+                 events {{ worker_connections 64; }}\n\
+                 http {{ access_log off; sendfile on; client_body_temp_path {w}; proxy_temp_path {w}; fastcgi_temp_path {w}; uwsgi_temp_path {w}; scgi_temp_path {w};\n\
+                 server {{ listen 127.0.0.1:8080; root {}; }} }}\n",
+                env.clips.display(),
+                w = work.display()
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns, "nginx", "-c"])
+            .arg(&conf)
+            .arg("-p")
+            .arg(&work)
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        std::thread::sleep(Duration::from_millis(300));
+        (Proc(child), "http://127.0.0.1:8080/bench.mp4".to_string())
+    } else {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(profile_dir().join("server"))
+            .arg("--dir")
+            .arg(&env.clips)
+            .args(["--bind", "127.0.0.1", "--port", "50000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        std::thread::sleep(Duration::from_millis(300));
+        (
+            Proc(child),
+            "udpvid://127.0.0.1:50000/bench.mp4".to_string(),
+        )
+    };
+    let started = Instant::now();
+    let status = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            "gst-launch-1.0",
+            "-q",
+            "urisourcebin",
+            &format!("uri={uri}"),
+            "!",
+            "fakesink",
+            "sync=false",
+        ])
+        .env("GST_PLUGIN_PATH", profile_dir())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|e| e.to_string())?;
+    if !status.success() {
+        return Err("pull failed".into());
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+fn main() {
+    gst::init().expect("GStreamer");
+    gstudpvid::plugin_register_static().expect("plugin");
+    let quick = std::env::var_os("BENCH_QUICK").is_some();
+    let bench_dir = target_dir().join("bench");
+    let clips_dir = bench_dir.join("clips");
+    let (mp4, ts) = make_clips(&clips_dir);
+    let (udpvid, udpvid_port) = start_udpvid_server(&clips_dir);
+    let (nginx, http_port) = start_nginx(&clips_dir, &bench_dir.join("nginx"));
+    let env = Env {
+        mp4_size: std::fs::metadata(&mp4).map(|m| m.len()).unwrap_or(0),
+        ts_size: std::fs::metadata(&ts).map(|m| m.len()).unwrap_or(0),
+        clips: clips_dir.clone(),
+        udpvid_port,
+        udpvid_pid: udpvid.pid(),
+        http_port,
+        http_pid: nginx.pid(),
+        wire: WireCounter::install(),
+    };
+    let conditions = [
+        Condition {
+            name: "loopback",
+            rate_mbit: None,
+            one_way_ms: 0,
+            loss: 0.0,
+        },
+        Condition {
+            name: "20 Mbit/s, 80 ms",
+            rate_mbit: Some(20),
+            one_way_ms: 40,
+            loss: 0.0,
+        },
+        Condition {
+            name: "20 Mbit/s, 80 ms, 1 % loss",
+            rate_mbit: Some(20),
+            one_way_ms: 40,
+            loss: 0.01,
+        },
+        Condition {
+            name: "20 Mbit/s, 80 ms, 5 % loss",
+            rate_mbit: Some(20),
+            one_way_ms: 40,
+            loss: 0.05,
+        },
+        Condition {
+            name: "20 Mbit/s, 80 ms, 10 % loss",
+            rate_mbit: Some(20),
+            one_way_ms: 40,
+            loss: 0.10,
+        },
+    ];
+    let mut out = String::new();
+    let _ = writeln!(out, "# udpvid benchmark\n");
+    let _ = writeln!(
+        out,
+        "Command: `make bench` ({}). Machine: {} cores, {}. Clip: {CLIP_SECONDS} s 720p H.264 4 Mbit/s + AAC, MP4 {:.1} MiB (TS {:.1} MiB for SRT). Date: {}.\n",
+        if quick { "BENCH_QUICK=1" } else { "full" },
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(
+                |c| c.lines().find(|l| l.starts_with("model name")).map(|l| l
+                    .split(':')
+                    .nth(1)
+                    .unwrap_or("")
+                    .trim()
+                    .to_string())
+            )
+            .unwrap_or_default(),
+        env.mp4_size as f64 / 1048576.0,
+        env.ts_size as f64 / 1048576.0,
+        Command::new("date")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    );
+
+    // 1. Full pull as fast as possible.
+    let _ = writeln!(out, "## Full-file pull (as fast as possible)\n");
+    let _ = writeln!(
+        out,
+        "| condition | peer | time s | ratio to HTTP | first byte ms | client CPU s/GB | server CPU s/GB |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    for cond in &conditions {
+        let mut http_time = None;
+        for peer in [Peer::Http, Peer::Udpvid] {
+            if peer == Peer::Http && cond.loss > 0.0 {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | n/a: a TCP relay cannot drop segments (see the kernel table) | | | | |",
+                    cond.name,
+                    peer.name()
+                );
+                continue;
+            }
+            let path = open_path(&env, peer, *cond, 1);
+            match pull(&path.uri, &path.server_pid) {
+                Ok(p) => {
+                    let gb = p.bytes as f64 / 1e9;
+                    if peer == Peer::Http {
+                        http_time = Some(p.seconds);
+                    }
+                    let ratio = http_time.map_or("–".into(), |h| format!("{:.2}", p.seconds / h));
+                    let _ = writeln!(
+                        out,
+                        "| {} | {} | {:.2} | {} | {} | {:.1} | {:.1} |",
+                        cond.name,
+                        peer.name(),
+                        p.seconds,
+                        ratio,
+                        ms(Some(p.first_byte)),
+                        p.client_cpu / gb,
+                        p.server_cpu / gb
+                    );
+                }
+                Err(e) => {
+                    let _ = writeln!(
+                        out,
+                        "| {} | {} | failed: {e} | | | | |",
+                        cond.name,
+                        peer.name()
+                    );
+                }
+            }
+            eprint!(".");
+        }
+    }
+
+    // 2. Stop after 10 s of real-time playback (and after pausing 30 s): waste.
+    let _ = writeln!(
+        out,
+        "\n## Viewer stops after {} s of real-time playback\n",
+        STOP_AFTER.as_secs()
+    );
+    let _ = writeln!(
+        out,
+        "Waste = bytes sent to the client (nftables counter on its port, IP bytes) minus the bytes of the media it played (file size × played / duration).\n"
+    );
+    let _ = writeln!(
+        out,
+        "| condition | peer | first byte ms | first frame ms | wire MiB | waste MiB | waste after 30 s pause MiB | waste ratio HTTP/peer |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    let waste_conditions: Vec<&Condition> = if quick {
+        conditions.iter().take(2).collect()
+    } else {
+        conditions.iter().collect()
+    };
+    for cond in waste_conditions {
+        let mut http_waste = None;
+        for peer in [Peer::Http, Peer::Udpvid, Peer::UdpvidFixed, Peer::Srt] {
+            if peer == Peer::Http && cond.loss > 0.0 {
+                continue;
+            }
+            let size = if peer == Peer::Srt {
+                env.ts_size
+            } else {
+                env.mp4_size
+            };
+            let mut cells = Vec::new();
+            let mut first = (None, None);
+            for pause in [None, Some(PAUSE_FOR)] {
+                if pause.is_some() && (quick || !(cond.rate_mbit.is_some() && cond.loss == 0.0)) {
+                    cells.push("–".to_string());
+                    continue;
+                }
+                let path = open_path(&env, peer, *cond, 2);
+                let before = env.wire.as_ref().map_or(0, |w| w.bytes(path.client_port));
+                let p = play(&path.uri, peer, STOP_AFTER, pause);
+                let wire = env.wire.as_ref().map_or(0, |w| w.bytes(path.client_port)) - before;
+                let played = size as f64 * p.position.as_secs_f64() / CLIP_SECONDS as f64;
+                let waste = wire as f64 - played;
+                if pause.is_none() {
+                    first = (p.first_byte, p.first_frame);
+                    cells.push(mib(wire as f64));
+                    if peer == Peer::Http {
+                        http_waste = Some(waste);
+                    }
+                }
+                cells.push(match &p.error {
+                    Some(e) => format!("failed: {e}"),
+                    None => mib(waste),
+                });
+                if pause.is_none() {
+                    cells.push(String::new());
+                }
+                eprint!(".");
+            }
+            // cells: wire, waste, "", pause-waste
+            let wire = cells.first().cloned().unwrap_or_default();
+            let waste = cells.get(1).cloned().unwrap_or_default();
+            let paused = cells.get(3).cloned().unwrap_or_default();
+            let ratio = match (http_waste, waste.parse::<f64>()) {
+                (Some(h), Ok(w)) if peer != Peer::Http && w > 0.0 => {
+                    format!("{:.1}×", h / 1048576.0 / w)
+                }
+                _ => "–".into(),
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {wire} | {waste} | {paused} | {ratio} |",
+                cond.name,
+                peer.name(),
+                ms(first.0),
+                ms(first.1)
+            );
+        }
+    }
+
+    // 3. Stalls during real-time playback of the whole clip.
+    let watch = if quick {
+        Duration::from_secs(20)
+    } else {
+        Duration::from_secs(CLIP_SECONDS - 1)
+    };
+    let _ = writeln!(
+        out,
+        "\n## Stalls during {} s of real-time playback\n",
+        watch.as_secs()
+    );
+    let _ = writeln!(
+        out,
+        "| condition | peer | stalls | stalled s | first frame ms | result |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    for cond in conditions
+        .iter()
+        .filter(|c| c.rate_mbit.is_some() && (c.loss == 0.0 || c.loss >= 0.1))
+    {
+        for peer in [Peer::Http, Peer::Udpvid, Peer::UdpvidFixed, Peer::Srt] {
+            if peer == Peer::Http && cond.loss > 0.0 {
+                continue;
+            }
+            let path = open_path(&env, peer, *cond, 3);
+            let p = play(&path.uri, peer, watch, None);
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {:.2} | {} | {} |",
+                cond.name,
+                peer.name(),
+                p.stalls,
+                p.stalled_for.as_secs_f64(),
+                ms(p.first_frame),
+                p.error.unwrap_or_else(|| "ok".into())
+            );
+            eprint!(".");
+        }
+    }
+
+    // 4. Kernel drops (nftables in a namespace; no delay).
+    let _ = writeln!(
+        out,
+        "\n## Full pull with kernel packet drops (nftables in a network namespace, no added delay)\n"
+    );
+    let _ = writeln!(out, "| drop % | HTTP s | udpvid s | udpvid / HTTP |");
+    let _ = writeln!(out, "|---|---|---|---|");
+    for percent in [0u32, 1, 5, 10] {
+        let h = kernel_loss_pull(&env, percent, true);
+        let u = kernel_loss_pull(&env, percent, false);
+        let fmt = |r: &Result<f64, String>| {
+            r.as_ref()
+                .map_or_else(|e| format!("failed: {e}"), |s| format!("{s:.2}"))
+        };
+        let ratio = match (&h, &u) {
+            (Ok(h), Ok(u)) => format!("{:.2}", u / h),
+            _ => "–".into(),
+        };
+        let _ = writeln!(out, "| {percent} | {} | {} | {ratio} |", fmt(&h), fmt(&u));
+        eprint!(".");
+    }
+    eprintln!();
+    drop(env);
+    drop(udpvid);
+    drop(nginx);
+    println!("{out}");
+    let results = bench_dir.join("results.md");
+    if let Ok(mut f) = std::fs::File::create(&results) {
+        let _ = f.write_all(out.as_bytes());
+        eprintln!("written to {}", results.display());
+    }
+}
