@@ -17,7 +17,9 @@ use rand::RngCore;
 use tokio::net::UdpSocket;
 use tracing::{debug, error, info, warn};
 
-use gstudpvid::protocol::server::{DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS};
+use gstudpvid::protocol::server::{
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS, DEFAULT_MAX_SESSIONS_PER_ADDRESS,
+};
 use gstudpvid::protocol::wire::{DATA_OVERHEAD, DEFAULT_MAX_PAYLOAD, MAX_DATAGRAM_SIZE};
 use gstudpvid::protocol::{ServerConfig, ServerEndpoint, ServerEvent};
 
@@ -58,6 +60,9 @@ struct Args {
     /// Most sessions served at once; more clients are told the server is busy
     #[arg(long, default_value_t = DEFAULT_MAX_SESSIONS)]
     max_sessions: usize,
+    /// Most sessions from one IP address; more are told the server is busy
+    #[arg(long, default_value_t = DEFAULT_MAX_SESSIONS_PER_ADDRESS)]
+    max_sessions_per_address: usize,
     /// Largest data payload per datagram in bytes (the default fits 1500-byte Ethernet)
     #[arg(long, default_value_t = DEFAULT_MAX_PAYLOAD)]
     max_payload: usize,
@@ -270,6 +275,7 @@ fn main() -> std::process::ExitCode {
         let config = ServerConfig {
             idle_timeout: Duration::from_secs_f64(args.idle_timeout),
             max_sessions: args.max_sessions,
+            max_sessions_per_address: args.max_sessions_per_address,
             max_payload: args.max_payload,
         };
         let mut seed = [0u8; 32];

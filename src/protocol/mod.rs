@@ -21,6 +21,9 @@ pub mod wire;
 #[cfg(test)]
 mod simulation;
 
+#[cfg(test)]
+mod robustness;
+
 pub use catalog::CatalogEntry;
 pub use client::{ClientConfig, ClientConnection, ClientEvent};
 pub use server::{Content, ContentStore, OpenFailure, ServerConfig, ServerEndpoint, ServerEvent};

@@ -21,6 +21,9 @@ use super::wire::{
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default limit on sessions at once.
 pub const DEFAULT_MAX_SESSIONS: usize = 256;
+/// Default limit on sessions from one IP address: a household or an office
+/// behind one NAT plays a few streams, not hundreds.
+pub const DEFAULT_MAX_SESSIONS_PER_ADDRESS: usize = 16;
 /// Before validation the server sends at most this many times the bytes it
 /// received from an address (RFC 9000 §8).
 pub const AMPLIFICATION_FACTOR: usize = 3;
@@ -76,6 +79,7 @@ impl Content for MemoryContent {
 pub struct ServerConfig {
     pub idle_timeout: Duration,
     pub max_sessions: usize,
+    pub max_sessions_per_address: usize,
     pub max_payload: usize,
 }
 
@@ -84,6 +88,7 @@ impl Default for ServerConfig {
         ServerConfig {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_sessions: DEFAULT_MAX_SESSIONS,
+            max_sessions_per_address: DEFAULT_MAX_SESSIONS_PER_ADDRESS,
             max_payload: DEFAULT_MAX_PAYLOAD,
         }
     }
@@ -366,16 +371,31 @@ impl<S: ContentStore> ServerEndpoint<S> {
             self.reply_stateless(from, received, reply);
             return;
         }
-        if self.sessions.len() >= self.config.max_sessions {
+        let from_same_ip = self
+            .sessions
+            .values()
+            .filter(|s| s.addr.ip() == from.ip())
+            .count();
+        let refusal = if self.sessions.len() >= self.config.max_sessions {
+            Some(format!(
+                "server busy: {} sessions already, try again later",
+                self.sessions.len()
+            ))
+        } else if from_same_ip >= self.config.max_sessions_per_address {
+            Some(format!(
+                "server busy: {from_same_ip} sessions from {} already, close one first",
+                from.ip()
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = refusal {
             let reply = Packet::new(
                 0,
                 0,
                 Body::Close {
                     reason: CloseReason::ServerBusy,
-                    message: format!(
-                        "server busy: {} sessions already, try again later",
-                        self.sessions.len()
-                    ),
+                    message,
                 },
             );
             self.reply_stateless(from, received, reply);

@@ -1,0 +1,329 @@
+//! Hostile input against the state machines: arbitrary and mutated
+//! datagram sequences never panic, never make the server amplify towards
+//! an unvalidated address, and limits refuse newcomers without disturbing
+//! established sessions. (The fuzz targets in `fuzz/` drive the same entry
+//! points with coverage guidance; these run in `make test`.)
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+
+use super::catalog::CatalogEntry;
+use super::client::{ClientConfig, ClientConnection};
+use super::server::{
+    AMPLIFICATION_FACTOR, Content, ContentStore, MemoryContent, OpenFailure, ServerConfig,
+    ServerEndpoint, ServerEvent,
+};
+use super::wire::{Body, CloseReason, OpenErrorKind, Packet, TransferKind};
+
+struct OneFile;
+
+impl ContentStore for OneFile {
+    fn catalog(&self) -> Vec<CatalogEntry> {
+        vec![CatalogEntry {
+            name: "a.mp4".into(),
+            size: 100_000,
+        }]
+    }
+    fn open(&self, path: &str) -> Result<Box<dyn Content>, OpenFailure> {
+        if path == "a.mp4" {
+            Ok(Box::new(MemoryContent {
+                bytes: (0..100_000u32).map(|i| i as u8).collect(),
+                tag: 9,
+            }))
+        } else {
+            Err(OpenFailure {
+                kind: OpenErrorKind::NotFound,
+                message: "no".into(),
+                detail: String::new(),
+            })
+        }
+    }
+}
+
+fn server(now: Instant) -> ServerEndpoint<OneFile> {
+    ServerEndpoint::new(ServerConfig::default(), OneFile, [3; 32], now)
+}
+
+/// Valid client packets to mutate from.
+fn seeds() -> Vec<Vec<u8>> {
+    vec![
+        Packet::new(
+            0,
+            0,
+            Body::Hello {
+                client_nonce: 1,
+                cookie: vec![],
+            },
+        )
+        .encode(),
+        Packet::new(
+            5,
+            1,
+            Body::Open {
+                transfer_id: 1,
+                kind: TransferKind::File,
+                offset: 0,
+                window: 1 << 20,
+                path: "a.mp4".into(),
+            },
+        )
+        .encode(),
+        Packet::new(
+            5,
+            2,
+            Body::Ack {
+                transfer_id: 1,
+                window: 1 << 20,
+                received_up_to: 5000,
+                ack_delay_micros: 10,
+                ranges: vec![],
+            },
+        )
+        .encode(),
+        Packet::new(5, 3, Body::Ping).encode(),
+    ]
+}
+
+#[derive(Debug, Clone)]
+enum Input {
+    Datagram {
+        from: u8,
+        bytes: Vec<u8>,
+    },
+    Mutated {
+        from: u8,
+        seed: usize,
+        flips: Vec<(usize, u8)>,
+    },
+    Advance(u16),
+}
+
+fn input() -> impl Strategy<Value = Input> {
+    prop_oneof![
+        (0u8..4, proptest::collection::vec(any::<u8>(), 0..1300))
+            .prop_map(|(from, bytes)| Input::Datagram { from, bytes }),
+        (
+            0u8..4,
+            0usize..4,
+            proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6)
+        )
+            .prop_map(|(from, seed, flips)| Input::Mutated { from, seed, flips }),
+        any::<u16>().prop_map(Input::Advance),
+    ]
+}
+
+fn addr(i: u8) -> SocketAddr {
+    SocketAddr::from(([192, 0, 2, i], 4000 + i as u16))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn server_survives_arbitrary_datagrams_and_never_amplifies(inputs in proptest::collection::vec(input(), 1..60)) {
+        let mut now = Instant::now();
+        let mut s = server(now);
+        let seeds = seeds();
+        let mut received: HashMap<SocketAddr, usize> = HashMap::new();
+        let mut sent: HashMap<SocketAddr, usize> = HashMap::new();
+        let mut validated: Vec<SocketAddr> = Vec::new();
+        let mut out = Vec::new();
+        for i in inputs {
+            match i {
+                Input::Datagram { from, bytes } => {
+                    *received.entry(addr(from)).or_default() += bytes.len();
+                    s.handle_datagram(now, addr(from), &bytes);
+                }
+                Input::Mutated { from, seed, flips } => {
+                    let mut bytes = seeds[seed].clone();
+                    for (pos, v) in flips {
+                        let n = bytes.len();
+                        bytes[pos % n] ^= v;
+                    }
+                    *received.entry(addr(from)).or_default() += bytes.len();
+                    s.handle_datagram(now, addr(from), &bytes);
+                }
+                Input::Advance(ms) => {
+                    now += Duration::from_millis(ms as u64);
+                    s.handle_timeout(now);
+                }
+            }
+            while let Some(e) = s.poll_event() {
+                if let ServerEvent::SessionOpened { addr, .. } = e {
+                    validated.push(addr);
+                }
+            }
+            let mut guard = 0;
+            while let Some(to) = s.poll_transmit(now, &mut out) {
+                *sent.entry(to).or_default() += out.len();
+                guard += 1;
+                prop_assert!(guard < 10_000, "endless transmit");
+            }
+        }
+        for (a, bytes) in sent {
+            if !validated.contains(&a) {
+                let got = received.get(&a).copied().unwrap_or(0);
+                prop_assert!(bytes <= got * AMPLIFICATION_FACTOR, "{bytes} bytes to unvalidated {a} after receiving {got}");
+            }
+        }
+    }
+
+    #[test]
+    fn client_survives_arbitrary_datagrams(inputs in proptest::collection::vec(input(), 1..60)) {
+        let mut now = Instant::now();
+        let mut c = ClientConnection::new(ClientConfig::default(), 1, now);
+        c.open_file(now, "a.mp4", 0);
+        for i in inputs {
+            match i {
+                Input::Datagram { bytes, .. } => c.handle_datagram(now, &bytes),
+                Input::Mutated { seed, flips, .. } => {
+                    // Mutate server-to-client packets with the right nonce.
+                    let mut bytes = match seed {
+                        0 => Packet::new(0, 0, Body::Retry { client_nonce: 1, cookie: vec![1; 20] }).encode(),
+                        1 => Packet::new(7, 1, Body::Welcome { client_nonce: 1, idle_timeout_ms: 1000, max_payload: 1420 }).encode(),
+                        2 => Packet::new(7, 2, Body::OpenOk { transfer_id: 1, size: 10_000, content_tag: 1, offset: 0 }).encode(),
+                        _ => Packet::new(7, 3, Body::Data { transfer_id: 1, offset: 0, payload: vec![1; 1000] }).encode(),
+                    };
+                    for (pos, v) in flips {
+                        let n = bytes.len();
+                        bytes[pos % n] ^= v;
+                    }
+                    c.handle_datagram(now, &bytes);
+                }
+                Input::Advance(ms) => {
+                    now += Duration::from_millis(ms as u64);
+                    c.handle_timeout(now);
+                }
+            }
+            while c.poll_transmit(now).is_some() {}
+            while c.read(now, 4096).is_some() {}
+            while c.poll_event().is_some() {}
+        }
+    }
+}
+
+/// Completes a handshake for `from` and returns the connection id.
+fn connect(
+    s: &mut ServerEndpoint<OneFile>,
+    now: Instant,
+    from: SocketAddr,
+    nonce: u64,
+) -> Option<u64> {
+    let hello = |cookie: Vec<u8>| {
+        Packet::new(
+            0,
+            0,
+            Body::Hello {
+                client_nonce: nonce,
+                cookie,
+            },
+        )
+        .encode()
+    };
+    s.handle_datagram(now, from, &hello(vec![]));
+    let mut out = Vec::new();
+    let mut cookie = None;
+    while s.poll_transmit(now, &mut out).is_some() {
+        if let Ok(Packet {
+            body: Body::Retry { cookie: c, .. },
+            ..
+        }) = Packet::decode(&out)
+        {
+            cookie = Some(c);
+        }
+    }
+    s.handle_datagram(now, from, &hello(cookie?));
+    let mut id = None;
+    while s.poll_transmit(now, &mut out).is_some() {
+        match Packet::decode(&out) {
+            Ok(Packet {
+                connection_id,
+                body: Body::Welcome { .. },
+                ..
+            }) => id = Some(connection_id),
+            Ok(Packet {
+                body: Body::Close { reason, .. },
+                ..
+            }) => assert_eq!(reason, CloseReason::ServerBusy),
+            _ => {}
+        }
+    }
+    id
+}
+
+#[test]
+fn limits_refuse_newcomers_and_spare_established_sessions() {
+    let now = Instant::now();
+    let config = ServerConfig {
+        max_sessions: 6,
+        max_sessions_per_address: 4,
+        ..ServerConfig::default()
+    };
+    let mut s = ServerEndpoint::new(config, OneFile, [1; 32], now);
+    let a = |port| SocketAddr::from(([198, 51, 100, 1], port));
+    let b = |port| SocketAddr::from(([198, 51, 100, 2], port));
+    let ids: Vec<Option<u64>> = (0..5)
+        .map(|i| connect(&mut s, now, a(1000 + i), i as u64))
+        .collect();
+    assert!(ids[..4].iter().all(Option::is_some));
+    assert_eq!(ids[4], None, "fifth session from one address accepted");
+    assert!(connect(&mut s, now, b(1), 100).is_some());
+    assert!(connect(&mut s, now, b(2), 101).is_some());
+    assert_eq!(
+        connect(&mut s, now, b(3), 102),
+        None,
+        "session over the total limit accepted"
+    );
+    // The established sessions still work: open a file on the first.
+    let id = ids[0].expect("first session");
+    let open = Packet::new(
+        id,
+        1,
+        Body::Open {
+            transfer_id: 1,
+            kind: TransferKind::File,
+            offset: 0,
+            window: 1 << 20,
+            path: "a.mp4".into(),
+        },
+    );
+    s.handle_datagram(now, a(1000), &open.encode());
+    let mut out = Vec::new();
+    let mut data = 0;
+    while s.poll_transmit(now, &mut out).is_some() {
+        if let Ok(Packet {
+            body: Body::Data { .. },
+            ..
+        }) = Packet::decode(&out)
+        {
+            data += 1;
+        }
+    }
+    assert!(data > 0, "established session starved");
+}
+
+#[test]
+fn an_unvalidated_flood_creates_no_state() {
+    let now = Instant::now();
+    let mut s = server(now);
+    let mut out = Vec::new();
+    for i in 0..10_000u32 {
+        let from = SocketAddr::from(([203, 0, 113, (i % 250) as u8], (i % 60_000) as u16 + 1));
+        let hello = Packet::new(
+            0,
+            0,
+            Body::Hello {
+                client_nonce: i as u64,
+                cookie: vec![0; 20],
+            },
+        );
+        s.handle_datagram(now, from, &hello.encode());
+        while s.poll_transmit(now, &mut out).is_some() {}
+    }
+    assert_eq!(s.session_count(), 0);
+    // A real client still gets in.
+    assert!(connect(&mut s, now, SocketAddr::from(([192, 0, 2, 1], 9)), 5).is_some());
+}
