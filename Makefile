@@ -11,7 +11,8 @@ PLUGIN_DIR := $(CURDIR)/target/debug
 DEMO_DIR := $(CURDIR)/streamer
 DEMO_PORT ?= 50000
 
-.PHONY: all deps build test lint demo demo-clip bench clean
+.PHONY: all deps build test lint demo demo-clip bench fuzz load clean
+FUZZ_SECONDS ?= 60
 BENCH_PACKAGES := nginx nftables iproute2
 
 all: build
@@ -78,6 +79,23 @@ bench: deps
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
 	$(CARGO) build --release --workspace --examples
 	$(CARGO) bench --bench bench
+
+# Coverage-guided fuzzing of the decoder and both state machines, each for
+# FUZZ_SECONDS. cargo-fuzz comes from crates.io; its sanitizer flags need a
+# nightly compiler, which RUSTC_BOOTSTRAP=1 unlocks on this stable one.
+# Crashes land in fuzz/artifacts/; copy them to fuzz/regressions/, which
+# `make test` replays.
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && for t in decode server client; do \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096 || exit 1; \
+	done
+
+# Hundreds of concurrent clients, some misbehaving, against the release
+# server on loopback; prints server CPU, memory and throughput.
+load:
+	$(CARGO) build --release --workspace --examples
+	./target/release/examples/load
 
 clean:
 	$(CARGO) clean

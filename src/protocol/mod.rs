@@ -9,6 +9,8 @@ pub mod catalog;
 pub mod client;
 pub mod congestion;
 pub mod cookie;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod pacing;
 pub mod ranges;
 pub mod read_ahead;
