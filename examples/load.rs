@@ -1,0 +1,336 @@
+//! `make load`: hundreds of concurrent clients against the release server
+//! on loopback, pulling different and identical files, while others
+//! misbehave: some never acknowledge, some acknowledge garbage, some flood
+//! the port with junk. Every well-behaved client must finish byte-exact.
+//! Prints server CPU, peak memory and throughput. Bounded in clients,
+//! datagrams and time.
+//!
+//! ```text
+//! cargo run --release --example load -- [CLIENTS] [FILE_MIB]
+//! ```
+
+use std::io::{BufRead, BufReader};
+use std::net::UdpSocket;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use gstudpvid::blocking_client::BlockingClient;
+use gstudpvid::protocol::ClientConfig;
+use gstudpvid::protocol::read_ahead::ReadAhead;
+use gstudpvid::protocol::wire::{AckRange, Body, Packet, TransferKind};
+use rand::{Rng, SeedableRng};
+use sha2::{Digest, Sha256};
+
+const FILES: usize = 4;
+const NEVER_ACK: usize = 20;
+const GARBAGE_ACK: usize = 20;
+const FLOODERS: usize = 10;
+const FLOOD_DATAGRAMS: usize = 20_000;
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(20);
+const LIMIT: Duration = Duration::from_secs(300);
+
+fn proc_value(pid: u32, file: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    text.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / 100.0
+}
+
+/// Handshake on a raw socket; returns the connection id.
+fn raw_connect(sock: &UdpSocket, server: &str, nonce: u64) -> Option<u64> {
+    sock.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut buf = [0u8; 2048];
+    let mut cookie = Vec::new();
+    for _ in 0..4 {
+        let hello = Packet::new(
+            0,
+            0,
+            Body::Hello {
+                client_nonce: nonce,
+                cookie: cookie.clone(),
+            },
+        )
+        .encode();
+        sock.send_to(&hello, server).ok()?;
+        let (n, _) = sock.recv_from(&mut buf).ok()?;
+        match Packet::decode(&buf[..n]).ok()? {
+            Packet {
+                body: Body::Retry { cookie: c, .. },
+                ..
+            } => cookie = c,
+            Packet {
+                connection_id,
+                body: Body::Welcome { .. },
+                ..
+            } => return Some(connection_id),
+            _ => return None,
+        }
+    }
+    None
+}
+
+fn open(sock: &UdpSocket, server: &str, id: u64, path: &str) {
+    let p = Packet::new(
+        id,
+        1,
+        Body::Open {
+            transfer_id: 1,
+            kind: TransferKind::File,
+            offset: 0,
+            window: 8 << 20,
+            path: path.into(),
+        },
+    );
+    let _ = sock.send_to(&p.encode(), server);
+}
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let clients: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200);
+    let file_mib: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2);
+    let dir = std::env::temp_dir().join(format!("udpvid-load-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("load dir");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let mut digests = Vec::new();
+    for i in 0..FILES {
+        let data: Vec<u8> = (0..file_mib << 20).map(|_| rng.r#gen()).collect();
+        digests.push(Sha256::digest(&data).to_vec());
+        std::fs::write(dir.join(format!("f{i}.bin")), &data).expect("write");
+    }
+    let exe = std::env::current_exe().expect("exe");
+    let server_bin = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("profile dir")
+        .join("server");
+    let mut server = Command::new(&server_bin)
+        .arg("--dir")
+        .arg(&dir)
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--max-sessions",
+            "2000",
+            "--max-sessions-per-address",
+            "2000",
+        ])
+        .env("UDPVID_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", server_bin.display()));
+    let mut banner = String::new();
+    BufReader::new(server.stdout.as_mut().expect("stdout"))
+        .read_line(&mut banner)
+        .expect("banner");
+    let port: u16 = banner
+        .split_whitespace()
+        .nth(4)
+        .and_then(|a| a.trim_end_matches(',').rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let addr = format!("127.0.0.1:{port}");
+    let pid = server.id();
+    let cpu0 = cpu_seconds(pid);
+    let started = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood_sent = Arc::new(AtomicU64::new(0));
+
+    // Misbehaving clients.
+    let mut bad = Vec::new();
+    for i in 0..NEVER_ACK + GARBAGE_ACK {
+        let (addr, stop) = (addr.clone(), stop.clone());
+        bad.push(std::thread::spawn(move || {
+            let Ok(sock) = UdpSocket::bind("127.0.0.1:0") else {
+                return;
+            };
+            let Some(id) = raw_connect(&sock, &addr, 10_000 + i as u64) else {
+                return;
+            };
+            open(&sock, &addr, id, &format!("f{}.bin", i % FILES));
+            let mut rng = rand::rngs::StdRng::seed_from_u64(i as u64);
+            let mut buf = [0u8; 2048];
+            let _ = sock.set_read_timeout(Some(Duration::from_millis(50)));
+            let mut pn = 2;
+            while !stop.load(Ordering::Relaxed) {
+                let _ = sock.recv_from(&mut buf);
+                if i >= NEVER_ACK {
+                    // Acknowledges packets and ranges that make no sense.
+                    let largest: u64 = rng.gen_range(0..1_000_000);
+                    let ack = Packet::new(
+                        id,
+                        pn,
+                        Body::Ack {
+                            transfer_id: rng.r#gen(),
+                            window: rng.r#gen(),
+                            received_up_to: rng.r#gen(),
+                            ack_delay_micros: rng.r#gen(),
+                            ranges: vec![AckRange {
+                                largest,
+                                smallest: largest.saturating_sub(rng.gen_range(0..100)),
+                            }],
+                        },
+                    );
+                    pn += 1;
+                    let _ = sock.send_to(&ack.encode(), &addr);
+                }
+            }
+        }));
+    }
+    for i in 0..FLOODERS {
+        let (addr, flood_sent) = (addr.clone(), flood_sent.clone());
+        bad.push(std::thread::spawn(move || {
+            let Ok(sock) = UdpSocket::bind("127.0.0.1:0") else {
+                return;
+            };
+            let mut rng = rand::rngs::StdRng::seed_from_u64(100 + i as u64);
+            for k in 0..FLOOD_DATAGRAMS {
+                let len = rng.gen_range(1..1400);
+                let mut junk: Vec<u8> = (0..len).map(|_| rng.r#gen()).collect();
+                if k % 3 == 0 && junk.len() > 4 {
+                    // Some look like udpvid, to get past the magic check.
+                    junk[..3].copy_from_slice(b"UV\x01");
+                }
+                let _ = sock.send_to(&junk, &addr);
+                flood_sent.fetch_add(1, Ordering::Relaxed);
+                if k % 500 == 0 {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }));
+    }
+
+    // Well-behaved clients.
+    let ok = Arc::new(AtomicU64::new(0));
+    let bytes = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let digests = Arc::new(digests);
+    let mut good = Vec::new();
+    for i in 0..clients {
+        let (ok, bytes, failures, digests) =
+            (ok.clone(), bytes.clone(), failures.clone(), digests.clone());
+        // Half pull the same file, half spread over the others.
+        let file = if i % 2 == 0 { 0 } else { i % FILES };
+        good.push(std::thread::spawn(move || {
+            let result = (|| -> Result<(), String> {
+                let config = ClientConfig {
+                    read_ahead: ReadAhead::Fixed(512 * 1024),
+                };
+                let client = BlockingClient::connect("127.0.0.1", port, config)
+                    .map_err(|e| e.to_string())?;
+                let opened = client
+                    .open(&format!("f{file}.bin"), 0, CLIENT_TIMEOUT)
+                    .map_err(|e| e.to_string())?;
+                let mut hash = Sha256::new();
+                let mut got = 0u64;
+                while got < opened.size {
+                    let chunk = client
+                        .read_at(got, 256 * 1024, CLIENT_TIMEOUT)
+                        .map_err(|e| format!("at {got}: {e}"))?;
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    got += chunk.len() as u64;
+                    hash.update(&chunk);
+                }
+                client.close();
+                bytes.fetch_add(got, Ordering::Relaxed);
+                if hash.finalize().to_vec() != digests[file] {
+                    return Err(format!("client {i}: f{file}.bin differs"));
+                }
+                Ok(())
+            })();
+            match result {
+                Ok(()) => {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => failures
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(format!("client {i}: {e}")),
+            }
+        }));
+        // Arrivals spread over a second, as real viewers would.
+        std::thread::sleep(Duration::from_millis(1000 / clients.max(1) as u64));
+    }
+    let mut peak_rss = 0;
+    let mut sessions_done = false;
+    while !sessions_done && started.elapsed() < LIMIT {
+        peak_rss = peak_rss.max(proc_value(pid, "status", "VmRSS:").unwrap_or(0));
+        sessions_done = good.iter().all(|h| h.is_finished());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let elapsed = started.elapsed();
+    for h in good {
+        let _ = h.join();
+    }
+    stop.store(true, Ordering::Relaxed);
+    for h in bad {
+        let _ = h.join();
+    }
+    let cpu = cpu_seconds(pid) - cpu0;
+    let peak = proc_value(pid, "status", "VmHWM:").unwrap_or(peak_rss);
+    let alive = server.try_wait().map(|s| s.is_none()).unwrap_or(false);
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let total = bytes.load(Ordering::Relaxed);
+    let good_done = ok.load(Ordering::Relaxed);
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!(
+        "| well-behaved clients | {clients} ({FILES} files of {file_mib} MiB; half on the same file) |"
+    );
+    println!("| finished byte-exact | {good_done} |");
+    println!(
+        "| misbehaving | {NEVER_ACK} never ACK, {GARBAGE_ACK} ACK garbage, {FLOODERS} flood {} junk datagrams |",
+        flood_sent.load(Ordering::Relaxed)
+    );
+    println!("| wall time | {:.1} s |", elapsed.as_secs_f64());
+    println!(
+        "| delivered | {:.1} MiB, {:.1} MiB/s |",
+        total as f64 / 1048576.0,
+        total as f64 / 1048576.0 / elapsed.as_secs_f64()
+    );
+    println!(
+        "| server CPU | {cpu:.1} s ({:.1} s per GiB) |",
+        cpu / (total as f64 / 1073741824.0).max(1e-9)
+    );
+    println!("| server peak RSS | {:.1} MiB |", peak as f64 / 1024.0);
+    println!("| server still up | {alive} |");
+    let failures = failures.lock().unwrap_or_else(|p| p.into_inner());
+    for f in failures.iter().take(10) {
+        eprintln!("{f}");
+    }
+    if good_done as usize == clients && alive {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "load: {} of {clients} clients failed",
+            clients - good_done as usize
+        );
+        ExitCode::FAILURE
+    }
+}
