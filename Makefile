@@ -77,7 +77,7 @@ bench: deps
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
-	$(CARGO) build --release --workspace --examples
+	$(CARGO) build --release --workspace --lib --bins --examples
 	$(CARGO) bench --bench bench
 
 # Coverage-guided fuzzing of the decoder and both state machines, each for

@@ -309,8 +309,12 @@ fn collect_events(inner: &mut Inner) -> bool {
     any
 }
 
+/// Datagrams handled under one lock before the waiters are woken.
+const MAX_RECV_BATCH: usize = 256;
+
 fn network_loop(shared: Arc<Shared>, socket: Arc<UdpSocket>, server: SocketAddr) {
     let mut buf = vec![0u8; 65536];
+    let mut read_timeout = Duration::ZERO;
     while !shared.stop.load(Ordering::Acquire) {
         let wait = {
             let mut inner = lock(&shared);
@@ -322,15 +326,34 @@ fn network_loop(shared: Arc<Shared>, socket: Arc<UdpSocket>, server: SocketAddr)
                 .map_or(MAX_POLL_INTERVAL, |t| t.saturating_duration_since(now))
                 .clamp(Duration::from_millis(1), MAX_POLL_INTERVAL)
         };
-        let _ = socket.set_read_timeout(Some(wait));
+        // Setting the timeout is a system call: only when it changes.
+        if wait.abs_diff(read_timeout) > Duration::from_micros(500) {
+            let _ = socket.set_read_timeout(Some(wait));
+            read_timeout = wait;
+        }
         let received = socket.recv_from(&mut buf);
         let mut inner = lock(&shared);
         let mut progressed = false;
         if let Ok((n, from)) = received {
+            let now = Instant::now();
             // Datagrams from anyone but the server are ignored.
             if from == server {
-                inner.conn.handle_datagram(Instant::now(), &buf[..n]);
+                inner.conn.handle_datagram(now, &buf[..n]);
                 progressed = true;
+            }
+            // Drain what else is queued under the same lock, so a burst
+            // costs one wake-up of the streaming thread, not one per datagram.
+            if socket.set_nonblocking(true).is_ok() {
+                for _ in 0..MAX_RECV_BATCH {
+                    match socket.recv_from(&mut buf) {
+                        Ok((n, from)) if from == server => {
+                            inner.conn.handle_datagram(now, &buf[..n])
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+                let _ = socket.set_nonblocking(false);
             }
         }
         let now = Instant::now();
