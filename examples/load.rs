@@ -67,6 +67,7 @@ fn raw_connect(sock: &UdpSocket, server: &str, nonce: u64) -> Option<u64> {
             Body::Hello {
                 client_nonce: nonce,
                 cookie: cookie.clone(),
+                wants_auth: false,
             },
         )
         .encode();
@@ -237,6 +238,7 @@ fn main() -> ExitCode {
             let result = (|| -> Result<(), String> {
                 let config = ClientConfig {
                     read_ahead: ReadAhead::Fixed(512 * 1024),
+                    ..Default::default()
                 };
                 let client = BlockingClient::connect("127.0.0.1", port, config)
                     .map_err(|e| e.to_string())?;

@@ -117,6 +117,8 @@ pub enum WaitError {
     /// After reconnecting, the file on the server is not the one we were
     /// playing (its size or modification time changed).
     ContentChanged { path: String },
+    /// Passphrases differ, or only one side has one.
+    AuthenticationFailed(String),
 }
 
 impl fmt::Display for WaitError {
@@ -141,6 +143,7 @@ impl fmt::Display for WaitError {
                 write!(f, "server ended the session: {reason} ({message})")
             }
             WaitError::Protocol(m) => write!(f, "protocol error: {m}"),
+            WaitError::AuthenticationFailed(why) => write!(f, "authentication failed: {why}"),
             WaitError::ContentChanged { path } => write!(
                 f,
                 "{path} changed on the server while it was being played; start again to play the new version"
@@ -303,6 +306,9 @@ fn collect_events(inner: &mut Inner) -> bool {
             }
             ClientEvent::ProtocolError(m) => {
                 o.fatal.get_or_insert(WaitError::Protocol(m));
+            }
+            ClientEvent::AuthenticationFailed(why) => {
+                o.fatal.get_or_insert(WaitError::AuthenticationFailed(why));
             }
         }
     }

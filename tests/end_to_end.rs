@@ -356,3 +356,60 @@ fn version_mismatch_is_reported() {
     }
     fake.join().expect("fake server");
 }
+
+#[test]
+fn passphrase_protects_catalog_and_files() {
+    init();
+    let clips = clips();
+    let secret = std::env::temp_dir().join(format!("udpvid-pass-{}", std::process::id()));
+    std::fs::write(&secret, "open sesame\n").expect("passphrase file");
+    let server = Server::start(
+        &clips.dir,
+        &["--passphrase-file", secret.to_str().expect("path")],
+    );
+    // The right passphrase: a byte-identical copy.
+    let out = std::env::temp_dir().join(format!("udpvid-pass-copy-{}.mkv", std::process::id()));
+    let pipeline = gst::parse::launch(&format!(
+        "udpvidsrc port={} file=movie.mkv passphrase=\"open sesame\" ! filesink location={}",
+        server.port,
+        out.display()
+    ))
+    .expect("pipeline");
+    assert_eq!(
+        run_pipeline(&pipeline, Duration::from_secs(60)),
+        Outcome::Eos
+    );
+    assert_eq!(sha256_file(&out), sha256_file(&clips.dir.join("movie.mkv")));
+    let _ = std::fs::remove_file(&out);
+    // A wrong passphrase, or none: a clear error, and no catalog in it.
+    for extra in ["passphrase=wrong", ""] {
+        let pipeline = gst::parse::launch(&format!(
+            "udpvidsrc port={} file=movie.mkv {extra} timeout=5 ! fakesink",
+            server.port
+        ))
+        .expect("pipeline");
+        match run_pipeline(&pipeline, Duration::from_secs(20)) {
+            Outcome::Error {
+                domain_resource,
+                message,
+                ..
+            } => {
+                assert_eq!(
+                    domain_resource,
+                    Some(gst::ResourceError::NotAuthorized),
+                    "{message}"
+                );
+                assert!(message.contains("authentication failed"), "{message}");
+                assert!(!message.contains("movie.mp4"), "catalog leaked: {message}");
+            }
+            other => panic!("{extra:?}: expected an authentication error, got {other:?}"),
+        }
+    }
+    let client =
+        BlockingClient::connect("127.0.0.1", server.port, ClientConfig::default()).expect("client");
+    let err = client
+        .catalog(Duration::from_secs(5))
+        .expect_err("catalog without passphrase");
+    assert!(err.to_string().contains("authentication failed"), "{err}");
+    let _ = std::fs::remove_file(&secret);
+}

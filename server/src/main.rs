@@ -17,6 +17,7 @@ use rand::RngCore;
 use tokio::net::UdpSocket;
 use tracing::{debug, error, info, warn};
 
+use gstudpvid::protocol::crypto::Psk;
 use gstudpvid::protocol::server::{
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS, DEFAULT_MAX_SESSIONS_PER_ADDRESS,
 };
@@ -63,6 +64,10 @@ struct Args {
     /// Most sessions from one IP address; more are told the server is busy
     #[arg(long, default_value_t = DEFAULT_MAX_SESSIONS_PER_ADDRESS)]
     max_sessions_per_address: usize,
+    /// Read a passphrase from this file (first line): clients must know it,
+    /// and every session is then authenticated and encrypted
+    #[arg(long, value_name = "PATH")]
+    passphrase_file: Option<PathBuf>,
     /// Largest data payload per datagram in bytes (the default fits 1500-byte Ethernet)
     #[arg(long, default_value_t = DEFAULT_MAX_PAYLOAD)]
     max_payload: usize,
@@ -245,6 +250,33 @@ fn main() -> std::process::ExitCode {
         eprintln!("server: --max-payload must be between 64 and {max_payload_limit}");
         return std::process::ExitCode::from(2);
     }
+    let passphrase = match &args.passphrase_file {
+        None => None,
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => match text
+                .lines()
+                .next()
+                .map(str::trim_end)
+                .filter(|l| !l.is_empty())
+            {
+                Some(line) => Some(Psk::from_passphrase(line)),
+                None => {
+                    eprintln!(
+                        "server: {} holds no passphrase on its first line",
+                        path.display()
+                    );
+                    return std::process::ExitCode::from(2);
+                }
+            },
+            Err(e) => {
+                eprintln!(
+                    "server: cannot read passphrase file {}: {e}",
+                    path.display()
+                );
+                return std::process::ExitCode::from(2);
+            }
+        },
+    };
     let addr = SocketAddr::new(args.bind, args.port);
     let std_socket = match bind_socket(addr) {
         Ok(s) => s,
@@ -277,6 +309,7 @@ fn main() -> std::process::ExitCode {
             max_sessions: args.max_sessions,
             max_sessions_per_address: args.max_sessions_per_address,
             max_payload: args.max_payload,
+            passphrase,
         };
         let mut seed = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut seed);

@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::catalog::{self, CatalogEntry};
+use super::crypto::{Psk, SessionKeys};
 use super::read_ahead::{ReadAhead, ReadAheadPolicy};
 use super::receiver::{AckTracker, StreamReceiver};
 use super::rtt::RttEstimator;
@@ -28,6 +29,9 @@ pub const RTT_PING_INTERVAL: Duration = Duration::from_secs(1);
 pub struct ClientConfig {
     /// What the server may send beyond what was consumed.
     pub read_ahead: ReadAhead,
+    /// With a passphrase, the session is authenticated and encrypted, and a
+    /// server without the same passphrase is refused.
+    pub passphrase: Option<Psk>,
 }
 
 /// What happened, for the element to act on.
@@ -54,6 +58,8 @@ pub enum ClientEvent {
         server_supports: Vec<u8>,
     },
     ProtocolError(String),
+    /// The passphrases do not match, or only one side has one.
+    AuthenticationFailed(String),
 }
 
 /// A resend timer with exponential backoff.
@@ -158,6 +164,7 @@ pub struct ClientConnection {
     next_rtt_ping: Instant,
     largest_server_pn: Option<u64>,
     read_ahead: ReadAheadPolicy,
+    keys: Option<SessionKeys>,
 }
 
 impl ClientConnection {
@@ -190,6 +197,7 @@ impl ClientConnection {
             next_rtt_ping: now,
             largest_server_pn: None,
             read_ahead: ReadAheadPolicy::new(read_ahead_mode),
+            keys: None,
         }
     }
 
@@ -389,6 +397,17 @@ impl ClientConnection {
         }
     }
 
+    fn auth_failed(&mut self, why: &str) {
+        self.events
+            .push_back(ClientEvent::AuthenticationFailed(why.to_owned()));
+        self.phase = Phase::Closed;
+    }
+
+    /// The session is authenticated and encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.keys.is_some()
+    }
+
     /// Ends the session; a Close goes out with the next transmit.
     pub fn close(&mut self) {
         if self.phase == Phase::Established {
@@ -401,6 +420,38 @@ impl ClientConnection {
     }
 
     pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) {
+        let opened;
+        let mut datagram = datagram;
+        if let Some(keys) = &self.keys {
+            match keys.open(datagram) {
+                Some(plain) => {
+                    opened = plain;
+                    datagram = &opened;
+                }
+                // Only one unsealed message is accepted: a restarted server
+                // saying it no longer knows us (it has no keys to seal with);
+                // at worst a forged one makes us reconnect and authenticate again.
+                None => match Packet::decode(datagram) {
+                    Ok(Packet {
+                        connection_id,
+                        body:
+                            Body::Close {
+                                reason: CloseReason::UnknownConnection,
+                                message,
+                            },
+                        ..
+                    }) if connection_id == self.connection_id => {
+                        self.events.push_back(ClientEvent::Closed {
+                            reason: CloseReason::UnknownConnection,
+                            message,
+                        });
+                        self.phase = Phase::Closed;
+                        return;
+                    }
+                    _ => return,
+                },
+            }
+        }
         let packet = match Packet::decode(datagram) {
             Ok(p) => p,
             Err(DecodeError::UnsupportedVersion(v)) => {
@@ -432,10 +483,28 @@ impl ClientConnection {
                 Body::Welcome {
                     client_nonce,
                     idle_timeout_ms,
+                    server_random,
+                    auth_tag,
                     ..
                 },
             ) if client_nonce == self.nonce && packet.connection_id != 0 => {
                 self.last_received = Some(now);
+                let id = packet.connection_id;
+                match (&self.config.passphrase, auth_tag) {
+                    (None, None) => {}
+                    (Some(psk), Some(tag))
+                        if psk.verify_welcome(client_nonce, id, &server_random, &tag) =>
+                    {
+                        self.keys = Some(psk.session_keys(client_nonce, id, &server_random, false));
+                    }
+                    (Some(_), Some(_)) => return self.auth_failed("wrong passphrase"),
+                    (Some(_), None) => {
+                        return self.auth_failed(
+                            "the server does not use a passphrase, but one was given",
+                        );
+                    }
+                    (None, Some(_)) => return self.auth_failed("the server requires a passphrase"),
+                }
                 self.connection_id = packet.connection_id;
                 self.phase = Phase::Established;
                 self.hello_timer.stop();
@@ -455,6 +524,16 @@ impl ClientConnection {
                     server_supports: supported,
                 });
                 self.phase = Phase::Closed;
+            }
+            (
+                Phase::Handshake { .. },
+                Body::Close {
+                    reason: CloseReason::AuthenticationRequired,
+                    ..
+                },
+            ) if packet.connection_id == 0 => {
+                self.last_received = Some(now);
+                self.auth_failed("the server requires a passphrase");
             }
             (Phase::Handshake { .. }, Body::Close { reason, message })
                 if packet.connection_id == 0 =>
@@ -600,6 +679,7 @@ impl ClientConnection {
                 let body = Body::Hello {
                     client_nonce: self.nonce,
                     cookie: cookie.clone(),
+                    wants_auth: self.config.passphrase.is_some(),
                 };
                 return Some(self.emit(now, body));
             }
@@ -645,7 +725,11 @@ impl ClientConnection {
         self.next_packet_number += 1;
         self.last_sent = now;
         self.stats.packets_sent += 1;
-        Packet::new(self.connection_id, pn, body).encode()
+        let mut d = Packet::new(self.connection_id, pn, body).encode();
+        if let Some(keys) = &self.keys {
+            keys.seal(&mut d);
+        }
+        d
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {

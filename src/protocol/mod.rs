@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod client;
 pub mod congestion;
 pub mod cookie;
+pub mod crypto;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod pacing;

@@ -56,6 +56,7 @@ fn seeds() -> Vec<Vec<u8>> {
             Body::Hello {
                 client_nonce: 1,
                 cookie: vec![],
+                wants_auth: false,
             },
         )
         .encode(),
@@ -183,7 +184,7 @@ proptest! {
                     // Mutate server-to-client packets with the right nonce.
                     let mut bytes = match seed {
                         0 => Packet::new(0, 0, Body::Retry { client_nonce: 1, cookie: vec![1; 20] }).encode(),
-                        1 => Packet::new(7, 1, Body::Welcome { client_nonce: 1, idle_timeout_ms: 1000, max_payload: 1420 }).encode(),
+                        1 => Packet::new(7, 1, Body::Welcome { client_nonce: 1, idle_timeout_ms: 1000, max_payload: 1420, server_random: [0; 16], auth_tag: None }).encode(),
                         2 => Packet::new(7, 2, Body::OpenOk { transfer_id: 1, size: 10_000, content_tag: 1, offset: 0 }).encode(),
                         _ => Packet::new(7, 3, Body::Data { transfer_id: 1, offset: 0, payload: vec![1; 1000] }).encode(),
                     };
@@ -219,6 +220,7 @@ fn connect(
             Body::Hello {
                 client_nonce: nonce,
                 cookie,
+                wants_auth: false,
             },
         )
         .encode()
@@ -318,6 +320,7 @@ fn an_unvalidated_flood_creates_no_state() {
             Body::Hello {
                 client_nonce: i as u64,
                 cookie: vec![0; 20],
+                wants_auth: false,
             },
         );
         s.handle_datagram(now, from, &hello.encode());

@@ -11,6 +11,7 @@ use rand::{Rng, SeedableRng};
 
 use super::catalog::{self, CatalogEntry};
 use super::cookie::AddressValidator;
+use super::crypto::{Psk, SessionKeys, TAG_LEN};
 use super::sender::{LossRecovery, RecoveryOutcome, StreamSender};
 use super::wire::{
     Body, CloseReason, ConnectionId, DATA_OVERHEAD, DEFAULT_MAX_PAYLOAD, DecodeError, HEADER_LEN,
@@ -81,6 +82,8 @@ pub struct ServerConfig {
     pub max_sessions: usize,
     pub max_sessions_per_address: usize,
     pub max_payload: usize,
+    /// With a passphrase, sessions are authenticated and encrypted.
+    pub passphrase: Option<Psk>,
 }
 
 impl Default for ServerConfig {
@@ -89,6 +92,7 @@ impl Default for ServerConfig {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_sessions: DEFAULT_MAX_SESSIONS,
             max_sessions_per_address: DEFAULT_MAX_SESSIONS_PER_ADDRESS,
+            passphrase: None,
             max_payload: DEFAULT_MAX_PAYLOAD,
         }
     }
@@ -163,6 +167,9 @@ struct Session {
     control: VecDeque<Body>,
     bytes_sent: u64,
     closing: Option<CloseReason>,
+    /// Repeated when the Hello is repeated.
+    welcome: Body,
+    keys: Option<SessionKeys>,
 }
 
 impl Session {
@@ -244,6 +251,19 @@ impl<S: ContentStore> ServerEndpoint<S> {
     }
 
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        // Datagrams of an authenticated session are sealed: open them with
+        // the session's key first; what does not open is dropped unanswered.
+        let opened;
+        let mut datagram = datagram;
+        if let Some(keys) = sealed_session_keys(&self.sessions, datagram) {
+            match keys.open(datagram) {
+                Some(plain) => {
+                    opened = plain;
+                    datagram = &opened;
+                }
+                None => return,
+            }
+        }
         let packet = match Packet::decode(datagram) {
             Ok(p) => p,
             Err(DecodeError::UnsupportedVersion(_)) => {
@@ -263,9 +283,17 @@ impl<S: ContentStore> ServerEndpoint<S> {
         if let Body::Hello {
             client_nonce,
             cookie,
+            wants_auth,
         } = &packet.body
         {
-            self.handle_hello(now, from, datagram.len(), *client_nonce, cookie);
+            self.handle_hello(
+                now,
+                from,
+                datagram.len(),
+                *client_nonce,
+                cookie,
+                *wants_auth,
+            );
             return;
         }
         let Some(session) = self.sessions.get_mut(&packet.connection_id) else {
@@ -343,6 +371,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
         received: usize,
         client_nonce: u64,
         cookie: &[u8],
+        wants_auth: bool,
     ) {
         if received < MIN_HELLO_SIZE {
             // An unpadded Hello leaves no amplification budget for a reply.
@@ -350,11 +379,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
         }
         if let Some(&id) = self.by_nonce.get(&(from, client_nonce)) {
             if let Some(s) = self.sessions.get_mut(&id) {
-                s.control.push_back(Body::Welcome {
-                    client_nonce,
-                    idle_timeout_ms: self.config.idle_timeout.as_millis() as u32,
-                    max_payload: self.config.max_payload as u16,
-                });
+                s.control.push_back(s.welcome.clone());
                 return;
             }
         }
@@ -405,10 +430,43 @@ impl<S: ContentStore> ServerEndpoint<S> {
             });
             return;
         }
+        if self.config.passphrase.is_some() && !wants_auth {
+            let reply = Packet::new(
+                0,
+                0,
+                Body::Close {
+                    reason: CloseReason::AuthenticationRequired,
+                    message: String::new(),
+                },
+            );
+            self.reply_stateless(from, received, reply);
+            self.events.push_back(ServerEvent::SessionRefused {
+                addr: from,
+                reason: CloseReason::AuthenticationRequired,
+            });
+            return;
+        }
         let mut id: ConnectionId = self.rng.r#gen();
         while id == 0 || self.sessions.contains_key(&id) {
             id = self.rng.r#gen();
         }
+        let server_random: [u8; 16] = self.rng.r#gen();
+        let (auth_tag, keys, max_payload) = match &self.config.passphrase {
+            Some(psk) => (
+                Some(psk.welcome_tag(client_nonce, id, &server_random)),
+                Some(psk.session_keys(client_nonce, id, &server_random, true)),
+                // The AEAD tag must still fit the datagram.
+                self.config.max_payload - TAG_LEN,
+            ),
+            None => (None, None, self.config.max_payload),
+        };
+        let welcome = Body::Welcome {
+            client_nonce,
+            idle_timeout_ms: self.config.idle_timeout.as_millis() as u32,
+            max_payload: max_payload as u16,
+            server_random,
+            auth_tag,
+        };
         let mut session = Session {
             id,
             addr: from,
@@ -421,12 +479,10 @@ impl<S: ContentStore> ServerEndpoint<S> {
             control: VecDeque::new(),
             bytes_sent: 0,
             closing: None,
+            welcome: welcome.clone(),
+            keys,
         };
-        session.control.push_back(Body::Welcome {
-            client_nonce,
-            idle_timeout_ms: self.config.idle_timeout.as_millis() as u32,
-            max_payload: self.config.max_payload as u16,
-        });
+        session.control.push_back(welcome);
         self.sessions.insert(id, session);
         self.by_nonce.insert((from, client_nonce), id);
         self.order.push(id);
@@ -600,17 +656,30 @@ impl<S: ContentStore> ServerEndpoint<S> {
                 },
             )
             .encode_into(out);
+            if let Some(keys) = &session.keys {
+                keys.seal(out);
+            }
             let addr = session.addr;
             self.end_session(id, reason);
             return Some(addr);
         }
         if let Some(body) = session.control.pop_front() {
             let pn = session.next_pn();
+            // The Welcome is authenticated by its tag; the client has no
+            // keys before it.
+            let seal = !matches!(body, Body::Welcome { .. });
             Packet::new(id, pn, body).encode_into(out);
+            if let (true, Some(keys)) = (seal, &session.keys) {
+                keys.seal(out);
+            }
             session.bytes_sent += out.len() as u64;
             return Some(session.addr);
         }
-        let max_payload = self.config.max_payload;
+        let max_payload = if session.keys.is_some() {
+            self.config.max_payload - TAG_LEN
+        } else {
+            self.config.max_payload
+        };
         let t = session.transfer.as_mut()?;
         if !t.stream.has_data_to_send() {
             return None;
@@ -662,6 +731,9 @@ impl<S: ContentStore> ServerEndpoint<S> {
         let transfer_id = t.id;
         let pn = session.next_pn();
         encode_data(out, id, pn, transfer_id, range.start, buf);
+        if let Some(keys) = &session.keys {
+            keys.seal(out);
+        }
         session.bytes_sent += out.len() as u64;
         session
             .recovery
@@ -752,6 +824,20 @@ impl<S: ContentStore> ServerEndpoint<S> {
     pub fn session_ids(&self) -> Vec<ConnectionId> {
         self.order.clone()
     }
+}
+
+/// The keys of the authenticated session a datagram's header names, if any.
+fn sealed_session_keys<'a>(
+    sessions: &'a HashMap<ConnectionId, Session>,
+    datagram: &[u8],
+) -> Option<&'a SessionKeys> {
+    if datagram.len() < HEADER_LEN || datagram[..2] != super::wire::MAGIC || datagram[2] != VERSION
+    {
+        return None;
+    }
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&datagram[4..12]);
+    sessions.get(&u64::from_be_bytes(id))?.keys.as_ref()
 }
 
 /// Builds a Data datagram straight from the payload slice, without the

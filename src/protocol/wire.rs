@@ -68,6 +68,8 @@ pub enum CloseReason {
     IdleTimeout,
     /// The peer sent something that violates the protocol.
     ProtocolViolation,
+    /// The server requires a passphrase the client did not offer.
+    AuthenticationRequired,
 }
 
 /// One acknowledged range of packet numbers, inclusive at both ends.
@@ -82,9 +84,11 @@ pub struct AckRange {
 pub enum Body {
     /// Client → server: first request; `cookie` is empty until the server
     /// handed one out with `Retry`. Padded to [`MIN_HELLO_SIZE`].
+    /// `wants_auth`: the client holds a passphrase (see `crypto.rs`).
     Hello {
         client_nonce: u64,
         cookie: Vec<u8>,
+        wants_auth: bool,
     },
     /// Client → server: start a transfer at `offset`. A new transfer id
     /// replaces the previous transfer (that is how a seek works).
@@ -124,6 +128,9 @@ pub enum Body {
         client_nonce: u64,
         idle_timeout_ms: u32,
         max_payload: u16,
+        server_random: [u8; 16],
+        /// Proof that the server knows the passphrase, on authenticated sessions.
+        auth_tag: Option<[u8; 16]>,
     },
     OpenOk {
         transfer_id: u32,
@@ -245,6 +252,7 @@ impl CloseReason {
             CloseReason::Shutdown => 3,
             CloseReason::IdleTimeout => 4,
             CloseReason::ProtocolViolation => 5,
+            CloseReason::AuthenticationRequired => 6,
         }
     }
     fn from_byte(b: u8) -> Self {
@@ -254,6 +262,7 @@ impl CloseReason {
             2 => CloseReason::ServerBusy,
             3 => CloseReason::Shutdown,
             4 => CloseReason::IdleTimeout,
+            6 => CloseReason::AuthenticationRequired,
             _ => CloseReason::ProtocolViolation,
         }
     }
@@ -268,6 +277,7 @@ impl fmt::Display for CloseReason {
             CloseReason::Shutdown => "server shutting down",
             CloseReason::IdleTimeout => "session idle for too long",
             CloseReason::ProtocolViolation => "protocol violation",
+            CloseReason::AuthenticationRequired => "the server requires a passphrase",
         })
     }
 }
@@ -324,11 +334,13 @@ impl Packet {
             Body::Hello {
                 client_nonce,
                 cookie,
+                wants_auth,
             } => {
                 out.extend_from_slice(&client_nonce.to_be_bytes());
                 let len = cookie.len().min(MAX_COOKIE_LEN);
                 out.push(len as u8);
                 out.extend_from_slice(&cookie[..len]);
+                out.push(u8::from(*wants_auth));
                 if out.len() < MIN_HELLO_SIZE {
                     out.resize(MIN_HELLO_SIZE, 0);
                 }
@@ -382,10 +394,20 @@ impl Packet {
                 client_nonce,
                 idle_timeout_ms,
                 max_payload,
+                server_random,
+                auth_tag,
             } => {
                 out.extend_from_slice(&client_nonce.to_be_bytes());
                 out.extend_from_slice(&idle_timeout_ms.to_be_bytes());
                 out.extend_from_slice(&max_payload.to_be_bytes());
+                out.extend_from_slice(server_random);
+                match auth_tag {
+                    Some(tag) => {
+                        out.push(1);
+                        out.extend_from_slice(tag);
+                    }
+                    None => out.push(0),
+                }
             }
             Body::OpenOk {
                 transfer_id,
@@ -463,10 +485,12 @@ impl Packet {
                     return Err(DecodeError::Malformed("cookie too long"));
                 }
                 let cookie = r.bytes(len)?.to_vec();
+                let wants_auth = r.u8()? & 1 == 1;
                 // The rest is padding, deliberately ignored.
                 Body::Hello {
                     client_nonce,
                     cookie,
+                    wants_auth,
                 }
             }
             ty::OPEN => {
@@ -551,11 +575,19 @@ impl Packet {
                 let client_nonce = r.u64()?;
                 let idle_timeout_ms = r.u32()?;
                 let max_payload = r.u16()?;
+                let server_random = r.array::<16>()?;
+                let auth_tag = match r.u8()? {
+                    0 => None,
+                    1 => Some(r.array::<16>()?),
+                    _ => return Err(DecodeError::Malformed("welcome auth flag")),
+                };
                 r.finish()?;
                 Body::Welcome {
                     client_nonce,
                     idle_timeout_ms,
                     max_payload,
+                    server_random,
+                    auth_tag,
                 }
             }
             ty::OPEN_OK => {
@@ -691,10 +723,12 @@ mod tests {
             Body::Hello {
                 client_nonce: 7,
                 cookie: vec![],
+                wants_auth: false,
             },
             Body::Hello {
                 client_nonce: u64::MAX,
                 cookie: vec![1; 20],
+                wants_auth: true,
             },
             Body::Open {
                 transfer_id: 3,
@@ -747,6 +781,15 @@ mod tests {
                 client_nonce: 5,
                 idle_timeout_ms: 30_000,
                 max_payload: 1420,
+                server_random: [3; 16],
+                auth_tag: None,
+            },
+            Body::Welcome {
+                client_nonce: 5,
+                idle_timeout_ms: 30_000,
+                max_payload: 1404,
+                server_random: [3; 16],
+                auth_tag: Some([4; 16]),
             },
             Body::OpenOk {
                 transfer_id: 2,
@@ -786,6 +829,7 @@ mod tests {
             Body::Hello {
                 client_nonce: 1,
                 cookie: vec![],
+                wants_auth: false,
             },
         );
         assert_eq!(p.encode().len(), MIN_HELLO_SIZE);

@@ -18,6 +18,7 @@ use gst_base::subclass::prelude::*;
 use crate::blocking_client::{BlockingClient, ClientSnapshot, WaitError};
 use crate::location::{DEFAULT_PORT, Location};
 use crate::protocol::client::ClientConfig;
+use crate::protocol::crypto::Psk;
 use crate::protocol::read_ahead::{
     DEFAULT_MAX_READ_AHEAD, DEFAULT_MIN_READ_AHEAD, DEFAULT_TARGET_TIME, ReadAhead,
 };
@@ -55,6 +56,7 @@ struct Settings {
     max_read_ahead: u64,
     timeout: u32,
     stats_interval: u32,
+    passphrase: Option<String>,
 }
 
 impl Default for Settings {
@@ -68,6 +70,7 @@ impl Default for Settings {
             max_read_ahead: DEFAULT_MAX_READ_AHEAD,
             timeout: DEFAULT_TIMEOUT_SECS,
             stats_interval: 0,
+            passphrase: None,
         }
     }
 }
@@ -390,6 +393,14 @@ impl UdpVidSrc {
             WaitError::ContentChanged { .. } => {
                 gst::error_msg!(gst::ResourceError::Read, ("{}", err))
             }
+            WaitError::AuthenticationFailed(_) => gst::error_msg!(
+                gst::ResourceError::NotAuthorized,
+                (
+                    "Cannot play {}: {}; set the \"passphrase\" property to the server's passphrase",
+                    location,
+                    err
+                )
+            ),
             WaitError::Closed { .. } | WaitError::Protocol(_) => {
                 gst::error_msg!(gst::ResourceError::Read, ("Lost {}: {}", location, err))
             }
@@ -478,6 +489,11 @@ impl ObjectImpl for UdpVidSrc {
                     .maximum(3600)
                     .default_value(DEFAULT_TIMEOUT_SECS)
                     .build(),
+                glib::ParamSpecString::builder("passphrase")
+                    .nick("Passphrase")
+                    .blurb("Passphrase shared with the server (its --passphrase-file): the session is then authenticated and encrypted; unset = no passphrase")
+                    .write_only()
+                    .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
                     .blurb("Transfer statistics: RTT, packets sent/received/lost/duplicated, bytes, goodput, windows, read-ahead level")
@@ -546,6 +562,13 @@ impl ObjectImpl for UdpVidSrc {
             }
             "timeout" => self.settings().timeout = value.get().unwrap_or(DEFAULT_TIMEOUT_SECS),
             "stats-interval" => self.settings().stats_interval = value.get().unwrap_or(0),
+            "passphrase" => {
+                self.settings().passphrase = value
+                    .get::<Option<String>>()
+                    .ok()
+                    .flatten()
+                    .filter(|p| !p.is_empty())
+            }
             other => gst::warning!(CAT, imp = self, "unknown property {other}"),
         }
     }
@@ -652,6 +675,7 @@ impl BaseSrcImpl for UdpVidSrc {
             location.port,
             ClientConfig {
                 read_ahead: settings.read_ahead(),
+                passphrase: settings.passphrase.as_deref().map(Psk::from_passphrase),
             },
         )
         .map_err(|e| {
