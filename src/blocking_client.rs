@@ -295,7 +295,18 @@ fn collect_events(inner: &mut Inner) -> bool {
                 transfer_id,
                 kind,
                 message,
-            } => o.open_failed = Some((transfer_id, kind, message)),
+            } => {
+                // Nobody waits for an open: the transfer being read failed
+                // on the server (the file shrank, the disk failed). That
+                // ends the reading with the server's reason.
+                if inner.awaited_open.is_none() {
+                    o.fatal.get_or_insert(WaitError::Open {
+                        kind,
+                        message: message.clone(),
+                    });
+                }
+                o.open_failed = Some((transfer_id, kind, message));
+            }
             ClientEvent::Catalog(entries) => o.catalog = Some(entries),
             ClientEvent::Closed { reason, message } => {
                 o.fatal.get_or_insert(WaitError::Closed { reason, message });
@@ -652,7 +663,12 @@ impl BlockingClient {
         let (current, ready, read_ahead, path) = {
             let inner = lock(&self.shared);
             let Some(current) = inner.conn.read_offset() else {
-                return Err(WaitError::Protocol("no file is open".into()));
+                // The transfer ended on the server: report why.
+                return Err(inner
+                    .outcomes
+                    .fatal
+                    .clone()
+                    .unwrap_or_else(|| WaitError::Protocol("no file is open".into())));
             };
             (
                 current,

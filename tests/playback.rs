@@ -475,3 +475,40 @@ fn catalog_example_lists_the_clips() {
         "{stdout}"
     );
 }
+
+#[test]
+fn file_truncated_while_streaming_is_a_clear_error() {
+    init();
+    let (dir, _) = big_file_dir("truncated");
+    let server = Server::start(&dir, &[]);
+    let (pipeline, data) =
+        slow_reader(server.port, "big.bin", 10000, "timeout=5 read-ahead=262144");
+    let bus = pipeline.bus().expect("bus");
+    pipeline.set_state(gst::State::Playing).expect("playing");
+    std::thread::sleep(Duration::from_millis(500));
+    // Cut the file to 4 MiB under the server's feet.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("big.bin"))
+        .expect("open");
+    f.set_len(4 << 20).expect("truncate");
+    drop(f);
+    let started = Instant::now();
+    let outcome = common::wait_bus(&bus, Duration::from_secs(30)).unwrap_or(Outcome::TimedOut);
+    pipeline.set_state(gst::State::Null).expect("null");
+    match outcome {
+        Outcome::Error { message, .. } => assert!(
+            message.contains("read failed") || message.contains("cannot read"),
+            "{message}"
+        ),
+        other => panic!("expected a read error, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(15));
+    // What was delivered before the error is the file's own prefix.
+    let got = data.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let want: Vec<u8> = (0..got.len() as u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    assert!(got == want, "corrupted bytes were delivered");
+    let _ = std::fs::remove_dir_all(&dir);
+}
