@@ -17,10 +17,15 @@ use super::wire::{
 pub const INITIAL_RETRY_INTERVAL: Duration = Duration::from_millis(250);
 /// Resends back off to at most this interval.
 pub const MAX_RETRY_INTERVAL: Duration = Duration::from_secs(2);
-/// With an open window and no data for this long, the client repeats its
+/// With an open window and no data for a while, the client repeats its
 /// window (and pings), in case the update that opened it was lost: without
-/// this, a lost window update would leave both sides waiting forever.
+/// this, a lost window update would leave both sides waiting forever. The
+/// wait is two smoothed RTTs plus four variances (data should have come by
+/// then), at least [`MIN_WINDOW_PROBE_INTERVAL`] and at most
+/// [`WINDOW_PROBE_INTERVAL`]: on a LAN a lost update then costs
+/// milliseconds, not a fixed 200 ms.
 pub const WINDOW_PROBE_INTERVAL: Duration = Duration::from_millis(200);
+pub const MIN_WINDOW_PROBE_INTERVAL: Duration = Duration::from_millis(5);
 /// How often the client pings to measure the round-trip time (the server
 /// measures its own from ACKs; the client needs one for its stats and its
 /// adaptive choices). Two tiny datagrams a second cost nothing.
@@ -81,6 +86,11 @@ impl RetryTimer {
     fn start(&mut self, now: Instant) {
         self.interval = self.initial;
         self.next = Some(now + self.interval);
+    }
+    /// Starts with a new initial interval.
+    fn start_with(&mut self, now: Instant, initial: Duration) {
+        self.initial = initial;
+        self.start(now);
     }
     fn stop(&mut self) {
         self.next = None;
@@ -397,6 +407,11 @@ impl ClientConnection {
         }
     }
 
+    fn window_probe_interval(&self) -> Duration {
+        (self.rtt.smoothed() * 2 + self.rtt.variance() * 4)
+            .clamp(MIN_WINDOW_PROBE_INTERVAL, WINDOW_PROBE_INTERVAL)
+    }
+
     fn auth_failed(&mut self, why: &str) {
         self.events
             .push_back(ClientEvent::AuthenticationFailed(why.to_owned()));
@@ -564,6 +579,7 @@ impl ClientConnection {
                 offset,
                 payload,
             } => {
+                let probe_interval = self.window_probe_interval();
                 self.stats.data_packets += 1;
                 self.acks.on_packet(now, pn);
                 let Some(t) = self.transfer.as_mut().filter(|t| t.id == transfer_id) else {
@@ -583,7 +599,7 @@ impl ClientConnection {
                 t.last_data = Some(now);
                 t.expecting_more = !t.receiver.is_fully_received()
                     && t.receiver.window() > t.receiver.highest_received();
-                t.probe_timer.start(now);
+                t.probe_timer.start_with(now, probe_interval);
                 self.deliver_catalog();
             }
             Body::OpenOk {
@@ -593,6 +609,7 @@ impl ClientConnection {
                 offset,
             } => {
                 let read_ahead = self.current_read_ahead(now);
+                let probe_interval = self.window_probe_interval();
                 let Some(t) = self.transfer.as_mut().filter(|t| t.id == transfer_id) else {
                     return;
                 };
@@ -602,7 +619,7 @@ impl ClientConnection {
                 t.opened = true;
                 t.content_tag = content_tag;
                 t.open_timer.stop();
-                t.probe_timer.start(now);
+                t.probe_timer.start_with(now, probe_interval);
                 if offset != t.start {
                     // The server clamped an offset past the end.
                     t.start = offset;
