@@ -643,6 +643,60 @@ fn play(uri: &str, peer: Peer, stop_at: Duration, pause: Option<Duration>) -> Pl
     result
 }
 
+/// Seek latency through playbin: from the seek request to the first video
+/// frame rendered after it, for seeks to 20 s, 45 s and 5 s while playing.
+fn seek_latencies(uri: &str, peer: Peer) -> Result<Vec<Duration>, String> {
+    let (pipeline, _, _) = playbin(uri, peer);
+    let video: gst::Element = pipeline.property("video-sink");
+    let frames = Arc::new(AtomicU64::new(0));
+    let f = frames.clone();
+    video.connect("handoff", false, move |_| {
+        f.fetch_add(1, Ordering::Relaxed);
+        None
+    });
+    let bus = pipeline.bus().ok_or("bus")?;
+    pipeline
+        .set_state(gst::State::Playing)
+        .map_err(|e| e.to_string())?;
+    let (r, _, _) = pipeline.state(gst::ClockTime::from_seconds(30));
+    r.map_err(|_| "did not start".to_string())?;
+    std::thread::sleep(Duration::from_secs(2));
+    let mut out = Vec::new();
+    for target in [20u64, 45, 5] {
+        let before = frames.load(Ordering::Relaxed);
+        let asked = Instant::now();
+        pipeline
+            .seek_simple(
+                gst::SeekFlags::FLUSH | gst::SeekFlags::KEY_UNIT,
+                gst::ClockTime::from_seconds(target),
+            )
+            .map_err(|_| format!("seek to {target} s refused"))?;
+        // The flush drops queued frames: wait for the position to reach the
+        // target and a frame to be rendered there.
+        loop {
+            if asked.elapsed() > Duration::from_secs(30) {
+                return Err(format!("seek to {target} s did not complete"));
+            }
+            if let Some(msg) = bus.pop_filtered(&[gst::MessageType::Error]) {
+                if let gst::MessageView::Error(e) = msg.view() {
+                    return Err(e.error().to_string());
+                }
+            }
+            let pos = pipeline
+                .query_position::<gst::ClockTime>()
+                .map_or(0, |p| p.seconds());
+            if frames.load(Ordering::Relaxed) > before && pos + 2 >= target && pos <= target + 2 {
+                out.push(asked.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let _ = pipeline.set_state(gst::State::Null);
+    Ok(out)
+}
+
 struct Pull {
     seconds: f64,
     first_byte: Duration,
@@ -909,6 +963,47 @@ fn main() {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default()
     );
+
+    // `BENCH_ONLY=seek` runs just the seek table.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let run = |section: &str| only.is_empty() || only == section;
+    let _ = writeln!(
+        out,
+        "## Seek latency (request to first frame rendered after it; seeks to 20 s, 45 s, 5 s while playing)\n"
+    );
+    let _ = writeln!(
+        out,
+        "| condition | peer | seek 1 ms | seek 2 ms | seek 3 ms |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    for cond in conditions.iter().filter(|c| {
+        run("seek") && (c.is_clean() || (c.rate_mbit.is_some() && c.loss == 0.0) || c.loss >= 0.1)
+    }) {
+        for peer in [Peer::Http, Peer::Udpvid] {
+            if peer == Peer::Http && cond.loss > 0.0 {
+                continue;
+            }
+            let path = open_path(&env, peer, *cond, 4);
+            let cells = match seek_latencies(&path.uri, peer) {
+                Ok(v) => v
+                    .iter()
+                    .map(|d| format!("{:.0}", d.as_secs_f64() * 1000.0))
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+                Err(e) => format!("failed: {e} | | "),
+            };
+            let _ = writeln!(out, "| {} | {} | {cells} |", cond.name, peer.name());
+            eprint!(".");
+        }
+    }
+    let _ = writeln!(out);
+    if only == "seek" {
+        drop(env);
+        drop(udpvid);
+        drop(nginx);
+        println!("{out}");
+        return;
+    }
 
     // 1. Full pull as fast as possible.
     let _ = writeln!(out, "## Full-file pull (as fast as possible)\n");

@@ -208,6 +208,38 @@ mod tests {
         let f = lib.open("a.mp4").expect("open");
         let mut buf = [0u8; 8];
         assert_eq!(f.read_at(1, &mut buf).expect("read"), 3);
+        let long = "x/".repeat(600) + "a.mp4";
+        assert_eq!(
+            lib.open(&long).err().map(|e| e.kind),
+            Some(OpenErrorKind::NotFound)
+        );
         let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn fifos_devices_and_undecodable_names_are_neither_listed_nor_served() {
+        use std::os::unix::ffi::OsStrExt;
+        let served = temp_dir("special");
+        std::fs::write(served.join("ok.ts"), b"ts").expect("write");
+        let status = std::process::Command::new("mkfifo")
+            .arg(served.join("pipe.mp4"))
+            .status()
+            .expect("mkfifo runs");
+        assert!(status.success());
+        // A symlink to a device inside the folder's reach is still a device.
+        std::os::unix::fs::symlink("/dev/zero", served.join("zero.mp4")).expect("symlink");
+        let bad_name = std::ffi::OsStr::from_bytes(b"caf\xe9.mkv");
+        std::fs::write(served.join(bad_name), b"latin-1 name").expect("write");
+        let lib = Library::new(&served).expect("library");
+        let names: Vec<String> = lib.catalog().into_iter().map(|e| e.name).collect();
+        assert_eq!(names, vec!["ok.ts"]);
+        for bad in ["pipe.mp4", "zero.mp4", "caf\u{fffd}.mkv"] {
+            let err = lib
+                .open(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} was served"));
+            assert_eq!(err.kind, OpenErrorKind::NotFound, "{bad:?}");
+        }
+        let _ = std::fs::remove_dir_all(&served);
     }
 }
