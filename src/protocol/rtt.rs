@@ -9,8 +9,11 @@ use std::time::Duration;
 pub const INITIAL_RTT: Duration = Duration::from_millis(333);
 /// Timer granularity: no timer is armed closer than this (RFC 9002 kGranularity).
 pub const GRANULARITY: Duration = Duration::from_millis(1);
-/// The most a receiver delays an ACK; it adds to the probe timeout.
-pub const MAX_ACK_DELAY: Duration = Duration::from_millis(25);
+/// The most a receiver delays an ACK; it adds to the probe timeout. QUIC
+/// uses 25 ms; ours is 5 ms because on a LAN the probe timeout is
+/// otherwise all ACK delay, and every tail loss at the edge of the receive
+/// window waits for it (the cost: at most 200 lone ACKs a second).
+pub const MAX_ACK_DELAY: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Clone)]
 pub struct RttEstimator {
