@@ -424,17 +424,11 @@ fn run_pipeline_helper_sees_errors() {
     // look like EOS.
     init();
     let pipeline = gst::parse::launch("udpvidsrc ! fakesink").expect("pipeline");
-    match run_pipeline(&pipeline, Duration::from_secs(10)) {
-        Outcome::Error {
-            domain_resource,
-            message,
-            ..
-        } => {
-            assert_eq!(domain_resource, Some(gst::ResourceError::Settings));
-            assert!(message.contains("file"), "{message}");
-        }
-        other => panic!("{other:?}"),
-    }
+    common::expect_error(
+        run_pipeline(&pipeline, Duration::from_secs(10)),
+        gst::ResourceError::Settings,
+        "file",
+    );
 }
 
 #[test]

@@ -216,6 +216,24 @@ pub enum Outcome {
     TimedOut,
 }
 
+/// Asserts that `outcome` is an error in `domain` whose message contains
+/// `needle`; returns the message.
+#[track_caller]
+pub fn expect_error(outcome: Outcome, domain: gst::ResourceError, needle: &str) -> String {
+    match outcome {
+        Outcome::Error {
+            domain_resource,
+            message,
+            ..
+        } => {
+            assert_eq!(domain_resource, Some(domain), "{message}");
+            assert!(message.contains(needle), "{needle:?} not in {message:?}");
+            message
+        }
+        other => panic!("expected a {domain:?} error containing {needle:?}, got {other:?}"),
+    }
+}
+
 /// Plays `pipeline` until EOS, an error or `limit`; always ends in NULL.
 pub fn run_pipeline(pipeline: &gst::Element, limit: Duration) -> Outcome {
     let bus = pipeline.bus().expect("pipeline has a bus");
