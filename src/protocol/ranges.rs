@@ -104,6 +104,16 @@ impl RangeSet {
             .is_some_and(|(_, &e)| e > r.start)
     }
 
+    /// Start of the first range beginning after `pos`: where the gap at
+    /// `pos` ends. A lookup, not a scan: both the sender (what to resend)
+    /// and the receiver (what to store) walk gaps with it on every packet.
+    pub fn next_start_after(&self, pos: u64) -> Option<u64> {
+        self.map
+            .range(pos.saturating_add(1)..)
+            .next()
+            .map(|(&s, _)| s)
+    }
+
     pub fn first(&self) -> Option<Range<u64>> {
         self.map.iter().next().map(|(&s, &e)| s..e)
     }
@@ -168,6 +178,8 @@ mod tests {
         assert_eq!(s.contiguous_end(0), 5);
         assert_eq!(s.contiguous_end(5), 5);
         assert_eq!(s.covered(), 37);
+        assert_eq!(s.next_start_after(0), Some(8));
+        assert_eq!(s.next_start_after(8), None);
     }
 
     proptest! {

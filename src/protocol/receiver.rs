@@ -105,9 +105,8 @@ impl StreamReceiver {
             }
             let gap_end = self
                 .received
-                .iter()
-                .find(|r| r.start > pos)
-                .map_or(hi, |r| r.start.min(hi));
+                .next_start_after(pos)
+                .map_or(hi, |s| s.min(hi));
             let slice = &data[(pos - offset) as usize..(gap_end - offset) as usize];
             self.segments.insert(pos, slice.to_vec());
             self.received.insert(pos..gap_end);

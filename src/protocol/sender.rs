@@ -86,9 +86,8 @@ impl StreamSender {
             }
             let next_acked = self
                 .acked
-                .iter()
-                .find(|r| r.start > pos)
-                .map_or(range.end, |r| r.start.min(range.end));
+                .next_start_after(pos)
+                .map_or(range.end, |s| s.min(range.end));
             self.to_resend.insert(pos..next_acked);
             pos = next_acked;
         }
