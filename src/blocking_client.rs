@@ -206,6 +206,8 @@ struct Inner {
     reconnects: u64,
     /// Last time anything came from the server, across reconnects.
     last_heard: Option<Instant>,
+    /// `bytes_received` when progress was last noted.
+    bytes_seen: u64,
 }
 
 /// Session ends after which a new session is opened transparently: the
@@ -256,11 +258,16 @@ fn flush(socket: &UdpSocket, server: SocketAddr, inner: &mut Inner) {
 
 fn collect_events(inner: &mut Inner) -> bool {
     let mut any = false;
-    if let Some(t) = inner.conn.last_received() {
-        inner.last_heard = Some(inner.last_heard.map_or(t, |l| l.max(t)));
+    // Progress is new data or a new answer, not any packet: a server that
+    // answers pings but never delivers must still time out.
+    let received = inner.conn.stats().bytes_received;
+    if received != inner.bytes_seen {
+        inner.bytes_seen = received;
+        inner.last_heard = Some(Instant::now());
     }
     while let Some(event) = inner.conn.poll_event() {
         any = true;
+        inner.last_heard = Some(Instant::now());
         let o = &mut inner.outcomes;
         match event {
             ClientEvent::Connected => {}
@@ -420,6 +427,7 @@ impl BlockingClient {
                 reopening: None,
                 reconnects: 0,
                 last_heard: None,
+                bytes_seen: 0,
             }),
             changed: Condvar::new(),
             cancelled: AtomicBool::new(false),
@@ -533,6 +541,7 @@ impl BlockingClient {
         };
         let now = Instant::now();
         inner.conn = ClientConnection::new(inner.config.clone(), rand::random(), now);
+        inner.bytes_seen = 0;
         inner.outcomes = Outcomes::default();
         inner.reconnects += 1;
         let id = inner.conn.open_file(now, &path, offset);
@@ -598,10 +607,12 @@ impl BlockingClient {
 
     /// Asks for the catalog and waits for all of it.
     pub fn catalog(&self, timeout: Duration) -> Result<Vec<CatalogEntry>, WaitError> {
-        self.with_conn(|c, now| {
-            c.open_catalog(now);
+        // Cleared before asking, under the same lock: on loopback the answer
+        // can arrive before a later clear would run, and be lost.
+        self.with_conn_inner(|inner, now| {
+            inner.outcomes.catalog = None;
+            inner.conn.open_catalog(now);
         });
-        lock(&self.shared).outcomes.catalog = None;
         self.wait_for(timeout, |inner| inner.outcomes.catalog.take().map(Ok))
     }
 
