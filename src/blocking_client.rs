@@ -707,15 +707,6 @@ impl BlockingClient {
         self.open(&path, offset, timeout).map(|_| ())
     }
 
-    /// (next offset from the network, contiguous bytes ready there)
-    pub fn position(&self) -> Option<(u64, u64)> {
-        let inner = lock(&self.shared);
-        inner
-            .conn
-            .read_offset()
-            .map(|o| (o, inner.conn.available()))
-    }
-
     pub fn set_read_ahead(&self, read_ahead: ReadAhead) {
         self.with_conn_inner(|inner, now| {
             inner.config.read_ahead = read_ahead;

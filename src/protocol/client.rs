@@ -240,11 +240,6 @@ impl ClientConnection {
         &self.rtt
     }
 
-    /// When a datagram from the server last arrived.
-    pub fn last_received(&self) -> Option<Instant> {
-        self.last_received
-    }
-
     pub fn poll_event(&mut self) -> Option<ClientEvent> {
         self.events.pop_front()
     }
@@ -318,10 +313,6 @@ impl ClientConnection {
             .read_ahead(now, self.rtt.smoothed(), self.rtt.variance())
     }
 
-    pub fn read_ahead_policy(&self) -> &ReadAheadPolicy {
-        &self.read_ahead
-    }
-
     fn apply_read_ahead(&mut self, now: Instant) {
         let bytes = self.current_read_ahead(now);
         if let Some(t) = self.transfer.as_mut() {
@@ -330,20 +321,6 @@ impl ClientConnection {
             }
         }
         self.maybe_update_window(now);
-    }
-
-    /// Current transfer: (id, size once known, offset it started at).
-    pub fn transfer_info(&self) -> Option<(u32, Option<u64>, u64)> {
-        self.transfer
-            .as_ref()
-            .map(|t| (t.id, t.receiver.end().filter(|_| t.opened), t.start))
-    }
-
-    pub fn content_tag(&self) -> Option<u64> {
-        self.transfer
-            .as_ref()
-            .filter(|t| t.opened)
-            .map(|t| t.content_tag)
     }
 
     /// Bytes ready to read at the current offset.

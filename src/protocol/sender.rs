@@ -136,11 +136,6 @@ impl StreamSender {
     pub fn is_acked(&self, range: Range<u64>) -> bool {
         self.acked.contains_range(range)
     }
-
-    /// Highest offset ever sent.
-    pub fn highest_sent(&self) -> u64 {
-        self.next_new
-    }
 }
 
 /// A packet that carries data and waits for its acknowledgement.

@@ -820,10 +820,6 @@ impl<S: ContentStore> ServerEndpoint<S> {
             .and_then(|s| s.transfer.as_ref())
             .map(|t| t.stream.window())
     }
-
-    pub fn session_ids(&self) -> Vec<ConnectionId> {
-        self.order.clone()
-    }
 }
 
 /// The keys of the authenticated session a datagram's header names, if any.
