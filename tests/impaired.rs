@@ -349,7 +349,7 @@ fn kernel_drops_in_a_network_namespace() {
         .expect("banner");
     assert!(banner.contains("listening"), "{banner}");
     let out = std::env::temp_dir().join(format!("udpvid-netns-{}.ts", std::process::id()));
-    let plugin_dir = common::target_profile_dir();
+    let plugin_dir = common::plugin_dir();
     let status = in_netns(
         &ns.name,
         "gst-launch-1.0",

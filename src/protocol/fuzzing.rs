@@ -5,12 +5,10 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::catalog::{self, CatalogEntry};
+use super::catalog;
 use super::client::{ClientConfig, ClientConnection};
-use super::server::{
-    Content, ContentStore, MemoryContent, OpenFailure, ServerConfig, ServerEndpoint,
-};
-use super::wire::{OpenErrorKind, Packet};
+use super::server::{MemoryStore, ServerConfig, ServerEndpoint};
+use super::wire::Packet;
 
 /// The decoders: whatever decodes re-encodes to the same packet.
 pub fn decode(data: &[u8]) {
@@ -20,36 +18,18 @@ pub fn decode(data: &[u8]) {
     let _ = catalog::decode(data);
 }
 
-struct Store;
-
-impl ContentStore for Store {
-    fn catalog(&self) -> Vec<CatalogEntry> {
-        vec![CatalogEntry {
-            name: "a".into(),
-            size: 5000,
-        }]
-    }
-    fn open(&self, path: &str) -> Result<Box<dyn Content>, OpenFailure> {
-        if path == "a" {
-            Ok(Box::new(MemoryContent {
-                bytes: vec![7; 5000],
-                tag: 1,
-            }))
-        } else {
-            Err(OpenFailure {
-                kind: OpenErrorKind::NotFound,
-                message: String::new(),
-                detail: String::new(),
-            })
-        }
-    }
-}
-
 /// The server fed records `[addr, len_hi, len_lo, bytes…]` from a few
 /// addresses; address 255 advances time by `len` ms instead.
 pub fn server(data: &[u8]) {
     let mut now = Instant::now();
-    let mut server = ServerEndpoint::new(ServerConfig::default(), Store, [0; 32], now);
+    let mut server = ServerEndpoint::new(
+        ServerConfig::default(),
+        MemoryStore {
+            files: vec![("a".into(), vec![7; 5000])],
+        },
+        [0; 32],
+        now,
+    );
     let mut out = Vec::new();
     let mut rest = data;
     while rest.len() >= 3 {

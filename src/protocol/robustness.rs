@@ -10,41 +10,19 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 
-use super::catalog::CatalogEntry;
 use super::client::{ClientConfig, ClientConnection};
-use super::server::{
-    AMPLIFICATION_FACTOR, Content, ContentStore, MemoryContent, OpenFailure, ServerConfig,
-    ServerEndpoint, ServerEvent,
-};
-use super::wire::{Body, CloseReason, OpenErrorKind, Packet, TransferKind};
+use super::server::{AMPLIFICATION_FACTOR, MemoryStore, ServerConfig, ServerEndpoint, ServerEvent};
+use super::wire::{Body, CloseReason, Packet, TransferKind};
 
-struct OneFile;
-
-impl ContentStore for OneFile {
-    fn catalog(&self) -> Vec<CatalogEntry> {
-        vec![CatalogEntry {
-            name: "a.mp4".into(),
-            size: 100_000,
-        }]
-    }
-    fn open(&self, path: &str) -> Result<Box<dyn Content>, OpenFailure> {
-        if path == "a.mp4" {
-            Ok(Box::new(MemoryContent {
-                bytes: (0..100_000u32).map(|i| i as u8).collect(),
-                tag: 9,
-            }))
-        } else {
-            Err(OpenFailure {
-                kind: OpenErrorKind::NotFound,
-                message: "no".into(),
-                detail: String::new(),
-            })
-        }
+/// One 100 kB file, `a.mp4`.
+fn one_file() -> MemoryStore {
+    MemoryStore {
+        files: vec![("a.mp4".into(), (0..100_000u32).map(|i| i as u8).collect())],
     }
 }
 
-fn server(now: Instant) -> ServerEndpoint<OneFile> {
-    ServerEndpoint::new(ServerConfig::default(), OneFile, [3; 32], now)
+fn server(now: Instant) -> ServerEndpoint<MemoryStore> {
+    ServerEndpoint::new(ServerConfig::default(), one_file(), [3; 32], now)
 }
 
 /// Valid client packets to mutate from.
@@ -208,7 +186,7 @@ proptest! {
 
 /// Completes a handshake for `from` and returns the connection id.
 fn connect(
-    s: &mut ServerEndpoint<OneFile>,
+    s: &mut ServerEndpoint<MemoryStore>,
     now: Instant,
     from: SocketAddr,
     nonce: u64,
@@ -264,7 +242,7 @@ fn limits_refuse_newcomers_and_spare_established_sessions() {
         max_sessions_per_address: 4,
         ..ServerConfig::default()
     };
-    let mut s = ServerEndpoint::new(config, OneFile, [1; 32], now);
+    let mut s = ServerEndpoint::new(config, one_file(), [1; 32], now);
     let a = |port| SocketAddr::from(([198, 51, 100, 1], port));
     let b = |port| SocketAddr::from(([198, 51, 100, 2], port));
     let ids: Vec<Option<u64>> = (0..5)

@@ -76,6 +76,40 @@ impl Content for MemoryContent {
     }
 }
 
+/// An in-memory folder: for the simulation, the hostile-input tests and
+/// the fuzz targets.
+pub struct MemoryStore {
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+impl ContentStore for MemoryStore {
+    fn catalog(&self) -> Vec<CatalogEntry> {
+        self.files
+            .iter()
+            .map(|(n, b)| CatalogEntry {
+                name: n.clone(),
+                size: b.len() as u64,
+            })
+            .collect()
+    }
+    fn open(&self, path: &str) -> Result<Box<dyn Content>, OpenFailure> {
+        self.files
+            .iter()
+            .find(|(n, _)| n == path)
+            .map(|(_, b)| {
+                Box::new(MemoryContent {
+                    bytes: b.clone(),
+                    tag: 1,
+                }) as Box<dyn Content>
+            })
+            .ok_or(OpenFailure {
+                kind: OpenErrorKind::NotFound,
+                message: format!("{path}: no such file"),
+                detail: String::new(),
+            })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub idle_timeout: Duration,

@@ -15,43 +15,9 @@ use rand::{Rng, SeedableRng};
 use super::catalog::CatalogEntry;
 use super::client::{ClientConfig, ClientConnection, ClientEvent};
 use super::read_ahead::ReadAhead;
-use super::server::{
-    Content, ContentStore, MemoryContent, OpenFailure, ServerConfig, ServerEndpoint,
-};
+use super::server::{MemoryStore, ServerConfig, ServerEndpoint};
 use super::wire::{Body, OpenErrorKind, Packet};
 use crate::impairment::{GilbertElliott, Impairment, ImpairmentConfig};
-
-struct Store {
-    files: Vec<(String, Vec<u8>)>,
-}
-
-impl ContentStore for Store {
-    fn catalog(&self) -> Vec<CatalogEntry> {
-        self.files
-            .iter()
-            .map(|(n, b)| CatalogEntry {
-                name: n.clone(),
-                size: b.len() as u64,
-            })
-            .collect()
-    }
-    fn open(&self, path: &str) -> Result<Box<dyn Content>, OpenFailure> {
-        self.files
-            .iter()
-            .find(|(n, _)| n == path)
-            .map(|(_, b)| {
-                Box::new(MemoryContent {
-                    bytes: b.clone(),
-                    tag: 1,
-                }) as Box<dyn Content>
-            })
-            .ok_or(OpenFailure {
-                kind: OpenErrorKind::NotFound,
-                message: format!("{path}: no such file"),
-                detail: String::new(),
-            })
-    }
-}
 
 fn clean(delay_ms: u64) -> ImpairmentConfig {
     ImpairmentConfig {
@@ -130,7 +96,7 @@ enum Consumer {
 
 struct Sim {
     now: Instant,
-    server: ServerEndpoint<Store>,
+    server: ServerEndpoint<MemoryStore>,
     client: ClientConnection,
     up: Link,
     down: Link,
@@ -170,7 +136,7 @@ impl Sim {
         let mut rng = StdRng::seed_from_u64(seed);
         let server = ServerEndpoint::new(
             server_config,
-            Store {
+            MemoryStore {
                 files: vec![("movie.mp4".into(), file)],
             },
             rng.r#gen(),

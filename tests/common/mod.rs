@@ -57,6 +57,19 @@ pub fn server_binary() -> PathBuf {
         .clone()
 }
 
+/// The folder holding the plugin library (`libgstudpvid.so`), for
+/// GStreamer processes the tests start (`GST_PLUGIN_PATH`); brought up to
+/// date first, since `cargo test` alone does not rebuild the cdylib.
+pub fn plugin_dir() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            cargo_build(&["-q", "--lib"]);
+            target_profile_dir()
+        })
+        .clone()
+}
+
 /// An example binary (`target/<profile>/examples/NAME`), brought up to date first.
 pub fn example_binary(name: &str) -> PathBuf {
     static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
