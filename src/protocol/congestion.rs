@@ -198,6 +198,10 @@ pub const BBR_QUEUE_DRAIN_GAIN: f64 = 0.85;
 /// bottleneck queue is filling, the rate is found. Several in a row, so
 /// jitter alone does not end it.
 pub const BBR_STARTUP_DELAY_SAMPLES: u32 = 3;
+/// Time beyond the path's round trip an ACK can take to come back: the
+/// receiver's largest ACK delay plus one timer tick of the drivers.
+pub const BBR_ACK_FEEDBACK_DELAY: Duration =
+    Duration::from_millis(super::rtt::MAX_ACK_DELAY.as_millis() as u64 + 1);
 /// The window never falls below four datagrams (BBR's floor).
 pub const BBR_MIN_WINDOW_PACKETS: u64 = 4;
 
@@ -291,7 +295,15 @@ impl Bbr {
             BbrMode::Startup | BbrMode::Drain => BBR_HIGH_GAIN,
             BbrMode::ProbeBw => BBR_CWND_GAIN,
         };
-        ((self.bdp() as f64 * gain) as u64).clamp(self.min_window(), MAXIMUM_WINDOW_BYTES)
+        // The receiver may hold an ACK back for up to its ACK delay, and the
+        // drivers' timers tick in milliseconds: on a LAN, where the path's
+        // round trip is tens of microseconds, a window of gain × BDP would be
+        // the four-datagram floor, every loss would wait for a probe timeout
+        // and the link would idle between ACKs. The window covers the rate
+        // over that feedback delay too (at 20 Mbit/s it adds 15 KB).
+        let feedback = (self.bottleneck_bw() * BBR_ACK_FEEDBACK_DELAY.as_secs_f64()) as u64;
+        ((self.bdp() as f64 * gain) as u64 + feedback)
+            .clamp(self.min_window(), MAXIMUM_WINDOW_BYTES)
     }
 
     fn update_bw(&mut self, rate: RateSample) {
@@ -516,8 +528,9 @@ mod tests {
         assert_eq!(cc.mode(), BbrMode::ProbeBw);
         assert!((cc.bottleneck_bw() - 2_500_000.0).abs() < 1.0);
         let bdp = 2_500_000.0 * 0.05;
+        let feedback = 2_500_000.0 * BBR_ACK_FEEDBACK_DELAY.as_secs_f64();
         assert!(
-            (cc.window() as f64 - 2.0 * bdp).abs() < bdp * 0.1,
+            (cc.window() as f64 - 2.0 * bdp - feedback).abs() < bdp * 0.1,
             "{}",
             cc.window()
         );
@@ -526,6 +539,41 @@ mod tests {
         assert!((cc.bottleneck_bw() - 2_500_000.0).abs() < 1.0);
         let rate = cc.pacing_rate().expect("paces");
         assert!(rate > 0.7 * 2_500_000.0, "{rate}");
+    }
+
+    #[test]
+    fn bbr_window_covers_the_ack_delay_on_a_lan() {
+        // 60 µs round trips at 100 MB/s: the path's BDP is four datagrams,
+        // but ACKs may come back 6 ms later; a window of four datagrams
+        // would idle the link and leave every loss to a probe timeout.
+        let t0 = Instant::now();
+        let mut cc = Bbr::new(1400);
+        let rate = 100_000_000.0;
+        let rtt = Duration::from_micros(60);
+        let mut now = t0;
+        let mut delivered = 0;
+        for _ in 0..200 {
+            now += rtt;
+            let prior = delivered;
+            delivered += 6000;
+            cc.on_ack(&AckEvent {
+                now,
+                acked_bytes: 6000,
+                largest_acked_sent: now - rtt,
+                bytes_in_flight: 6000,
+                rtt_sample: Some(rtt),
+                smoothed_rtt: rtt,
+                rate: Some(RateSample {
+                    delivery_rate: rate,
+                    app_limited: false,
+                }),
+                app_limited: false,
+                delivered,
+                prior_delivered: prior,
+            });
+        }
+        let over_feedback = rate * BBR_ACK_FEEDBACK_DELAY.as_secs_f64();
+        assert!(cc.window() as f64 >= over_feedback, "{}", cc.window());
     }
 
     #[test]
