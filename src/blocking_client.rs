@@ -718,6 +718,13 @@ impl BlockingClient {
         lock(&self.shared).conn.stats()
     }
 
+    /// Blocks until the network thread brings new data or an answer, or
+    /// `timeout` passes.
+    pub fn wait_for_progress(&self, timeout: Duration) {
+        let inner = lock(&self.shared);
+        let _ = self.shared.changed.wait_timeout(inner, timeout);
+    }
+
     /// Everything the element reports, read under one lock.
     pub fn snapshot(&self) -> ClientSnapshot {
         let inner = lock(&self.shared);

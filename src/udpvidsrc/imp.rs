@@ -28,8 +28,13 @@ const DEFAULT_HOST: &str = "127.0.0.1";
 const DEFAULT_TIMEOUT_SECS: u32 = 10;
 /// Smallest read-ahead accepted: a few datagrams, or the transfer crawls.
 const MIN_READ_AHEAD: u64 = 16 * 1024;
-/// How often buffering progress is reported while buffering.
+/// How often the monitor looks at the stats when nothing wakes it.
 const MONITOR_TICK: Duration = Duration::from_millis(100);
+/// While buffering the monitor wakes on every batch of arriving data (at
+/// most this long apart): an application pauses the pipeline until it
+/// posts 100 %, so on a fast link a coarse tick would idle the pipeline for
+/// most of each refill.
+const BUFFERING_TICK: Duration = Duration::from_millis(20);
 /// Buffering ends (100 %) once this share of the read-ahead is ready, or
 /// the rest of the file: waiting for the whole read-ahead would delay the
 /// start for no gain.
@@ -110,9 +115,10 @@ impl Settings {
 }
 
 /// Background thread of a started element: reports buffering progress
-/// while buffering and posts stats every `stats-interval`.
+/// while buffering and posts stats every `stats-interval`. Dropping `wake`
+/// stops it; sending on it says buffering began.
 struct Monitor {
-    stop: mpsc::Sender<()>,
+    wake: mpsc::Sender<()>,
     thread: JoinHandle<()>,
 }
 
@@ -230,6 +236,12 @@ impl UdpVidSrc {
     fn enter_buffering(&self) {
         if !self.buffering.swap(true, Ordering::AcqRel) {
             Self::post_buffering(&self.obj(), &self.last_buffering_percent, 0);
+            if let State::Started {
+                monitor: Some(m), ..
+            } = &*self.state()
+            {
+                let _ = m.wake.send(());
+            }
         }
     }
 
@@ -239,7 +251,7 @@ impl UdpVidSrc {
         size: u64,
         stats_interval: Duration,
     ) -> Option<Monitor> {
-        let (stop, stopped) = mpsc::channel::<()>();
+        let (wake, woken) = mpsc::channel::<()>();
         let element = self.obj().downgrade();
         let buffering = self.buffering.clone();
         let last = self.last_buffering_percent.clone();
@@ -248,8 +260,21 @@ impl UdpVidSrc {
             .name("udpvidsrc-monitor".into())
             .spawn(move || {
                 let mut next_stats = started + stats_interval;
-                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(MONITOR_TICK)
-                {
+                loop {
+                    let woke = if buffering.load(Ordering::Acquire) {
+                        client.wait_for_progress(BUFFERING_TICK);
+                        woken.try_recv()
+                    } else {
+                        woken.recv_timeout(MONITOR_TICK).map_err(|e| match e {
+                            mpsc::RecvTimeoutError::Timeout => mpsc::TryRecvError::Empty,
+                            mpsc::RecvTimeoutError::Disconnected => {
+                                mpsc::TryRecvError::Disconnected
+                            }
+                        })
+                    };
+                    if woke == Err(mpsc::TryRecvError::Disconnected) {
+                        return;
+                    }
                     let Some(element) = element.upgrade() else {
                         return;
                     };
@@ -270,7 +295,7 @@ impl UdpVidSrc {
                 }
             })
             .ok()?;
-        Some(Monitor { stop, thread })
+        Some(Monitor { wake, thread })
     }
 
     /// Fetches the catalog on a separate short session and posts it, so an
@@ -729,7 +754,7 @@ impl BaseSrcImpl for UdpVidSrc {
         } = state
         {
             if let Some(m) = monitor {
-                drop(m.stop);
+                drop(m.wake);
                 let _ = m.thread.join();
             }
             let s = client.snapshot();
