@@ -372,6 +372,9 @@ fn kernel_drops_in_a_network_namespace() {
     assert!(status.success(), "gst-launch failed inside the namespace");
     assert_eq!(sha256_file(&out), sha256_file(&clips.dir.join("movie.ts")));
     let dropped = ns.dropped();
-    assert!(dropped > 20, "nftables dropped only {dropped} packets");
+    // On loopback a GSO train of up to ~44 datagrams crosses netfilter as
+    // one packet (it is cut up only at the receiving socket), so the
+    // server's few hundred sends make few but large losses.
+    assert!(dropped >= 3, "nftables dropped only {dropped} packets");
     let _ = std::fs::remove_file(out);
 }

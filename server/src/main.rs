@@ -14,6 +14,10 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use rand::RngCore;
+use std::io::IoSliceMut;
+
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tracing::{debug, error, info, warn};
 
@@ -32,6 +36,10 @@ const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 /// Datagrams read in one go before the loop sends again, so a flood of
 /// input cannot starve the sending side.
 const MAX_RECV_BATCH: usize = 256;
+/// Receive buffers filled by one `recvmmsg`.
+const RECV_SLOTS: usize = 16;
+/// Largest GSO batch: what one UDP send can carry.
+const GSO_BATCH_BYTES: usize = 65_000;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -170,18 +178,92 @@ async fn shutdown_signal() {
     }
 }
 
-async fn serve(socket: UdpSocket, mut endpoint: ServerEndpoint<Library>) {
-    let mut inbuf = vec![0u8; 65536];
+/// Datagrams the endpoint queued, gathered into GSO batches: runs of
+/// equal-size datagrams to one address (the last may be shorter) leave in
+/// one `sendmsg`, which the kernel (or the NIC) cuts into datagrams.
+struct SendBatcher {
+    buf: Vec<u8>,
+    to: Option<SocketAddr>,
+    segment: usize,
+    count: usize,
+    /// A shorter datagram ended the run.
+    closed: bool,
+}
+
+impl SendBatcher {
+    fn new() -> Self {
+        SendBatcher {
+            buf: Vec::with_capacity(GSO_BATCH_BYTES),
+            to: None,
+            segment: 0,
+            count: 0,
+            closed: false,
+        }
+    }
+
+    /// Whether `datagram` to `to` can join the current batch.
+    fn fits(&self, to: SocketAddr, datagram: &[u8], max_segments: usize) -> bool {
+        self.to == Some(to)
+            && !self.closed
+            && datagram.len() <= self.segment
+            && self.count < max_segments
+            && self.buf.len() + datagram.len() <= GSO_BATCH_BYTES
+    }
+
+    fn push(&mut self, to: SocketAddr, datagram: &[u8]) {
+        if self.to.is_none() {
+            self.to = Some(to);
+            self.segment = datagram.len();
+        }
+        self.closed = datagram.len() < self.segment;
+        self.buf.extend_from_slice(datagram);
+        self.count += 1;
+    }
+
+    async fn flush(&mut self, socket: &UdpSocket, state: &UdpSocketState) {
+        let Some(destination) = self.to.take() else {
+            return;
+        };
+        let transmit = Transmit {
+            destination,
+            ecn: None,
+            contents: &self.buf,
+            segment_size: (self.count > 1).then_some(self.segment),
+            src_ip: None,
+        };
+        let sent = socket
+            .async_io(Interest::WRITABLE, || {
+                state.try_send(socket.into(), &transmit)
+            })
+            .await;
+        if let Err(e) = sent {
+            // The same as losing the datagrams: recovery resends them.
+            debug!(to = %destination, error = %e, datagrams = self.count, "send failed");
+        }
+        self.buf.clear();
+        self.count = 0;
+        self.closed = false;
+    }
+}
+
+async fn serve(socket: UdpSocket, state: UdpSocketState, mut endpoint: ServerEndpoint<Library>) {
+    // Room for a batch of receives, each up to a GRO train of datagrams.
+    let slot = (MAX_DATAGRAM_SIZE * state.gro_segments()).max(MAX_DATAGRAM_SIZE);
+    let mut inbufs = vec![0u8; slot * RECV_SLOTS];
+    let mut metas = [RecvMeta::default(); RECV_SLOTS];
     let mut out = Vec::with_capacity(MAX_DATAGRAM_SIZE);
+    let mut batch = SendBatcher::new();
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         let now = Instant::now();
         while let Some(to) = endpoint.poll_transmit(now, &mut out) {
-            if let Err(e) = socket.send_to(&out, to).await {
-                debug!(%to, error = %e, "send failed");
+            if !batch.fits(to, &out, state.max_gso_segments()) {
+                batch.flush(&socket, &state).await;
             }
+            batch.push(to, &out);
         }
+        batch.flush(&socket, &state).await;
         while let Some(event) = endpoint.poll_event() {
             log_event(event);
         }
@@ -189,22 +271,36 @@ async fn serve(socket: UdpSocket, mut endpoint: ServerEndpoint<Library>) {
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
         tokio::select! {
-            r = socket.recv_from(&mut inbuf) => {
-                let mut next = Some(r);
-                let mut batch = 0;
-                while let Some(r) = next.take() {
-                    match r {
-                        Ok((n, from)) => endpoint.handle_datagram(Instant::now(), from, &inbuf[..n]),
-                        // ICMP errors from a vanished client surface here; its
-                        // session simply idles out.
-                        Err(e) => debug!(error = %e, "receive failed"),
-                    }
-                    batch += 1;
-                    if batch < MAX_RECV_BATCH {
-                        match socket.try_recv_from(&mut inbuf) {
-                            Ok(v) => next = Some(Ok(v)),
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                            Err(e) => next = Some(Err(e)),
+            r = socket.readable() => {
+                if let Err(e) = r {
+                    debug!(error = %e, "socket not readable");
+                    continue;
+                }
+                let mut handled = 0;
+                while handled < MAX_RECV_BATCH {
+                    let received = {
+                        let mut iovs: Vec<IoSliceMut<'_>> =
+                            inbufs.chunks_mut(slot).map(IoSliceMut::new).collect();
+                        socket.try_io(Interest::READABLE, || {
+                            state.recv((&socket).into(), &mut iovs, &mut metas)
+                        })
+                    };
+                    let count = match received {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        // ICMP errors from a vanished client surface here;
+                        // its session simply idles out.
+                        Err(e) => {
+                            debug!(error = %e, "receive failed");
+                            break;
+                        }
+                    };
+                    let now = Instant::now();
+                    for (meta, buf) in metas.iter().zip(inbufs.chunks(slot)).take(count) {
+                        let stride = meta.stride.max(1);
+                        for datagram in buf[..meta.len].chunks(stride) {
+                            endpoint.handle_datagram(now, meta.addr, datagram);
+                            handled += 1;
                         }
                     }
                 }
@@ -303,6 +399,13 @@ fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::from(1);
             }
         };
+        let state = match UdpSocketState::new((&socket).into()) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("server: cannot set up the socket: {e}");
+                return std::process::ExitCode::from(1);
+            }
+        };
         let local = socket.local_addr().unwrap_or(addr);
         let config = ServerConfig {
             idle_timeout: Duration::from_secs_f64(args.idle_timeout),
@@ -321,7 +424,7 @@ fn main() -> std::process::ExitCode {
         );
         let _ = std::io::stdout().flush();
         let endpoint = ServerEndpoint::new(config, library, seed, Instant::now());
-        serve(socket, endpoint).await;
+        serve(socket, state, endpoint).await;
         std::process::ExitCode::SUCCESS
     })
 }

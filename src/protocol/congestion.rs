@@ -216,7 +216,9 @@ pub enum BbrMode {
 pub struct Bbr {
     max_datagram: u64,
     mode: BbrMode,
-    /// (round, rate) samples; the estimate is the max of the window.
+    /// (round, best rate of that round); the estimate is the max of the
+    /// window. One entry per round, so at most the window's rounds: ACKs
+    /// on a fast link come by the thousand per round.
     bw_samples: std::collections::VecDeque<(u64, f64)>,
     min_rtt: Option<(Duration, Instant)>,
     round: u64,
@@ -312,7 +314,10 @@ impl Bbr {
         if rate.app_limited && rate.delivery_rate <= current {
             return;
         }
-        self.bw_samples.push_back((self.round, rate.delivery_rate));
+        match self.bw_samples.back_mut() {
+            Some((round, best)) if *round == self.round => *best = best.max(rate.delivery_rate),
+            _ => self.bw_samples.push_back((self.round, rate.delivery_rate)),
+        }
         let oldest = self.round.saturating_sub(BBR_BW_WINDOW_ROUNDS);
         while self.bw_samples.front().is_some_and(|&(r, _)| r < oldest) {
             self.bw_samples.pop_front();
