@@ -68,6 +68,7 @@ fn raw_connect(sock: &UdpSocket, server: &str, nonce: u64) -> Option<u64> {
                 client_nonce: nonce,
                 cookie: cookie.clone(),
                 wants_auth: false,
+                early_open: None,
             },
         )
         .encode();

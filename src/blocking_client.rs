@@ -396,6 +396,29 @@ fn network_loop(shared: Arc<Shared>, socket: Arc<UdpSocket>, server: SocketAddr)
 impl BlockingClient {
     /// Resolves `host`, binds a socket and starts the handshake.
     pub fn connect(host: &str, port: u16, config: ClientConfig) -> std::io::Result<Self> {
+        Self::connect_inner(host, port, config, None)
+    }
+
+    /// Like [`BlockingClient::connect`], and asks for `path` at `offset` in
+    /// the handshake itself, so the file's first bytes come a round trip
+    /// sooner. [`BlockingClient::open`] with the same path and offset then
+    /// waits for that answer.
+    pub fn connect_and_open(
+        host: &str,
+        port: u16,
+        config: ClientConfig,
+        path: &str,
+        offset: u64,
+    ) -> std::io::Result<Self> {
+        Self::connect_inner(host, port, config, Some((path, offset)))
+    }
+
+    fn connect_inner(
+        host: &str,
+        port: u16,
+        config: ClientConfig,
+        initial_open: Option<(&str, u64)>,
+    ) -> std::io::Result<Self> {
         let server = (host, port).to_socket_addrs()?.next().ok_or_else(|| {
             std::io::Error::new(
                 std::io::ErrorKind::NotFound,
@@ -415,7 +438,13 @@ impl BlockingClient {
             UdpSocket::from(s)
         };
         let nonce = rand::random::<u64>();
-        let conn = ClientConnection::new(config.clone(), nonce, Instant::now());
+        let now = Instant::now();
+        let mut conn = ClientConnection::new(config.clone(), nonce, now);
+        // Before the network thread sends the Hello, so it carries the open.
+        let awaited_open = initial_open.map(|(path, offset)| {
+            let id = conn.open_file(now, path, offset);
+            (id, path.to_owned(), offset)
+        });
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 conn,
@@ -423,7 +452,7 @@ impl BlockingClient {
                 config,
                 outcomes: Outcomes::default(),
                 resume: None,
-                awaited_open: None,
+                awaited_open,
                 reopening: None,
                 reconnects: 0,
                 last_heard: None,
@@ -567,8 +596,15 @@ impl BlockingClient {
         timeout: Duration,
     ) -> Result<OpenedFile, WaitError> {
         self.with_conn_inner(|inner, now| {
-            let id = inner.conn.open_file(now, path, offset);
-            inner.awaited_open = Some((id, path.to_owned(), offset));
+            // Already asked for in the handshake: wait for that answer.
+            let asked = inner
+                .awaited_open
+                .as_ref()
+                .is_some_and(|(_, p, o)| p == path && *o == offset);
+            if !asked {
+                let id = inner.conn.open_file(now, path, offset);
+                inner.awaited_open = Some((id, path.to_owned(), offset));
+            }
         });
         let result = self.wait_for(timeout, |inner| {
             let (id, _, _) = inner.awaited_open.clone()?;

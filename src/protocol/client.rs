@@ -10,7 +10,7 @@ use super::read_ahead::{ReadAhead, ReadAheadPolicy};
 use super::receiver::{AckTracker, StreamReceiver};
 use super::rtt::RttEstimator;
 use super::wire::{
-    Body, CloseReason, ConnectionId, DecodeError, OpenErrorKind, Packet, TransferKind,
+    Body, CloseReason, ConnectionId, DecodeError, OpenErrorKind, OpenRequest, Packet, TransferKind,
 };
 
 /// First resend of an unanswered Hello or Open.
@@ -285,6 +285,25 @@ impl ClientConnection {
         id
     }
 
+    /// The transfer to ask for in the Hello, saving the round trip of an
+    /// Open after the Welcome. Not on passphrase sessions: the Hello is not
+    /// encrypted, and the path would travel in the clear.
+    fn early_open(&mut self) -> Option<OpenRequest> {
+        if self.config.passphrase.is_some() {
+            return None;
+        }
+        let t = self.transfer.as_mut().filter(|t| !t.opened)?;
+        let window = t.receiver.window();
+        t.receiver.mark_advertised(window);
+        Some(OpenRequest {
+            transfer_id: t.id,
+            kind: t.kind,
+            offset: t.start,
+            window,
+            path: t.path.clone(),
+        })
+    }
+
     fn queue_open(&mut self, now: Instant) {
         let Some(t) = self.transfer.as_mut() else {
             return;
@@ -477,6 +496,7 @@ impl ClientConnection {
                     idle_timeout_ms,
                     server_random,
                     auth_tag,
+                    early_open_accepted,
                     ..
                 },
             ) if client_nonce == self.nonce && packet.connection_id != 0 => {
@@ -507,8 +527,12 @@ impl ClientConnection {
                 self.keepalive_interval = (Duration::from_millis(idle_timeout_ms as u64) / 3)
                     .max(Duration::from_millis(100));
                 self.events.push_back(ClientEvent::Connected);
-                if self.transfer.is_some() {
-                    self.queue_open(now);
+                match self.transfer.as_mut() {
+                    // The answer is on its way; the Open is sent again only
+                    // if it does not come.
+                    Some(t) if early_open_accepted && !t.opened => t.open_timer.start(now),
+                    Some(_) => self.queue_open(now),
+                    None => {}
                 }
             }
             (Phase::Handshake { .. }, Body::VersionNegotiation { supported }) => {
@@ -674,6 +698,7 @@ impl ClientConnection {
                     client_nonce: self.nonce,
                     cookie: cookie.clone(),
                     wants_auth: self.config.passphrase.is_some(),
+                    early_open: self.early_open(),
                 };
                 return Some(self.emit(now, body));
             }

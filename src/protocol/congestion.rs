@@ -185,6 +185,10 @@ pub const BBR_LOSS_BETA: f64 = 0.7;
 /// datagrams in it: 3 lost of 10 is noise at 10 % random loss, 30 of 100
 /// is congestion.
 pub const BBR_LOSS_MIN_PACKETS: u64 = 20;
+/// After this many heavily lossy rounds (a lossy spell, not one overshoot),
+/// the first round without any loss sends startup probing for the link
+/// again: the rate samples only know the capped rate.
+pub const BBR_REPROBE_ROUNDS: u32 = 3;
 /// Each round without heavy loss lifts a loss cap by this factor, as
 /// ProbeBW's up-phase probes above the estimate.
 pub const BBR_CAP_GROWTH: f64 = 1.25;
@@ -233,6 +237,8 @@ pub struct Bbr {
     window: u64,
     /// Upper bound on the rate after a heavily lossy round.
     bw_cap: Option<f64>,
+    /// Heavily lossy rounds since startup last probed.
+    heavy_loss_rounds: u32,
     queue_standing: bool,
     /// Consecutive startup RTT samples above the minimum plus a margin.
     startup_delay_hits: u32,
@@ -256,6 +262,7 @@ impl Bbr {
             smoothed_rtt: super::rtt::INITIAL_RTT,
             window: INITIAL_WINDOW_PACKETS * max_datagram,
             bw_cap: None,
+            heavy_loss_rounds: 0,
             queue_standing: false,
             startup_delay_hits: 0,
         }
@@ -329,7 +336,8 @@ impl Bbr {
         // Heavy loss in the round that just ended: congestion.
         let total = self.round_lost + self.round_delivered;
         let judged = total >= BBR_LOSS_MIN_PACKETS * self.max_datagram;
-        if judged && self.round_lost as f64 / total as f64 > BBR_LOSS_THRESHOLD {
+        let heavy = judged && self.round_lost as f64 / total as f64 > BBR_LOSS_THRESHOLD;
+        if heavy {
             let floor = BBR_MIN_WINDOW_PACKETS as f64 * self.max_datagram as f64
                 / self.min_rtt().as_secs_f64().max(0.001);
             self.bw_cap = Some((self.bottleneck_bw() * BBR_LOSS_BETA).max(floor));
@@ -340,6 +348,20 @@ impl Bbr {
             let grown = cap * BBR_CAP_GROWTH;
             let uncapped = self.bw_samples.iter().map(|&(_, r)| r).fold(0.0, f64::max);
             self.bw_cap = (grown < uncapped).then_some(grown);
+        }
+        if heavy {
+            self.heavy_loss_rounds += 1;
+        } else if self.round_lost == 0 && self.heavy_loss_rounds >= BBR_REPROBE_ROUNDS {
+            // A lossy spell cut the rate again and again; now a round went
+            // by without loss, but the samples only know the cut rate, and
+            // ProbeBW's 1.25× every eight rounds would take seconds to find
+            // the link again: probe as at the start.
+            self.heavy_loss_rounds = 0;
+            self.bw_cap = None;
+            self.mode = BbrMode::Startup;
+            self.full_bw = 0.0;
+            self.full_bw_rounds = 0;
+            self.startup_delay_hits = 0;
         }
         self.round_lost = 0;
         self.round_delivered = 0;

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 
 use super::client::{ClientConfig, ClientConnection};
-use super::server::{AMPLIFICATION_FACTOR, MemoryStore, ServerConfig, ServerEndpoint, ServerEvent};
-use super::wire::{Body, CloseReason, Packet, TransferKind};
+use super::server::{AMPLIFICATION_FACTOR, MemoryStore, ServerConfig, ServerEndpoint};
+use super::wire::{Body, CloseReason, OpenRequest, Packet, TransferKind};
 
 /// One 100 kB file, `a.mp4`.
 fn one_file() -> MemoryStore {
@@ -35,6 +35,24 @@ fn seeds() -> Vec<Vec<u8>> {
                 client_nonce: 1,
                 cookie: vec![],
                 wants_auth: false,
+                early_open: None,
+            },
+        )
+        .encode(),
+        Packet::new(
+            0,
+            0,
+            Body::Hello {
+                client_nonce: 2,
+                cookie: vec![],
+                wants_auth: false,
+                early_open: Some(OpenRequest {
+                    transfer_id: 1,
+                    kind: TransferKind::File,
+                    offset: 0,
+                    window: 1 << 20,
+                    path: "a.mp4".into(),
+                }),
             },
         )
         .encode(),
@@ -107,8 +125,8 @@ proptest! {
         let mut s = server(now);
         let seeds = seeds();
         let mut received: HashMap<SocketAddr, usize> = HashMap::new();
-        let mut sent: HashMap<SocketAddr, usize> = HashMap::new();
-        let mut validated: Vec<SocketAddr> = Vec::new();
+        // Bytes sent to each address while it was not validated.
+        let mut unvalidated_sent: HashMap<SocketAddr, usize> = HashMap::new();
         let mut out = Vec::new();
         for i in inputs {
             match i {
@@ -130,23 +148,19 @@ proptest! {
                     s.handle_timeout(now);
                 }
             }
-            while let Some(e) = s.poll_event() {
-                if let ServerEvent::SessionOpened { addr, .. } = e {
-                    validated.push(addr);
-                }
-            }
+            while s.poll_event().is_some() {}
             let mut guard = 0;
             while let Some(to) = s.poll_transmit(now, &mut out) {
-                *sent.entry(to).or_default() += out.len();
+                if !s.address_validated(to) {
+                    *unvalidated_sent.entry(to).or_default() += out.len();
+                }
                 guard += 1;
                 prop_assert!(guard < 10_000, "endless transmit");
             }
         }
-        for (a, bytes) in sent {
-            if !validated.contains(&a) {
-                let got = received.get(&a).copied().unwrap_or(0);
-                prop_assert!(bytes <= got * AMPLIFICATION_FACTOR, "{bytes} bytes to unvalidated {a} after receiving {got}");
-            }
+        for (a, bytes) in unvalidated_sent {
+            let got = received.get(&a).copied().unwrap_or(0);
+            prop_assert!(bytes <= got * AMPLIFICATION_FACTOR, "{bytes} bytes to unvalidated {a} after receiving {got}");
         }
     }
 
@@ -162,7 +176,7 @@ proptest! {
                     // Mutate server-to-client packets with the right nonce.
                     let mut bytes = match seed {
                         0 => Packet::new(0, 0, Body::Retry { client_nonce: 1, cookie: vec![1; 20] }).encode(),
-                        1 => Packet::new(7, 1, Body::Welcome { client_nonce: 1, idle_timeout_ms: 1000, max_payload: 1420, server_random: [0; 16], auth_tag: None }).encode(),
+                        1 => Packet::new(7, 1, Body::Welcome { client_nonce: 1, idle_timeout_ms: 1000, max_payload: 1420, server_random: [0; 16], auth_tag: None, early_open_accepted: false }).encode(),
                         2 => Packet::new(7, 2, Body::OpenOk { transfer_id: 1, size: 10_000, content_tag: 1, offset: 0 }).encode(),
                         _ => Packet::new(7, 3, Body::Data { transfer_id: 1, offset: 0, payload: vec![1; 1000] }).encode(),
                     };
@@ -199,39 +213,45 @@ fn connect(
                 client_nonce: nonce,
                 cookie,
                 wants_auth: false,
+                early_open: None,
             },
         )
         .encode()
     };
-    s.handle_datagram(now, from, &hello(vec![]));
     let mut out = Vec::new();
-    let mut cookie = None;
-    while s.poll_transmit(now, &mut out).is_some() {
-        if let Ok(Packet {
-            body: Body::Retry { cookie: c, .. },
-            ..
-        }) = Packet::decode(&out)
-        {
-            cookie = Some(c);
+    let mut cookie = vec![];
+    // Without load the first Hello is welcomed; under load it gets a cookie.
+    for _ in 0..2 {
+        s.handle_datagram(now, from, &hello(cookie.clone()));
+        let mut retry = None;
+        let mut id = None;
+        while s.poll_transmit(now, &mut out).is_some() {
+            match Packet::decode(&out) {
+                Ok(Packet {
+                    connection_id,
+                    body: Body::Welcome { .. },
+                    ..
+                }) => id = Some(connection_id),
+                Ok(Packet {
+                    body: Body::Retry { cookie: c, .. },
+                    ..
+                }) => retry = Some(c),
+                Ok(Packet {
+                    body: Body::Close { reason, .. },
+                    ..
+                }) => assert_eq!(reason, CloseReason::ServerBusy),
+                _ => {}
+            }
         }
-    }
-    s.handle_datagram(now, from, &hello(cookie?));
-    let mut id = None;
-    while s.poll_transmit(now, &mut out).is_some() {
-        match Packet::decode(&out) {
-            Ok(Packet {
-                connection_id,
-                body: Body::Welcome { .. },
-                ..
-            }) => id = Some(connection_id),
-            Ok(Packet {
-                body: Body::Close { reason, .. },
-                ..
-            }) => assert_eq!(reason, CloseReason::ServerBusy),
-            _ => {}
+        if let Some(id) = id {
+            // Prove the address, as a real client does with its first ACK.
+            s.handle_datagram(now, from, &Packet::new(id, 1, Body::Ping).encode());
+            while s.poll_transmit(now, &mut out).is_some() {}
+            return Some(id);
         }
+        cookie = retry?;
     }
-    id
+    None
 }
 
 #[test]
@@ -299,6 +319,7 @@ fn an_unvalidated_flood_creates_no_state() {
                 client_nonce: i as u64,
                 cookie: vec![0; 20],
                 wants_auth: false,
+                early_open: None,
             },
         );
         s.handle_datagram(now, from, &hello.encode());
@@ -307,4 +328,129 @@ fn an_unvalidated_flood_creates_no_state() {
     assert_eq!(s.session_count(), 0);
     // A real client still gets in.
     assert!(connect(&mut s, now, SocketAddr::from(([192, 0, 2, 1], 9)), 5).is_some());
+}
+
+#[test]
+fn forged_hellos_without_cookies_are_bounded_and_expire() {
+    let mut now = Instant::now();
+    let mut s = server(now);
+    let mut out = Vec::new();
+    let mut welcomed = 0;
+    let mut retried = 0;
+    for i in 0..1000u32 {
+        // Forged sources asking for a file in the Hello: they never see the
+        // answer, so they never prove their address.
+        let from = SocketAddr::from(([203, 0, 113, (i % 250) as u8], (i % 60_000) as u16 + 1));
+        let hello = Packet::new(
+            0,
+            0,
+            Body::Hello {
+                client_nonce: i as u64,
+                cookie: vec![],
+                wants_auth: false,
+                early_open: Some(OpenRequest {
+                    transfer_id: 1,
+                    kind: TransferKind::File,
+                    offset: 0,
+                    window: 16 << 20,
+                    path: "a.mp4".into(),
+                }),
+            },
+        )
+        .encode();
+        s.handle_datagram(now, from, &hello);
+        let mut sent = 0;
+        while let Some(to) = s.poll_transmit(now, &mut out) {
+            assert_eq!(to, from);
+            sent += out.len();
+            match Packet::decode(&out).map(|p| p.body) {
+                Ok(Body::Welcome { .. }) => welcomed += 1,
+                Ok(Body::Retry { .. }) => retried += 1,
+                _ => {}
+            }
+        }
+        assert!(
+            sent <= hello.len() * AMPLIFICATION_FACTOR,
+            "{sent} bytes for one Hello"
+        );
+    }
+    // A few were welcomed before the server asked everyone for cookies.
+    let limit = (ServerConfig::default().max_sessions / 8).max(4);
+    assert_eq!(welcomed, limit);
+    assert_eq!(retried, 1000 - limit);
+    assert_eq!(s.session_count(), limit);
+    // They expire long before the idle timeout; a real client then gets in
+    // without a cookie again.
+    now += super::server::UNVALIDATED_TIMEOUT + Duration::from_millis(1);
+    s.handle_timeout(now);
+    assert_eq!(s.session_count(), 0);
+    assert!(connect(&mut s, now, SocketAddr::from(([192, 0, 2, 1], 9)), 5).is_some());
+}
+
+#[test]
+fn an_early_open_streams_after_the_first_ack() {
+    let now = Instant::now();
+    let mut s = server(now);
+    let from = SocketAddr::from(([192, 0, 2, 7], 4000));
+    let hello = Packet::new(
+        0,
+        0,
+        Body::Hello {
+            client_nonce: 77,
+            cookie: vec![],
+            wants_auth: false,
+            early_open: Some(OpenRequest {
+                transfer_id: 1,
+                kind: TransferKind::File,
+                offset: 0,
+                window: 1 << 20,
+                path: "a.mp4".into(),
+            }),
+        },
+    )
+    .encode();
+    s.handle_datagram(now, from, &hello);
+    let mut out = Vec::new();
+    let (mut id, mut accepted, mut opened, mut data, mut sent) = (0, false, false, 0, 0);
+    while s.poll_transmit(now, &mut out).is_some() {
+        sent += out.len();
+        let p = Packet::decode(&out).expect("valid");
+        match p.body {
+            Body::Welcome {
+                early_open_accepted,
+                ..
+            } => {
+                id = p.connection_id;
+                accepted = early_open_accepted;
+            }
+            Body::OpenOk { .. } => opened = true,
+            Body::Data { .. } => data += 1,
+            _ => {}
+        }
+    }
+    assert!(accepted && opened && data > 0);
+    assert!(sent <= hello.len() * AMPLIFICATION_FACTOR);
+    // Later, with pacing and window to spare, the budget alone holds the
+    // rest back.
+    let now = now + Duration::from_millis(100);
+    s.handle_timeout(now);
+    assert!(s.poll_transmit(now, &mut out).is_none());
+    // The first ACK proves the address: the transfer goes on.
+    let ack = Packet::new(
+        id,
+        1,
+        Body::Ack {
+            transfer_id: 1,
+            window: 1 << 20,
+            received_up_to: 0,
+            ack_delay_micros: 0,
+            ranges: vec![],
+        },
+    );
+    s.handle_datagram(now, from, &ack.encode());
+    let mut more = 0;
+    while s.poll_transmit(now, &mut out).is_some() {
+        more += 1;
+    }
+    assert!(more > 0, "nothing sent after the ACK");
 }

@@ -15,7 +15,7 @@ use super::crypto::{Psk, SessionKeys, TAG_LEN};
 use super::sender::{LossRecovery, RecoveryOutcome, StreamSender};
 use super::wire::{
     Body, CloseReason, ConnectionId, DATA_OVERHEAD, DEFAULT_MAX_PAYLOAD, DecodeError, HEADER_LEN,
-    MAX_DATAGRAM_SIZE, MIN_HELLO_SIZE, OpenErrorKind, Packet, TransferKind, VERSION,
+    MAX_DATAGRAM_SIZE, MIN_HELLO_SIZE, OpenErrorKind, OpenRequest, Packet, TransferKind, VERSION,
 };
 
 /// Default time a session may stay silent before the server drops it.
@@ -28,6 +28,9 @@ pub const DEFAULT_MAX_SESSIONS_PER_ADDRESS: usize = 16;
 /// Before validation the server sends at most this many times the bytes it
 /// received from an address (RFC 9000 §8).
 pub const AMPLIFICATION_FACTOR: usize = 3;
+/// A session opened without a cookie that has not proved its address (by
+/// sending anything with its connection id) is dropped after this long.
+pub const UNVALIDATED_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An open file (or any byte source) the server streams from.
 pub trait Content: Send {
@@ -265,9 +268,21 @@ struct Session {
     /// Repeated when the Hello is repeated.
     welcome: Body,
     keys: Option<SessionKeys>,
+    /// The client proved its address: a valid cookie, or a packet carrying
+    /// the connection id only the Welcome told it. Until then the session
+    /// may send at most [`AMPLIFICATION_FACTOR`] × `received_unvalidated`.
+    validated: bool,
+    received_unvalidated: usize,
 }
 
 impl Session {
+    /// An unvalidated session has no budget left for a full datagram.
+    fn amplification_blocked(&self) -> bool {
+        !self.validated
+            && self.bytes_sent as usize + MAX_DATAGRAM_SIZE
+                > self.received_unvalidated * AMPLIFICATION_FACTOR
+    }
+
     fn next_pn(&mut self) -> u64 {
         let pn = self.next_packet_number;
         self.next_packet_number += 1;
@@ -375,20 +390,8 @@ impl<S: ContentStore> ServerEndpoint<S> {
             // Garbage gets no answer: answering would make us a reflector.
             Err(_) => return,
         };
-        if let Body::Hello {
-            client_nonce,
-            cookie,
-            wants_auth,
-        } = &packet.body
-        {
-            self.handle_hello(
-                now,
-                from,
-                datagram.len(),
-                *client_nonce,
-                cookie,
-                *wants_auth,
-            );
+        if let Body::Hello { .. } = packet.body {
+            self.handle_hello(now, from, datagram.len(), packet.body);
             return;
         }
         let Some(session) = self.sessions.get_mut(&packet.connection_id) else {
@@ -406,6 +409,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             return;
         };
         session.last_activity = now;
+        session.validated = true;
         if session.addr != from {
             // The 64-bit random connection id is the proof of ownership, as
             // in QUIC's connection migration; the client keeps its session
@@ -425,7 +429,16 @@ impl<S: ContentStore> ServerEndpoint<S> {
                 offset,
                 window,
                 path,
-            } => self.handle_open(now, id, transfer_id, kind, offset, window, path),
+            } => self.handle_open(
+                id,
+                OpenRequest {
+                    transfer_id,
+                    kind,
+                    offset,
+                    window,
+                    path,
+                },
+            ),
             Body::Ack {
                 transfer_id,
                 window,
@@ -459,26 +472,48 @@ impl<S: ContentStore> ServerEndpoint<S> {
         }
     }
 
-    fn handle_hello(
-        &mut self,
-        now: Instant,
-        from: SocketAddr,
-        received: usize,
-        client_nonce: u64,
-        cookie: &[u8],
-        wants_auth: bool,
-    ) {
+    fn handle_hello(&mut self, now: Instant, from: SocketAddr, received: usize, hello: Body) {
+        let Body::Hello {
+            client_nonce,
+            cookie,
+            wants_auth,
+            early_open,
+        } = hello
+        else {
+            return;
+        };
         if received < MIN_HELLO_SIZE {
             // An unpadded Hello leaves no amplification budget for a reply.
             return;
         }
         if let Some(&id) = self.by_nonce.get(&(from, client_nonce)) {
             if let Some(s) = self.sessions.get_mut(&id) {
+                // The Welcome (or the early open's answer) was lost.
+                if !s.validated {
+                    s.received_unvalidated += received;
+                    s.last_activity = now;
+                }
                 s.control.push_back(s.welcome.clone());
+                if let (
+                    Some(o),
+                    Body::Welcome {
+                        early_open_accepted: true,
+                        ..
+                    },
+                ) = (early_open, &s.welcome)
+                {
+                    self.handle_open(id, o);
+                }
                 return;
             }
         }
-        if cookie.is_empty() || !self.validator.verify(now, from, client_nonce, cookie) {
+        let cookie_valid =
+            !cookie.is_empty() && self.validator.verify(now, from, client_nonce, &cookie);
+        // Address validation costs a round trip; it is asked for only under
+        // load (QUIC's rule), when sessions from forged addresses could
+        // crowd out real clients. Until then the session's replies are
+        // bounded by the amplification budget, and it expires quickly.
+        if !cookie_valid && (!cookie.is_empty() || self.under_load()) {
             let cookie = self.validator.issue(now, from, client_nonce);
             let reply = Packet::new(
                 0,
@@ -555,12 +590,16 @@ impl<S: ContentStore> ServerEndpoint<S> {
             ),
             None => (None, None, self.config.max_payload),
         };
+        // An early open travels in the clear: taken only on sessions without
+        // a passphrase (whose clients never send one).
+        let early_open = early_open.filter(|_| keys.is_none());
         let welcome = Body::Welcome {
             client_nonce,
             idle_timeout_ms: self.config.idle_timeout.as_millis() as u32,
             max_payload: max_payload as u16,
             server_random,
             auth_tag,
+            early_open_accepted: early_open.is_some(),
         };
         let mut session = Session {
             id,
@@ -576,6 +615,8 @@ impl<S: ContentStore> ServerEndpoint<S> {
             closing: None,
             welcome: welcome.clone(),
             keys,
+            validated: cookie_valid,
+            received_unvalidated: received,
         };
         session.control.push_back(welcome);
         self.sessions.insert(id, session);
@@ -583,20 +624,27 @@ impl<S: ContentStore> ServerEndpoint<S> {
         self.order.push(id);
         self.events
             .push_back(ServerEvent::SessionOpened { id, addr: from });
+        if let Some(o) = early_open {
+            self.handle_open(id, o);
+        }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn handle_open(
-        &mut self,
-        now: Instant,
-        id: ConnectionId,
-        transfer_id: u32,
-        kind: TransferKind,
-        offset: u64,
-        window: u64,
-        path: String,
-    ) {
-        let _ = now;
+    /// Whether new clients must prove their address with a cookie first:
+    /// half the sessions are taken, or many are still unproven.
+    fn under_load(&self) -> bool {
+        let unvalidated = self.sessions.values().filter(|s| !s.validated).count();
+        self.sessions.len() >= self.config.max_sessions / 2
+            || unvalidated >= (self.config.max_sessions / 8).max(4)
+    }
+
+    fn handle_open(&mut self, id: ConnectionId, request: OpenRequest) {
+        let OpenRequest {
+            transfer_id,
+            kind,
+            offset,
+            window,
+            path,
+        } = request;
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
         };
@@ -759,6 +807,9 @@ impl<S: ContentStore> ServerEndpoint<S> {
             self.end_session(id, reason);
             return Some(addr);
         }
+        if session.amplification_blocked() {
+            return None;
+        }
         if let Some(body) = session.control.pop_front() {
             let pn = session.next_pn();
             // The Welcome is authenticated by its tag; the client has no
@@ -839,9 +890,10 @@ impl<S: ContentStore> ServerEndpoint<S> {
                 next = Some(next.map_or(t, |n: Instant| n.min(t)));
             }
             // Data held back only by pacing wakes us when it may leave.
-            if s.transfer
-                .as_ref()
-                .is_some_and(|t| t.stream.has_data_to_send())
+            if !s.amplification_blocked()
+                && s.transfer
+                    .as_ref()
+                    .is_some_and(|t| t.stream.has_data_to_send())
             {
                 if let Some(t) = s.recovery.pacing_deadline() {
                     next = Some(next.map_or(t, |n: Instant| n.min(t)));
@@ -860,7 +912,14 @@ impl<S: ContentStore> ServerEndpoint<S> {
         let expired: Vec<ConnectionId> = self
             .sessions
             .values()
-            .filter(|s| now.saturating_duration_since(s.last_activity) >= idle_timeout)
+            .filter(|s| {
+                let limit = if s.validated {
+                    idle_timeout
+                } else {
+                    idle_timeout.min(UNVALIDATED_TIMEOUT)
+                };
+                now.saturating_duration_since(s.last_activity) >= limit
+            })
             .map(|s| s.id)
             .collect();
         for id in expired {
@@ -880,6 +939,14 @@ impl<S: ContentStore> ServerEndpoint<S> {
         for s in self.sessions.values_mut() {
             s.closing = Some(CloseReason::Shutdown);
         }
+    }
+
+    /// Whether some session at `addr` has proved that address.
+    #[cfg(test)]
+    pub(crate) fn address_validated(&self, addr: SocketAddr) -> bool {
+        self.sessions
+            .values()
+            .any(|s| s.addr == addr && s.validated)
     }
 
     /// Retransmission and loss counters of one session, for tests and logs.

@@ -79,16 +79,36 @@ pub struct AckRange {
     pub smallest: u64,
 }
 
+/// What an `Open` asks for; also carried by a `Hello` as its early open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenRequest {
+    pub transfer_id: u32,
+    pub kind: TransferKind,
+    pub offset: u64,
+    pub window: u64,
+    pub path: String,
+}
+
+/// `Hello` flag bits.
+const HELLO_WANTS_AUTH: u8 = 1;
+const HELLO_EARLY_OPEN: u8 = 2;
+/// `Welcome` flag bits.
+const WELCOME_AUTH_TAG: u8 = 1;
+const WELCOME_EARLY_OPEN_ACCEPTED: u8 = 2;
+
 /// The body of a datagram.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Body {
     /// Client → server: first request; `cookie` is empty until the server
     /// handed one out with `Retry`. Padded to [`MIN_HELLO_SIZE`].
     /// `wants_auth`: the client holds a passphrase (see `crypto.rs`).
+    /// `early_open`: the transfer the client wants, so the server can
+    /// answer it with the `Welcome` instead of a round trip later.
     Hello {
         client_nonce: u64,
         cookie: Vec<u8>,
         wants_auth: bool,
+        early_open: Option<OpenRequest>,
     },
     /// Client → server: start a transfer at `offset`. A new transfer id
     /// replaces the previous transfer (that is how a seek works).
@@ -131,6 +151,8 @@ pub enum Body {
         server_random: [u8; 16],
         /// Proof that the server knows the passphrase, on authenticated sessions.
         auth_tag: Option<[u8; 16]>,
+        /// The server took the Hello's `early_open` and answers it next.
+        early_open_accepted: bool,
     },
     OpenOk {
         transfer_id: u32,
@@ -335,12 +357,27 @@ impl Packet {
                 client_nonce,
                 cookie,
                 wants_auth,
+                early_open,
             } => {
                 out.extend_from_slice(&client_nonce.to_be_bytes());
                 let len = cookie.len().min(MAX_COOKIE_LEN);
                 out.push(len as u8);
                 out.extend_from_slice(&cookie[..len]);
-                out.push(u8::from(*wants_auth));
+                let mut flags = 0;
+                if *wants_auth {
+                    flags |= HELLO_WANTS_AUTH;
+                }
+                if early_open.is_some() {
+                    flags |= HELLO_EARLY_OPEN;
+                }
+                out.push(flags);
+                if let Some(o) = early_open {
+                    out.extend_from_slice(&o.transfer_id.to_be_bytes());
+                    out.push(o.kind.to_byte());
+                    out.extend_from_slice(&o.offset.to_be_bytes());
+                    out.extend_from_slice(&o.window.to_be_bytes());
+                    put_text(out, &o.path);
+                }
                 if out.len() < MIN_HELLO_SIZE {
                     out.resize(MIN_HELLO_SIZE, 0);
                 }
@@ -396,17 +433,22 @@ impl Packet {
                 max_payload,
                 server_random,
                 auth_tag,
+                early_open_accepted,
             } => {
                 out.extend_from_slice(&client_nonce.to_be_bytes());
                 out.extend_from_slice(&idle_timeout_ms.to_be_bytes());
                 out.extend_from_slice(&max_payload.to_be_bytes());
                 out.extend_from_slice(server_random);
-                match auth_tag {
-                    Some(tag) => {
-                        out.push(1);
-                        out.extend_from_slice(tag);
-                    }
-                    None => out.push(0),
+                let mut flags = 0;
+                if auth_tag.is_some() {
+                    flags |= WELCOME_AUTH_TAG;
+                }
+                if *early_open_accepted {
+                    flags |= WELCOME_EARLY_OPEN_ACCEPTED;
+                }
+                out.push(flags);
+                if let Some(tag) = auth_tag {
+                    out.extend_from_slice(tag);
                 }
             }
             Body::OpenOk {
@@ -485,12 +527,24 @@ impl Packet {
                     return Err(DecodeError::Malformed("cookie too long"));
                 }
                 let cookie = r.bytes(len)?.to_vec();
-                let wants_auth = r.u8()? & 1 == 1;
+                let flags = r.u8()?;
+                let early_open = if flags & HELLO_EARLY_OPEN != 0 {
+                    Some(OpenRequest {
+                        transfer_id: r.u32()?,
+                        kind: TransferKind::from_byte(r.u8()?)?,
+                        offset: r.u64()?,
+                        window: r.u64()?,
+                        path: r.text()?,
+                    })
+                } else {
+                    None
+                };
                 // The rest is padding, deliberately ignored.
                 Body::Hello {
                     client_nonce,
                     cookie,
-                    wants_auth,
+                    wants_auth: flags & HELLO_WANTS_AUTH != 0,
+                    early_open,
                 }
             }
             ty::OPEN => {
@@ -576,10 +630,14 @@ impl Packet {
                 let idle_timeout_ms = r.u32()?;
                 let max_payload = r.u16()?;
                 let server_random = r.array::<16>()?;
-                let auth_tag = match r.u8()? {
-                    0 => None,
-                    1 => Some(r.array::<16>()?),
-                    _ => return Err(DecodeError::Malformed("welcome auth flag")),
+                let flags = r.u8()?;
+                if flags & !(WELCOME_AUTH_TAG | WELCOME_EARLY_OPEN_ACCEPTED) != 0 {
+                    return Err(DecodeError::Malformed("welcome flags"));
+                }
+                let auth_tag = if flags & WELCOME_AUTH_TAG != 0 {
+                    Some(r.array::<16>()?)
+                } else {
+                    None
                 };
                 r.finish()?;
                 Body::Welcome {
@@ -588,6 +646,7 @@ impl Packet {
                     max_payload,
                     server_random,
                     auth_tag,
+                    early_open_accepted: flags & WELCOME_EARLY_OPEN_ACCEPTED != 0,
                 }
             }
             ty::OPEN_OK => {
@@ -724,11 +783,25 @@ mod tests {
                 client_nonce: 7,
                 cookie: vec![],
                 wants_auth: false,
+                early_open: None,
             },
             Body::Hello {
                 client_nonce: u64::MAX,
                 cookie: vec![1; 20],
                 wants_auth: true,
+                early_open: None,
+            },
+            Body::Hello {
+                client_nonce: 9,
+                cookie: vec![2; 20],
+                wants_auth: false,
+                early_open: Some(OpenRequest {
+                    transfer_id: 1,
+                    kind: TransferKind::File,
+                    offset: 1 << 33,
+                    window: 1 << 20,
+                    path: "sub/movie é.mkv".into(),
+                }),
             },
             Body::Open {
                 transfer_id: 3,
@@ -783,6 +856,7 @@ mod tests {
                 max_payload: 1420,
                 server_random: [3; 16],
                 auth_tag: None,
+                early_open_accepted: true,
             },
             Body::Welcome {
                 client_nonce: 5,
@@ -790,6 +864,7 @@ mod tests {
                 max_payload: 1404,
                 server_random: [3; 16],
                 auth_tag: Some([4; 16]),
+                early_open_accepted: false,
             },
             Body::OpenOk {
                 transfer_id: 2,
@@ -830,6 +905,7 @@ mod tests {
                 client_nonce: 1,
                 cookie: vec![],
                 wants_auth: false,
+                early_open: None,
             },
         );
         assert_eq!(p.encode().len(), MIN_HELLO_SIZE);

@@ -2,7 +2,7 @@
 //! protocol-shaped lives here; it maps properties, URIs, seeks, buffering,
 //! stats and errors.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -39,6 +39,15 @@ const BUFFERING_TICK: Duration = Duration::from_millis(20);
 /// the rest of the file: waiting for the whole read-ahead would delay the
 /// start for no gain.
 const BUFFERING_TARGET_DIVISOR: u64 = 2;
+/// At start and after a jump the server must serve, buffering ends once
+/// this much is ready (or the share above, if smaller): the link has shown
+/// nothing bad yet, and on a 20 Mbit/s, 80 ms path half the initial
+/// read-ahead took five more round trips of slow start to arrive.
+const START_BUFFERING_BYTES: u64 = 256 * 1024;
+/// Values of `UdpVidSrc::buffering`.
+const NOT_BUFFERING: u8 = 0;
+const BUFFERING_START: u8 = 1;
+const BUFFERING_UNDERRUN: u8 = 2;
 /// How long the catalog fetch posted at start may take.
 const CATALOG_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -143,7 +152,7 @@ pub struct UdpVidSrc {
     state: Mutex<State>,
     /// Set on underrun (and at start, and after a seek to the server);
     /// cleared by the monitor once the buffer is full enough.
-    buffering: Arc<AtomicBool>,
+    buffering: Arc<AtomicU8>,
     last_buffering_percent: Arc<Mutex<Option<i32>>>,
 }
 
@@ -152,7 +161,7 @@ impl Default for UdpVidSrc {
         UdpVidSrc {
             settings: Mutex::new(Settings::default()),
             state: Mutex::new(State::Stopped),
-            buffering: Arc::new(AtomicBool::new(false)),
+            buffering: Arc::new(AtomicU8::new(NOT_BUFFERING)),
             last_buffering_percent: Arc::new(Mutex::new(None)),
         }
     }
@@ -199,9 +208,13 @@ fn stats_structure(snapshot: Option<(&ClientSnapshot, Duration)>) -> gst::Struct
 }
 
 /// Percent of the buffering target that is ready.
-fn buffering_percent(s: &ClientSnapshot, size: u64) -> i32 {
+fn buffering_percent(s: &ClientSnapshot, size: u64, cause: u8) -> i32 {
     let remaining = size.saturating_sub(s.read_offset);
-    let target = (s.read_ahead / BUFFERING_TARGET_DIVISOR).min(remaining);
+    let mut target = s.read_ahead / BUFFERING_TARGET_DIVISOR;
+    if cause == BUFFERING_START {
+        target = target.min(START_BUFFERING_BYTES);
+    }
+    let target = target.min(remaining);
     if target == 0 {
         return 100;
     }
@@ -233,8 +246,9 @@ impl UdpVidSrc {
         );
     }
 
-    fn enter_buffering(&self) {
-        if !self.buffering.swap(true, Ordering::AcqRel) {
+    /// `cause`: [`BUFFERING_START`] (start, jump) or [`BUFFERING_UNDERRUN`].
+    fn enter_buffering(&self, cause: u8) {
+        if self.buffering.swap(cause, Ordering::AcqRel) == NOT_BUFFERING {
             Self::post_buffering(&self.obj(), &self.last_buffering_percent, 0);
             if let State::Started {
                 monitor: Some(m), ..
@@ -261,7 +275,7 @@ impl UdpVidSrc {
             .spawn(move || {
                 let mut next_stats = started + stats_interval;
                 loop {
-                    let woke = if buffering.load(Ordering::Acquire) {
+                    let woke = if buffering.load(Ordering::Acquire) != NOT_BUFFERING {
                         client.wait_for_progress(BUFFERING_TICK);
                         woken.try_recv()
                     } else {
@@ -279,10 +293,11 @@ impl UdpVidSrc {
                         return;
                     };
                     let snapshot = client.snapshot();
-                    if buffering.load(Ordering::Acquire) {
-                        let percent = buffering_percent(&snapshot, size);
+                    let cause = buffering.load(Ordering::Acquire);
+                    if cause != NOT_BUFFERING {
+                        let percent = buffering_percent(&snapshot, size, cause);
                         if percent >= 100 {
-                            buffering.store(false, Ordering::Release);
+                            buffering.store(NOT_BUFFERING, Ordering::Release);
                         }
                         Self::post_buffering(&element, &last, percent);
                     }
@@ -695,13 +710,15 @@ impl BaseSrcImpl for UdpVidSrc {
             ));
         };
         gst::info!(CAT, imp = self, "connecting to {}", location.to_uri());
-        let client = BlockingClient::connect(
+        let client = BlockingClient::connect_and_open(
             &location.host,
             location.port,
             ClientConfig {
                 read_ahead: settings.read_ahead(),
                 passphrase: settings.passphrase.as_deref().map(Psk::from_passphrase),
             },
+            &location.path,
+            0,
         )
         .map_err(|e| {
             gst::error_msg!(
@@ -715,8 +732,8 @@ impl BaseSrcImpl for UdpVidSrc {
             )
         })?;
         *lock(&self.last_buffering_percent) = None;
-        self.buffering.store(false, Ordering::Release);
-        self.enter_buffering();
+        self.buffering.store(NOT_BUFFERING, Ordering::Release);
+        self.enter_buffering(BUFFERING_START);
         let opened = match client.open(&location.path, 0, settings.timeout()) {
             Ok(o) => o,
             Err(e) => return Err(self.error_message(&settings, &e, Some(&client))),
@@ -771,7 +788,7 @@ impl BaseSrcImpl for UdpVidSrc {
             );
             client.close();
         }
-        self.buffering.store(false, Ordering::Release);
+        self.buffering.store(NOT_BUFFERING, Ordering::Release);
         Ok(())
     }
 
@@ -848,7 +865,11 @@ impl BaseSrcImpl for UdpVidSrc {
         if !client.is_ready(offset) {
             // Underrun (or a jump the server must serve): the pipeline waits
             // for the network.
-            self.enter_buffering();
+            self.enter_buffering(if offset == position {
+                BUFFERING_UNDERRUN
+            } else {
+                BUFFERING_START
+            });
         }
         if offset != position {
             gst::debug!(CAT, imp = self, "jump from {position} to {offset}");
