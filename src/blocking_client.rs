@@ -33,6 +33,12 @@ pub const HISTORY_BYTES: usize = 2 * 1024 * 1024;
 /// would start (one RTT plus slow start). Beyond it (qtdemux jumping to a
 /// `moov` at the end, say) the server is asked.
 pub const LOCAL_SKIP_LIMIT: u64 = 256 * 1024;
+/// A jump the server must serve starts this far before the asked offset:
+/// demuxers land on a keyframe and then read the audio just before it
+/// (qtdemux: about 2 KiB back in two seeks out of three), which would
+/// otherwise cost a second round trip. Kept well under the first flight
+/// (ten datagrams) so the asked bytes still come in it.
+pub const SEEK_BACK_MARGIN: u64 = 8 * 1024;
 
 /// The most recent bytes handed out, as one contiguous range of the file.
 #[derive(Debug, Default)]
@@ -740,7 +746,17 @@ impl BlockingClient {
             return Ok(());
         }
         let path = path.ok_or_else(|| WaitError::Protocol("no file is open".into()))?;
-        self.open(&path, offset, timeout).map(|_| ())
+        let start = offset.saturating_sub(SEEK_BACK_MARGIN);
+        self.open(&path, start, timeout)?;
+        // The margin goes to the recent bytes, for the jump back.
+        let mut at = start;
+        while at < offset {
+            match self.read((offset - at) as usize, timeout)? {
+                Some(chunk) => at += chunk.len() as u64,
+                None => break,
+            }
+        }
+        Ok(())
     }
 
     pub fn set_read_ahead(&self, read_ahead: ReadAhead) {
