@@ -71,6 +71,9 @@ pub trait CongestionController: Send + std::fmt::Debug {
     fn on_loss(&mut self, now: Instant, lost_bytes: u64, largest_lost_sent: Instant);
     /// No ACK for several probe timeouts in a row: start over.
     fn on_persistent_congestion(&mut self);
+    /// A new transfer replaced the old one (a seek): demand jumps from
+    /// what the receive window allowed to as fast as possible.
+    fn on_new_transfer(&mut self) {}
     /// Short name for logs and stats.
     fn name(&self) -> &'static str;
 }
@@ -460,6 +463,19 @@ impl CongestionController for Bbr {
 
     fn on_loss(&mut self, _now: Instant, lost_bytes: u64, _largest_lost_sent: Instant) {
         self.round_lost += lost_bytes;
+    }
+
+    fn on_new_transfer(&mut self) {
+        // Playback keeps the sender window-limited, so the estimate only
+        // knows the media's bitrate (app-limited samples never raise it
+        // past what was sent); ProbeBW would take seconds to find the link
+        // for the burst a seek needs. Startup finds it in a few rounds.
+        if self.mode == BbrMode::ProbeBw {
+            self.mode = BbrMode::Startup;
+            self.full_bw = 0.0;
+            self.full_bw_rounds = 0;
+            self.startup_delay_hits = 0;
+        }
     }
 
     fn on_persistent_congestion(&mut self) {

@@ -824,3 +824,37 @@ fn first_bytes_arrive_one_round_trip_after_the_hello() {
     });
     assert!(sim.delivered == data);
 }
+
+#[test]
+fn a_seek_after_playback_gets_the_link_rate() {
+    // Real-time playback of a 4 Mbit/s stream on a 20 Mbit/s, 80 ms path
+    // keeps the sender at the read-ahead: its rate estimate only knows the
+    // bitrate. The seek then wants as much as the link gives.
+    let data = file(12_000_000, 51);
+    let mut sim = Sim::new(
+        51,
+        data.clone(),
+        1 << 20,
+        clean(40),
+        bottleneck(20, 40, 256),
+    );
+    let start = sim.now;
+    sim.client.open_file(start, "movie.mp4", 0);
+    let playing = Consumer::Paced {
+        bytes_per_tick: 50_000,
+        tick: Duration::from_millis(100),
+    };
+    let until = start + Duration::from_secs(8);
+    sim.run_until(playing, Duration::from_secs(10), |s| s.now >= until);
+    sim.client.open_file(sim.now, "movie.mp4", 6_000_000);
+    sim.delivered.clear();
+    let asked = sim.now;
+    sim.run_until(Consumer::Greedy, Duration::from_secs(10), |s| {
+        s.delivered.len() >= 1_500_000
+    });
+    let took = sim.now - asked;
+    assert!(sim.delivered[..] == data[6_000_000..6_000_000 + sim.delivered.len()]);
+    // 1.5 MB at 20 Mbit/s is 0.6 s, plus the round trip and startup; at
+    // the playback rate it would be 3 s.
+    assert!(took < Duration::from_millis(1300), "took {took:?}");
+}
