@@ -314,6 +314,94 @@ fn stopping_mid_stream_does_not_hang() {
 }
 
 #[test]
+fn a_server_that_answers_but_never_delivers_is_an_error() {
+    use gstudpvid::protocol::wire::{Body, Packet};
+    init();
+    // A fake server that completes the handshake, accepts the open, answers
+    // every ping, and never sends a byte of the file: the element must not
+    // take the pongs for progress and wait forever.
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let port = socket.local_addr().expect("addr").port();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pongs = Arc::new(AtomicU64::new(0));
+    let fake = {
+        let (done, pongs) = (done.clone(), pongs.clone());
+        std::thread::spawn(move || {
+            let cid = 42;
+            let mut pn = 0;
+            let mut buf = [0u8; 2048];
+            let limit = Instant::now() + Duration::from_secs(30);
+            while !done.load(Ordering::Acquire) && Instant::now() < limit {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                let Ok(packet) = Packet::decode(&buf[..n]) else {
+                    continue;
+                };
+                let mut replies = Vec::new();
+                match packet.body {
+                    Body::Hello {
+                        client_nonce,
+                        early_open,
+                        ..
+                    } => {
+                        replies.push(Body::Welcome {
+                            client_nonce,
+                            idle_timeout_ms: 30_000,
+                            max_payload: 1420,
+                            server_random: [0; 16],
+                            auth_tag: None,
+                            early_open_accepted: early_open.is_some(),
+                        });
+                        if let Some(o) = early_open {
+                            replies.push(Body::OpenOk {
+                                transfer_id: o.transfer_id,
+                                size: 1 << 20,
+                                content_tag: 1,
+                                offset: 0,
+                            });
+                        }
+                    }
+                    Body::Open { transfer_id, .. } => replies.push(Body::OpenOk {
+                        transfer_id,
+                        size: 1 << 20,
+                        content_tag: 1,
+                        offset: 0,
+                    }),
+                    Body::Ping => {
+                        pongs.fetch_add(1, Ordering::Relaxed);
+                        replies.push(Body::Pong);
+                    }
+                    _ => {}
+                }
+                for body in replies {
+                    pn += 1;
+                    let _ = socket.send_to(&Packet::new(cid, pn, body).encode(), from);
+                }
+            }
+        })
+    };
+    let pipeline = gst::parse::launch(&format!(
+        "udpvidsrc port={port} file=x.mp4 timeout=2 ! fakesink"
+    ))
+    .expect("pipeline");
+    let started = Instant::now();
+    common::expect_error(
+        run_pipeline(&pipeline, Duration::from_secs(20)),
+        gst::ResourceError::OpenRead,
+        "No answer",
+    );
+    let took = started.elapsed();
+    done.store(true, Ordering::Release);
+    fake.join().expect("fake server");
+    assert!(pongs.load(Ordering::Relaxed) > 0, "the client never pinged");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+#[test]
 fn version_mismatch_is_reported() {
     use gstudpvid::protocol::wire::{Body, Packet};
     init();

@@ -200,11 +200,16 @@ pub const BBR_CAP_GROWTH: f64 = 1.25;
 pub const BBR_QUEUE_RTT_FACTOR: f64 = 1.5;
 /// Pacing gain used while a standing queue is seen.
 pub const BBR_QUEUE_DRAIN_GAIN: f64 = 0.85;
-/// Startup also ends after this many RTT samples in a row exceed the
-/// minimum by clamp(min/8, 4 ms, 16 ms), HyStart's delay-increase test: the
-/// bottleneck queue is filling, the rate is found. Several in a row, so
-/// jitter alone does not end it.
-pub const BBR_STARTUP_DELAY_SAMPLES: u32 = 3;
+/// Startup also ends when a round's smallest RTT sample exceeds the
+/// previous round's by clamp(prev/8, 4 ms, 16 ms), HyStart++'s
+/// delay-increase test (RFC 9406): the bottleneck queue is filling, the
+/// rate is found. The round's *smallest* of at least this many samples, so
+/// one slow ACK (a busy receiver) does not end it...
+pub const BBR_STARTUP_DELAY_SAMPLES: u32 = 8;
+/// ...and only once the window holds this many datagrams (Linux's
+/// hystart_low_window): in the first round trips a few late ACKs say
+/// nothing about a queue.
+pub const BBR_STARTUP_DELAY_MIN_WINDOW_PACKETS: u64 = 16;
 /// Time beyond the path's round trip an ACK can take to come back: the
 /// receiver's largest ACK delay plus one timer tick of the drivers.
 pub const BBR_ACK_FEEDBACK_DELAY: Duration =
@@ -243,8 +248,11 @@ pub struct Bbr {
     /// Heavily lossy rounds since startup last probed.
     heavy_loss_rounds: u32,
     queue_standing: bool,
-    /// Consecutive startup RTT samples above the minimum plus a margin.
-    startup_delay_hits: u32,
+    /// Smallest RTT sample of the current round and how many were seen.
+    round_min_rtt: Option<Duration>,
+    round_rtt_samples: u32,
+    /// The previous round's smallest sample, if it had enough samples.
+    last_round_min_rtt: Option<Duration>,
 }
 
 impl Bbr {
@@ -267,8 +275,29 @@ impl Bbr {
             bw_cap: None,
             heavy_loss_rounds: 0,
             queue_standing: false,
-            startup_delay_hits: 0,
+            round_min_rtt: None,
+            round_rtt_samples: 0,
+            last_round_min_rtt: None,
         }
+    }
+
+    /// HyStart++'s test, at the end of a round in startup.
+    fn round_delay_increased(&mut self) -> bool {
+        let enough = self.round_rtt_samples >= BBR_STARTUP_DELAY_SAMPLES;
+        let current = self.round_min_rtt.take().filter(|_| enough);
+        self.round_rtt_samples = 0;
+        let increased = match (current, self.last_round_min_rtt) {
+            (Some(now), Some(before)) => {
+                let eta = (before / 8).clamp(Duration::from_millis(4), Duration::from_millis(16));
+                now >= before + eta
+                    && self.window >= BBR_STARTUP_DELAY_MIN_WINDOW_PACKETS * self.max_datagram
+            }
+            _ => false,
+        };
+        if current.is_some() {
+            self.last_round_min_rtt = current;
+        }
+        increased
     }
 
     pub fn mode(&self) -> BbrMode {
@@ -336,6 +365,12 @@ impl Bbr {
 
     fn on_round_start(&mut self, ack: &AckEvent) {
         self.round += 1;
+        let was_probing = self.mode == BbrMode::ProbeBw;
+        // A queue building up during startup means the rate was found:
+        // leave before the queue overflows.
+        if self.round_delay_increased() && self.mode == BbrMode::Startup && !ack.app_limited {
+            self.mode = BbrMode::Drain;
+        }
         // Heavy loss in the round that just ended: congestion.
         let total = self.round_lost + self.round_delivered;
         let judged = total >= BBR_LOSS_MIN_PACKETS * self.max_datagram;
@@ -352,7 +387,8 @@ impl Bbr {
             let uncapped = self.bw_samples.iter().map(|&(_, r)| r).fold(0.0, f64::max);
             self.bw_cap = (grown < uncapped).then_some(grown);
         }
-        if heavy {
+        // Startup's own overshoot is expected loss, not a lossy spell.
+        if heavy && was_probing {
             self.heavy_loss_rounds += 1;
         } else if self.round_lost == 0 && self.heavy_loss_rounds >= BBR_REPROBE_ROUNDS {
             // A lossy spell cut the rate again and again; now a round went
@@ -364,7 +400,7 @@ impl Bbr {
             self.mode = BbrMode::Startup;
             self.full_bw = 0.0;
             self.full_bw_rounds = 0;
-            self.startup_delay_hits = 0;
+            self.last_round_min_rtt = None;
         }
         self.round_lost = 0;
         self.round_delivered = 0;
@@ -416,24 +452,15 @@ impl CongestionController for Bbr {
         if let Some(rate) = ack.rate {
             self.update_bw(rate);
         }
-        if let (Some(sample), Some((min, _))) = (ack.rtt_sample, self.min_rtt) {
-            let threshold = (min / 8).clamp(Duration::from_millis(4), Duration::from_millis(16));
-            if self.mode == BbrMode::Startup && !ack.app_limited && sample > min + threshold {
-                self.startup_delay_hits += 1;
-            } else {
-                self.startup_delay_hits = 0;
-            }
+        if let Some(sample) = ack.rtt_sample {
+            self.round_min_rtt = Some(self.round_min_rtt.map_or(sample, |m| m.min(sample)));
+            self.round_rtt_samples += 1;
         }
         self.queue_standing = self.min_rtt.is_some_and(|(min, _)| {
             ack.smoothed_rtt.as_secs_f64() > min.as_secs_f64() * BBR_QUEUE_RTT_FACTOR
                 && ack.smoothed_rtt > min + Duration::from_millis(5)
         });
         match self.mode {
-            // A queue building up during startup means the rate was found
-            // (HyStart's delay test): leave before the queue overflows.
-            BbrMode::Startup if self.startup_delay_hits >= BBR_STARTUP_DELAY_SAMPLES => {
-                self.mode = BbrMode::Drain;
-            }
             BbrMode::Drain if ack.bytes_in_flight <= self.bdp() => {
                 self.mode = BbrMode::ProbeBw;
                 self.cycle_index = 2;
@@ -474,7 +501,7 @@ impl CongestionController for Bbr {
             self.mode = BbrMode::Startup;
             self.full_bw = 0.0;
             self.full_bw_rounds = 0;
-            self.startup_delay_hits = 0;
+            self.last_round_min_rtt = None;
         }
     }
 
@@ -617,6 +644,61 @@ mod tests {
         }
         let over_feedback = rate * BBR_ACK_FEEDBACK_DELAY.as_secs_f64();
         assert!(cc.window() as f64 >= over_feedback, "{}", cc.window());
+    }
+
+    /// Startup rounds of `per_round` ACKs of 1400 bytes, the rate doubling
+    /// each round; `rtt(round, i)` gives each ACK's sample.
+    fn startup_rounds(
+        cc: &mut Bbr,
+        rounds: u64,
+        per_round: u64,
+        rtt: impl Fn(u64, u64) -> Duration,
+    ) {
+        let mut now = Instant::now();
+        let mut delivered = 0;
+        for round in 0..rounds {
+            let round_start = delivered;
+            for i in 0..per_round {
+                now += Duration::from_millis(80) / per_round as u32;
+                delivered += 1400;
+                cc.on_ack(&AckEvent {
+                    now,
+                    acked_bytes: 1400,
+                    largest_acked_sent: now,
+                    bytes_in_flight: 0,
+                    rtt_sample: Some(rtt(round, i)),
+                    smoothed_rtt: Duration::from_millis(80),
+                    rate: Some(RateSample {
+                        delivery_rate: 100_000.0 * 2f64.powi(round as i32),
+                        app_limited: false,
+                    }),
+                    app_limited: false,
+                    delivered,
+                    prior_delivered: if i == 0 {
+                        round_start.max(1)
+                    } else {
+                        round_start
+                    },
+                });
+            }
+        }
+    }
+
+    #[test]
+    fn bbr_startup_survives_late_acks_and_leaves_on_a_growing_queue() {
+        // A busy receiver: three ACKs of every round come 12 ms late. The
+        // round's smallest sample does not move: still startup.
+        let mut cc = Bbr::new(1400);
+        startup_rounds(&mut cc, 6, 20, |_, i| {
+            Duration::from_millis(if i < 3 { 92 } else { 80 })
+        });
+        assert_eq!(cc.mode(), BbrMode::Startup);
+        // A queue: from round 4 on every sample is 15 ms later than before.
+        let mut cc = Bbr::new(1400);
+        startup_rounds(&mut cc, 6, 20, |round, _| {
+            Duration::from_millis(if round >= 4 { 95 } else { 80 })
+        });
+        assert_ne!(cc.mode(), BbrMode::Startup);
     }
 
     #[test]
