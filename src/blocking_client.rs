@@ -528,10 +528,10 @@ impl BlockingClient {
             if self.shared.cancelled.load(Ordering::Acquire) {
                 return Err(WaitError::Cancelled);
             }
-            if let Some(r) = ready(&mut inner) {
-                flush(&self.socket, self.server, &mut inner);
-                return r;
-            }
+            // A fatal outcome goes first, even with bytes ready: after a
+            // reconnection the new session's first data arrives with its
+            // answer, and if the file changed meanwhile those bytes are not
+            // the file being played.
             if let Some(e) = inner.outcomes.fatal.clone() {
                 if is_resumable(&e)
                     && reconnects < MAX_RECONNECTS_PER_WAIT
@@ -542,6 +542,10 @@ impl BlockingClient {
                     continue;
                 }
                 return Err(e);
+            }
+            if let Some(r) = ready(&mut inner) {
+                flush(&self.socket, self.server, &mut inner);
+                return r;
             }
             let now = Instant::now();
             // Progress is anything heard from the server since the wait began.

@@ -230,10 +230,10 @@ fn server_restart_mid_stream_resumes_with_identical_bytes() {
 #[test]
 fn file_replaced_during_an_outage_is_a_clear_error() {
     init();
-    let (dir, _) = big_file_dir("replaced");
+    let (dir, big) = big_file_dir("replaced");
     let mut server = Server::start(&dir, &[]);
     let port = server.port;
-    let (pipeline, _data) = slow_reader(port, "big.bin", 10000, "timeout=8 read-ahead=262144");
+    let (pipeline, data) = slow_reader(port, "big.bin", 10000, "timeout=8 read-ahead=262144");
     let bus = pipeline.bus().expect("bus");
     pipeline.set_state(gst::State::Playing).expect("playing");
     std::thread::sleep(Duration::from_millis(500));
@@ -248,6 +248,12 @@ fn file_replaced_during_an_outage_is_a_clear_error() {
         }
         other => panic!("expected a changed-file error, got {other:?}"),
     }
+    // Not one byte of the new file reached the pipeline.
+    let got = data.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert!(
+        got[..] == big[..got.len()],
+        "bytes of the replaced file were delivered"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

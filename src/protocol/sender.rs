@@ -231,7 +231,10 @@ impl LossRecovery {
 
     /// When pacing next lets a full datagram leave, if it holds one back.
     pub fn pacing_deadline(&self) -> Option<Instant> {
-        if self.probe_credit > 0 {
+        // Held back by the window, the next ACK is what wakes the sender;
+        // a pacing deadline (stale, as the bucket is only refilled when
+        // the window allows a send) would make the driver spin until then.
+        if self.probe_credit > 0 || self.bytes_in_flight + self.max_datagram > self.cc.window() {
             return None;
         }
         self.pacer.next_send_time(self.max_datagram)
@@ -512,6 +515,26 @@ mod tests {
 
     fn send(r: &mut LossRecovery, pn: u64, t: Instant) {
         r.on_packet_sent(t, pn, 1000, 1, pn * 1000..(pn + 1) * 1000, false);
+    }
+
+    #[test]
+    fn a_full_window_sets_no_pacing_deadline() {
+        // Paced sends until the congestion window is full: then only an ACK
+        // can let more out, and a (stale) pacing deadline would have the
+        // driver wake for nothing, again and again.
+        let mut r = LossRecovery::new(1000);
+        let mut now = Instant::now();
+        let mut pn = 0;
+        while r.bytes_in_flight() + 1000 <= r.congestion_window() {
+            if r.can_send(now, 1000) {
+                send(&mut r, pn, now);
+                pn += 1;
+            } else {
+                now = r.pacing_deadline().expect("paced, not window-limited");
+            }
+        }
+        assert!(!r.can_send(now, 1000));
+        assert_eq!(r.pacing_deadline(), None);
     }
 
     #[test]
