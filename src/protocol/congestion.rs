@@ -560,9 +560,20 @@ mod tests {
         assert_eq!(cc.window(), 2_000);
     }
 
-    /// Feeds BBR one ACK per round at a steady delivery rate.
+    /// Feeds BBR one ACK per 50 ms round at a steady delivery rate.
     fn steady(cc: &mut Bbr, t0: Instant, rounds: u64, rate: f64, loss_share: f64) -> Instant {
-        let rtt = Duration::from_millis(50);
+        steady_at(cc, t0, rounds, rate, loss_share, Duration::from_millis(50))
+    }
+
+    /// Feeds BBR one ACK per round of `rtt` at a steady delivery rate.
+    fn steady_at(
+        cc: &mut Bbr,
+        t0: Instant,
+        rounds: u64,
+        rate: f64,
+        loss_share: f64,
+        rtt: Duration,
+    ) -> Instant {
         let per_round = (rate * rtt.as_secs_f64()) as u64;
         let mut delivered = cc.next_round_delivered;
         let mut now = t0;
@@ -619,29 +630,7 @@ mod tests {
         let t0 = Instant::now();
         let mut cc = Bbr::new(1400);
         let rate = 100_000_000.0;
-        let rtt = Duration::from_micros(60);
-        let mut now = t0;
-        let mut delivered = 0;
-        for _ in 0..200 {
-            now += rtt;
-            let prior = delivered;
-            delivered += 6000;
-            cc.on_ack(&AckEvent {
-                now,
-                acked_bytes: 6000,
-                largest_acked_sent: now - rtt,
-                bytes_in_flight: 6000,
-                rtt_sample: Some(rtt),
-                smoothed_rtt: rtt,
-                rate: Some(RateSample {
-                    delivery_rate: rate,
-                    app_limited: false,
-                }),
-                app_limited: false,
-                delivered,
-                prior_delivered: prior,
-            });
-        }
+        steady_at(&mut cc, t0, 200, rate, 0.0, Duration::from_micros(60));
         let over_feedback = rate * BBR_ACK_FEEDBACK_DELAY.as_secs_f64();
         assert!(cc.window() as f64 >= over_feedback, "{}", cc.window());
     }

@@ -25,6 +25,26 @@ fn server(now: Instant) -> ServerEndpoint<MemoryStore> {
     ServerEndpoint::new(ServerConfig::default(), one_file(), [3; 32], now)
 }
 
+/// A cookie-less Hello asking for a.mp4 from the start.
+fn hello_opening(client_nonce: u64, window: u64) -> Packet {
+    Packet::new(
+        0,
+        0,
+        Body::Hello {
+            client_nonce,
+            cookie: vec![],
+            wants_auth: false,
+            early_open: Some(OpenRequest {
+                transfer_id: 1,
+                kind: TransferKind::File,
+                offset: 0,
+                window,
+                path: "a.mp4".into(),
+            }),
+        },
+    )
+}
+
 /// Valid client packets to mutate from.
 fn seeds() -> Vec<Vec<u8>> {
     vec![
@@ -39,23 +59,7 @@ fn seeds() -> Vec<Vec<u8>> {
             },
         )
         .encode(),
-        Packet::new(
-            0,
-            0,
-            Body::Hello {
-                client_nonce: 2,
-                cookie: vec![],
-                wants_auth: false,
-                early_open: Some(OpenRequest {
-                    transfer_id: 1,
-                    kind: TransferKind::File,
-                    offset: 0,
-                    window: 1 << 20,
-                    path: "a.mp4".into(),
-                }),
-            },
-        )
-        .encode(),
+        hello_opening(2, 1 << 20).encode(),
         Packet::new(
             5,
             1,
@@ -341,23 +345,7 @@ fn forged_hellos_without_cookies_are_bounded_and_expire() {
         // Forged sources asking for a file in the Hello: they never see the
         // answer, so they never prove their address.
         let from = SocketAddr::from(([203, 0, 113, (i % 250) as u8], (i % 60_000) as u16 + 1));
-        let hello = Packet::new(
-            0,
-            0,
-            Body::Hello {
-                client_nonce: i as u64,
-                cookie: vec![],
-                wants_auth: false,
-                early_open: Some(OpenRequest {
-                    transfer_id: 1,
-                    kind: TransferKind::File,
-                    offset: 0,
-                    window: 16 << 20,
-                    path: "a.mp4".into(),
-                }),
-            },
-        )
-        .encode();
+        let hello = hello_opening(i as u64, 16 << 20).encode();
         s.handle_datagram(now, from, &hello);
         let mut sent = 0;
         while let Some(to) = s.poll_transmit(now, &mut out) {
@@ -392,23 +380,7 @@ fn an_early_open_streams_after_the_first_ack() {
     let now = Instant::now();
     let mut s = server(now);
     let from = SocketAddr::from(([192, 0, 2, 7], 4000));
-    let hello = Packet::new(
-        0,
-        0,
-        Body::Hello {
-            client_nonce: 77,
-            cookie: vec![],
-            wants_auth: false,
-            early_open: Some(OpenRequest {
-                transfer_id: 1,
-                kind: TransferKind::File,
-                offset: 0,
-                window: 1 << 20,
-                path: "a.mp4".into(),
-            }),
-        },
-    )
-    .encode();
+    let hello = hello_opening(77, 1 << 20).encode();
     s.handle_datagram(now, from, &hello);
     let mut out = Vec::new();
     let (mut id, mut accepted, mut opened, mut data, mut sent) = (0, false, false, 0, 0);
