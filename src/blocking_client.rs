@@ -739,23 +739,22 @@ impl BlockingClient {
         }
         let distance = offset.wrapping_sub(current);
         if offset > current && distance <= ready.max(read_ahead.min(LOCAL_SKIP_LIMIT)) {
-            let mut at = current;
-            while at < offset {
-                let want = (offset - at).min(1 << 20) as usize;
-                match self.read(want, timeout)? {
-                    Some(chunk) => at += chunk.len() as u64,
-                    None => break,
-                }
-            }
-            return Ok(());
+            return self.consume(current, offset, timeout);
         }
         let path = path.ok_or_else(|| WaitError::Protocol("no file is open".into()))?;
         let start = offset.saturating_sub(SEEK_BACK_MARGIN);
         self.open(&path, start, timeout)?;
         // The margin goes to the recent bytes, for the jump back.
-        let mut at = start;
-        while at < offset {
-            match self.read((offset - at) as usize, timeout)? {
+        self.consume(start, offset, timeout)
+    }
+
+    /// Reads the stream from `from` up to `to` as it arrives; the bytes stay
+    /// in the recent bytes, so a jump back into them is served locally.
+    fn consume(&self, from: u64, to: u64, timeout: Duration) -> Result<(), WaitError> {
+        let mut at = from;
+        while at < to {
+            let want = (to - at).min(1 << 20) as usize;
+            match self.read(want, timeout)? {
                 Some(chunk) => at += chunk.len() as u64,
                 None => break,
             }

@@ -281,6 +281,14 @@ impl Bbr {
         }
     }
 
+    /// Probes for the link again from the current estimate, as at the start.
+    fn restart_startup(&mut self) {
+        self.mode = BbrMode::Startup;
+        self.full_bw = 0.0;
+        self.full_bw_rounds = 0;
+        self.last_round_min_rtt = None;
+    }
+
     /// HyStart++'s test, at the end of a round in startup.
     fn round_delay_increased(&mut self) -> bool {
         let enough = self.round_rtt_samples >= BBR_STARTUP_DELAY_SAMPLES;
@@ -397,10 +405,7 @@ impl Bbr {
             // the link again: probe as at the start.
             self.heavy_loss_rounds = 0;
             self.bw_cap = None;
-            self.mode = BbrMode::Startup;
-            self.full_bw = 0.0;
-            self.full_bw_rounds = 0;
-            self.last_round_min_rtt = None;
+            self.restart_startup();
         }
         self.round_lost = 0;
         self.round_delivered = 0;
@@ -498,10 +503,7 @@ impl CongestionController for Bbr {
         // past what was sent); ProbeBW would take seconds to find the link
         // for the burst a seek needs. Startup finds it in a few rounds.
         if self.mode == BbrMode::ProbeBw {
-            self.mode = BbrMode::Startup;
-            self.full_bw = 0.0;
-            self.full_bw_rounds = 0;
-            self.last_round_min_rtt = None;
+            self.restart_startup();
         }
     }
 

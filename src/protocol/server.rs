@@ -283,6 +283,16 @@ impl Session {
                 > self.received_unvalidated * AMPLIFICATION_FACTOR
     }
 
+    /// When the session is dropped if nothing more is heard from it.
+    fn expires_at(&self, idle_timeout: Duration) -> Instant {
+        let limit = if self.validated {
+            idle_timeout
+        } else {
+            idle_timeout.min(UNVALIDATED_TIMEOUT)
+        };
+        self.last_activity + limit
+    }
+
     fn next_pn(&mut self) -> u64 {
         let pn = self.next_packet_number;
         self.next_packet_number += 1;
@@ -884,7 +894,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let mut next = Some(self.validator.next_rotation());
         for s in self.sessions.values() {
-            let idle = s.last_activity + self.config.idle_timeout;
+            let idle = s.expires_at(self.config.idle_timeout);
             next = Some(next.map_or(idle, |n: Instant| n.min(idle)));
             if let Some(t) = s.recovery.timeout() {
                 next = Some(next.map_or(t, |n: Instant| n.min(t)));
@@ -912,14 +922,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
         let expired: Vec<ConnectionId> = self
             .sessions
             .values()
-            .filter(|s| {
-                let limit = if s.validated {
-                    idle_timeout
-                } else {
-                    idle_timeout.min(UNVALIDATED_TIMEOUT)
-                };
-                now.saturating_duration_since(s.last_activity) >= limit
-            })
+            .filter(|s| now >= s.expires_at(idle_timeout))
             .map(|s| s.id)
             .collect();
         for id in expired {
