@@ -214,6 +214,9 @@ pub const BBR_STARTUP_DELAY_MIN_WINDOW_PACKETS: u64 = 16;
 /// receiver's largest ACK delay plus one timer tick of the drivers.
 pub const BBR_ACK_FEEDBACK_DELAY: Duration =
     Duration::from_millis(super::rtt::MAX_ACK_DELAY.as_millis() as u64 + 1);
+/// A ProbeBW up-phase (gain 1.25) whose delivery rate grew at least this
+/// much found a link with room: startup probes again (see `judge_probe`).
+pub const BBR_PROBE_ROOM_GROWTH: f64 = 1.2;
 /// The window never falls below four datagrams (BBR's floor).
 pub const BBR_MIN_WINDOW_PACKETS: u64 = 4;
 
@@ -253,6 +256,8 @@ pub struct Bbr {
     round_rtt_samples: u32,
     /// The previous round's smallest sample, if it had enough samples.
     last_round_min_rtt: Option<Duration>,
+    /// The estimate when ProbeBW's up-phase began.
+    probe_base_bw: Option<f64>,
 }
 
 impl Bbr {
@@ -278,6 +283,7 @@ impl Bbr {
             round_min_rtt: None,
             round_rtt_samples: 0,
             last_round_min_rtt: None,
+            probe_base_bw: None,
         }
     }
 
@@ -287,6 +293,29 @@ impl Bbr {
         self.full_bw = 0.0;
         self.full_bw_rounds = 0;
         self.last_round_min_rtt = None;
+    }
+
+    /// ProbeBW's up-phase asks for 1.25× the estimate; its ACKs come back
+    /// during the next phase. When that probe got nearly all it asked for,
+    /// the link has room the estimate does not know (after a lossy spell
+    /// or persistent congestion cut it), and 1.25× every eight rounds would
+    /// take seconds to find it: probe as at the start. On a full link the
+    /// probe only builds a queue and the estimate stays.
+    fn judge_probe(&mut self, ack: &AckEvent) {
+        match self.cycle_index {
+            0 => self.probe_base_bw = Some(self.bottleneck_bw()),
+            2 => {
+                let base = self.probe_base_bw.take();
+                if let Some(base) = base.filter(|b| *b > 0.0) {
+                    if !ack.app_limited && self.bottleneck_bw() >= base * BBR_PROBE_ROOM_GROWTH {
+                        self.bw_cap = None;
+                        self.heavy_loss_rounds = 0;
+                        self.restart_startup();
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 
     /// HyStart++'s test, at the end of a round in startup.
@@ -430,10 +459,23 @@ impl CongestionController for Bbr {
     }
 
     fn pacing_rate(&self) -> Option<f64> {
+        // Before any RTT sample the initial window leaves as one burst, as
+        // TCP's and QUIC's do (RFC 9002 §7.7): spread over the 333 ms RTT
+        // guess it took four times the real 80 ms round trip.
+        self.min_rtt?;
+        let rtt = self.smoothed_rtt.as_secs_f64().max(0.001);
         let bw = self.bottleneck_bw();
+        if self.mode == BbrMode::Startup {
+            // Startup never paces below the initial window per round trip
+            // (Linux BBR's rate from the initial window, which only rises in
+            // startup): the first round's sample is what the handshake's
+            // anti-amplification budget let out, two datagrams, and growing
+            // 2.885× per round from there took ten round trips to fetch the
+            // 20 KB `moov` of an MP4.
+            let initial = (INITIAL_WINDOW_PACKETS * self.max_datagram) as f64;
+            return Some(BBR_HIGH_GAIN * bw.max(initial / rtt));
+        }
         if bw <= 0.0 {
-            // No sample yet: the initial window over the RTT guess.
-            let rtt = self.smoothed_rtt.as_secs_f64().max(0.001);
             return Some(BBR_HIGH_GAIN * self.window as f64 / rtt);
         }
         Some(self.pacing_gain() * bw)
@@ -479,6 +521,7 @@ impl CongestionController for Bbr {
                 {
                     self.cycle_index = (self.cycle_index + 1) % BBR_PACING_CYCLE.len();
                     self.cycle_start = Some(ack.now);
+                    self.judge_probe(ack);
                 }
             }
             _ => {}
@@ -622,6 +665,28 @@ mod tests {
         assert!((cc.bottleneck_bw() - 2_500_000.0).abs() < 1.0);
         let rate = cc.pacing_rate().expect("paces");
         assert!(rate > 0.7 * 2_500_000.0, "{rate}");
+    }
+
+    #[test]
+    fn bbr_probes_as_at_the_start_when_the_link_shows_room() {
+        let t0 = Instant::now();
+        let mut cc = Bbr::new(1400);
+        let mut now = steady(&mut cc, t0, 20, 1_000_000.0, 0.0);
+        assert_eq!(cc.mode(), BbrMode::ProbeBw);
+        // A full link: the up-phases find nothing more, ProbeBW stays.
+        for _ in 0..16 {
+            now = steady(&mut cc, now, 1, 1_000_000.0, 0.0);
+            assert_eq!(cc.mode(), BbrMode::ProbeBw);
+        }
+        // The link has room (a lossy spell that cut the estimate ended):
+        // delivery follows sending, so the next up-phase gets its 1.25×.
+        let mut restarted = false;
+        for _ in 0..16 {
+            let rate = cc.pacing_rate().expect("paces").min(20_000_000.0);
+            now = steady(&mut cc, now, 1, rate, 0.0);
+            restarted |= cc.mode() == BbrMode::Startup;
+        }
+        assert!(restarted, "ProbeBW never went back to startup");
     }
 
     #[test]
