@@ -7,19 +7,23 @@
 //! itself, so a window update leaves at once instead of at the next tick.
 
 use std::fmt;
+use std::io::{IoSliceMut, Write};
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use quinn_udp::{RecvMeta, UdpSocketState};
+
 use crate::protocol::catalog::CatalogEntry;
 use crate::protocol::client::{ClientConfig, ClientConnection, ClientEvent, ClientStats};
 use crate::protocol::read_ahead::ReadAhead;
-use crate::protocol::wire::{CloseReason, OpenErrorKind, VERSION};
+use crate::protocol::wire::{CloseReason, MAX_DATAGRAM_SIZE, OpenErrorKind, VERSION};
 
-/// The network thread never sleeps longer than this, so a stop request is
-/// seen promptly even when the socket is silent.
+/// The network thread never sleeps longer than this without looking at its
+/// connection (a safety net: timers and a stop request wake it earlier).
 const MAX_POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// Receive buffer we ask for: a read-ahead's worth of datagrams in flight.
 const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
@@ -245,6 +249,9 @@ pub struct BlockingClient {
     socket: Arc<UdpSocket>,
     server: SocketAddr,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Written to on close, so the network thread's wait ends at once
+    /// (stopping a pipeline would otherwise wait out the poll interval).
+    stop_waker: UnixStream,
 }
 
 fn lock(shared: &Shared) -> MutexGuard<'_, Inner> {
@@ -341,10 +348,94 @@ fn collect_events(inner: &mut Inner) -> bool {
 
 /// Datagrams handled under one lock before the waiters are woken.
 const MAX_RECV_BATCH: usize = 256;
+/// Receive buffers per system call; each holds a GRO train of datagrams.
+const RECV_SLOTS: usize = 8;
 
-fn network_loop(shared: Arc<Shared>, socket: Arc<UdpSocket>, server: SocketAddr) {
-    let mut buf = vec![0u8; 65536];
-    let mut read_timeout = Duration::ZERO;
+/// Waits until `socket` or `stop` is readable or `timeout` passed (rounded
+/// up to a millisecond). An error ends the wait too: the following receive
+/// reports it or finds nothing.
+fn wait_readable(socket: &UdpSocket, stop: &UnixStream, timeout: Duration) {
+    use std::os::fd::AsRawFd;
+    let mut fds = [socket.as_raw_fd(), stop.as_raw_fd()].map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+    // SAFETY: a valid array of pollfds that lives across the call; both
+    // descriptors stay open because the caller borrows their owners.
+    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+}
+
+/// The network thread's receive path: as few system calls as the kernel
+/// allows (recvmmsg, and GRO trains of datagrams cut up here). At hundreds
+/// of MB/s one `recv_from` per datagram was most of the client's time.
+struct BatchReceiver {
+    state: UdpSocketState,
+    slot: usize,
+    bufs: Vec<u8>,
+    metas: [RecvMeta; RECV_SLOTS],
+}
+
+impl BatchReceiver {
+    fn new(socket: &UdpSocket) -> std::io::Result<Self> {
+        let state = UdpSocketState::new(socket.into())?;
+        let slot = (MAX_DATAGRAM_SIZE * state.gro_segments()).max(u16::MAX as usize);
+        Ok(BatchReceiver {
+            state,
+            slot,
+            bufs: vec![0; slot * RECV_SLOTS],
+            metas: [RecvMeta::default(); RECV_SLOTS],
+        })
+    }
+
+    /// Hands what is queued on the non-blocking `socket` from `server` to
+    /// the connection; returns how many datagrams that was.
+    fn drain(&mut self, socket: &UdpSocket, server: SocketAddr, inner: &mut Inner) -> usize {
+        let mut handled = 0;
+        while handled < MAX_RECV_BATCH {
+            let count = {
+                let mut iovs: Vec<IoSliceMut<'_>> = self
+                    .bufs
+                    .chunks_mut(self.slot)
+                    .map(IoSliceMut::new)
+                    .collect();
+                match self.state.recv(socket.into(), &mut iovs, &mut self.metas) {
+                    Ok(n) => n,
+                    // Nothing queued (WouldBlock) or an ICMP error from a
+                    // vanished server: timers and the timeout handle both.
+                    Err(_) => break,
+                }
+            };
+            let now = Instant::now();
+            for (meta, buf) in self
+                .metas
+                .iter()
+                .zip(self.bufs.chunks(self.slot))
+                .take(count)
+            {
+                // Datagrams from anyone but the server are ignored.
+                if meta.addr != server {
+                    continue;
+                }
+                let stride = meta.stride.max(1);
+                for datagram in buf[..meta.len].chunks(stride) {
+                    inner.conn.handle_datagram(now, datagram);
+                    handled += 1;
+                }
+            }
+        }
+        handled
+    }
+}
+
+fn network_loop(
+    shared: Arc<Shared>,
+    socket: Arc<UdpSocket>,
+    server: SocketAddr,
+    mut receiver: BatchReceiver,
+    stop: UnixStream,
+) {
     while !shared.stop.load(Ordering::Acquire) {
         let wait = {
             let mut inner = lock(&shared);
@@ -356,36 +447,11 @@ fn network_loop(shared: Arc<Shared>, socket: Arc<UdpSocket>, server: SocketAddr)
                 .map_or(MAX_POLL_INTERVAL, |t| t.saturating_duration_since(now))
                 .clamp(Duration::from_millis(1), MAX_POLL_INTERVAL)
         };
-        // Setting the timeout is a system call: only when it changes.
-        if wait.abs_diff(read_timeout) > Duration::from_micros(500) {
-            let _ = socket.set_read_timeout(Some(wait));
-            read_timeout = wait;
-        }
-        let received = socket.recv_from(&mut buf);
+        wait_readable(&socket, &stop, wait);
         let mut inner = lock(&shared);
-        let mut progressed = false;
-        if let Ok((n, from)) = received {
-            let now = Instant::now();
-            // Datagrams from anyone but the server are ignored.
-            if from == server {
-                inner.conn.handle_datagram(now, &buf[..n]);
-                progressed = true;
-            }
-            // Drain what else is queued under the same lock, so a burst
-            // costs one wake-up of the streaming thread, not one per datagram.
-            if socket.set_nonblocking(true).is_ok() {
-                for _ in 0..MAX_RECV_BATCH {
-                    match socket.recv_from(&mut buf) {
-                        Ok((n, from)) if from == server => {
-                            inner.conn.handle_datagram(now, &buf[..n])
-                        }
-                        Ok(_) => {}
-                        Err(_) => break,
-                    }
-                }
-                let _ = socket.set_nonblocking(false);
-            }
-        }
+        // A burst is handled under one lock, so it costs one wake-up of the
+        // streaming thread, not one per datagram.
+        let mut progressed = receiver.drain(&socket, server, &mut inner) > 0;
         let now = Instant::now();
         if inner.conn.poll_timeout().is_some_and(|t| t <= now) {
             inner.conn.handle_timeout(now);
@@ -441,6 +507,10 @@ impl BlockingClient {
             let s = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
             let _ = s.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
             s.bind(&bind.into())?;
+            // The network thread waits with poll(2) and then drains the
+            // queue; sends of other threads never wait either (a full send
+            // buffer is a lost datagram, which timers repair).
+            s.set_nonblocking(true)?;
             UdpSocket::from(s)
         };
         let nonce = rand::random::<u64>();
@@ -468,19 +538,22 @@ impl BlockingClient {
             cancelled: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         });
+        let receiver = BatchReceiver::new(&socket)?;
+        let (stop_waker, stop_wait) = UnixStream::pair()?;
         let socket = Arc::new(socket);
         let thread = {
             let shared = shared.clone();
             let socket = socket.clone();
             std::thread::Builder::new()
                 .name("udpvid-net".into())
-                .spawn(move || network_loop(shared, socket, server))?
+                .spawn(move || network_loop(shared, socket, server, receiver, stop_wait))?
         };
         Ok(BlockingClient {
             shared,
             socket,
             server,
             thread: Mutex::new(Some(thread)),
+            stop_waker,
         })
     }
 
@@ -670,7 +743,17 @@ impl BlockingClient {
                 return Some(Ok(None));
             }
             let offset = inner.conn.read_offset()?;
-            let chunk = inner.conn.read(Instant::now(), max)?;
+            let now = Instant::now();
+            let mut chunk = inner.conn.read(now, max)?;
+            // Everything contiguous that is there, not one datagram's worth:
+            // a consumer that takes any amount gets full buffers when it
+            // is the slower side.
+            while chunk.len() < max {
+                match inner.conn.read(now, max - chunk.len()) {
+                    Some(more) => chunk.extend_from_slice(&more),
+                    None => break,
+                }
+            }
             inner.history.push(offset, &chunk);
             Some(Ok(Some(chunk)))
         })
@@ -685,13 +768,28 @@ impl BlockingClient {
         len: usize,
         timeout: Duration,
     ) -> Result<Vec<u8>, WaitError> {
+        self.read_some_at(offset, len, len, timeout)
+    }
+
+    /// Like [`read_at`](Self::read_at), but returns as soon as `min` bytes
+    /// (at least one) are there, with as many more up to `len` as are
+    /// ready: a consumer that takes any amount starts on the first
+    /// datagram instead of waiting for a whole block in slow start.
+    pub fn read_some_at(
+        &self,
+        offset: u64,
+        len: usize,
+        min: usize,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, WaitError> {
+        let min = min.clamp(1, len.max(1));
         let mut out = Vec::with_capacity(len);
         lock(&self.shared).history.copy_into(offset, len, &mut out);
-        if out.len() == len {
+        if out.len() >= min {
             return Ok(out);
         }
         self.move_to(offset + out.len() as u64, timeout)?;
-        while out.len() < len {
+        while out.len() < min {
             match self.read(len - out.len(), timeout)? {
                 Some(chunk) => out.extend_from_slice(&chunk),
                 None => break,
@@ -806,6 +904,7 @@ impl BlockingClient {
         };
         self.with_conn(|c, _| c.close());
         self.shared.stop.store(true, Ordering::Release);
+        let _ = (&self.stop_waker).write_all(&[1]);
         let _ = thread.join();
     }
 }
