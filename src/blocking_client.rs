@@ -860,6 +860,11 @@ impl BlockingClient {
         Ok(())
     }
 
+    /// See [`ClientConnection::set_held_downstream`].
+    pub fn set_held_downstream(&self, bytes: u64) {
+        self.with_conn(|c, now| c.set_held_downstream(now, bytes));
+    }
+
     pub fn set_read_ahead(&self, read_ahead: ReadAhead) {
         self.with_conn_inner(|inner, now| {
             inner.config.read_ahead = read_ahead;

@@ -326,6 +326,13 @@ impl ClientConnection {
         self.apply_read_ahead(now);
     }
 
+    /// The player holds `bytes` it took but has not played yet (queues
+    /// between the source and playback); the adaptive read-ahead counts them.
+    pub fn set_held_downstream(&mut self, now: Instant, bytes: u64) {
+        self.read_ahead.on_held_downstream(now, bytes);
+        self.apply_read_ahead(now);
+    }
+
     /// The read-ahead in bytes the policy chooses now.
     pub fn current_read_ahead(&self, now: Instant) -> u64 {
         self.read_ahead

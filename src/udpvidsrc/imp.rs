@@ -301,6 +301,13 @@ impl UdpVidSrc {
                         }
                         Self::post_buffering(&element, &last, percent);
                     }
+                    if cause == NOT_BUFFERING {
+                        if let Some(held) =
+                            Self::held_downstream(&element, snapshot.read_offset, size)
+                        {
+                            client.set_held_downstream(held);
+                        }
+                    }
                     if !stats_interval.is_zero() && Instant::now() >= next_stats {
                         next_stats += stats_interval;
                         let s = stats_structure(Some((&snapshot, started.elapsed())));
@@ -311,6 +318,30 @@ impl UdpVidSrc {
             })
             .ok()?;
         Some(Monitor { wake, thread })
+    }
+
+    /// Bytes the pipeline took from this source but has not played yet:
+    /// the stream position minus the file's share at the playback position
+    /// (size × position / duration, exact for a constant bitrate). The
+    /// adaptive read-ahead counts them as media already ahead of playback.
+    /// `None` unless the pipeline answers both queries in time.
+    fn held_downstream(element: &super::UdpVidSrc, read_offset: u64, size: u64) -> Option<u64> {
+        let mut top: gst::Object = element.clone().upcast();
+        while let Some(parent) = top.parent() {
+            top = parent;
+        }
+        let top = top.downcast::<gst::Element>().ok()?;
+        if top == *element.upcast_ref::<gst::Element>() {
+            return None;
+        }
+        let position = top.query_position::<gst::ClockTime>()?;
+        let duration = top.query_duration::<gst::ClockTime>()?;
+        if duration.is_zero() {
+            return None;
+        }
+        let played =
+            (size as u128 * position.nseconds() as u128 / duration.nseconds() as u128) as u64;
+        Some(read_offset.saturating_sub(played))
     }
 
     /// Fetches the catalog on a separate short session and posts it, so an
