@@ -22,6 +22,10 @@ pub const MIN_HELLO_SIZE: usize = 1200;
 /// Largest datagram we ever build: 1500-byte Ethernet MTU minus IPv6 (40) and
 /// UDP (8) headers, rounded down.
 pub const MAX_DATAGRAM_SIZE: usize = 1452;
+/// What a client pads its Hello to: the largest datagram, which the path
+/// must carry anyway. Three times it lets an early open's first flight hold
+/// 4 KiB of the file; servers accept anything from [`MIN_HELLO_SIZE`].
+pub const HELLO_PADDED_SIZE: usize = MAX_DATAGRAM_SIZE;
 /// Bytes a Data packet spends before its payload.
 pub const DATA_OVERHEAD: usize = HEADER_LEN + 4 + 8;
 /// Default Data payload: fills a datagram that fits 1500-byte Ethernet.
@@ -100,7 +104,7 @@ const WELCOME_EARLY_OPEN_ACCEPTED: u8 = 2;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Body {
     /// Client → server: first request; `cookie` is empty until the server
-    /// handed one out with `Retry`. Padded to [`MIN_HELLO_SIZE`].
+    /// handed one out with `Retry`. Padded to [`HELLO_PADDED_SIZE`].
     /// `wants_auth`: the client holds a passphrase (see `crypto.rs`).
     /// `early_open`: the transfer the client wants, so the server can
     /// answer it with the `Welcome` instead of a round trip later.
@@ -378,8 +382,8 @@ impl Packet {
                     out.extend_from_slice(&o.window.to_be_bytes());
                     put_text(out, &o.path);
                 }
-                if out.len() < MIN_HELLO_SIZE {
-                    out.resize(MIN_HELLO_SIZE, 0);
+                if out.len() < HELLO_PADDED_SIZE {
+                    out.resize(HELLO_PADDED_SIZE, 0);
                 }
             }
             Body::Open {
@@ -908,7 +912,8 @@ mod tests {
                 early_open: None,
             },
         );
-        assert_eq!(p.encode().len(), MIN_HELLO_SIZE);
+        assert_eq!(p.encode().len(), HELLO_PADDED_SIZE);
+        const { assert!(HELLO_PADDED_SIZE >= MIN_HELLO_SIZE) };
     }
 
     #[test]
