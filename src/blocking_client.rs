@@ -20,7 +20,7 @@ use quinn_udp::{RecvMeta, UdpSocketState};
 use crate::protocol::catalog::CatalogEntry;
 use crate::protocol::client::{ClientConfig, ClientConnection, ClientEvent, ClientStats};
 use crate::protocol::read_ahead::ReadAhead;
-use crate::protocol::wire::{CloseReason, MAX_DATAGRAM_SIZE, OpenErrorKind, VERSION};
+use crate::protocol::wire::{CloseReason, OpenErrorKind, VERSION};
 
 /// The network thread never sleeps longer than this without looking at its
 /// connection (a safety net: timers and a stop request wake it earlier).
@@ -380,7 +380,10 @@ struct BatchReceiver {
 impl BatchReceiver {
     fn new(socket: &UdpSocket) -> std::io::Result<Self> {
         let state = UdpSocketState::new(socket.into())?;
-        let slot = (MAX_DATAGRAM_SIZE * state.gro_segments()).max(u16::MAX as usize);
+        // A GRO train is one UDP payload for the kernel, so never more than
+        // 64 KiB: room for the largest possible datagram fits every train
+        // (the segment count times our datagram size would be 90 KiB).
+        let slot = u16::MAX as usize;
         Ok(BatchReceiver {
             state,
             slot,
