@@ -300,14 +300,16 @@ impl Bbr {
     /// the link has room the estimate does not know (after a lossy spell
     /// or persistent congestion cut it), and 1.25× every eight rounds would
     /// take seconds to find it: probe as at the start. On a full link the
-    /// probe only builds a queue and the estimate stays.
+    /// probe only builds a queue and the estimate stays. Judged on the
+    /// delivery samples, not the loss cap, whose own growth is no sign of
+    /// room.
     fn judge_probe(&mut self, ack: &AckEvent) {
         match self.cycle_index {
-            0 => self.probe_base_bw = Some(self.bottleneck_bw()),
+            0 => self.probe_base_bw = Some(self.max_bw_sample()),
             2 => {
                 let base = self.probe_base_bw.take();
                 if let Some(base) = base.filter(|b| *b > 0.0) {
-                    if !ack.app_limited && self.bottleneck_bw() >= base * BBR_PROBE_ROOM_GROWTH {
+                    if !ack.app_limited && self.max_bw_sample() >= base * BBR_PROBE_ROOM_GROWTH {
                         self.bw_cap = None;
                         self.heavy_loss_rounds = 0;
                         self.restart_startup();
@@ -343,8 +345,13 @@ impl Bbr {
 
     /// Bottleneck rate estimate, bytes per second.
     pub fn bottleneck_bw(&self) -> f64 {
-        let bw = self.bw_samples.iter().map(|&(_, r)| r).fold(0.0, f64::max);
+        let bw = self.max_bw_sample();
         self.bw_cap.map_or(bw, |cap| bw.min(cap))
+    }
+
+    /// The best delivery rate of the window, ignoring any loss cap.
+    fn max_bw_sample(&self) -> f64 {
+        self.bw_samples.iter().map(|&(_, r)| r).fold(0.0, f64::max)
     }
 
     fn min_rtt(&self) -> Duration {
@@ -421,7 +428,7 @@ impl Bbr {
             }
         } else if let Some(cap) = self.bw_cap {
             let grown = cap * BBR_CAP_GROWTH;
-            let uncapped = self.bw_samples.iter().map(|&(_, r)| r).fold(0.0, f64::max);
+            let uncapped = self.max_bw_sample();
             self.bw_cap = (grown < uncapped).then_some(grown);
         }
         // Startup's own overshoot is expected loss, not a lossy spell.
