@@ -86,6 +86,10 @@ pub struct ReadAheadPolicy {
     mode: ReadAhead,
     /// (time, bytes consumed) samples within the rate window.
     consumed: std::collections::VecDeque<(Instant, u64)>,
+    /// Their sum, kept as they come and go: there is a sample per segment
+    /// read, tens of thousands in a window on a fast link, and the rate is
+    /// asked for after each.
+    consumed_in_window: u64,
     first_read: Option<Instant>,
     worst_gap: Duration,
     worst_gap_at: Option<Instant>,
@@ -98,6 +102,7 @@ impl ReadAheadPolicy {
         ReadAheadPolicy {
             mode,
             consumed: Default::default(),
+            consumed_in_window: 0,
             first_read: None,
             worst_gap: Duration::ZERO,
             worst_gap_at: None,
@@ -117,12 +122,13 @@ impl ReadAheadPolicy {
     pub fn on_consumed(&mut self, now: Instant, bytes: u64) {
         self.first_read.get_or_insert(now);
         self.consumed.push_back((now, bytes));
-        while self
-            .consumed
-            .front()
-            .is_some_and(|&(t, _)| now.saturating_duration_since(t) > RATE_WINDOW)
-        {
+        self.consumed_in_window += bytes;
+        while let Some(&(t, old)) = self.consumed.front() {
+            if now.saturating_duration_since(t) <= RATE_WINDOW {
+                break;
+            }
             self.consumed.pop_front();
+            self.consumed_in_window -= old;
         }
     }
 
@@ -164,8 +170,7 @@ impl ReadAheadPolicy {
         if now.saturating_duration_since(first) < RATE_WINDOW {
             return None;
         }
-        let bytes: u64 = self.consumed.iter().map(|&(_, b)| b).sum();
-        Some(bytes as f64 / RATE_WINDOW.as_secs_f64())
+        Some(self.consumed_in_window as f64 / RATE_WINDOW.as_secs_f64())
     }
 
     /// The stall the link may cause, given its RTT and variance.
