@@ -368,8 +368,8 @@ fn wait_readable(socket: &UdpSocket, stop: &UnixStream, timeout: Duration) {
 }
 
 /// The network thread's receive path: as few system calls as the kernel
-/// allows (recvmmsg, and GRO trains of datagrams cut up here). At hundreds
-/// of MB/s one `recv_from` per datagram was most of the client's time.
+/// allows (recvmmsg, and GRO trains of datagrams cut up here), as the
+/// server does: one `recv_from` per datagram is a system call per 1.4 KB.
 struct BatchReceiver {
     state: UdpSocketState,
     slot: usize,
