@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use quinn_udp::{RecvMeta, UdpSocketState};
 
+use crate::protocol::buffering::{BufferingCause, BufferingLevel, FlowState};
 use crate::protocol::catalog::CatalogEntry;
 use crate::protocol::client::{ClientConfig, ClientConnection, ClientEvent, ClientStats};
 use crate::protocol::read_ahead::ReadAhead;
@@ -110,6 +111,9 @@ pub enum WaitError {
     Cancelled,
     /// Nothing from the server for the whole timeout.
     Timeout { waited: Duration },
+    /// The player wanted bytes and none came for the whole timeout, though
+    /// the session may still be alive (pings do not count as progress).
+    Stalled { waited: Duration, state: FlowState },
     /// The server refused to open the file.
     Open {
         kind: OpenErrorKind,
@@ -138,6 +142,11 @@ impl fmt::Display for WaitError {
             WaitError::Timeout { waited } => write!(
                 f,
                 "no answer from the server for {:.1} s",
+                waited.as_secs_f64()
+            ),
+            WaitError::Stalled { waited, state } => write!(
+                f,
+                "no new data from the server for {:.1} s ({state})",
                 waited.as_secs_f64()
             ),
             WaitError::Open { kind, message } => write!(f, "{kind}: {message}"),
@@ -214,10 +223,11 @@ struct Inner {
     /// Set while the transfer re-opened after a reconnect is unanswered.
     reopening: Option<u32>,
     reconnects: u64,
-    /// Last time anything came from the server, across reconnects.
+    /// Last progress (a new byte of the file, or an answer), across
+    /// reconnects.
     last_heard: Option<Instant>,
-    /// `bytes_received` when progress was last noted.
-    bytes_seen: u64,
+    /// The connection's `last_new_data` when progress was last noted.
+    data_seen: Option<Instant>,
 }
 
 /// Session ends after which a new session is opened transparently: the
@@ -272,10 +282,11 @@ fn flush(socket: &UdpSocket, server: SocketAddr, inner: &mut Inner) {
 fn collect_events(inner: &mut Inner) -> bool {
     let mut any = false;
     // Progress is new data or a new answer, not any packet: a server that
-    // answers pings but never delivers must still time out.
-    let received = inner.conn.stats().bytes_received;
-    if received != inner.bytes_seen {
-        inner.bytes_seen = received;
+    // answers pings (or repeats old data) but never delivers must still
+    // time out.
+    let data = inner.conn.last_new_data();
+    if data != inner.data_seen {
+        inner.data_seen = data;
         inner.last_heard = Some(Instant::now());
     }
     while let Some(event) = inner.conn.poll_event() {
@@ -535,7 +546,7 @@ impl BlockingClient {
                 reopening: None,
                 reconnects: 0,
                 last_heard: None,
-                bytes_seen: 0,
+                data_seen: None,
             }),
             changed: Condvar::new(),
             cancelled: AtomicBool::new(false),
@@ -656,7 +667,7 @@ impl BlockingClient {
         };
         let now = Instant::now();
         inner.conn = ClientConnection::new(inner.config.clone(), rand::random(), now);
-        inner.bytes_seen = 0;
+        inner.data_seen = None;
         inner.outcomes = Outcomes::default();
         inner.reconnects += 1;
         let id = inner.conn.open_file(now, &path, offset);
@@ -741,7 +752,7 @@ impl BlockingClient {
     /// Reads up to `max` bytes at the current offset, waiting for at least
     /// one. `Ok(None)` at the end of the file.
     pub fn read(&self, max: usize, timeout: Duration) -> Result<Option<Vec<u8>>, WaitError> {
-        self.wait_for(timeout, |inner| {
+        let result = self.wait_for(timeout, |inner| {
             if inner.conn.is_finished() {
                 return Some(Ok(None));
             }
@@ -759,6 +770,53 @@ impl BlockingClient {
             }
             inner.history.push(offset, &chunk);
             Some(Ok(Some(chunk)))
+        });
+        match result {
+            // The server still answers, yet the bytes do not come: say
+            // where the flow stopped. (A silent server stays a timeout.)
+            Err(WaitError::Timeout { waited }) => {
+                let inner = lock(&self.shared);
+                let now = Instant::now();
+                let alive = inner
+                    .conn
+                    .last_received()
+                    .is_some_and(|t| now.saturating_duration_since(t) < waited);
+                Err(if alive {
+                    WaitError::Stalled {
+                        waited,
+                        state: inner.conn.flow_state(now),
+                    }
+                } else {
+                    WaitError::Timeout { waited }
+                })
+            }
+            other => other,
+        }
+    }
+
+    /// How far the player's buffering got; a window the goal needs leaves
+    /// at once (see [`ClientConnection::buffering_level`]).
+    pub fn buffering_level(&self, cause: BufferingCause) -> BufferingLevel {
+        self.with_conn(|c, now| c.buffering_level(now, cause))
+    }
+
+    /// The flow-control state, for stats and errors.
+    pub fn flow_state(&self) -> FlowState {
+        lock(&self.shared).conn.flow_state(Instant::now())
+    }
+
+    /// A stall error if the player has wanted bytes since `wanting_since`
+    /// and no progress came for `timeout` since then.
+    pub fn stall(&self, wanting_since: Instant, timeout: Duration) -> Option<WaitError> {
+        let inner = lock(&self.shared);
+        let now = Instant::now();
+        let last = inner
+            .last_heard
+            .map_or(wanting_since, |t| t.max(wanting_since));
+        let waited = now.saturating_duration_since(last);
+        (waited >= timeout).then(|| WaitError::Stalled {
+            waited,
+            state: inner.conn.flow_state(now),
         })
     }
 
@@ -899,7 +957,7 @@ impl BlockingClient {
                 .conn
                 .advertised_window()
                 .map_or(0, |w| w.saturating_sub(read_offset)),
-            read_ahead: inner.conn.current_read_ahead(Instant::now()),
+            read_ahead: inner.conn.read_ahead(),
             reconnects: inner.reconnects,
         }
     }

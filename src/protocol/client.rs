@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use super::buffering::{self, BufferingCause, BufferingLevel, FlowState};
 use super::catalog::{self, CatalogEntry};
 use super::crypto::{Psk, SessionKeys};
 use super::read_ahead::{ReadAhead, ReadAheadPolicy};
@@ -175,6 +176,9 @@ pub struct ClientConnection {
     largest_server_pn: Option<u64>,
     read_ahead: ReadAheadPolicy,
     keys: Option<SessionKeys>,
+    /// When the last new byte of a file arrived (pings and repeats do not
+    /// count): what "no progress" is measured from.
+    last_new_data: Option<Instant>,
 }
 
 impl ClientConnection {
@@ -208,6 +212,7 @@ impl ClientConnection {
             largest_server_pn: None,
             read_ahead: ReadAheadPolicy::new(read_ahead_mode),
             keys: None,
+            last_new_data: None,
         }
     }
 
@@ -339,6 +344,11 @@ impl ClientConnection {
             .read_ahead(now, self.rtt.smoothed(), self.rtt.variance())
     }
 
+    /// Makes the policy's current choice the transfer's read-ahead, the one
+    /// number both the window and the buffering goal derive from. Runs on
+    /// every read and every timer, so a choice that changes with time alone
+    /// (the rate becoming known, an RTT sample, a gap decaying) reaches the
+    /// server even while the player is paused.
     fn apply_read_ahead(&mut self, now: Instant) {
         let bytes = self.current_read_ahead(now);
         if let Some(t) = self.transfer.as_mut() {
@@ -347,6 +357,87 @@ impl ClientConnection {
             }
         }
         self.maybe_update_window(now);
+    }
+
+    /// The read-ahead in effect for the current transfer: what the window
+    /// and the buffering goal are computed from.
+    pub fn read_ahead(&self) -> u64 {
+        self.transfer
+            .as_ref()
+            .map_or(0, |t| t.receiver.read_ahead())
+    }
+
+    /// How far the player's buffering got, for `cause`. Also keeps the
+    /// invariant that 100 % is reachable: the window the server was last
+    /// told covers the goal, and a grown window leaves at once (a paused
+    /// pipeline reads nothing, so nothing else would send it).
+    pub fn buffering_level(&mut self, now: Instant, cause: BufferingCause) -> BufferingLevel {
+        self.apply_read_ahead(now);
+        let Some(t) = self.transfer.as_ref() else {
+            return BufferingLevel {
+                cause,
+                percent: 100,
+                available: 0,
+                goal: 0,
+            };
+        };
+        let r = &t.receiver;
+        let read_offset = r.read_offset();
+        let remaining = if t.opened {
+            r.end().map_or(u64::MAX, |e| e.saturating_sub(read_offset))
+        } else {
+            u64::MAX
+        };
+        let wanted = buffering::buffering_goal(cause, r.read_ahead(), remaining, u64::MAX);
+        if r.advertised() < read_offset.saturating_add(wanted) && r.window() > r.advertised() {
+            self.acks.request_immediate(now);
+        }
+        let advertised_ahead = r.advertised().saturating_sub(read_offset);
+        let goal = buffering::buffering_goal(cause, r.read_ahead(), remaining, advertised_ahead);
+        let available = r.available();
+        BufferingLevel {
+            cause,
+            percent: buffering::buffering_percent(available, goal),
+            available,
+            goal,
+        }
+    }
+
+    /// When the last packet of this session arrived, of any kind.
+    pub fn last_received(&self) -> Option<Instant> {
+        self.last_received
+    }
+
+    /// When the last new byte of a file arrived.
+    pub fn last_new_data(&self) -> Option<Instant> {
+        self.last_new_data
+    }
+
+    /// The flow-control state, for stats and for an error that says why a
+    /// stream stopped.
+    pub fn flow_state(&self, now: Instant) -> FlowState {
+        let state = match self.transfer.as_ref() {
+            Some(t) => {
+                let r = &t.receiver;
+                let read_offset = r.read_offset();
+                FlowState {
+                    read_offset,
+                    window: r.advertised().saturating_sub(read_offset),
+                    buffered: r.buffered(),
+                    available: r.available(),
+                    // Every byte held lies inside the window (the
+                    // receiver drops what is beyond it).
+                    outstanding: r
+                        .advertised()
+                        .saturating_sub(read_offset)
+                        .saturating_sub(r.buffered()),
+                    since_last_data: None,
+                    buffering: None,
+                }
+            }
+            None => FlowState::default(),
+        };
+        state.since(self.last_new_data, now)
     }
 
     /// Bytes ready to read at the current offset.
@@ -595,20 +686,27 @@ impl ClientConnection {
                     return;
                 };
                 self.stats.bytes_received += payload.len() as u64;
+                let mut gap_recorded = false;
                 // A long silence while the window was open is a stall the
                 // link can cause again: the read-ahead should cover it.
                 if let Some(last) = t.last_data.filter(|_| t.expecting_more) {
                     let gap = now.saturating_duration_since(last);
                     if gap > (self.rtt.smoothed() * 2).max(Duration::from_millis(20)) {
                         self.read_ahead.on_delivery_gap(now, gap);
+                        gap_recorded = true;
                     }
                 }
-                t.receiver.insert(offset, &payload);
+                if t.receiver.insert(offset, &payload) > 0 && t.kind == TransferKind::File {
+                    self.last_new_data = Some(now);
+                }
                 t.last_data = Some(now);
                 t.expecting_more = !t.receiver.is_fully_received()
                     && t.receiver.window() > t.receiver.highest_received();
                 t.probe_timer.start_with(now, probe_interval);
                 self.deliver_catalog();
+                if gap_recorded {
+                    self.apply_read_ahead(now);
+                }
             }
             Body::OpenOk {
                 transfer_id,
@@ -665,6 +763,8 @@ impl ClientConnection {
                 if let Some(sent) = self.rtt_ping_sent.take() {
                     self.rtt
                         .update(now.saturating_duration_since(sent), Duration::ZERO);
+                    // The read-ahead counts the RTT.
+                    self.apply_read_ahead(now);
                 }
             }
             // Pongs only refresh `last_received`; replies to our handshake
@@ -839,6 +939,10 @@ impl ClientConnection {
                     // told apart from a dead one.
                     self.out.push_back(Body::Ping);
                 }
+                // The policy's choice moves with time alone (the rate
+                // window filling, a remembered gap decaying): keep the
+                // window in step even when nothing is read.
+                self.apply_read_ahead(now);
                 if self.next_rtt_ping <= now {
                     self.next_rtt_ping = now + RTT_PING_INTERVAL;
                     // A ping unanswered for this long was lost: measure anew.

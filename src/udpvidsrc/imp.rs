@@ -17,6 +17,7 @@ use gst_base::subclass::prelude::*;
 
 use crate::blocking_client::{BlockingClient, ClientSnapshot, WaitError};
 use crate::location::{DEFAULT_PORT, Location};
+use crate::protocol::buffering::BufferingCause;
 use crate::protocol::client::ClientConfig;
 use crate::protocol::crypto::Psk;
 use crate::protocol::read_ahead::{
@@ -35,21 +36,10 @@ const MONITOR_TICK: Duration = Duration::from_millis(100);
 /// posts 100 %, so on a fast link a coarse tick would idle the pipeline for
 /// most of each refill.
 const BUFFERING_TICK: Duration = Duration::from_millis(20);
-/// Buffering ends (100 %) once this share of the read-ahead is ready, or
-/// the rest of the file: waiting for the whole read-ahead would delay the
-/// start for no gain.
-const BUFFERING_TARGET_DIVISOR: u64 = 2;
-/// At start and after a jump the server must serve, buffering ends once
-/// this much is ready (or the share above, if smaller): the link has shown
-/// nothing bad yet, and on a 20 Mbit/s, 80 ms path half the initial
-/// read-ahead took five more round trips of slow start to arrive.
-const START_BUFFERING_BYTES: u64 = 256 * 1024;
 /// Values of `UdpVidSrc::buffering`.
 const NOT_BUFFERING: u8 = 0;
 const BUFFERING_START: u8 = 1;
 const BUFFERING_UNDERRUN: u8 = 2;
-/// How long the catalog fetch posted at start may take.
-const CATALOG_TIMEOUT: Duration = Duration::from_secs(5);
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -207,18 +197,12 @@ fn stats_structure(snapshot: Option<(&ClientSnapshot, Duration)>) -> gst::Struct
         .build()
 }
 
-/// Percent of the buffering target that is ready.
-fn buffering_percent(s: &ClientSnapshot, size: u64, cause: u8) -> i32 {
-    let remaining = size.saturating_sub(s.read_offset);
-    let mut target = s.read_ahead / BUFFERING_TARGET_DIVISOR;
-    if cause == BUFFERING_START {
-        target = target.min(START_BUFFERING_BYTES);
+fn buffering_cause(cause: u8) -> Option<BufferingCause> {
+    match cause {
+        BUFFERING_START => Some(BufferingCause::Start),
+        BUFFERING_UNDERRUN => Some(BufferingCause::Underrun),
+        _ => None,
     }
-    let target = target.min(remaining);
-    if target == 0 {
-        return 100;
-    }
-    (s.available.min(target) * 100 / target) as i32
 }
 
 impl UdpVidSrc {
@@ -264,6 +248,7 @@ impl UdpVidSrc {
         client: Arc<BlockingClient>,
         size: u64,
         stats_interval: Duration,
+        timeout: Duration,
     ) -> Option<Monitor> {
         let (wake, woken) = mpsc::channel::<()>();
         let element = self.obj().downgrade();
@@ -274,6 +259,10 @@ impl UdpVidSrc {
             .name("udpvidsrc-monitor".into())
             .spawn(move || {
                 let mut next_stats = started + stats_interval;
+                // Since when the player has waited for bytes (buffering),
+                // and whether that wait already failed.
+                let mut wanting_since: Option<Instant> = None;
+                let mut stall_reported = false;
                 loop {
                     let woke = if buffering.load(Ordering::Acquire) != NOT_BUFFERING {
                         client.wait_for_progress(BUFFERING_TICK);
@@ -292,15 +281,33 @@ impl UdpVidSrc {
                     let Some(element) = element.upgrade() else {
                         return;
                     };
-                    let snapshot = client.snapshot();
                     let cause = buffering.load(Ordering::Acquire);
-                    if cause != NOT_BUFFERING {
-                        let percent = buffering_percent(&snapshot, size, cause);
-                        if percent >= 100 {
+                    if let Some(cause) = buffering_cause(cause) {
+                        // The percentage and the window come from the same
+                        // read-ahead, so 100 % is always reachable.
+                        let level = client.buffering_level(cause);
+                        if level.percent >= 100 {
                             buffering.store(NOT_BUFFERING, Ordering::Release);
+                            wanting_since = None;
+                        } else {
+                            let since = *wanting_since.get_or_insert_with(Instant::now);
+                            // An application paused on buffering reads
+                            // nothing, so no read times out: without this a
+                            // stream that stopped would hang in silence.
+                            if let (false, Some(err)) =
+                                (stall_reported, client.stall(since, timeout))
+                            {
+                                stall_reported = true;
+                                let imp = element.imp();
+                                let settings = imp.settings().clone();
+                                gst::warning!(CAT, obj = element, "{err}");
+                                element
+                                    .post_error_message(imp.error_message(&settings, &err, None));
+                            }
                         }
-                        Self::post_buffering(&element, &last, percent);
+                        Self::post_buffering(&element, &last, level.percent as i32);
                     }
+                    let snapshot = client.snapshot();
                     if cause == NOT_BUFFERING {
                         if let Some(held) =
                             Self::held_downstream(&element, snapshot.read_offset, size)
@@ -344,40 +351,6 @@ impl UdpVidSrc {
         Some(read_offset.saturating_sub(played))
     }
 
-    /// Fetches the catalog on a separate short session and posts it, so an
-    /// app can show a list without delaying playback.
-    fn post_catalog_in_background(&self, host: String, port: u16) {
-        let element = self.obj().downgrade();
-        let _ = std::thread::Builder::new()
-            .name("udpvidsrc-catalog".into())
-            .spawn(move || {
-                let Ok(client) = BlockingClient::connect(&host, port, ClientConfig::default())
-                else {
-                    return;
-                };
-                let entries = client.catalog(CATALOG_TIMEOUT);
-                client.close();
-                let (Ok(entries), Some(element)) = (entries, element.upgrade()) else {
-                    return;
-                };
-                let files = gst::Array::new(entries.iter().map(|e| {
-                    gst::Structure::builder("file")
-                        .field("name", e.name.as_str())
-                        .field("size", e.size)
-                        .build()
-                        .to_send_value()
-                }));
-                let s = gst::Structure::builder("udpvid-catalog")
-                    .field("host", host.as_str())
-                    .field("port", port as u32)
-                    .field("files", files)
-                    .build();
-                gst::debug!(CAT, obj = element, "catalog: {} files", entries.len());
-                let _ =
-                    element.post_message(gst::message::Element::builder(s).src(&element).build());
-            });
-    }
-
     /// Turns a failed wait into the element error a user can act on.
     fn error_message(
         &self,
@@ -396,6 +369,17 @@ impl UdpVidSrc {
                     waited.as_secs_f64(),
                     location,
                     settings.port
+                )
+            ),
+            WaitError::Stalled { waited, state } => gst::error_msg!(
+                gst::ResourceError::Read,
+                (
+                    "Reading {} stalled: no new data from udpvid server {}:{} for {:.1} s although the session is alive ({}); the server may be overloaded or its disk stuck",
+                    location,
+                    settings.host,
+                    settings.port,
+                    waited.as_secs_f64(),
+                    state
                 )
             ),
             WaitError::Open {
@@ -783,8 +767,8 @@ impl BaseSrcImpl for UdpVidSrc {
             client.clone(),
             opened.size,
             Duration::from_millis(settings.stats_interval as u64),
+            settings.timeout(),
         );
-        self.post_catalog_in_background(location.host.clone(), location.port);
         *self.state() = State::Started {
             client,
             size: opened.size,
