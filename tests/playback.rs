@@ -346,7 +346,7 @@ fn rapid_seeks_neither_hang_nor_leak_sessions() {
 }
 
 #[test]
-fn buffering_stats_and_catalog_messages_are_posted() {
+fn buffering_and_stats_are_posted_and_a_viewer_costs_one_session() {
     init();
     let clips = clips();
     let server = Server::start(&clips.dir, &[]);
@@ -358,7 +358,6 @@ fn buffering_stats_and_catalog_messages_are_posted() {
     let bus = pipeline.bus().expect("bus");
     let buffering = Arc::new(Mutex::new(Vec::new()));
     let stats_seen = Arc::new(AtomicU64::new(0));
-    let catalog = Arc::new(Mutex::new(None));
     pipeline.set_state(gst::State::Playing).expect("playing");
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut done = false;
@@ -373,14 +372,6 @@ fn buffering_stats_and_catalog_messages_are_posted() {
                 if s.name() == "application/x-udpvid-stats" {
                     stats_seen.fetch_add(1, Ordering::Relaxed);
                     assert!(s.get::<f64>("rtt-ms").expect("rtt-ms") >= 0.0);
-                } else if s.name() == "udpvid-catalog" {
-                    let files = s.get::<gst::Array>("files").expect("files");
-                    let names: Vec<String> = files
-                        .iter()
-                        .filter_map(|v| v.get::<gst::Structure>().ok())
-                        .filter_map(|f| f.get::<String>("name").ok())
-                        .collect();
-                    *catalog.lock().expect("lock") = Some(names);
                 }
             }
             gst::MessageView::Eos(_) => done = true,
@@ -414,11 +405,21 @@ fn buffering_stats_and_catalog_messages_are_posted() {
     let buffering = buffering.lock().expect("lock").clone();
     assert_eq!(buffering.first(), Some(&0), "{buffering:?}");
     assert_eq!(buffering.last(), Some(&100), "{buffering:?}");
-    let names = catalog
-        .lock()
-        .expect("lock")
-        .clone()
-        .expect("catalog message");
+    // Playing never fetched the catalog: one viewer, one session (there
+    // used to be a second one, for a catalog message, on every start).
+    let log = server.log_text();
+    assert_eq!(log.matches("session opened").count(), 1, "{log}");
+    assert!(!log.contains("Catalog"), "{log}");
+    // An application that wants the list asks for it.
+    let catalog = src.property::<gst::Structure>("catalog");
+    assert!(!catalog.has_field("error"), "{catalog}");
+    let names: Vec<String> = catalog
+        .get::<gst::Array>("files")
+        .expect("files")
+        .iter()
+        .filter_map(|v| v.get::<gst::Structure>().ok())
+        .filter_map(|f| f.get::<String>("name").ok())
+        .collect();
     for name in &clips.names {
         assert!(names.iter().any(|n| n == name), "{name} not in {names:?}");
     }

@@ -19,6 +19,8 @@ use super::server::{MemoryStore, ServerConfig, ServerEndpoint};
 use super::wire::{Body, OpenErrorKind, Packet};
 use crate::impairment::{GilbertElliott, Impairment, ImpairmentConfig};
 
+mod buffering_app;
+
 fn clean(delay_ms: u64) -> ImpairmentConfig {
     ImpairmentConfig {
         delay: Duration::from_millis(delay_ms),

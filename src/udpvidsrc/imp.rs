@@ -351,6 +351,49 @@ impl UdpVidSrc {
         Some(read_offset.saturating_sub(played))
     }
 
+    /// The server's catalog, asked for when an application reads the
+    /// `catalog` property. Playing never fetches it: a viewer costs the
+    /// server one session. This asks over a short session of its own,
+    /// because a session carries one transfer and the element's is the
+    /// file being played.
+    fn fetch_catalog(&self) -> gst::Structure {
+        let settings = self.settings().clone();
+        let config = ClientConfig {
+            read_ahead: settings.read_ahead(),
+            passphrase: settings.passphrase.as_deref().map(Psk::from_passphrase),
+        };
+        let port = u16::try_from(settings.port).unwrap_or(DEFAULT_PORT);
+        let entries = BlockingClient::connect(&settings.host, port, config)
+            .map_err(|e| e.to_string())
+            .and_then(|client| {
+                let entries = client.catalog(settings.timeout());
+                client.close();
+                entries.map_err(|e| e.to_string())
+            });
+        let mut s = gst::Structure::builder("udpvid-catalog")
+            .field("host", settings.host.as_str())
+            .field("port", settings.port);
+        match entries {
+            Ok(entries) => {
+                let files = gst::Array::new(entries.iter().map(|e| {
+                    gst::Structure::builder("file")
+                        .field("name", e.name.as_str())
+                        .field("size", e.size)
+                        .build()
+                        .to_send_value()
+                }));
+                s = s.field("files", files);
+            }
+            Err(e) => {
+                gst::warning!(CAT, imp = self, "catalog: {e}");
+                s = s
+                    .field("files", gst::Array::new(Vec::<glib::SendValue>::new()))
+                    .field("error", e);
+            }
+        }
+        s.build()
+    }
+
     /// Turns a failed wait into the element error a user can act on.
     fn error_message(
         &self,
@@ -554,6 +597,11 @@ impl ObjectImpl for UdpVidSrc {
                     .blurb("Transfer statistics: RTT, packets sent/received/lost/duplicated, bytes, goodput, windows, read-ahead level")
                     .read_only()
                     .build(),
+                glib::ParamSpecBoxed::builder::<gst::Structure>("catalog")
+                    .nick("Catalog")
+                    .blurb("The server's files (udpvid-catalog: host, port, files = array of {name, size}; error on failure), fetched when read: an application asks for it, playback never does")
+                    .read_only()
+                    .build(),
                 glib::ParamSpecUInt::builder("stats-interval")
                     .nick("Statistics interval")
                     .blurb("Milliseconds between stats posted as element messages (0 = never)")
@@ -639,6 +687,7 @@ impl ObjectImpl for UdpVidSrc {
             "max-read-ahead" => self.settings().max_read_ahead.to_value(),
             "timeout" => self.settings().timeout.to_value(),
             "stats-interval" => self.settings().stats_interval.to_value(),
+            "catalog" => self.fetch_catalog().to_value(),
             "stats" => match &*self.state() {
                 State::Started {
                     client, started_at, ..

@@ -1,0 +1,346 @@
+//! Applications that honour buffering, as gst-launch, gst-play and playbin
+//! apps do: the pipeline pauses while the source reports less than 100 %
+//! and resumes at 100 %. A paused pipeline reads nothing, so only the
+//! protocol can make 100 % come; these tests check that it always does.
+//!
+//! The source side is modelled as the element behaves: buffering starts at
+//! the first byte (`Start`) and whenever a read finds nothing ready
+//! (`Underrun`); the application then reads nothing until
+//! [`ClientConnection::buffering_level`] says 100 %.
+//!
+//! [`ClientConnection::buffering_level`]: crate::protocol::client::ClientConnection::buffering_level
+
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+use super::{Consumer, Sim, bottleneck, clean, file};
+use crate::impairment::ImpairmentConfig;
+use crate::protocol::buffering::BufferingCause;
+use crate::protocol::client::ClientConfig;
+use crate::protocol::read_ahead::ReadAhead;
+use crate::protocol::server::ServerConfig;
+
+/// How the application consumes when it is not paused on buffering.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Pattern {
+    /// Plays in real time at the media rate (decoders and a synced sink).
+    RealTime,
+    /// Takes everything as fast as it comes (`! filesink`).
+    Greedy,
+    /// Plays in real time for `play`, then the user pauses for `pause`,
+    /// over and over.
+    PauseResume { play: Duration, pause: Duration },
+}
+
+/// What the element reads per `create` (its default blocksize).
+const BLOCK: usize = 64 * 1024;
+/// How often the simulated streaming thread runs.
+const TICK: Duration = Duration::from_millis(10);
+/// What a playing pipeline holds ahead of playback in its queues (playbin
+/// takes about 0.7 MiB of a 4 Mbit/s clip): a real-time reader may run this
+/// far ahead of the playback clock.
+const PIPELINE_QUEUE_BYTES: f64 = 700_000.0;
+
+struct BufferingApp {
+    pattern: Pattern,
+    /// Media bytes per second of playback.
+    media_rate: f64,
+    buffering: Option<BufferingCause>,
+    /// Playback time so far (the clock stops while paused).
+    played: Duration,
+    /// When the user's current play or pause phase began.
+    phase_started: Instant,
+    user_paused: bool,
+    /// Times buffering began after the start.
+    underruns: u32,
+    /// While buffering: when the bytes ready last grew.
+    last_progress: Instant,
+    /// The longest stretch of buffering without a new byte ready.
+    longest_stall: Duration,
+    last_level: u64,
+}
+
+impl BufferingApp {
+    fn new(pattern: Pattern, media_rate: u64, now: Instant) -> Self {
+        BufferingApp {
+            pattern,
+            media_rate: media_rate as f64,
+            buffering: Some(BufferingCause::Start),
+            played: Duration::ZERO,
+            phase_started: now,
+            user_paused: false,
+            underruns: 0,
+            last_progress: now,
+            longest_stall: Duration::ZERO,
+            last_level: 0,
+        }
+    }
+
+    /// One run of the streaming thread and the application's bus handler.
+    fn step(&mut self, sim: &mut Sim) {
+        let now = sim.now;
+        if let Some(cause) = self.buffering {
+            let level = sim.client.buffering_level(now, cause);
+            let progress = sim.delivered.len() as u64 + level.available;
+            if progress > self.last_level {
+                self.last_level = progress;
+                self.last_progress = now;
+            }
+            self.longest_stall = self
+                .longest_stall
+                .max(now.saturating_duration_since(self.last_progress));
+            if level.percent < 100 {
+                return;
+            }
+            self.buffering = None;
+        }
+        if let Pattern::PauseResume { play, pause } = self.pattern {
+            let phase = if self.user_paused { pause } else { play };
+            if now.saturating_duration_since(self.phase_started) >= phase {
+                self.user_paused = !self.user_paused;
+                self.phase_started = now;
+            }
+            if self.user_paused {
+                return;
+            }
+        }
+        let mut allowance = match self.pattern {
+            Pattern::Greedy => f64::INFINITY,
+            Pattern::RealTime | Pattern::PauseResume { .. } => {
+                self.played += TICK;
+                self.media_rate * self.played.as_secs_f64() + PIPELINE_QUEUE_BYTES
+                    - sim.delivered.len() as f64
+            }
+        };
+        while allowance >= 1.0 && !sim.client.is_finished() {
+            let want = allowance.min(BLOCK as f64) as usize;
+            match sim.client.read(now, want) {
+                Some(chunk) => {
+                    allowance -= chunk.len() as f64;
+                    sim.delivered.extend(chunk);
+                }
+                None => {
+                    // Nothing ready: the element posts buffering, the
+                    // application pauses.
+                    self.buffering = Some(BufferingCause::Underrun);
+                    self.underruns += 1;
+                    self.last_progress = now;
+                    self.last_level = sim.delivered.len() as u64 + sim.client.available();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+struct Outcome {
+    finished: bool,
+    took: Duration,
+    longest_stall: Duration,
+    underruns: u32,
+}
+
+/// Plays a `size`-byte file of `media_rate` bytes/s through `down`, with
+/// the element's default adaptive read-ahead unless `read_ahead` says
+/// otherwise.
+fn play(
+    seed: u64,
+    size: usize,
+    media_rate: u64,
+    down: ImpairmentConfig,
+    up: ImpairmentConfig,
+    read_ahead: ReadAhead,
+    pattern: Pattern,
+    limit: Duration,
+) -> Outcome {
+    let data = file(size, seed);
+    let mut sim = Sim::with_configs(
+        seed,
+        data.clone(),
+        ServerConfig::default(),
+        ClientConfig {
+            read_ahead,
+            ..Default::default()
+        },
+        up,
+        down,
+    );
+    // Timers tick in milliseconds, as the drivers' do.
+    sim.timer_tick = Duration::from_millis(1);
+    let start = sim.now;
+    sim.client.open_file(start, "movie.mp4", 0);
+    let mut app = BufferingApp::new(pattern, media_rate, start);
+    let mut next_app_step = start;
+    let deadline = start + limit;
+    while !sim.client.is_finished() && sim.now < deadline {
+        if sim.now >= next_app_step {
+            app.step(&mut sim);
+            next_app_step = sim.now + TICK;
+        }
+        // The app reads for itself; the harness only moves packets and
+        // timers, waking at least every tick.
+        sim.step(Consumer::Paced {
+            bytes_per_tick: 0,
+            tick: TICK,
+        });
+    }
+    let finished = sim.client.is_finished();
+    if finished {
+        assert!(sim.delivered == data, "seed {seed}: delivered bytes differ");
+    }
+    if app.buffering.is_some() {
+        // Still waiting at the deadline: that wait counts too.
+        app.longest_stall = app
+            .longest_stall
+            .max(sim.now.saturating_duration_since(app.last_progress));
+    }
+    Outcome {
+        finished,
+        took: sim.now - start,
+        longest_stall: app.longest_stall,
+        underruns: app.underruns,
+    }
+}
+
+/// 4 Mbit/s of media.
+const MEDIA_RATE: u64 = 500_000;
+
+fn link(rate_bps: Option<u64>, delay_ms: u64) -> ImpairmentConfig {
+    match rate_bps {
+        Some(bps) => ImpairmentConfig {
+            rate_bps: Some(bps),
+            ..bottleneck(0, delay_ms, 128)
+        },
+        None => clean(delay_ms),
+    }
+}
+
+#[test]
+fn every_buffering_application_reaches_the_end_at_every_link_rate() {
+    // The link at 0.5x, 1x and 4x what the application consumes, and
+    // unlimited; 40 ms each way. 6 MB is 12 s of 4 Mbit/s media.
+    let size = 6_000_000;
+    let patterns = [
+        Pattern::RealTime,
+        Pattern::Greedy,
+        Pattern::PauseResume {
+            play: Duration::from_secs(3),
+            pause: Duration::from_secs(2),
+        },
+    ];
+    for (i, pattern) in patterns.into_iter().enumerate() {
+        for (j, factor) in [Some(0.5), Some(1.0), Some(4.0), None]
+            .into_iter()
+            .enumerate()
+        {
+            let rate = factor.map(|f| (f * MEDIA_RATE as f64 * 8.0) as u64);
+            let seed = 1 + (i * 4 + j) as u64;
+            let out = play(
+                seed,
+                size,
+                MEDIA_RATE,
+                link(rate, 40),
+                clean(40),
+                ReadAhead::default(),
+                pattern,
+                Duration::from_secs(300),
+            );
+            assert!(
+                out.finished,
+                "{pattern:?} at {factor:?}x: stopped after {:?} (longest stall {:?}, {} underruns)",
+                out.took, out.longest_stall, out.underruns
+            );
+            // A stall is the link's time to bring the goal, not forever.
+            assert!(
+                out.longest_stall < Duration::from_secs(5),
+                "{pattern:?} at {factor:?}x: waited {:?} for a byte",
+                out.longest_stall
+            );
+        }
+    }
+}
+
+#[test]
+fn a_greedy_copy_over_a_slow_link_is_paced_by_the_link_not_by_pauses() {
+    // The shape of the tbf freeze: `! filesink` on a 20 Mbit/s path, each
+    // underrun pausing the pipeline; the pauses must not cost throughput.
+    let size = 12_000_000;
+    let out = play(
+        7,
+        size,
+        MEDIA_RATE,
+        link(Some(20_000_000), 20),
+        clean(20),
+        ReadAhead::default(),
+        Pattern::Greedy,
+        Duration::from_secs(120),
+    );
+    assert!(out.finished, "stopped after {:?}", out.took);
+    let mbit = size as f64 * 8.0 / out.took.as_secs_f64() / 1e6;
+    assert!(
+        mbit > 14.0,
+        "{mbit:.1} Mbit/s of 20 ({} pauses)",
+        out.underruns
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Whatever the link, read-ahead, goal and pauses: whenever the
+    /// application waits for bytes, they come within a bounded time, and
+    /// the stream reaches its end.
+    #[test]
+    fn a_waiting_application_always_gets_bytes(
+        seed in 0u64..1_000,
+        rate_kbit in prop::option::of(1_000u64..40_000),
+        one_way_ms in 1u64..150,
+        fixed_read_ahead in prop::option::of(16u64 * 1024..4 << 20),
+        target_ms in 200u64..6_000,
+        max_read_ahead in 256u64 * 1024..32 << 20,
+        pattern in 0u8..3,
+        play_ms in 200u64..4_000,
+        pause_ms in 100u64..4_000,
+    ) {
+        let read_ahead = match fixed_read_ahead {
+            Some(bytes) => ReadAhead::Fixed(bytes),
+            None => ReadAhead::Adaptive {
+                target_time: Duration::from_millis(target_ms),
+                min: 256 * 1024,
+                max: max_read_ahead,
+            },
+        };
+        let pattern = match pattern {
+            0 => Pattern::RealTime,
+            1 => Pattern::Greedy,
+            _ => Pattern::PauseResume {
+                play: Duration::from_millis(play_ms),
+                pause: Duration::from_millis(pause_ms),
+            },
+        };
+        let mut rng = StdRng::seed_from_u64(seed);
+        let media_rate = rand::Rng::gen_range(&mut rng, 100_000..1_000_000);
+        let size = 3_000_000;
+        let out = play(
+            seed,
+            size,
+            media_rate,
+            link(rate_kbit.map(|k| k * 1000), one_way_ms),
+            clean(one_way_ms),
+            read_ahead,
+            pattern,
+            Duration::from_secs(600),
+        );
+        // The slowest link brings 1 MB in 8 s; the goal is at most half
+        // the read-ahead (at most 16 MiB, reached gradually as it grows).
+        prop_assert!(out.finished, "stopped after {:?}, longest stall {:?}", out.took, out.longest_stall);
+        prop_assert!(
+            out.longest_stall < Duration::from_secs(10),
+            "waited {:?} for a byte",
+            out.longest_stall
+        );
+    }
+}
