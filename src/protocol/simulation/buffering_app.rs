@@ -143,10 +143,8 @@ struct Outcome {
     underruns: u32,
 }
 
-/// Plays a `size`-byte file of `media_rate` bytes/s through `down`, with
-/// the element's default adaptive read-ahead unless `read_ahead` says
-/// otherwise.
-fn play(
+/// One run: a `size`-byte file of `media_rate` bytes/s through `down`.
+struct Scenario {
     seed: u64,
     size: usize,
     media_rate: u64,
@@ -155,7 +153,19 @@ fn play(
     read_ahead: ReadAhead,
     pattern: Pattern,
     limit: Duration,
-) -> Outcome {
+}
+
+fn play(scenario: Scenario) -> Outcome {
+    let Scenario {
+        seed,
+        size,
+        media_rate,
+        down,
+        up,
+        read_ahead,
+        pattern,
+        limit,
+    } = scenario;
     let data = file(size, seed);
     let mut sim = Sim::with_configs(
         seed,
@@ -238,16 +248,16 @@ fn every_buffering_application_reaches_the_end_at_every_link_rate() {
         {
             let rate = factor.map(|f| (f * MEDIA_RATE as f64 * 8.0) as u64);
             let seed = 1 + (i * 4 + j) as u64;
-            let out = play(
+            let out = play(Scenario {
                 seed,
                 size,
-                MEDIA_RATE,
-                link(rate, 40),
-                clean(40),
-                ReadAhead::default(),
+                media_rate: MEDIA_RATE,
+                down: link(rate, 40),
+                up: clean(40),
+                read_ahead: ReadAhead::default(),
                 pattern,
-                Duration::from_secs(300),
-            );
+                limit: Duration::from_secs(300),
+            });
             assert!(
                 out.finished,
                 "{pattern:?} at {factor:?}x: stopped after {:?} (longest stall {:?}, {} underruns)",
@@ -268,16 +278,16 @@ fn a_greedy_copy_over_a_slow_link_is_paced_by_the_link_not_by_pauses() {
     // The shape of the tbf freeze: `! filesink` on a 20 Mbit/s path, each
     // underrun pausing the pipeline; the pauses must not cost throughput.
     let size = 12_000_000;
-    let out = play(
-        7,
+    let out = play(Scenario {
+        seed: 7,
         size,
-        MEDIA_RATE,
-        link(Some(20_000_000), 20),
-        clean(20),
-        ReadAhead::default(),
-        Pattern::Greedy,
-        Duration::from_secs(120),
-    );
+        media_rate: MEDIA_RATE,
+        down: link(Some(20_000_000), 20),
+        up: clean(20),
+        read_ahead: ReadAhead::default(),
+        pattern: Pattern::Greedy,
+        limit: Duration::from_secs(120),
+    });
     assert!(out.finished, "stopped after {:?}", out.took);
     let mbit = size as f64 * 8.0 / out.took.as_secs_f64() / 1e6;
     assert!(
@@ -324,16 +334,16 @@ proptest! {
         let mut rng = StdRng::seed_from_u64(seed);
         let media_rate = rand::Rng::gen_range(&mut rng, 100_000..1_000_000);
         let size = 3_000_000;
-        let out = play(
+        let out = play(Scenario {
             seed,
             size,
             media_rate,
-            link(rate_kbit.map(|k| k * 1000), one_way_ms),
-            clean(one_way_ms),
+            down: link(rate_kbit.map(|k| k * 1000), one_way_ms),
+            up: clean(one_way_ms),
             read_ahead,
             pattern,
-            Duration::from_secs(600),
-        );
+            limit: Duration::from_secs(600),
+        });
         // The slowest link brings 1 MB in 8 s; the goal is at most half
         // the read-ahead (at most 16 MiB, reached gradually as it grows).
         prop_assert!(out.finished, "stopped after {:?}, longest stall {:?}", out.took, out.longest_stall);
