@@ -111,9 +111,14 @@ pub enum WaitError {
     Cancelled,
     /// Nothing from the server for the whole timeout.
     Timeout { waited: Duration },
-    /// The player wanted bytes and none came for the whole timeout, though
-    /// the session may still be alive (pings do not count as progress).
-    Stalled { waited: Duration, state: FlowState },
+    /// The player wanted bytes and none came for the whole timeout (pings
+    /// do not count as progress). `server_silent`: nothing at all came, so
+    /// the server is down or unreachable rather than not sending.
+    Stalled {
+        waited: Duration,
+        state: FlowState,
+        server_silent: bool,
+    },
     /// The server refused to open the file.
     Open {
         kind: OpenErrorKind,
@@ -144,10 +149,19 @@ impl fmt::Display for WaitError {
                 "no answer from the server for {:.1} s",
                 waited.as_secs_f64()
             ),
-            WaitError::Stalled { waited, state } => write!(
+            WaitError::Stalled {
+                waited,
+                state,
+                server_silent,
+            } => write!(
                 f,
-                "no new data from the server for {:.1} s ({state})",
-                waited.as_secs_f64()
+                "no new data from the server for {:.1} s{} ({state})",
+                waited.as_secs_f64(),
+                if *server_silent {
+                    " and no answer either"
+                } else {
+                    ""
+                }
             ),
             WaitError::Open { kind, message } => write!(f, "{kind}: {message}"),
             WaitError::VersionMismatch { server_supports } => write!(
@@ -772,23 +786,11 @@ impl BlockingClient {
             Some(Ok(Some(chunk)))
         });
         match result {
-            // The server still answers, yet the bytes do not come: say
-            // where the flow stopped. (A silent server stays a timeout.)
+            // Say where the flow stopped, and whether the server still
+            // answers at all.
             Err(WaitError::Timeout { waited }) => {
                 let inner = lock(&self.shared);
-                let now = Instant::now();
-                let alive = inner
-                    .conn
-                    .last_received()
-                    .is_some_and(|t| now.saturating_duration_since(t) < waited);
-                Err(if alive {
-                    WaitError::Stalled {
-                        waited,
-                        state: inner.conn.flow_state(now),
-                    }
-                } else {
-                    WaitError::Timeout { waited }
-                })
+                Err(Self::stalled(&inner, Instant::now(), waited))
             }
             other => other,
         }
@@ -814,10 +816,18 @@ impl BlockingClient {
             .last_heard
             .map_or(wanting_since, |t| t.max(wanting_since));
         let waited = now.saturating_duration_since(last);
-        (waited >= timeout).then(|| WaitError::Stalled {
+        (waited >= timeout).then(|| Self::stalled(&inner, now, waited))
+    }
+
+    fn stalled(inner: &Inner, now: Instant, waited: Duration) -> WaitError {
+        WaitError::Stalled {
             waited,
             state: inner.conn.flow_state(now),
-        })
+            server_silent: inner
+                .conn
+                .last_received()
+                .is_none_or(|t| now.saturating_duration_since(t) >= waited),
+        }
     }
 
     /// The bytes of `[offset, offset + len)` of the open file (fewer only at

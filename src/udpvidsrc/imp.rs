@@ -414,10 +414,30 @@ impl UdpVidSrc {
                     settings.port
                 )
             ),
-            WaitError::Stalled { waited, state } => gst::error_msg!(
+            WaitError::Stalled {
+                waited,
+                state,
+                server_silent: true,
+            } => gst::error_msg!(
+                gst::ResourceError::OpenRead,
+                (
+                    "No answer from udpvid server {}:{} for {:.1} s while reading {} ({}): is the server running and reachable (UDP port {})?",
+                    settings.host,
+                    settings.port,
+                    waited.as_secs_f64(),
+                    location,
+                    state,
+                    settings.port
+                )
+            ),
+            WaitError::Stalled {
+                waited,
+                state,
+                server_silent: false,
+            } => gst::error_msg!(
                 gst::ResourceError::Read,
                 (
-                    "Reading {} stalled: no new data from udpvid server {}:{} for {:.1} s although the session is alive ({}); the server may be overloaded or its disk stuck",
+                    "Reading {} stalled: no new data from udpvid server {}:{} for {:.1} s although it still answers ({}); the server may be overloaded or its disk stuck",
                     location,
                     settings.host,
                     settings.port,
