@@ -22,9 +22,7 @@ use tokio::net::UdpSocket;
 use tracing::{debug, error, info, warn};
 
 use gstudpvid::protocol::crypto::Psk;
-use gstudpvid::protocol::server::{
-    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS, DEFAULT_MAX_SESSIONS_PER_ADDRESS,
-};
+use gstudpvid::protocol::server::{DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS};
 use gstudpvid::protocol::wire::{DATA_OVERHEAD, DEFAULT_MAX_PAYLOAD, MAX_DATAGRAM_SIZE};
 use gstudpvid::protocol::{ServerConfig, ServerEndpoint, ServerEvent};
 
@@ -69,9 +67,11 @@ struct Args {
     /// Most sessions served at once; more clients are told the server is busy
     #[arg(long, default_value_t = DEFAULT_MAX_SESSIONS)]
     max_sessions: usize,
-    /// Most sessions from one IP address; more are told the server is busy
-    #[arg(long, default_value_t = DEFAULT_MAX_SESSIONS_PER_ADDRESS)]
-    max_sessions_per_address: usize,
+    /// Most sessions from one IP address (one NAT can hide dozens of
+    /// viewers); more are told the server is busy. Default: a quarter of
+    /// --max-sessions, so one address never takes the whole server
+    #[arg(long)]
+    max_sessions_per_address: Option<usize>,
     /// Read a passphrase from this file (first line): clients must know it,
     /// and every session is then authenticated and encrypted
     #[arg(long, value_name = "PATH")]
@@ -410,7 +410,9 @@ fn main() -> std::process::ExitCode {
         let config = ServerConfig {
             idle_timeout: Duration::from_secs_f64(args.idle_timeout),
             max_sessions: args.max_sessions,
-            max_sessions_per_address: args.max_sessions_per_address,
+            max_sessions_per_address: args
+                .max_sessions_per_address
+                .unwrap_or((args.max_sessions / 4).max(1)),
             max_payload: args.max_payload,
             passphrase,
         };

@@ -310,6 +310,32 @@ fn limits_refuse_newcomers_and_spare_established_sessions() {
 }
 
 #[test]
+fn dozens_of_viewers_share_one_address_but_not_the_whole_server() {
+    // One NAT, many viewers: the 17th used to be told the server is busy.
+    let now = Instant::now();
+    let mut s = ServerEndpoint::new(ServerConfig::default(), one_file(), [2; 32], now);
+    let nat = |port| SocketAddr::from(([198, 51, 100, 7], port));
+    let per_address = super::server::DEFAULT_MAX_SESSIONS_PER_ADDRESS;
+    assert!(per_address >= 48, "{per_address}");
+    for i in 0..per_address {
+        assert!(
+            connect(&mut s, now, nat(2000 + i as u16), i as u64).is_some(),
+            "viewer {} behind one address refused",
+            i + 1
+        );
+    }
+    assert_eq!(
+        connect(&mut s, now, nat(9999), 9999),
+        None,
+        "one address took more than its share"
+    );
+    // Everyone else still gets in.
+    let other = SocketAddr::from(([198, 51, 100, 8], 1));
+    assert!(connect(&mut s, now, other, 10_000).is_some());
+    assert!(per_address * 4 <= super::server::DEFAULT_MAX_SESSIONS);
+}
+
+#[test]
 fn an_unvalidated_flood_creates_no_state() {
     let now = Instant::now();
     let mut s = server(now);

@@ -22,9 +22,12 @@ use super::wire::{
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default limit on sessions at once.
 pub const DEFAULT_MAX_SESSIONS: usize = 256;
-/// Default limit on sessions from one IP address: a household or an office
-/// behind one NAT plays a few streams, not hundreds.
-pub const DEFAULT_MAX_SESSIONS_PER_ADDRESS: usize = 16;
+/// Default limit on sessions from one IP address, as a share of
+/// [`DEFAULT_MAX_SESSIONS`]: an office or a campus behind one NAT, or a
+/// carrier-grade NAT, puts dozens of viewers on one address, so the limit
+/// must fit them (16 turned the 17th viewer away); but one address must
+/// not take the whole server, so three quarters stay for everyone else.
+pub const DEFAULT_MAX_SESSIONS_PER_ADDRESS: usize = DEFAULT_MAX_SESSIONS / 4;
 /// Before validation the server sends at most this many times the bytes it
 /// received from an address (RFC 9000 §8).
 pub const AMPLIFICATION_FACTOR: usize = 3;
