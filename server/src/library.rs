@@ -7,6 +7,9 @@ use std::hash::{Hash, Hasher};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use gstudpvid::protocol::catalog::CatalogEntry;
 use gstudpvid::protocol::wire::MAX_TEXT_LEN;
@@ -17,9 +20,76 @@ use gstudpvid::protocol::{Content, ContentStore, OpenErrorKind, OpenFailure};
 const MAX_CATALOG_DEPTH: usize = 16;
 /// At most this many files are listed.
 const MAX_CATALOG_ENTRIES: usize = 10_000;
+/// A cached catalog is walked anew after this long even if no folder
+/// changed: a file growing in place (a copy in progress) changes no folder,
+/// and its listed size should catch up.
+const MAX_CATALOG_AGE: Duration = Duration::from_secs(10);
+/// A folder modified this close to the walk may have changed again within
+/// the file system's timestamp granularity (the coarse clock ticks in
+/// milliseconds) without its stamp moving, so it does not vouch for the
+/// cache; the next request walks again (git's "racy" index entries).
+const RACY_STAMP_WINDOW: Duration = Duration::from_secs(1);
+
+/// What identifies a folder's list of entries: adding, removing or
+/// renaming an entry moves its modification time; replacing the folder
+/// changes its inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FolderStamp {
+    mtime: i64,
+    mtime_nsec: i64,
+    ino: u64,
+}
+
+impl FolderStamp {
+    fn of(dir: &Path) -> Option<FolderStamp> {
+        let meta = std::fs::symlink_metadata(dir).ok()?;
+        Some(FolderStamp {
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+            ino: meta.ino(),
+        })
+    }
+
+    fn modified(&self) -> SystemTime {
+        let since_epoch = Duration::new(
+            self.mtime.max(0) as u64,
+            self.mtime_nsec.clamp(0, 999_999_999) as u32,
+        );
+        SystemTime::UNIX_EPOCH + since_epoch
+    }
+}
+
+/// The last walk: its entries and the stamp of every folder it read.
+struct CachedCatalog {
+    entries: Vec<CatalogEntry>,
+    folders: Vec<(PathBuf, Option<FolderStamp>)>,
+    walked_at: Instant,
+    walked_at_wall: SystemTime,
+}
+
+impl CachedCatalog {
+    /// Still what a walk would find: young enough, and no folder changed
+    /// (one stat per folder instead of a stat and a canonicalisation per
+    /// file).
+    fn is_current(&self) -> bool {
+        if self.walked_at.elapsed() >= MAX_CATALOG_AGE {
+            return false;
+        }
+        self.folders.iter().all(|(dir, stamp)| {
+            let now = FolderStamp::of(dir);
+            now == *stamp
+                && now.is_some_and(|s| s.modified() + RACY_STAMP_WINDOW <= self.walked_at_wall)
+        })
+    }
+}
 
 pub struct Library {
     root: PathBuf,
+    /// The catalog is asked for by every not-found error and every
+    /// application that lists files, and is walked on the server's only
+    /// runtime thread: it is cached, and walked again when a folder changed.
+    catalog: Mutex<Option<CachedCatalog>>,
+    walks: AtomicU64,
 }
 
 impl Library {
@@ -31,7 +101,16 @@ impl Library {
                 format!("{} is not a folder", dir.display()),
             ));
         }
-        Ok(Library { root })
+        Ok(Library {
+            root,
+            catalog: Mutex::new(None),
+            walks: AtomicU64::new(0),
+        })
+    }
+
+    /// Full walks of the folder so far.
+    pub fn catalog_walks(&self) -> u64 {
+        self.walks.load(Ordering::Relaxed)
     }
 
     pub fn root(&self) -> &Path {
@@ -70,10 +149,18 @@ impl Library {
         Ok(full)
     }
 
-    fn walk(&self, dir: &Path, depth: usize, out: &mut Vec<CatalogEntry>) {
+    fn walk(
+        &self,
+        dir: &Path,
+        depth: usize,
+        out: &mut Vec<CatalogEntry>,
+        folders: &mut Vec<(PathBuf, Option<FolderStamp>)>,
+    ) {
         if depth > MAX_CATALOG_DEPTH || out.len() >= MAX_CATALOG_ENTRIES {
             return;
         }
+        // Stamped before reading, so a change during the read shows later.
+        folders.push((dir.to_path_buf(), FolderStamp::of(dir)));
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
         };
@@ -84,7 +171,7 @@ impl Library {
             let path = entry.path();
             let Ok(ft) = entry.file_type() else { continue };
             if ft.is_dir() {
-                self.walk(&path, depth + 1, out);
+                self.walk(&path, depth + 1, out, folders);
                 continue;
             }
             let Ok(rel) = path.strip_prefix(&self.root) else {
@@ -109,10 +196,24 @@ impl Library {
 
 impl ContentStore for Library {
     fn catalog(&self) -> Vec<CatalogEntry> {
-        let mut out = Vec::new();
-        self.walk(&self.root, 0, &mut out);
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
+        let mut cache = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.as_ref().filter(|c| c.is_current()) {
+            return c.entries.clone();
+        }
+        let walked_at = Instant::now();
+        let walked_at_wall = SystemTime::now();
+        let mut entries = Vec::new();
+        let mut folders = Vec::new();
+        self.walk(&self.root, 0, &mut entries, &mut folders);
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        self.walks.fetch_add(1, Ordering::Relaxed);
+        *cache = Some(CachedCatalog {
+            entries: entries.clone(),
+            folders,
+            walked_at,
+            walked_at_wall,
+        });
+        entries
     }
 
     fn open(&self, path: &str) -> Result<Box<dyn Content>, OpenFailure> {
@@ -214,6 +315,47 @@ mod tests {
             Some(OpenErrorKind::NotFound)
         );
         let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn the_catalog_is_cached_and_follows_changes_to_the_folder() {
+        let served = temp_dir("cache");
+        std::fs::create_dir_all(served.join("sub")).expect("mkdir");
+        std::fs::write(served.join("a.mp4"), b"a").expect("write");
+        // Folders modified just now are "racy" and do not vouch for the
+        // cache: backdate them, as if the folder had been still a while.
+        let settle = |dir: &Path| {
+            let past = SystemTime::now() - Duration::from_secs(5);
+            for d in [dir.to_path_buf(), dir.join("sub")] {
+                let f = File::open(&d).expect("open folder");
+                f.set_modified(past).expect("set mtime");
+            }
+        };
+        settle(&served);
+        let lib = Library::new(&served).expect("library");
+        let names =
+            |lib: &Library| -> Vec<String> { lib.catalog().into_iter().map(|e| e.name).collect() };
+        assert_eq!(names(&lib), vec!["a.mp4"]);
+        assert_eq!(names(&lib), vec!["a.mp4"]);
+        assert_eq!(
+            lib.catalog_walks(),
+            1,
+            "an unchanged folder was walked again"
+        );
+        // A new file in a subfolder is seen at the next request.
+        std::fs::write(served.join("sub/b.mkv"), b"bb").expect("write");
+        assert_eq!(names(&lib), vec!["a.mp4", "sub/b.mkv"]);
+        settle(&served);
+        let walks = lib.catalog_walks();
+        assert_eq!(names(&lib), vec!["a.mp4", "sub/b.mkv"]);
+        assert_eq!(names(&lib), vec!["a.mp4", "sub/b.mkv"]);
+        assert_eq!(lib.catalog_walks(), walks + 1);
+        // Removing and renaming are seen too.
+        std::fs::rename(served.join("a.mp4"), served.join("c.mp4")).expect("rename");
+        assert_eq!(names(&lib), vec!["c.mp4", "sub/b.mkv"]);
+        std::fs::remove_file(served.join("sub/b.mkv")).expect("remove");
+        assert_eq!(names(&lib), vec!["c.mp4"]);
+        let _ = std::fs::remove_dir_all(&served);
     }
 
     #[test]
