@@ -89,6 +89,7 @@ pub struct Library {
     /// application that lists files, and is walked on the server's only
     /// runtime thread: it is cached, and walked again when a folder changed.
     catalog: Mutex<Option<CachedCatalog>>,
+    /// Full walks so far (for the tests of the cache).
     walks: AtomicU64,
 }
 
@@ -109,6 +110,7 @@ impl Library {
     }
 
     /// Full walks of the folder so far.
+    #[cfg(test)]
     pub fn catalog_walks(&self) -> u64 {
         self.walks.load(Ordering::Relaxed)
     }
