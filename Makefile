@@ -91,10 +91,11 @@ fuzz:
 		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096 || exit 1; \
 	done
 
-# Hundreds of concurrent clients, some misbehaving, against the release
-# server on loopback; prints server CPU, memory and throughput.
-load:
-	$(CARGO) build --release --workspace --examples
+# Hundreds of concurrent clients, some misbehaving, and 64 real element
+# pipelines (gst-launch ! filesink) against the release server on
+# loopback; prints server CPU, memory, throughput and each pipeline's time.
+load: deps
+	$(CARGO) build --release --workspace --lib --bins --examples
 	./target/release/examples/load
 
 clean:

@@ -1,17 +1,21 @@
 //! `make load`: hundreds of concurrent clients against the release server
 //! on loopback, pulling different and identical files, while others
 //! misbehave: some never acknowledge, some acknowledge garbage, some flood
-//! the port with junk. Every well-behaved client must finish byte-exact.
-//! Prints server CPU, peak memory and throughput. Bounded in clients,
-//! datagrams and time.
+//! the port with junk. Part of the well-behaved clients are real element
+//! pipelines (`gst-launch-1.0 udpvidsrc ! filesink`, which pauses on
+//! buffering as applications do): the freezes of issue 9 showed only
+//! through the element. Every well-behaved client must finish byte-exact.
+//! Prints server CPU, peak memory, throughput and each pipeline's time.
+//! Bounded in clients, datagrams and time.
 //!
 //! ```text
-//! cargo run --release --example load -- [CLIENTS] [FILE_MIB]
+//! cargo run --release --example load -- [CLIENTS] [FILE_MIB] [PIPELINES]
 //! ```
 
 use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
-use std::process::{Command, ExitCode, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -105,10 +109,95 @@ fn open(sock: &UdpSocket, server: &str, id: u64, path: &str) {
     let _ = sock.send_to(&p.encode(), server);
 }
 
+/// One `gst-launch-1.0 udpvidsrc ! filesink` process.
+struct ElementPull {
+    child: Child,
+    index: usize,
+    file: usize,
+    out: std::path::PathBuf,
+    started: Instant,
+    took: Option<Duration>,
+    status: Option<std::process::ExitStatus>,
+}
+
+impl ElementPull {
+    fn start(plugin_dir: &Path, port: u16, dir: &Path, file: usize, index: usize) -> ElementPull {
+        let out = dir.join(format!("pull-{index}.out"));
+        let child = Command::new("gst-launch-1.0")
+            .args([
+                "-q",
+                "udpvidsrc",
+                &format!("port={port}"),
+                &format!("file=f{file}.bin"),
+                "timeout=20",
+                "!",
+                "filesink",
+                &format!("location={}", out.display()),
+            ])
+            .env("GST_PLUGIN_PATH", plugin_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("gst-launch-1.0 runs (gstreamer1.0-tools)");
+        ElementPull {
+            child,
+            index,
+            file,
+            out,
+            started: Instant::now(),
+            took: None,
+            status: None,
+        }
+    }
+
+    fn poll(&mut self) {
+        if self.took.is_none() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.took = Some(self.started.elapsed());
+                self.status = Some(status);
+            }
+        }
+    }
+
+    /// Its time and bytes, or why it failed (a pipeline still running at
+    /// the limit froze).
+    fn finish(&mut self, digests: &[Vec<u8>], file_mib: usize) -> Result<(Duration, u64), String> {
+        self.poll();
+        let Some(took) = self.took else {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let got = std::fs::metadata(&self.out).map_or(0, |m| m.len());
+            return Err(format!(
+                "pipeline {}: froze at {got} of {} bytes",
+                self.index,
+                file_mib << 20
+            ));
+        };
+        let mut stderr = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut stderr);
+        }
+        if !self.status.is_some_and(|s| s.success()) {
+            return Err(format!("pipeline {}: {}", self.index, stderr.trim()));
+        }
+        let data = std::fs::read(&self.out).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(&self.out);
+        if Sha256::digest(&data).to_vec() != digests[self.file] {
+            return Err(format!(
+                "pipeline {}: f{}.bin differs",
+                self.index, self.file
+            ));
+        }
+        Ok((took, data.len() as u64))
+    }
+}
+
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let clients: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200);
     let file_mib: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2);
+    let pipelines: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(64);
     let dir = std::env::temp_dir().join(format!("udpvid-load-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("load dir");
@@ -224,6 +313,12 @@ fn main() -> ExitCode {
         }));
     }
 
+    // Real element pipelines, started among the protocol clients.
+    let plugin_dir = server_bin.parent().expect("profile dir").to_path_buf();
+    let mut element_pulls: Vec<ElementPull> = (0..pipelines)
+        .map(|i| ElementPull::start(&plugin_dir, port, &dir, i % FILES, i))
+        .collect();
+
     // Well-behaved clients.
     let ok = Arc::new(AtomicU64::new(0));
     let bytes = Arc::new(AtomicU64::new(0));
@@ -282,10 +377,26 @@ fn main() -> ExitCode {
     let mut sessions_done = false;
     while !sessions_done && started.elapsed() < LIMIT {
         peak_rss = peak_rss.max(proc_value(pid, "status", "VmRSS:").unwrap_or(0));
-        sessions_done = good.iter().all(|h| h.is_finished());
+        for p in element_pulls.iter_mut() {
+            p.poll();
+        }
+        sessions_done =
+            good.iter().all(|h| h.is_finished()) && element_pulls.iter().all(|p| p.took.is_some());
         std::thread::sleep(Duration::from_millis(100));
     }
     let elapsed = started.elapsed();
+    let mut pull_failures = Vec::new();
+    let mut pull_times = Vec::new();
+    for p in element_pulls.iter_mut() {
+        match p.finish(&digests, file_mib) {
+            Ok((took, got)) => {
+                pull_times.push(took.as_secs_f64());
+                bytes.fetch_add(got, Ordering::Relaxed);
+            }
+            Err(e) => pull_failures.push(e),
+        }
+    }
+    pull_times.sort_by(f64::total_cmp);
     for h in good {
         let _ = h.join();
     }
@@ -308,6 +419,18 @@ fn main() -> ExitCode {
     );
     println!("| finished byte-exact | {good_done} |");
     println!(
+        "| element pipelines (gst-launch udpvidsrc ! filesink) | {pipelines}, {} byte-exact |",
+        pull_times.len()
+    );
+    if let (Some(first), Some(last)) = (pull_times.first(), pull_times.last()) {
+        println!(
+            "| pipeline times | min {first:.2} s, median {:.2} s, max {last:.2} s |",
+            pull_times[pull_times.len() / 2]
+        );
+        let each: Vec<String> = pull_times.iter().map(|t| format!("{t:.2}")).collect();
+        println!("| each pipeline (s, sorted) | {} |", each.join(" "));
+    }
+    println!(
         "| misbehaving | {NEVER_ACK} never ACK, {GARBAGE_ACK} ACK garbage, {FLOODERS} flood {} junk datagrams |",
         flood_sent.load(Ordering::Relaxed)
     );
@@ -324,15 +447,16 @@ fn main() -> ExitCode {
     println!("| server peak RSS | {:.1} MiB |", peak as f64 / 1024.0);
     println!("| server still up | {alive} |");
     let failures = failures.lock().unwrap_or_else(|p| p.into_inner());
-    for f in failures.iter().take(10) {
+    for f in failures.iter().chain(pull_failures.iter()).take(20) {
         eprintln!("{f}");
     }
-    if good_done as usize == clients && alive {
+    if good_done as usize == clients && pull_failures.is_empty() && alive {
         ExitCode::SUCCESS
     } else {
         eprintln!(
-            "load: {} of {clients} clients failed",
-            clients - good_done as usize
+            "load: {} of {clients} clients and {} of {pipelines} pipelines failed",
+            clients - good_done as usize,
+            pull_failures.len()
         );
         ExitCode::FAILURE
     }
