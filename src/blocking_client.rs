@@ -242,6 +242,8 @@ struct Inner {
     last_heard: Option<Instant>,
     /// The connection's `last_new_data` when progress was last noted.
     data_seen: Option<Instant>,
+    /// When buffering last replaced a lost session.
+    last_reconnect: Option<Instant>,
 }
 
 /// Session ends after which a new session is opened transparently: the
@@ -561,6 +563,7 @@ impl BlockingClient {
                 reconnects: 0,
                 last_heard: None,
                 data_seen: None,
+                last_reconnect: None,
             }),
             changed: Condvar::new(),
             cancelled: AtomicBool::new(false),
@@ -797,9 +800,25 @@ impl BlockingClient {
     }
 
     /// How far the player's buffering got; a window the goal needs leaves
-    /// at once (see [`ClientConnection::buffering_level`]).
-    pub fn buffering_level(&self, cause: BufferingCause) -> BufferingLevel {
-        self.with_conn(|c, now| c.buffering_level(now, cause))
+    /// at once (see [`ClientConnection::buffering_level`]). While the
+    /// application holds the pipeline paused on buffering nobody reads, so
+    /// this is also where a lost session is replaced (at most once a
+    /// second) and where the end of the session is reported.
+    pub fn buffering_level(&self, cause: BufferingCause) -> Result<BufferingLevel, WaitError> {
+        self.with_conn_inner(|inner, now| {
+            if let Some(e) = inner.outcomes.fatal.clone() {
+                let recently = inner
+                    .last_reconnect
+                    .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1));
+                if !is_resumable(&e) {
+                    return Err(e);
+                }
+                if !recently && Self::reconnect(inner) {
+                    inner.last_reconnect = Some(now);
+                }
+            }
+            Ok(inner.conn.buffering_level(now, cause))
+        })
     }
 
     /// The flow-control state, for stats and errors.

@@ -478,3 +478,39 @@ fn an_application_paused_on_buffering_gets_an_error_when_the_server_stops() {
         "error after {took:?}: {message}"
     );
 }
+
+#[test]
+fn an_application_paused_on_buffering_survives_a_server_restart() {
+    init();
+    let dir = media_dir();
+    let mut server = Server::start(&dir, &[]);
+    let port = server.port;
+    // Slower than the sink: the application pauses on buffering over and
+    // over, and nobody reads while it does; the session must still be
+    // replaced when the server comes back.
+    let proxy = Proxy::start(port, &["--down-rate-mbit", "20", "--down-queue-kb", "64"]);
+    let out = temp_out("restart");
+    let pipeline = gst::parse::launch(&format!(
+        "udpvidsrc name=src port={} file=big.bin timeout=5 ! filesink location={}",
+        proxy.port,
+        out.display()
+    ))
+    .expect("pipeline");
+    let started = Instant::now();
+    let mut restarted = None;
+    let outcome = run_honouring_buffering(&pipeline, Duration::from_secs(90), || {
+        if restarted.is_none() && started.elapsed() > Duration::from_secs(2) {
+            server.kill();
+            std::thread::sleep(Duration::from_millis(300));
+            restarted = Some(Server::start_on(&dir, port, &[]));
+        }
+    });
+    match outcome {
+        Some(Ok(())) => {}
+        Some(Err((e, debug))) => panic!("{e} ({debug})"),
+        None => panic!("froze: no end 90 s after the start"),
+    }
+    assert!(restarted.is_some(), "the server was not restarted");
+    assert_eq!(sha256_file(&out), sha256_file(&dir.join("big.bin")));
+    let _ = std::fs::remove_file(out);
+}

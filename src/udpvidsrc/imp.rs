@@ -285,7 +285,22 @@ impl UdpVidSrc {
                     if let Some(cause) = buffering_cause(cause) {
                         // The percentage and the window come from the same
                         // read-ahead, so 100 % is always reachable.
-                        let level = client.buffering_level(cause);
+                        let level = match client.buffering_level(cause) {
+                            Ok(level) => level,
+                            Err(err) => {
+                                // The session ended while the application
+                                // waits: say why now, not after `timeout`.
+                                if !stall_reported {
+                                    stall_reported = true;
+                                    let imp = element.imp();
+                                    let settings = imp.settings().clone();
+                                    element.post_error_message(
+                                        imp.error_message(&settings, &err, None),
+                                    );
+                                }
+                                continue;
+                            }
+                        };
                         if level.percent >= 100 {
                             buffering.store(NOT_BUFFERING, Ordering::Release);
                             wanting_since = None;
