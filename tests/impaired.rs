@@ -5,69 +5,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use gst::prelude::*;
 
-use common::{Outcome, Server, clips, init, run_pipeline, sha256, sha256_file};
-
-/// The impairment proxy example, running until dropped.
-struct Proxy {
-    child: Child,
-    port: u16,
-}
-
-impl Proxy {
-    fn start(upstream_port: u16, args: &[&str]) -> Proxy {
-        let mut child = Command::new(common::example_binary("impair"))
-            .args([
-                "--upstream",
-                &format!("127.0.0.1:{upstream_port}"),
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("proxy starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().expect("stdout"))
-            .read_line(&mut line)
-            .expect("proxy banner");
-        // "impair listening on 127.0.0.1:PORT, forwarding to ..."
-        let port = line
-            .split_whitespace()
-            .nth(3)
-            .and_then(|a| a.trim_end_matches(',').rsplit(':').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected proxy banner {line:?}"));
-        Proxy { child, port }
-    }
-
-    /// Stops the proxy and returns its report.
-    fn finish(mut self) -> String {
-        // SAFETY-free way to send SIGTERM: the kill command.
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let mut out = String::new();
-        if let Some(mut stdout) = self.child.stdout.take() {
-            use std::io::Read;
-            let _ = stdout.read_to_string(&mut out);
-        }
-        let _ = self.child.wait();
-        out
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{Outcome, Proxy, Server, clips, init, run_pipeline, sha256, sha256_file};
 
 /// Copies `file` through udpvidsrc into memory; returns the bytes and the
 /// element's final stats.
@@ -376,19 +319,7 @@ impl Drop for LossyNamespace {
 fn kernel_drops_in_a_network_namespace() {
     let clips = clips();
     let ns = LossyNamespace::create(10);
-    let server_bin = common::server_binary();
-    let mut server = in_netns(&ns.name, server_bin.to_str().expect("path"), &["--dir"])
-        .arg(&clips.dir)
-        .args(["--bind", "127.0.0.1", "--port", "50000"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("server in namespace");
-    let mut banner = String::new();
-    BufReader::new(server.stdout.as_mut().expect("stdout"))
-        .read_line(&mut banner)
-        .expect("banner");
-    assert!(banner.contains("listening"), "{banner}");
+    let mut server = Server::start_in_namespace(&ns.name, "127.0.0.1", &clips.dir, 50000);
     let out = std::env::temp_dir().join(format!("udpvid-netns-{}.ts", std::process::id()));
     let plugin_dir = common::plugin_dir();
     let status = in_netns(
@@ -408,8 +339,7 @@ fn kernel_drops_in_a_network_namespace() {
     .env("GST_PLUGIN_PATH", &plugin_dir)
     .status()
     .expect("gst-launch runs");
-    let _ = server.kill();
-    let _ = server.wait();
+    server.kill();
     assert!(status.success(), "gst-launch failed inside the namespace");
     assert_eq!(sha256_file(&out), sha256_file(&clips.dir.join("movie.ts")));
     let counters = ns.counters();

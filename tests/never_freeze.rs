@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +19,7 @@ use std::time::{Duration, Instant};
 use gst::prelude::*;
 use rand::{Rng, SeedableRng};
 
-use common::{Server, clips, init, sha256_file};
+use common::{Proxy, Server, clips, init, sha256_file};
 
 /// A folder with the test clips and a 24 MB file (random bytes: a copy
 /// test needs no video), made once.
@@ -141,46 +140,6 @@ fn copy_must_finish(
         started.elapsed().as_secs_f64()
     );
     let _ = std::fs::remove_file(out);
-}
-
-/// The impairment proxy example, running until dropped.
-struct Proxy {
-    child: Child,
-    port: u16,
-}
-
-impl Proxy {
-    fn start(upstream_port: u16, args: &[&str]) -> Proxy {
-        let mut child = Command::new(common::example_binary("impair"))
-            .args([
-                "--upstream",
-                &format!("127.0.0.1:{upstream_port}"),
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("proxy starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().expect("stdout"))
-            .read_line(&mut line)
-            .expect("proxy banner");
-        let port = line
-            .split_whitespace()
-            .nth(3)
-            .and_then(|a| a.trim_end_matches(',').rsplit(':').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected proxy banner {line:?}"));
-        Proxy { child, port }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn temp_out(tag: &str) -> PathBuf {
@@ -353,22 +312,7 @@ fn gst_launch_copies_over_tc_tbf_in_a_network_namespace() {
     init();
     let dir = media_dir();
     let ns = ShapedNamespace::create("20mbit");
-    let server_bin = common::server_binary();
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", &ns.name])
-        .arg(&server_bin)
-        .arg("--dir")
-        .arg(&dir)
-        .args(["--bind", NS_SERVER_ADDR, "--port", "50000"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("server in namespace");
-    let mut banner = String::new();
-    BufReader::new(server.stdout.as_mut().expect("stdout"))
-        .read_line(&mut banner)
-        .expect("banner");
-    assert!(banner.contains("listening"), "{banner}");
+    let mut server = Server::start_in_namespace(&ns.name, NS_SERVER_ADDR, &dir, 50000);
     let out = temp_out("tbf");
     let result = std::panic::catch_unwind(|| {
         copy_must_finish(
@@ -379,8 +323,7 @@ fn gst_launch_copies_over_tc_tbf_in_a_network_namespace() {
             "big.bin over a 20 Mbit/s tbf",
         )
     });
-    let _ = server.kill();
-    let _ = server.wait();
+    server.kill();
     drop(ns);
     if let Err(e) = result {
         std::panic::resume_unwind(e);

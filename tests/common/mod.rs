@@ -94,6 +94,15 @@ impl Server {
     }
 
     pub fn start_on(dir: &Path, port: u16, extra: &[&str]) -> Server {
+        Self::launch(None, "127.0.0.1", dir, port, extra)
+    }
+
+    /// The server inside network namespace `ns`, listening on `bind`.
+    pub fn start_in_namespace(ns: &str, bind: &str, dir: &Path, port: u16) -> Server {
+        Self::launch(Some(ns), bind, dir, port, &[])
+    }
+
+    fn launch(ns: Option<&str>, bind: &str, dir: &Path, port: u16, extra: &[&str]) -> Server {
         static N: Mutex<u32> = Mutex::new(0);
         let n = {
             let mut g = N.lock().unwrap_or_else(|p| p.into_inner());
@@ -102,10 +111,19 @@ impl Server {
         };
         let log = std::env::temp_dir().join(format!("udpvid-test-{}-{n}.log", std::process::id()));
         let _ = std::fs::remove_file(&log);
-        let mut child = Command::new(server_binary())
+        // `ip netns exec` execs the server, so the child is the server.
+        let mut command = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(server_binary());
+                c
+            }
+            None => Command::new(server_binary()),
+        };
+        let mut child = command
             .arg("--dir")
             .arg(dir)
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--bind", bind, "--port", &port.to_string()])
             .arg("--log-file")
             .arg(&log)
             .args(extra)
@@ -114,17 +132,8 @@ impl Server {
             .spawn()
             .expect("server starts");
         let stdout = child.stdout.take().expect("server stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("server prints its address");
         // "udpvid server listening on 127.0.0.1:PORT, serving DIR"
-        let port = line
-            .split_whitespace()
-            .nth(4)
-            .and_then(|a| a.trim_end_matches(',').rsplit(':').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected server banner: {line:?}"));
+        let port = banner_port(stdout, 4);
         Server { child, port, log }
     }
 
@@ -141,6 +150,68 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// The port in a banner's first line, the address being word `word`
+/// (`ADDR:PORT,`).
+fn banner_port(stdout: impl std::io::Read, word: usize) -> u16 {
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("the program prints its address");
+    line.split_whitespace()
+        .nth(word)
+        .and_then(|a| a.trim_end_matches(',').rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected banner: {line:?}"))
+}
+
+/// The impairment proxy example between a client and the server on
+/// `upstream_port`, running until dropped.
+pub struct Proxy {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Proxy {
+    pub fn start(upstream_port: u16, args: &[&str]) -> Proxy {
+        let mut child = Command::new(example_binary("impair"))
+            .args([
+                "--upstream",
+                &format!("127.0.0.1:{upstream_port}"),
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("proxy starts");
+        // "impair listening on 127.0.0.1:PORT, forwarding to ..."
+        let port = banner_port(child.stdout.as_mut().expect("stdout"), 3);
+        Proxy { child, port }
+    }
+
+    /// Stops the proxy (SIGTERM, so it prints its report) and returns its
+    /// report.
+    pub fn finish(mut self) -> String {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let mut out = String::new();
+        if let Some(mut stdout) = self.child.stdout.take() {
+            use std::io::Read;
+            let _ = stdout.read_to_string(&mut out);
+        }
+        let _ = self.child.wait();
+        out
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
