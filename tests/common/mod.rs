@@ -36,8 +36,12 @@ pub fn target_profile_dir() -> PathBuf {
 /// server package or the examples).
 fn cargo_build(args: &[&str]) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // `cargo test --release` must start release binaries, built from this
+    // source too.
+    let release = target_profile_dir().ends_with("release");
     let status = Command::new(cargo)
         .arg("build")
+        .args(release.then_some("--release"))
         .args(args)
         .status()
         .expect("cargo runs");
