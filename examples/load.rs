@@ -10,7 +10,14 @@
 //!
 //! ```text
 //! cargo run --release --example load -- [CLIENTS] [FILE_MIB] [PIPELINES]
+//! cargo run --release --example load -- viewers [N] [MBIT] [SECONDS]
 //! ```
+//!
+//! `viewers` is the other shape of load: N viewers that consume in real
+//! time at MBIT each (with the element's adaptive read-ahead), as people
+//! watching do, instead of pulling as fast as they can. It reports the
+//! server's CPU per GB, its wake-ups per second, its memory, and the
+//! viewers' stalls.
 
 use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
@@ -193,21 +200,9 @@ impl ElementPull {
     }
 }
 
-fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
-    let clients: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200);
-    let file_mib: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2);
-    let pipelines: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(64);
-    let dir = std::env::temp_dir().join(format!("udpvid-load-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("load dir");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-    let mut digests = Vec::new();
-    for i in 0..FILES {
-        let data: Vec<u8> = (0..file_mib << 20).map(|_| rng.r#gen()).collect();
-        digests.push(Sha256::digest(&data).to_vec());
-        std::fs::write(dir.join(format!("f{i}.bin")), &data).expect("write");
-    }
+/// The release server next to this example, on a free loopback port,
+/// with limits out of the way; returns it, its path and its port.
+fn start_server(dir: &Path) -> (Child, std::path::PathBuf, u16) {
     let exe = std::env::current_exe().expect("exe");
     let server_bin = exe
         .parent()
@@ -216,7 +211,7 @@ fn main() -> ExitCode {
         .join("server");
     let mut server = Command::new(&server_bin)
         .arg("--dir")
-        .arg(&dir)
+        .arg(dir)
         .args([
             "--bind",
             "127.0.0.1",
@@ -242,6 +237,179 @@ fn main() -> ExitCode {
         .and_then(|a| a.trim_end_matches(',').rsplit(':').next())
         .and_then(|p| p.parse().ok())
         .expect("port");
+    (server, server_bin, port)
+}
+
+/// Context switches of a process so far: its wake-ups.
+fn wakeups(pid: u32) -> u64 {
+    proc_value(pid, "status", "voluntary_ctxt_switches:").unwrap_or(0)
+        + proc_value(pid, "status", "nonvoluntary_ctxt_switches:").unwrap_or(0)
+}
+
+/// What one real-time viewer saw.
+#[derive(Default)]
+struct ViewerReport {
+    bytes: u64,
+    stalls: u32,
+    stalled: Duration,
+    error: Option<String>,
+}
+
+/// Plays `file` in real time at `rate` bytes/s for `length`: after a
+/// second of preroll, the bytes due by the playback clock are read every
+/// 100 ms; a read that waits longer than a tick is a stall (the player's
+/// queues would have run dry), and the clock stops while it waits.
+fn view(port: u16, file: &str, rate: f64, length: Duration) -> ViewerReport {
+    const TICK: Duration = Duration::from_millis(100);
+    let mut report = ViewerReport::default();
+    let result = (|| -> Result<(), String> {
+        let client =
+            BlockingClient::connect_and_open("127.0.0.1", port, ClientConfig::default(), file, 0)
+                .map_err(|e| e.to_string())?;
+        let opened = client
+            .open(file, 0, CLIENT_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        let preroll = (rate as usize).min(opened.size as usize);
+        let first = client
+            .read_at(0, preroll, CLIENT_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        let mut offset = first.len() as u64;
+        let mut played = Duration::ZERO;
+        let mut next = Instant::now() + TICK;
+        while played < length && offset < opened.size {
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            played += TICK;
+            let due = ((played.as_secs_f64() + 1.0) * rate) as u64;
+            let wanted = due.min(opened.size).saturating_sub(offset) as usize;
+            let asked = Instant::now();
+            if wanted > 0 {
+                let chunk = client
+                    .read_at(offset, wanted, CLIENT_TIMEOUT)
+                    .map_err(|e| format!("at {offset}: {e}"))?;
+                offset += chunk.len() as u64;
+            }
+            let waited = asked.elapsed();
+            if waited > TICK {
+                report.stalls += 1;
+                report.stalled += waited;
+                next = Instant::now() + TICK;
+            } else {
+                next += TICK;
+            }
+        }
+        report.bytes = offset;
+        client.close();
+        Ok(())
+    })();
+    report.error = result.err();
+    report
+}
+
+fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
+    let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(50);
+    let mbit: f64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(4.0);
+    let seconds: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(20);
+    let rate = mbit * 1e6 / 8.0;
+    let length = Duration::from_secs(seconds);
+    let dir = std::env::temp_dir().join(format!("udpvid-viewers-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("viewers dir");
+    let size = (rate * (seconds as f64 + 5.0)) as usize;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    for i in 0..FILES {
+        let data: Vec<u8> = (0..size).map(|_| rng.r#gen()).collect();
+        std::fs::write(dir.join(format!("f{i}.bin")), &data).expect("write");
+    }
+    let (mut server, _, port) = start_server(&dir);
+    let pid = server.id();
+    let rss0 = proc_value(pid, "status", "VmRSS:").unwrap_or(0);
+    let (cpu0, wake0) = (cpu_seconds(pid), wakeups(pid));
+    let started = Instant::now();
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let file = format!("f{}.bin", i % FILES);
+            let h = std::thread::spawn(move || view(port, &file, rate, length));
+            // Arrivals spread over a second.
+            std::thread::sleep(Duration::from_millis(1000 / n.max(1) as u64));
+            h
+        })
+        .collect();
+    let mut peak_rss = 0;
+    while !handles.iter().all(|h| h.is_finished()) && started.elapsed() < LIMIT {
+        peak_rss = peak_rss.max(proc_value(pid, "status", "VmRSS:").unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let elapsed = started.elapsed();
+    let (cpu, wake) = (cpu_seconds(pid) - cpu0, wakeups(pid) - wake0);
+    let reports: Vec<ViewerReport> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap_or_default())
+        .collect();
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let bytes: u64 = reports.iter().map(|r| r.bytes).sum();
+    let failed: Vec<&String> = reports.iter().filter_map(|r| r.error.as_ref()).collect();
+    let stalls: u32 = reports.iter().map(|r| r.stalls).sum();
+    let stalled: Duration = reports.iter().map(|r| r.stalled).sum();
+    let gb = bytes as f64 / 1e9;
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!("| viewers | {n} at {mbit} Mbit/s for {seconds} s (real time, adaptive read-ahead) |");
+    println!("| finished | {} |", n - failed.len());
+    println!(
+        "| stalls | {stalls} ({:.1} s in all; {} viewers stalled) |",
+        stalled.as_secs_f64(),
+        reports.iter().filter(|r| r.stalls > 0).count()
+    );
+    println!(
+        "| delivered | {:.1} MB in {:.1} s |",
+        bytes as f64 / 1e6,
+        elapsed.as_secs_f64()
+    );
+    println!(
+        "| server CPU | {cpu:.2} s ({:.2} s per GB) |",
+        cpu / gb.max(1e-9)
+    );
+    println!(
+        "| server wake-ups | {:.0} per second |",
+        wake as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "| server memory | peak RSS {:.1} MiB, {:.0} KiB per session above idle |",
+        peak_rss as f64 / 1024.0,
+        peak_rss.saturating_sub(rss0) as f64 / n.max(1) as f64
+    );
+    for e in failed.iter().take(10) {
+        eprintln!("{e}");
+    }
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().is_some_and(|a| a == "viewers") {
+        args.next();
+        return viewers(args);
+    }
+    let clients: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200);
+    let file_mib: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2);
+    let pipelines: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(64);
+    let dir = std::env::temp_dir().join(format!("udpvid-load-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("load dir");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let mut digests = Vec::new();
+    for i in 0..FILES {
+        let data: Vec<u8> = (0..file_mib << 20).map(|_| rng.r#gen()).collect();
+        digests.push(Sha256::digest(&data).to_vec());
+        std::fs::write(dir.join(format!("f{i}.bin")), &data).expect("write");
+    }
+    let (mut server, server_bin, port) = start_server(&dir);
     let addr = format!("127.0.0.1:{port}");
     let pid = server.id();
     let cpu0 = cpu_seconds(pid);

@@ -871,3 +871,111 @@ fn a_seek_after_playback_gets_the_link_rate() {
     // the playback rate it would be 3 s.
     assert!(took < Duration::from_millis(1300), "took {took:?}");
 }
+
+/// Several clients of one server: the server serves them round-robin, a
+/// batch of datagrams per turn (one GSO send each), fairly, and starves
+/// none.
+#[test]
+fn sessions_take_turns_in_batches_fairly_and_none_starves() {
+    use super::server::SESSION_BATCH;
+    const CLIENTS: usize = 4;
+    let start = Instant::now();
+    let mut now = start;
+    let data = file(1_500_000, 11);
+    let mut server = ServerEndpoint::new(
+        ServerConfig::default(),
+        MemoryStore {
+            files: vec![("movie.mp4".into(), data.clone())],
+        },
+        [7; 32],
+        now,
+    );
+    let addrs: Vec<SocketAddr> = (0..CLIENTS)
+        .map(|i| SocketAddr::from(([10, 0, 0, 2], 4000 + i as u16)))
+        .collect();
+    let mut clients: Vec<ClientConnection> = (0..CLIENTS)
+        .map(|i| {
+            let mut c = ClientConnection::new(
+                ClientConfig {
+                    read_ahead: ReadAhead::Fixed(4 << 20),
+                    ..Default::default()
+                },
+                100 + i as u64,
+                now,
+            );
+            c.open_file(now, "movie.mp4", 0);
+            c
+        })
+        .collect();
+    let mut delivered = vec![Vec::new(); CLIENTS];
+    // Datagrams on their way, delivered one step (1 ms) later.
+    let mut up: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+    let mut down: Vec<(usize, Vec<u8>)> = Vec::new();
+    // Every data datagram's destination, in sending order.
+    let mut order: Vec<usize> = Vec::new();
+    let mut buf = Vec::new();
+    while delivered.iter().any(|d| d.len() < data.len()) {
+        assert!(now - start < Duration::from_secs(60), "transfers stalled");
+        for (from, d) in up.drain(..) {
+            server.handle_datagram(now, from, &d);
+        }
+        for (to, d) in down.drain(..) {
+            clients[to].handle_datagram(now, &d);
+        }
+        if server.poll_timeout().is_some_and(|t| t <= now) {
+            server.handle_timeout(now);
+        }
+        while let Some(to) = server.poll_transmit(now, &mut buf) {
+            let i = addrs.iter().position(|a| *a == to).expect("known client");
+            if let Ok(Packet {
+                body: Body::Data { .. },
+                ..
+            }) = Packet::decode(&buf)
+            {
+                order.push(i);
+            }
+            down.push((i, buf.clone()));
+        }
+        for (i, c) in clients.iter_mut().enumerate() {
+            if c.poll_timeout().is_some_and(|t| t <= now) {
+                c.handle_timeout(now);
+            }
+            while let Some(chunk) = c.read(now, 1 << 20) {
+                delivered[i].extend(chunk);
+            }
+            while let Some(d) = c.poll_transmit(now) {
+                up.push((addrs[i], d));
+            }
+        }
+        now += Duration::from_millis(1);
+    }
+    for d in &delivered {
+        assert!(*d == data, "a client's bytes differ");
+    }
+    // Batches: a busy session's datagrams leave back to back. One by one
+    // (the old round-robin) made every run one datagram long.
+    let runs = 1 + order.windows(2).filter(|w| w[0] != w[1]).count();
+    let mean_run = order.len() as f64 / runs as f64;
+    assert!(mean_run >= 4.0, "mean run {mean_run:.1} datagrams");
+    // Turns: no run is longer than a batch.
+    let mut run = 0;
+    for (k, &i) in order.iter().enumerate() {
+        run = if k > 0 && order[k - 1] == i {
+            run + 1
+        } else {
+            1
+        };
+        assert!(run <= SESSION_BATCH, "one session sent {run} in a row");
+    }
+    // Fairness: over the first half of the transfer (all sessions busy),
+    // every session got a fair share.
+    let half = &order[..order.len() / 2];
+    for i in 0..CLIENTS {
+        let share = half.iter().filter(|&&j| j == i).count() as f64 / half.len() as f64;
+        assert!(
+            (0.15..0.35).contains(&share),
+            "session {i} got {:.0} % of the datagrams",
+            share * 100.0
+        );
+    }
+}
