@@ -11,7 +11,13 @@
 //! ```text
 //! cargo run --release --example load -- [CLIENTS] [FILE_MIB] [PIPELINES]
 //! cargo run --release --example load -- viewers [N] [MBIT] [SECONDS]
+//! cargo run --release --example load -- paced [N] [TOTAL_MBIT] [FILE_MIB]
 //! ```
+//!
+//! `paced`: N pulls as fast as they can through one bottleneck of
+//! TOTAL_MBIT (the impairment proxy's rate cap, shared), so congestion
+//! control paces every session: the server's CPU per GB when it is the
+//! pacer, not the loopback.
 //!
 //! `viewers` is the other shape of load: N viewers that consume in real
 //! time at MBIT each (with the element's adaptive read-ahead), as people
@@ -390,11 +396,141 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
     }
 }
 
+/// Pulls `file` whole through `port`; returns the bytes and their SHA-256.
+fn pull(port: u16, file: &str, read_ahead: ReadAhead) -> Result<(u64, Vec<u8>), String> {
+    let config = ClientConfig {
+        read_ahead,
+        ..Default::default()
+    };
+    let client = BlockingClient::connect("127.0.0.1", port, config).map_err(|e| e.to_string())?;
+    let opened = client
+        .open(file, 0, CLIENT_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    let mut hash = Sha256::new();
+    let mut got = 0u64;
+    while got < opened.size {
+        let chunk = client
+            .read_at(got, 256 * 1024, CLIENT_TIMEOUT)
+            .map_err(|e| format!("at {got}: {e}"))?;
+        if chunk.is_empty() {
+            break;
+        }
+        got += chunk.len() as u64;
+        hash.update(&chunk);
+    }
+    client.close();
+    Ok((got, hash.finalize().to_vec()))
+}
+
+fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
+    let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(20);
+    let mbit: f64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(200.0);
+    let file_mib: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(16);
+    let dir = std::env::temp_dir().join(format!("udpvid-paced-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("paced dir");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let data: Vec<u8> = (0..file_mib << 20).map(|_| rng.r#gen()).collect();
+    let digest = Sha256::digest(&data).to_vec();
+    std::fs::write(dir.join("f.bin"), &data).expect("write");
+    let (mut server, server_bin, port) = start_server(&dir);
+    let proxy_bin = server_bin
+        .parent()
+        .expect("profile dir")
+        .join("examples")
+        .join("impair");
+    let mut proxy = Command::new(&proxy_bin)
+        .args([
+            "--upstream",
+            &format!("127.0.0.1:{port}"),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--down-rate-mbit",
+            &mbit.to_string(),
+            "--down-queue-kb",
+            "512",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", proxy_bin.display()));
+    let mut banner = String::new();
+    BufReader::new(proxy.stdout.as_mut().expect("stdout"))
+        .read_line(&mut banner)
+        .expect("proxy banner");
+    let proxy_port: u16 = banner
+        .split_whitespace()
+        .nth(3)
+        .and_then(|a| a.trim_end_matches(',').rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .expect("proxy port");
+    let pid = server.id();
+    let (cpu0, wake0) = (cpu_seconds(pid), wakeups(pid));
+    let started = Instant::now();
+    let handles: Vec<_> = (0..n)
+        .map(|_| std::thread::spawn(move || pull(proxy_port, "f.bin", ReadAhead::Fixed(8 << 20))))
+        .collect();
+    let results: Vec<Result<(u64, Vec<u8>), String>> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap_or_else(|_| Err("client panicked".into())))
+        .collect();
+    let elapsed = started.elapsed();
+    let (cpu, wake) = (cpu_seconds(pid) - cpu0, wakeups(pid) - wake0);
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut bytes = 0;
+    let mut failures = Vec::new();
+    for r in &results {
+        match r {
+            Ok((got, d)) if *d == digest => bytes += got,
+            Ok(_) => failures.push("copy differs".to_string()),
+            Err(e) => failures.push(e.clone()),
+        }
+    }
+    let gb = bytes as f64 / 1e9;
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!("| pulls | {n} of {file_mib} MiB through one {mbit} Mbit/s bottleneck |");
+    println!("| byte-exact | {} |", n - failures.len());
+    println!(
+        "| throughput | {:.1} Mbit/s in {:.1} s |",
+        bytes as f64 * 8.0 / 1e6 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64()
+    );
+    println!(
+        "| server CPU | {cpu:.2} s ({:.2} s per GB) |",
+        cpu / gb.max(1e-9)
+    );
+    println!(
+        "| server wake-ups | {:.0} per second |",
+        wake as f64 / elapsed.as_secs_f64()
+    );
+    for f in failures.iter().take(10) {
+        eprintln!("{f}");
+    }
+    if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1).peekable();
-    if args.peek().is_some_and(|a| a == "viewers") {
-        args.next();
-        return viewers(args);
+    match args.peek().map(String::as_str) {
+        Some("viewers") => {
+            args.next();
+            return viewers(args);
+        }
+        Some("paced") => {
+            args.next();
+            return paced(args);
+        }
+        _ => {}
     }
     let clients: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200);
     let file_mib: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2);
