@@ -11,7 +11,8 @@ use super::read_ahead::{ReadAhead, ReadAheadPolicy};
 use super::receiver::{AckTracker, StreamReceiver};
 use super::rtt::RttEstimator;
 use super::wire::{
-    Body, CloseReason, ConnectionId, DecodeError, OpenErrorKind, OpenRequest, Packet, TransferKind,
+    Body, CloseReason, ConnectionId, DataView, DecodeError, OpenErrorKind, OpenRequest, Packet,
+    TransferKind,
 };
 
 /// First resend of an unanswered Hello or Open.
@@ -561,6 +562,15 @@ impl ClientConnection {
                 },
             }
         }
+        // Nearly every datagram is Data: its payload goes from the receive
+        // buffer into reassembly without an intermediate copy.
+        if let Some(d) = DataView::parse(datagram) {
+            if self.phase == Phase::Established && d.connection_id == self.connection_id {
+                self.on_packet_received(now, d.packet_number);
+                self.on_data(now, d.packet_number, d.transfer_id, d.offset, d.payload);
+            }
+            return;
+        }
         let packet = match Packet::decode(datagram) {
             Ok(p) => p,
             Err(DecodeError::UnsupportedVersion(v)) => {
@@ -662,12 +672,49 @@ impl ClientConnection {
                 if packet.connection_id != self.connection_id {
                     return;
                 }
-                self.last_received = Some(now);
-                self.stats.packets_received += 1;
                 let pn = packet.packet_number;
-                self.largest_server_pn = Some(self.largest_server_pn.map_or(pn, |l| l.max(pn)));
+                self.on_packet_received(now, pn);
                 self.handle_established(now, pn, body);
             }
+        }
+    }
+
+    /// Every packet of the session that arrived, of any kind.
+    fn on_packet_received(&mut self, now: Instant, pn: u64) {
+        self.last_received = Some(now);
+        self.stats.packets_received += 1;
+        self.largest_server_pn = Some(self.largest_server_pn.map_or(pn, |l| l.max(pn)));
+    }
+
+    fn on_data(&mut self, now: Instant, pn: u64, transfer_id: u32, offset: u64, payload: &[u8]) {
+        let probe_interval = self.window_probe_interval();
+        self.stats.data_packets += 1;
+        self.acks.on_packet(now, pn);
+        let Some(t) = self.transfer.as_mut().filter(|t| t.id == transfer_id) else {
+            self.stats.stale_packets += 1;
+            return;
+        };
+        self.stats.bytes_received += payload.len() as u64;
+        let mut gap_recorded = false;
+        // A long silence while the window was open is a stall the
+        // link can cause again: the read-ahead should cover it.
+        if let Some(last) = t.last_data.filter(|_| t.expecting_more) {
+            let gap = now.saturating_duration_since(last);
+            if gap > (self.rtt.smoothed() * 2).max(Duration::from_millis(20)) {
+                self.read_ahead.on_delivery_gap(now, gap);
+                gap_recorded = true;
+            }
+        }
+        if t.receiver.insert(offset, payload) > 0 && t.kind == TransferKind::File {
+            self.last_new_data = Some(now);
+        }
+        t.last_data = Some(now);
+        t.expecting_more =
+            !t.receiver.is_fully_received() && t.receiver.window() > t.receiver.highest_received();
+        t.probe_timer.start_with(now, probe_interval);
+        self.deliver_catalog();
+        if gap_recorded {
+            self.apply_read_ahead(now);
         }
     }
 
@@ -677,37 +724,7 @@ impl ClientConnection {
                 transfer_id,
                 offset,
                 payload,
-            } => {
-                let probe_interval = self.window_probe_interval();
-                self.stats.data_packets += 1;
-                self.acks.on_packet(now, pn);
-                let Some(t) = self.transfer.as_mut().filter(|t| t.id == transfer_id) else {
-                    self.stats.stale_packets += 1;
-                    return;
-                };
-                self.stats.bytes_received += payload.len() as u64;
-                let mut gap_recorded = false;
-                // A long silence while the window was open is a stall the
-                // link can cause again: the read-ahead should cover it.
-                if let Some(last) = t.last_data.filter(|_| t.expecting_more) {
-                    let gap = now.saturating_duration_since(last);
-                    if gap > (self.rtt.smoothed() * 2).max(Duration::from_millis(20)) {
-                        self.read_ahead.on_delivery_gap(now, gap);
-                        gap_recorded = true;
-                    }
-                }
-                if t.receiver.insert(offset, &payload) > 0 && t.kind == TransferKind::File {
-                    self.last_new_data = Some(now);
-                }
-                t.last_data = Some(now);
-                t.expecting_more = !t.receiver.is_fully_received()
-                    && t.receiver.window() > t.receiver.highest_received();
-                t.probe_timer.start_with(now, probe_interval);
-                self.deliver_catalog();
-                if gap_recorded {
-                    self.apply_read_ahead(now);
-                }
-            }
+            } => self.on_data(now, pn, transfer_id, offset, &payload),
             Body::OpenOk {
                 transfer_id,
                 size,

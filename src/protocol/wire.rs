@@ -678,19 +678,11 @@ impl Packet {
                 }
             }
             ty::DATA => {
-                let transfer_id = r.u32()?;
-                let offset = r.u64()?;
-                let payload = r.rest().to_vec();
-                if payload.is_empty() {
-                    return Err(DecodeError::Malformed("empty data packet"));
-                }
-                if offset.checked_add(payload.len() as u64).is_none() {
-                    return Err(DecodeError::Malformed("data offset overflows"));
-                }
+                let (transfer_id, offset, payload) = data_body(&mut r)?;
                 Body::Data {
                     transfer_id,
                     offset,
-                    payload,
+                    payload: payload.to_vec(),
                 }
             }
             other => return Err(DecodeError::UnknownType(other)),
@@ -719,6 +711,57 @@ impl Body {
 }
 
 /// Bounds-checked big-endian reader over a datagram.
+/// The fields of a Data body, the payload borrowed: one set of rules for
+/// [`Packet::decode`] and [`DataView::parse`].
+fn data_body<'a>(r: &mut Reader<'a>) -> Result<(u32, u64, &'a [u8]), DecodeError> {
+    let transfer_id = r.u32()?;
+    let offset = r.u64()?;
+    let payload = r.rest();
+    if payload.is_empty() {
+        return Err(DecodeError::Malformed("empty data packet"));
+    }
+    if offset.checked_add(payload.len() as u64).is_none() {
+        return Err(DecodeError::Malformed("data offset overflows"));
+    }
+    Ok((transfer_id, offset, payload))
+}
+
+/// A Data packet with its payload borrowed from the datagram: the receive
+/// path's common case, decoded without copying or allocating (a copy per
+/// datagram was a tenth of the client's CPU on a fast pull).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataView<'a> {
+    pub connection_id: ConnectionId,
+    pub packet_number: u64,
+    pub transfer_id: u32,
+    pub offset: u64,
+    pub payload: &'a [u8],
+}
+
+impl<'a> DataView<'a> {
+    /// `Some` when `buf` is a well-formed Data packet of this version;
+    /// anything else is for [`Packet::decode`].
+    pub fn parse(buf: &'a [u8]) -> Option<DataView<'a>> {
+        if buf.len() < HEADER_LEN || buf[..2] != MAGIC || buf[2] != VERSION || buf[3] != ty::DATA {
+            return None;
+        }
+        let mut r = Reader {
+            buf: &buf[4..],
+            pos: 0,
+        };
+        let connection_id = r.u64().ok()?;
+        let packet_number = r.u64().ok()?;
+        let (transfer_id, offset, payload) = data_body(&mut r).ok()?;
+        Some(DataView {
+            connection_id,
+            packet_number,
+            transfer_id,
+            offset,
+            payload,
+        })
+    }
+}
+
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
@@ -983,8 +1026,26 @@ mod tests {
 
         #[test]
         fn data_round_trips(tid in any::<u32>(), off in 0u64..(1 << 50), payload in proptest::collection::vec(any::<u8>(), 1..DEFAULT_MAX_PAYLOAD)) {
-            let p = Packet::new(3, 4, Body::Data { transfer_id: tid, offset: off, payload });
-            prop_assert_eq!(Packet::decode(&p.encode()), Ok(p));
+            let p = Packet::new(3, 4, Body::Data { transfer_id: tid, offset: off, payload: payload.clone() });
+            let bytes = p.encode();
+            prop_assert_eq!(Packet::decode(&bytes), Ok(p));
+            // The borrowed view reads the same fields.
+            prop_assert_eq!(
+                DataView::parse(&bytes),
+                Some(DataView { connection_id: 3, packet_number: 4, transfer_id: tid, offset: off, payload: &payload })
+            );
+        }
+
+        /// The view accepts exactly the Data packets the full decoder
+        /// accepts, whatever the bytes.
+        #[test]
+        fn data_view_agrees_with_the_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..64), ty_data in any::<bool>()) {
+            let mut bytes = bytes;
+            if bytes.len() >= 4 && ty_data {
+                bytes[..4].copy_from_slice(&[b'U', b'V', VERSION, ty::DATA]);
+            }
+            let full = Packet::decode(&bytes).ok().filter(|p| matches!(p.body, Body::Data { .. }));
+            prop_assert_eq!(DataView::parse(&bytes).is_some(), full.is_some());
         }
     }
 }
