@@ -15,6 +15,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use quinn_udp::{RecvMeta, UdpSocketState};
 
 use crate::protocol::buffering::{BufferingCause, BufferingLevel, FlowState};
@@ -45,11 +46,14 @@ pub const LOCAL_SKIP_LIMIT: u64 = 256 * 1024;
 /// (ten datagrams) so the asked bytes still come in it.
 pub const SEEK_BACK_MARGIN: u64 = 8 * 1024;
 
-/// The most recent bytes handed out, as one contiguous range of the file.
+/// The most recent bytes handed out, as one contiguous range of the file:
+/// the chunks themselves, shared with the buffers that went downstream, so
+/// keeping them costs no copy.
 #[derive(Debug, Default)]
 pub struct RecentBytes {
     start: u64,
-    bytes: std::collections::VecDeque<u8>,
+    chunks: std::collections::VecDeque<Bytes>,
+    len: usize,
     limit: usize,
 }
 
@@ -57,44 +61,58 @@ impl RecentBytes {
     pub fn new(limit: usize) -> Self {
         RecentBytes {
             start: 0,
-            bytes: Default::default(),
+            chunks: Default::default(),
+            len: 0,
             limit,
         }
     }
 
     pub fn end(&self) -> u64 {
-        self.start + self.bytes.len() as u64
+        self.start + self.len as u64
     }
 
     /// Records `data` handed out at `offset`; a gap starts a new range.
-    pub fn push(&mut self, offset: u64, data: &[u8]) {
+    /// Whole chunks are dropped from the front while the rest still holds
+    /// `limit` bytes.
+    pub fn push(&mut self, offset: u64, data: Bytes) {
         if offset != self.end() {
-            self.bytes.clear();
+            self.chunks.clear();
+            self.len = 0;
             self.start = offset;
         }
-        self.bytes.extend(data);
-        let excess = self.bytes.len().saturating_sub(self.limit);
-        if excess > 0 {
-            self.bytes.drain(..excess);
-            self.start += excess as u64;
+        self.len += data.len();
+        self.chunks.push_back(data);
+        while let Some(front) = self.chunks.front() {
+            if self.len - front.len() < self.limit {
+                break;
+            }
+            self.start += front.len() as u64;
+            self.len -= front.len();
+            self.chunks.pop_front();
         }
     }
 
     /// Appends to `out` what is held of `[offset, offset + len)`, from
     /// `offset` on; returns how many bytes that was.
     pub fn copy_into(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> usize {
-        if offset < self.start || offset >= self.end() {
+        if !self.contains(offset) {
             return 0;
         }
-        let from = (offset - self.start) as usize;
-        let to = (from + len).min(self.bytes.len());
-        let (a, b) = self.bytes.as_slices();
         let before = out.len();
-        if from < a.len() {
-            out.extend_from_slice(&a[from..to.min(a.len())]);
-        }
-        if to > a.len() {
-            out.extend_from_slice(&b[from.max(a.len()) - a.len()..to - a.len()]);
+        let mut skip = (offset - self.start) as usize;
+        let mut left = len;
+        for chunk in &self.chunks {
+            if left == 0 {
+                break;
+            }
+            if skip >= chunk.len() {
+                skip -= chunk.len();
+                continue;
+            }
+            let take = (chunk.len() - skip).min(left);
+            out.extend_from_slice(&chunk[skip..skip + take]);
+            left -= take;
+            skip = 0;
         }
         out.len() - before
     }
@@ -768,24 +786,17 @@ impl BlockingClient {
 
     /// Reads up to `max` bytes at the current offset, waiting for at least
     /// one. `Ok(None)` at the end of the file.
-    pub fn read(&self, max: usize, timeout: Duration) -> Result<Option<Vec<u8>>, WaitError> {
+    /// Everything contiguous that is there comes in one chunk, not one
+    /// datagram's worth: a consumer that takes any amount gets full
+    /// buffers when it is the slower side.
+    pub fn read(&self, max: usize, timeout: Duration) -> Result<Option<Bytes>, WaitError> {
         let result = self.wait_for(timeout, |inner| {
             if inner.conn.is_finished() {
                 return Some(Ok(None));
             }
             let offset = inner.conn.read_offset()?;
-            let now = Instant::now();
-            let mut chunk = inner.conn.read(now, max)?;
-            // Everything contiguous that is there, not one datagram's worth:
-            // a consumer that takes any amount gets full buffers when it
-            // is the slower side.
-            while chunk.len() < max {
-                match inner.conn.read(now, max - chunk.len()) {
-                    Some(more) => chunk.extend_from_slice(&more),
-                    None => break,
-                }
-            }
-            inner.history.push(offset, &chunk);
+            let chunk = Bytes::from(inner.conn.read(Instant::now(), max)?);
+            inner.history.push(offset, chunk.clone());
             Some(Ok(Some(chunk)))
         });
         match result {
@@ -852,12 +863,7 @@ impl BlockingClient {
     /// The bytes of `[offset, offset + len)` of the open file (fewer only at
     /// its end): from what was recently handed out, from what already
     /// arrived ahead, or else by asking the server to continue from there.
-    pub fn read_at(
-        &self,
-        offset: u64,
-        len: usize,
-        timeout: Duration,
-    ) -> Result<Vec<u8>, WaitError> {
+    pub fn read_at(&self, offset: u64, len: usize, timeout: Duration) -> Result<Bytes, WaitError> {
         self.read_some_at(offset, len, len, timeout)
     }
 
@@ -871,21 +877,30 @@ impl BlockingClient {
         len: usize,
         min: usize,
         timeout: Duration,
-    ) -> Result<Vec<u8>, WaitError> {
+    ) -> Result<Bytes, WaitError> {
         let min = min.clamp(1, len.max(1));
-        let mut out = Vec::with_capacity(len);
+        let mut out = Vec::new();
         lock(&self.shared).history.copy_into(offset, len, &mut out);
         if out.len() >= min {
-            return Ok(out);
+            return Ok(out.into());
         }
         self.move_to(offset + out.len() as u64, timeout)?;
+        // The common case, reading on from where the stream is: the chunk
+        // itself goes out, shared with the history, uncopied.
+        if out.is_empty() {
+            match self.read(len, timeout)? {
+                Some(chunk) if chunk.len() >= min => return Ok(chunk),
+                Some(chunk) => out.extend_from_slice(&chunk),
+                None => return Ok(Bytes::new()),
+            }
+        }
         while out.len() < min {
             match self.read(len - out.len(), timeout)? {
                 Some(chunk) => out.extend_from_slice(&chunk),
                 None => break,
             }
         }
-        Ok(out)
+        Ok(out.into())
     }
 
     /// True when `offset` can be served without waiting for the network.
@@ -1015,19 +1030,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn recent_bytes_keep_the_tail_of_one_contiguous_range() {
+    fn recent_bytes_keep_whole_chunks_of_the_tail_of_one_range() {
         let mut h = RecentBytes::new(10);
-        h.push(100, &[1, 2, 3, 4, 5, 6]);
-        h.push(106, &[7, 8, 9, 10, 11, 12]);
-        assert_eq!(h.end(), 112);
-        assert!(!h.contains(101) && h.contains(102) && !h.contains(112));
+        h.push(100, Bytes::from_static(&[1, 2, 3, 4, 5, 6]));
+        h.push(106, Bytes::from_static(&[7, 8, 9, 10, 11, 12]));
+        h.push(112, Bytes::from_static(&[13, 14, 15, 16, 17, 18]));
+        // At least the limit, in whole chunks: the first one went.
+        assert_eq!(h.end(), 118);
+        assert!(!h.contains(105) && h.contains(106) && !h.contains(118));
         let mut out = Vec::new();
-        assert_eq!(h.copy_into(104, 100, &mut out), 8);
-        assert_eq!(out, vec![5, 6, 7, 8, 9, 10, 11, 12]);
+        assert_eq!(h.copy_into(110, 100, &mut out), 8);
+        assert_eq!(out, vec![11, 12, 13, 14, 15, 16, 17, 18]);
+        out.clear();
+        assert_eq!(h.copy_into(108, 3, &mut out), 3);
+        assert_eq!(out, vec![9, 10, 11]);
         out.clear();
         assert_eq!(h.copy_into(101, 4, &mut out), 0);
         // A gap starts over.
-        h.push(200, &[42]);
+        h.push(200, Bytes::from_static(&[42]));
         assert!(!h.contains(110) && h.contains(200));
     }
 }

@@ -1009,7 +1009,9 @@ impl BaseSrcImpl for UdpVidSrc {
             *position = end;
         }
         gst::trace!(CAT, imp = self, "pushing {} bytes at {offset}", data.len());
-        let mut buffer = gst::Buffer::from_mut_slice(data);
+        // The bytes are shared with the recent-bytes history, not copied;
+        // the memory is read-only, which demuxers and sinks only read.
+        let mut buffer = gst::Buffer::from_slice(data);
         {
             let b = buffer.get_mut().ok_or(gst::FlowError::Error)?;
             b.set_offset(offset);
