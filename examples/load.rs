@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use gstudpvid::blocking_client::BlockingClient;
 use gstudpvid::protocol::ClientConfig;
 use gstudpvid::protocol::read_ahead::ReadAhead;
-use gstudpvid::protocol::wire::{AckRange, Body, Packet, TransferKind};
+use gstudpvid::protocol::wire::{AckRange, Body, OpenRequest, Packet, TransferKind};
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
@@ -111,13 +111,13 @@ fn open(sock: &UdpSocket, server: &str, id: u64, path: &str) {
     let p = Packet::new(
         id,
         1,
-        Body::Open {
+        Body::Open(OpenRequest {
             transfer_id: 1,
             kind: TransferKind::File,
             offset: 0,
             window: 8 << 20,
             path: path.into(),
-        },
+        }),
     );
     let _ = sock.send_to(&p.encode(), server);
 }

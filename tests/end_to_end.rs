@@ -365,8 +365,8 @@ fn a_server_that_answers_but_never_delivers_is_an_error() {
                             });
                         }
                     }
-                    Body::Open { transfer_id, .. } => replies.push(Body::OpenOk {
-                        transfer_id,
+                    Body::Open(o) => replies.push(Body::OpenOk {
+                        transfer_id: o.transfer_id,
                         size: 1 << 20,
                         content_tag: 1,
                         offset: 0,

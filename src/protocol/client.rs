@@ -134,6 +134,22 @@ struct ClientTransfer {
     expecting_more: bool,
 }
 
+impl ClientTransfer {
+    /// The request that opens this transfer, in an `Open` or a `Hello`,
+    /// first or repeated: the window it carries counts as told.
+    fn open_request(&mut self) -> OpenRequest {
+        let window = self.receiver.window();
+        self.receiver.mark_advertised(window);
+        OpenRequest {
+            transfer_id: self.id,
+            kind: self.kind,
+            offset: self.start,
+            window,
+            path: self.path.clone(),
+        }
+    }
+}
+
 /// Counters for stats and logs.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ClientStats {
@@ -298,32 +314,16 @@ impl ClientConnection {
         if self.config.passphrase.is_some() {
             return None;
         }
-        let t = self.transfer.as_mut().filter(|t| !t.opened)?;
-        let window = t.receiver.window();
-        t.receiver.mark_advertised(window);
-        Some(OpenRequest {
-            transfer_id: t.id,
-            kind: t.kind,
-            offset: t.start,
-            window,
-            path: t.path.clone(),
-        })
+        Some(self.transfer.as_mut().filter(|t| !t.opened)?.open_request())
     }
 
     fn queue_open(&mut self, now: Instant) {
         let Some(t) = self.transfer.as_mut() else {
             return;
         };
-        let window = t.receiver.window();
-        t.receiver.mark_advertised(window);
         t.open_timer.start(now);
-        self.out.push_back(Body::Open {
-            transfer_id: t.id,
-            kind: t.kind,
-            offset: t.start,
-            window,
-            path: t.path.clone(),
-        });
+        let request = t.open_request();
+        self.out.push_back(Body::Open(request));
     }
 
     pub fn set_read_ahead(&mut self, now: Instant, read_ahead: ReadAhead) {
@@ -940,14 +940,9 @@ impl ClientConnection {
                     }
                 }
                 if resend_open {
-                    if let Some(t) = self.transfer.as_ref() {
-                        self.out.push_back(Body::Open {
-                            transfer_id: t.id,
-                            kind: t.kind,
-                            offset: t.start,
-                            window: t.receiver.window(),
-                            path: t.path.clone(),
-                        });
+                    if let Some(t) = self.transfer.as_mut() {
+                        let request = t.open_request();
+                        self.out.push_back(Body::Open(request));
                     }
                 }
                 if probe {

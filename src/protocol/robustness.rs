@@ -63,13 +63,13 @@ fn seeds() -> Vec<Vec<u8>> {
         Packet::new(
             5,
             1,
-            Body::Open {
+            Body::Open(OpenRequest {
                 transfer_id: 1,
                 kind: TransferKind::File,
                 offset: 0,
                 window: 1 << 20,
                 path: "a.mp4".into(),
-            },
+            }),
         )
         .encode(),
         Packet::new(
@@ -286,13 +286,13 @@ fn limits_refuse_newcomers_and_spare_established_sessions() {
     let open = Packet::new(
         id,
         1,
-        Body::Open {
+        Body::Open(OpenRequest {
             transfer_id: 1,
             kind: TransferKind::File,
             offset: 0,
             window: 1 << 20,
             path: "a.mp4".into(),
-        },
+        }),
     );
     s.handle_datagram(now, a(1000), &open.encode());
     let mut out = Vec::new();

@@ -458,22 +458,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
         }
         let id = session.id;
         match packet.body {
-            Body::Open {
-                transfer_id,
-                kind,
-                offset,
-                window,
-                path,
-            } => self.handle_open(
-                id,
-                OpenRequest {
-                    transfer_id,
-                    kind,
-                    offset,
-                    window,
-                    path,
-                },
-            ),
+            Body::Open(request) => self.handle_open(id, request),
             Body::Ack {
                 transfer_id,
                 window,

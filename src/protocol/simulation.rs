@@ -16,7 +16,7 @@ use super::catalog::CatalogEntry;
 use super::client::{ClientConfig, ClientConnection, ClientEvent};
 use super::read_ahead::ReadAhead;
 use super::server::{MemoryStore, ServerConfig, ServerEndpoint};
-use super::wire::{Body, OpenErrorKind, Packet};
+use super::wire::{Body, OpenErrorKind, OpenRequest, Packet};
 use crate::impairment::{GilbertElliott, Impairment, ImpairmentConfig};
 
 mod buffering_app;
@@ -186,7 +186,9 @@ impl Sim {
         while let Some(d) = self.client.poll_transmit(self.now) {
             if let Ok(p) = Packet::decode(&d) {
                 let window = match p.body {
-                    Body::Ack { window, .. } | Body::Open { window, .. } => Some(window),
+                    Body::Ack { window, .. } | Body::Open(OpenRequest { window, .. }) => {
+                        Some(window)
+                    }
                     Body::Hello {
                         early_open: Some(o),
                         ..

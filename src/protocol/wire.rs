@@ -93,6 +93,27 @@ pub struct OpenRequest {
     pub path: String,
 }
 
+impl OpenRequest {
+    /// Its wire form, the same in `Open` and in a `Hello`'s early open.
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.transfer_id.to_be_bytes());
+        out.push(self.kind.to_byte());
+        out.extend_from_slice(&self.offset.to_be_bytes());
+        out.extend_from_slice(&self.window.to_be_bytes());
+        put_text(out, &self.path);
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<OpenRequest, DecodeError> {
+        Ok(OpenRequest {
+            transfer_id: r.u32()?,
+            kind: TransferKind::from_byte(r.u8()?)?,
+            offset: r.u64()?,
+            window: r.u64()?,
+            path: r.text()?,
+        })
+    }
+}
+
 /// `Hello` flag bits.
 const HELLO_WANTS_AUTH: u8 = 1;
 const HELLO_EARLY_OPEN: u8 = 2;
@@ -116,13 +137,7 @@ pub enum Body {
     },
     /// Client → server: start a transfer at `offset`. A new transfer id
     /// replaces the previous transfer (that is how a seek works).
-    Open {
-        transfer_id: u32,
-        kind: TransferKind,
-        offset: u64,
-        window: u64,
-        path: String,
-    },
+    Open(OpenRequest),
     /// Client → server: selective acknowledgement plus the receive window.
     Ack {
         transfer_id: u32,
@@ -376,28 +391,14 @@ impl Packet {
                 }
                 out.push(flags);
                 if let Some(o) = early_open {
-                    out.extend_from_slice(&o.transfer_id.to_be_bytes());
-                    out.push(o.kind.to_byte());
-                    out.extend_from_slice(&o.offset.to_be_bytes());
-                    out.extend_from_slice(&o.window.to_be_bytes());
-                    put_text(out, &o.path);
+                    o.encode(out);
                 }
                 if out.len() < HELLO_PADDED_SIZE {
                     out.resize(HELLO_PADDED_SIZE, 0);
                 }
             }
-            Body::Open {
-                transfer_id,
-                kind,
-                offset,
-                window,
-                path,
-            } => {
-                out.extend_from_slice(&transfer_id.to_be_bytes());
-                out.push(kind.to_byte());
-                out.extend_from_slice(&offset.to_be_bytes());
-                out.extend_from_slice(&window.to_be_bytes());
-                put_text(out, path);
+            Body::Open(o) => {
+                o.encode(out);
             }
             Body::Ack {
                 transfer_id,
@@ -533,13 +534,7 @@ impl Packet {
                 let cookie = r.bytes(len)?.to_vec();
                 let flags = r.u8()?;
                 let early_open = if flags & HELLO_EARLY_OPEN != 0 {
-                    Some(OpenRequest {
-                        transfer_id: r.u32()?,
-                        kind: TransferKind::from_byte(r.u8()?)?,
-                        offset: r.u64()?,
-                        window: r.u64()?,
-                        path: r.text()?,
-                    })
+                    Some(OpenRequest::decode(&mut r)?)
                 } else {
                     None
                 };
@@ -552,19 +547,9 @@ impl Packet {
                 }
             }
             ty::OPEN => {
-                let transfer_id = r.u32()?;
-                let kind = TransferKind::from_byte(r.u8()?)?;
-                let offset = r.u64()?;
-                let window = r.u64()?;
-                let path = r.text()?;
+                let open = OpenRequest::decode(&mut r)?;
                 r.finish()?;
-                Body::Open {
-                    transfer_id,
-                    kind,
-                    offset,
-                    window,
-                    path,
-                }
+                Body::Open(open)
             }
             ty::ACK => {
                 let transfer_id = r.u32()?;
@@ -695,7 +680,7 @@ impl Body {
     fn type_byte(&self) -> u8 {
         match self {
             Body::Hello { .. } => ty::HELLO,
-            Body::Open { .. } => ty::OPEN,
+            Body::Open(_) => ty::OPEN,
             Body::Ack { .. } => ty::ACK,
             Body::Ping => ty::PING,
             Body::Pong => ty::PONG,
@@ -850,20 +835,20 @@ mod tests {
                     path: "sub/movie é.mkv".into(),
                 }),
             },
-            Body::Open {
+            Body::Open(OpenRequest {
                 transfer_id: 3,
                 kind: TransferKind::File,
                 offset: 1 << 40,
                 window: 1 << 41,
                 path: "dir/movie é.mp4".into(),
-            },
-            Body::Open {
+            }),
+            Body::Open(OpenRequest {
                 transfer_id: 0,
                 kind: TransferKind::Catalog,
                 offset: 0,
                 window: 0,
                 path: String::new(),
-            },
+            }),
             Body::Ack {
                 transfer_id: 9,
                 window: 123456,
