@@ -35,6 +35,16 @@ impl RangeSet {
         if r.start >= r.end {
             return;
         }
+        // The common case, in-order arrival: `r` extends the range before
+        // it and reaches no other. That range grows in place (removing and
+        // re-inserting it was a tree update per datagram).
+        let next_start = self.map.range(r.start + 1..).next().map(|(&s, _)| s);
+        if let Some((_, e)) = self.map.range_mut(..=r.start).next_back() {
+            if *e >= r.start && next_start.is_none_or(|n| n > r.end) {
+                *e = (*e).max(r.end);
+                return;
+            }
+        }
         let mut start = r.start;
         let mut end = r.end;
         // A range starting at or before `start` may overlap or touch.
