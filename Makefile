@@ -5,13 +5,14 @@ CARGO ?= cargo
 APT_PACKAGES := pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev \
 	gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
 	gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-x \
-	gstreamer1.0-plugins-base-apps
+	gstreamer1.0-plugins-base-apps python3-gi gir1.2-gstreamer-1.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PLUGIN_DIR := $(CURDIR)/target/debug
 DEMO_DIR := $(CURDIR)/streamer
 DEMO_PORT ?= 50000
 
-.PHONY: all deps build test lint demo demo-clip bench fuzz load clean
+.PHONY: all deps build test lint demo demo-clip bench fuzz load clean install uninstall \
+	install-service uninstall-service
 FUZZ_SECONDS ?= 60
 BENCH_PACKAGES := nginx nftables iproute2
 
@@ -37,6 +38,51 @@ lint: deps
 
 test: build lint
 	$(CARGO) test --workspace
+
+# Install: the plugin where GStreamer looks without any environment
+# variable, the server on PATH. As root: the system plugin folder (from
+# pkg-config) and /usr/local/bin; otherwise ~/.local/share/gstreamer-1.0/
+# plugins and ~/.local/bin. PLUGINDIR, BINDIR, DESTDIR and PROFILE
+# (release; debug for quick tests) override.
+ifeq ($(shell id -u),0)
+PLUGINDIR ?= $(shell pkg-config --variable=pluginsdir gstreamer-1.0 2>/dev/null || echo /usr/local/lib/gstreamer-1.0)
+BINDIR ?= /usr/local/bin
+else
+PLUGINDIR ?= $(HOME)/.local/share/gstreamer-1.0/plugins
+BINDIR ?= $(HOME)/.local/bin
+endif
+PROFILE ?= release
+CARGO_PROFILE_FLAG := $(if $(filter release,$(PROFILE)),--release,)
+INSTALLED := $(DESTDIR)$(PLUGINDIR)/libgstudpvid.so $(DESTDIR)$(BINDIR)/server
+SERVICE_FILE := /etc/systemd/system/udpvid.service
+
+install: deps
+	$(CARGO) build $(CARGO_PROFILE_FLAG) -p gst-plugin-udpvid --lib
+	$(CARGO) build $(CARGO_PROFILE_FLAG) -p udpvid-server --bin server
+	install -D -m 644 target/$(PROFILE)/libgstudpvid.so $(DESTDIR)$(PLUGINDIR)/libgstudpvid.so
+	install -D -m 755 target/$(PROFILE)/server $(DESTDIR)$(BINDIR)/server
+	@echo "installed: $(INSTALLED)"
+	@echo "try: gst-inspect-1.0 udpvidsrc"
+
+uninstall:
+	rm -f $(INSTALLED)
+	@echo "removed: $(INSTALLED)"
+
+# The server as a systemd service (root): serves /srv/udpvid read-only as a
+# throw-away user, logs to the journal, restarts on failure. Edit
+# $(SERVICE_FILE) (or `systemctl edit udpvid`) for another folder or port.
+install-service: install
+	install -D -m 644 server/udpvid.service $(SERVICE_FILE)
+	sed -i 's|@BINDIR@|$(BINDIR)|' $(SERVICE_FILE)
+	install -d -m 755 /srv/udpvid
+	systemctl daemon-reload
+	systemctl enable --now udpvid.service
+	@echo "udpvid.service is running: put videos in /srv/udpvid; journalctl -u udpvid shows its log"
+
+uninstall-service:
+	-systemctl disable --now udpvid.service
+	rm -f $(SERVICE_FILE)
+	-systemctl daemon-reload
 
 # A 20 s 720p H.264/AAC clip (moov at the end, as a camera would write it).
 demo-clip: deps
