@@ -142,3 +142,42 @@ fn the_python_snippet_plays_a_udpvid_uri_with_playbin() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
 }
+
+#[test]
+fn the_systemd_unit_is_valid() {
+    // systemd checks the unit as `make install-service` writes it (no
+    // systemd needs to run for that); skipped where systemd is not there.
+    let Ok(status) = Command::new("systemd-analyze").arg("--version").output() else {
+        eprintln!("systemd-analyze not found: unit not checked");
+        return;
+    };
+    assert!(status.status.success());
+    let unit = std::fs::read_to_string(repo().join("server/udpvid.service")).expect("unit");
+    let bindir = common::server_binary()
+        .parent()
+        .expect("server dir")
+        .to_path_buf();
+    let unit = unit.replace("@BINDIR@", &bindir.display().to_string());
+    for needed in [
+        "DynamicUser=yes",
+        "ReadOnlyPaths=/srv/udpvid",
+        "Restart=on-failure",
+    ] {
+        assert!(unit.contains(needed), "{needed} missing");
+    }
+    let dir = std::env::temp_dir().join(format!("udpvid-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("udpvid.service");
+    std::fs::write(&path, unit).expect("write unit");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
