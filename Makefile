@@ -5,7 +5,7 @@ CARGO ?= cargo
 APT_PACKAGES := pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev \
 	gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
 	gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-x \
-	gstreamer1.0-plugins-base-apps python3-gi gir1.2-gstreamer-1.0
+	gstreamer1.0-plugins-base-apps python3-gi gir1.2-gstreamer-1.0 tmux
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PLUGIN_DIR := $(CURDIR)/target/debug
 DEMO_DIR := $(CURDIR)/streamer

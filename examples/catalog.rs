@@ -9,24 +9,10 @@ use std::time::Duration;
 
 use gstudpvid::blocking_client::BlockingClient;
 use gstudpvid::protocol::ClientConfig;
+use gstudpvid::protocol::catalog::human_size;
 
 const DEFAULT_PORT: u16 = 50000;
 const TIMEOUT: Duration = Duration::from_secs(5);
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -49,7 +35,7 @@ fn main() -> ExitCode {
     match client.catalog(TIMEOUT) {
         Ok(entries) => {
             for e in &entries {
-                println!("{:>12}  {:>10}  {}", e.size, human(e.size), e.name);
+                println!("{:>12}  {:>10}  {}", e.size, human_size(e.size), e.name);
             }
             println!("{} files on {host}:{port}", entries.len());
             ExitCode::SUCCESS

@@ -10,6 +10,17 @@
 //! `--headless` plays into fakesinks in real time (for CI and machines
 //! without a display) and ignores the keyboard; `--playbin3` uses playbin3;
 //! `--seek SECONDS` seeks once prerolled, so headless runs can exercise it.
+//!
+//! Browse and play: given a server without a file, `udpvid://host[:port]/`,
+//! it lists the server's catalog, numbered, with sizes; the pick (a number
+//! or a name, typed at the prompt, or `--pick` for one headless run)
+//! plays, and at its end (or `q`) the list comes back; `q` at the prompt
+//! quits.
+//!
+//! ```text
+//! cargo run --example player -- udpvid://127.0.0.1/
+//! cargo run --example player -- --headless --pick 2 udpvid://127.0.0.1/
+//! ```
 
 use std::io::{IsTerminal, Read, Write};
 use std::process::{Command, ExitCode, Stdio};
@@ -18,6 +29,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gst::prelude::*;
+use gstudpvid::blocking_client::BlockingClient;
+use gstudpvid::location::Location;
+use gstudpvid::protocol::ClientConfig;
+use gstudpvid::protocol::catalog::{CatalogEntry, human_size};
 
 const SEEK_STEP: gst::ClockTime = gst::ClockTime::from_seconds(10);
 const STATUS_INTERVAL: Duration = Duration::from_millis(250);
@@ -29,11 +44,14 @@ enum Key {
     Quit,
 }
 
+#[derive(Clone)]
 struct Options {
     uri: String,
     headless: bool,
     playbin3: bool,
     seek: Option<f64>,
+    /// Browsing: what to play, instead of asking.
+    pick: Option<String>,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -42,12 +60,14 @@ fn parse_args() -> Result<Options, String> {
         headless: false,
         playbin3: false,
         seek: None,
+        pick: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--headless" => opts.headless = true,
             "--playbin3" => opts.playbin3 = true,
+            "--pick" => opts.pick = Some(args.next().ok_or("--pick needs a number or a name")?),
             "--seek" => {
                 let v = args.next().ok_or("--seek needs a number of seconds")?;
                 opts.seek = Some(
@@ -298,6 +318,76 @@ fn run(opts: Options) -> Result<(), String> {
     result
 }
 
+const CATALOG_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn fetch_catalog(host: &str, port: u16) -> Result<Vec<CatalogEntry>, String> {
+    let client = BlockingClient::connect(host, port, ClientConfig::default())
+        .map_err(|e| format!("cannot reach {host}:{port}: {e}"))?;
+    let entries = client.catalog(CATALOG_TIMEOUT);
+    client.close();
+    entries.map_err(|e| format!("{host}:{port}: {e}"))
+}
+
+/// The entry `choice` names: its number in the list or its name.
+fn resolve<'a>(entries: &'a [CatalogEntry], choice: &str) -> Option<&'a CatalogEntry> {
+    match choice.parse::<usize>() {
+        Ok(n) => entries.get(n.checked_sub(1)?),
+        Err(_) => entries.iter().find(|e| e.name == choice),
+    }
+}
+
+/// The seed's client, done properly: list, pick, play, and back to the list.
+fn browse(mut opts: Options, host: String, port: u16) -> Result<(), String> {
+    let once = opts.pick.is_some();
+    let stdin = std::io::stdin();
+    loop {
+        let entries = fetch_catalog(&host, port)?;
+        println!("udpvid://{host}:{port}/ offers {} files:", entries.len());
+        for (i, e) in entries.iter().enumerate() {
+            println!("{:>4}. {}  ({})", i + 1, e.name, human_size(e.size));
+        }
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let choice = match opts.pick.take() {
+            Some(p) => p,
+            None if once => return Ok(()),
+            None => {
+                print!("play which? (number or name, q quits) ");
+                let _ = std::io::stdout().flush();
+                let mut line = String::new();
+                if stdin.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+                    return Ok(());
+                }
+                line.trim().to_owned()
+            }
+        };
+        if choice == "q" {
+            return Ok(());
+        }
+        let Some(entry) = resolve(&entries, &choice) else {
+            println!("no file {choice:?} in the list");
+            continue;
+        };
+        let uri = Location {
+            host: host.clone(),
+            port,
+            path: entry.name.clone(),
+        }
+        .to_uri();
+        match run(Options {
+            uri,
+            ..opts.clone()
+        }) {
+            Ok(()) => println!("end of {}", entry.name),
+            Err(e) => println!("{}: {e}", entry.name),
+        }
+        if once {
+            return Ok(());
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let opts = match parse_args() {
         Ok(o) => o,
@@ -306,11 +396,24 @@ fn main() -> ExitCode {
                 eprintln!("player: {e}");
             }
             eprintln!(
-                "usage: player [--headless] [--playbin3] [--seek SECONDS] udpvid://host[:port]/file"
+                "usage: player [--headless] [--playbin3] [--seek SECONDS] udpvid://host[:port]/file\n       player [--headless] [--pick NUMBER|NAME] udpvid://host[:port]/"
             );
             return ExitCode::from(2);
         }
     };
+    if let Ok((host, port)) = Location::parse_server(&opts.uri) {
+        return match gst::init()
+            .map_err(|e| e.to_string())
+            .and_then(|()| gstudpvid::plugin_register_static().map_err(|e| e.to_string()))
+            .and_then(|()| browse(opts, host, port))
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("player: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(opts) {
         Ok(()) => {
             println!("end of stream");

@@ -51,6 +51,28 @@ impl std::error::Error for LocationError {}
 
 impl Location {
     pub fn parse(uri: &str) -> Result<Location, LocationError> {
+        let (host, port, path) = Self::parse_parts(uri)?;
+        if path.is_empty() {
+            return Err(LocationError(format!(
+                "invalid udpvid URI {uri:?}: no file path"
+            )));
+        }
+        Ok(Location { host, port, path })
+    }
+
+    /// A server's URI without a file, `udpvid://host[:port]/`: its host and
+    /// port (what a player lists the catalog of).
+    pub fn parse_server(uri: &str) -> Result<(String, u16), LocationError> {
+        let (host, port, path) = Self::parse_parts(uri)?;
+        if !path.is_empty() {
+            return Err(LocationError(format!(
+                "{uri:?} names a file; a server is udpvid://host[:port]/"
+            )));
+        }
+        Ok((host, port))
+    }
+
+    fn parse_parts(uri: &str) -> Result<(String, u16, String), LocationError> {
         let err = |why: &str| LocationError(format!("invalid udpvid URI {uri:?}: {why}"));
         let (scheme, rest) = uri
             .split_once("://")
@@ -99,10 +121,7 @@ impl Location {
             .decode_utf8()
             .map_err(|_| err("path is not UTF-8 once decoded"))?
             .into_owned();
-        if path.is_empty() {
-            return Err(err("no file path"));
-        }
-        Ok(Location { host, port, path })
+        Ok((host, port, path))
     }
 
     pub fn to_uri(&self) -> String {
@@ -129,6 +148,21 @@ mod tests {
             port,
             path: path.into(),
         }
+    }
+
+    #[test]
+    fn a_server_uri_has_no_file() {
+        assert_eq!(
+            Location::parse_server("udpvid://192.0.2.1:5000/"),
+            Ok(("192.0.2.1".into(), 5000))
+        );
+        assert_eq!(
+            Location::parse_server("udpvid://[::1]/"),
+            Ok(("::1".into(), DEFAULT_PORT))
+        );
+        assert!(Location::parse_server("udpvid://h/movie.mp4").is_err());
+        assert!(Location::parse_server("udpvid://h").is_err());
+        assert!(Location::parse("udpvid://h/").is_err());
     }
 
     #[test]

@@ -458,6 +458,129 @@ fn player_example_plays_headless_with_a_seek() {
     assert!(stdout.contains("rtt"), "no status line: {stdout}");
 }
 
+/// A terminal session driven like a person at the keyboard (tmux).
+struct Terminal {
+    socket: String,
+}
+
+impl Terminal {
+    fn start(command: &str) -> Terminal {
+        let socket = format!("udpvid-test-{}", std::process::id());
+        let t = Terminal { socket };
+        let ok = std::process::Command::new("tmux")
+            .args([
+                "-L",
+                &t.socket,
+                "new-session",
+                "-d",
+                "-x",
+                "160",
+                "-y",
+                "50",
+            ])
+            .arg(command)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "tmux cannot start a session (apt install tmux)");
+        t
+    }
+
+    fn screen(&self) -> String {
+        let out = std::process::Command::new("tmux")
+            .args(["-L", &self.socket, "capture-pane", "-p", "-S", "-200"])
+            .output()
+            .expect("tmux capture-pane");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn type_line(&self, text: &str) {
+        let ok = std::process::Command::new("tmux")
+            .args(["-L", &self.socket, "send-keys", text, "Enter"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "tmux send-keys");
+    }
+
+    /// Waits until the screen satisfies `done`; panics with it after `limit`.
+    fn wait_for(&self, limit: Duration, what: &str, done: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let screen = self.screen();
+            if done(&screen) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} after {limit:?}:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn is_running(&self) -> bool {
+        std::process::Command::new("tmux")
+            .args(["-L", &self.socket, "has-session"])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn player_browses_the_catalog_plays_the_pick_and_returns_to_the_list() {
+    let clips = clips();
+    let server = Server::start(&clips.dir, &[]);
+    let player = common::example_binary("player");
+    let term = Terminal::start(&format!(
+        "{} --headless udpvid://127.0.0.1:{}/; echo player exited: $?; sleep 30",
+        player.display(),
+        server.port
+    ));
+    let prompts = |s: &str| s.matches("play which?").count();
+    term.wait_for(Duration::from_secs(20), "catalog", |s| prompts(s) == 1);
+    let screen = term.screen();
+    assert!(screen.contains("offers 4 files"), "{screen}");
+    for (i, name) in ["movie.mkv", "movie.mp4", "movie.ts", "movie.webm"]
+        .iter()
+        .enumerate()
+    {
+        assert!(
+            screen.contains(&format!("{}. {name}  (", i + 1)),
+            "{name} not listed as number {}:\n{screen}",
+            i + 1
+        );
+    }
+    // By number: plays to its end, then the list again.
+    term.type_line("3");
+    term.wait_for(Duration::from_secs(30), "end of movie.ts", |s| {
+        s.contains("end of movie.ts") && prompts(s) == 2
+    });
+    // By name, and a name that is not there.
+    term.type_line("nope.avi");
+    term.wait_for(Duration::from_secs(10), "refusal", |s| {
+        s.contains("no file \"nope.avi\"") && prompts(s) == 3
+    });
+    term.type_line("movie.webm");
+    term.wait_for(Duration::from_secs(30), "end of movie.webm", |s| {
+        s.contains("end of movie.webm") && prompts(s) == 4
+    });
+    term.type_line("q");
+    // The shell's `sleep` keeps the screen for reading after it exits.
+    term.wait_for(Duration::from_secs(10), "exit", |s| {
+        s.contains("player exited: 0")
+    });
+    assert!(term.is_running());
+}
+
 #[test]
 fn catalog_example_lists_the_clips() {
     let clips = clips();
