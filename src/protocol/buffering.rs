@@ -12,9 +12,13 @@
 //!
 //! ```text
 //! window = read offset + read-ahead                 (told to the server)
-//! goal   = min(read-ahead / 2, start cap, rest of file,
-//!              window last told − read offset)      (what 100 % means)
+//! goal   = min(max(min(read-ahead / 2, start cap), slow-link goal),
+//!              rest of file, window last told − read offset)
 //! ```
+//!
+//! The slow-link goal (what it takes to wait once and play to the end on a
+//! link slower than the media, see `read_ahead.rs`) is part of the
+//! read-ahead too, so the window covers it.
 //!
 //! The last term makes the invariant hold by construction; the connection
 //! also sends a grown window at once while buffering, so that term does not
@@ -34,6 +38,12 @@ pub const BUFFERING_GOAL_DIVISOR: u64 = 2;
 /// nothing bad yet, and on a 20 Mbit/s, 80 ms path half the initial
 /// read-ahead took five more round trips of slow start to arrive.
 pub const START_BUFFERING_BYTES: u64 = 256 * 1024;
+
+/// An underrun (the streaming thread finds nothing ready) is reported as
+/// buffering only while the pipeline holds less than this much media ahead
+/// of playback: with more, playback goes on from the pipeline's own queues
+/// while the source waits, and pausing it would be a stutter for nothing.
+pub const UNDERRUN_HOLD: Duration = Duration::from_secs(1);
 
 /// Why the player waits for the network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +72,7 @@ pub struct BufferingLevel {
 pub fn buffering_goal(
     cause: BufferingCause,
     read_ahead: u64,
+    slow_link_goal: u64,
     remaining: u64,
     advertised_ahead: u64,
 ) -> u64 {
@@ -69,7 +80,9 @@ pub fn buffering_goal(
     if cause == BufferingCause::Start {
         goal = goal.min(START_BUFFERING_BYTES);
     }
-    goal.min(remaining).min(advertised_ahead)
+    goal.max(slow_link_goal)
+        .min(remaining)
+        .min(advertised_ahead)
 }
 
 /// Percent of `goal` that `available` covers; 100 for an empty goal.
@@ -134,17 +147,39 @@ mod tests {
     fn the_goal_never_exceeds_the_window_told() {
         // The freeze of issue 9: a 4.4 MB read-ahead wanted 2.2 MB while the
         // server had been told 1 MiB.
-        let goal = buffering_goal(BufferingCause::Underrun, 4_400_000, 30_000_000, 1 << 20);
+        let goal = buffering_goal(BufferingCause::Underrun, 4_400_000, 0, 30_000_000, 1 << 20);
         assert_eq!(goal, 1 << 20);
         assert_eq!(buffering_percent(1 << 20, goal), 100);
         // Start caps the goal; the end of the file caps it too.
         assert_eq!(
-            buffering_goal(BufferingCause::Start, 4_000_000, 30_000_000, 4_000_000),
+            buffering_goal(BufferingCause::Start, 4_000_000, 0, 30_000_000, 4_000_000),
             START_BUFFERING_BYTES
         );
         assert_eq!(
-            buffering_goal(BufferingCause::Underrun, 4_000_000, 1000, 4_000_000),
+            buffering_goal(BufferingCause::Underrun, 4_000_000, 0, 1000, 4_000_000),
             1000
+        );
+        // On a slow link the goal is what it takes to wait once, within
+        // the window told.
+        assert_eq!(
+            buffering_goal(
+                BufferingCause::Underrun,
+                8_000_000,
+                6_000_000,
+                30_000_000,
+                8_000_000
+            ),
+            6_000_000
+        );
+        assert_eq!(
+            buffering_goal(
+                BufferingCause::Start,
+                8_000_000,
+                6_000_000,
+                30_000_000,
+                5_000_000
+            ),
+            5_000_000
         );
         assert_eq!(buffering_percent(0, 0), 100);
         assert_eq!(buffering_percent(50, 200), 25);

@@ -286,6 +286,7 @@ impl ClientConnection {
         let id = self.next_transfer_id;
         self.next_transfer_id = self.next_transfer_id.wrapping_add(1).max(1);
         self.stats.transfers += 1;
+        self.read_ahead.on_new_transfer();
         let receiver = StreamReceiver::new(offset, self.current_read_ahead(now));
         self.transfer = Some(ClientTransfer {
             id,
@@ -332,6 +333,25 @@ impl ClientConnection {
         self.apply_read_ahead(now);
     }
 
+    /// The media's rate in bytes per second of playback (file size /
+    /// duration), once the player knows the duration: what a link slower
+    /// than the media is measured against.
+    pub fn set_media_rate(&mut self, now: Instant, bytes_per_second: Option<f64>) {
+        self.read_ahead.set_media_rate(bytes_per_second);
+        self.apply_read_ahead(now);
+    }
+
+    /// Bytes per second the link delivered recently while the server was
+    /// free to send, once measured.
+    pub fn link_rate(&self, now: Instant) -> Option<f64> {
+        self.read_ahead.link_rate(now)
+    }
+
+    /// Bytes per second the player consumed recently, once known.
+    pub fn consumption_rate(&self, now: Instant) -> Option<f64> {
+        self.read_ahead.consumption_rate(now)
+    }
+
     /// The player holds `bytes` it took but has not played yet (queues
     /// between the source and playback); the adaptive read-ahead counts them.
     pub fn set_held_downstream(&mut self, now: Instant, bytes: u64) {
@@ -351,6 +371,12 @@ impl ClientConnection {
     /// (the rate becoming known, an RTT sample, a gap decaying) reaches the
     /// server even while the player is paused.
     fn apply_read_ahead(&mut self, now: Instant) {
+        let remaining = self
+            .transfer
+            .as_ref()
+            .filter(|t| t.opened && t.kind == TransferKind::File)
+            .and_then(|t| Some(t.receiver.end()?.saturating_sub(t.receiver.read_offset())));
+        self.read_ahead.set_remaining(remaining);
         let bytes = self.current_read_ahead(now);
         if let Some(t) = self.transfer.as_mut() {
             if t.receiver.read_ahead() != bytes {
@@ -389,12 +415,14 @@ impl ClientConnection {
         } else {
             u64::MAX
         };
-        let wanted = buffering::buffering_goal(cause, r.read_ahead(), remaining, u64::MAX);
+        let slow = self.read_ahead.slow_link_goal(now);
+        let wanted = buffering::buffering_goal(cause, r.read_ahead(), slow, remaining, u64::MAX);
         if r.advertised() < read_offset.saturating_add(wanted) && r.window() > r.advertised() {
             self.acks.request_immediate(now);
         }
         let advertised_ahead = r.advertised().saturating_sub(read_offset);
-        let goal = buffering::buffering_goal(cause, r.read_ahead(), remaining, advertised_ahead);
+        let goal =
+            buffering::buffering_goal(cause, r.read_ahead(), slow, remaining, advertised_ahead);
         let available = r.available();
         BufferingLevel {
             cause,
@@ -705,8 +733,14 @@ impl ClientConnection {
                 gap_recorded = true;
             }
         }
-        if t.receiver.insert(offset, payload) > 0 && t.kind == TransferKind::File {
+        // Was the server free to send this? Then it measures the link.
+        let window_open = t.receiver.window() > t.receiver.highest_received();
+        let new = t.receiver.insert(offset, payload);
+        if new > 0 && t.kind == TransferKind::File {
             self.last_new_data = Some(now);
+            if window_open {
+                self.read_ahead.on_arrival(now, new);
+            }
         }
         t.last_data = Some(now);
         t.expecting_more =

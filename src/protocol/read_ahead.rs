@@ -34,6 +34,23 @@
 //! At most half, because "held downstream" is an estimate (file size ×
 //! played share of the duration) that variable bitrates skew; the
 //! estimate is forgotten after [`HELD_DOWNSTREAM_FRESHNESS`].
+//!
+//! **A link slower than the media** cannot be covered by any amount of
+//! media time: the player runs dry every few seconds and stutters. There
+//! the read-ahead becomes what it takes to wait once and then play to the
+//! end (as a download manager's estimate would):
+//!
+//! ```text
+//! slow_link_goal = remaining − (remaining + held) × link_rate / consumption_rate
+//! ```
+//!
+//! the bytes that must be in hand when playback resumes so that the rest
+//! arrives before it is played, with a [`SLOW_LINK_MARGIN`]. `link_rate`
+//! is measured only while the server was free to send (the window open),
+//! so a full buffer does not read as a slow link. On a link faster than the
+//! media the goal is zero and nothing changes. The read-ahead is at least
+//! this goal, up to its maximum: with a cap too small for the whole wait,
+//! the player waits more than once, but never for nothing.
 
 use std::time::{Duration, Instant};
 
@@ -56,6 +73,15 @@ pub const GAP_MEMORY: Duration = Duration::from_secs(20);
 /// A report of the bytes the pipeline holds counts this long; the element
 /// reports every 100 ms while it plays.
 pub const HELD_DOWNSTREAM_FRESHNESS: Duration = Duration::from_secs(1);
+/// The link rate is what arrived over this long (while the window was open).
+pub const LINK_RATE_WINDOW: Duration = Duration::from_secs(3);
+/// ... once at least this much of it was seen.
+pub const MIN_LINK_RATE_SPAN: Duration = Duration::from_secs(1);
+/// A link within this share of the consumption rate is not "slower than
+/// the media": measurement noise should not make a fast link wait.
+pub const SLOW_LINK_THRESHOLD: f64 = 0.95;
+/// The slow-link goal is raised by this share, for the estimates' error.
+pub const SLOW_LINK_MARGIN: f64 = 0.10;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ReadAhead {
@@ -95,6 +121,14 @@ pub struct ReadAheadPolicy {
     worst_gap_at: Option<Instant>,
     /// (when, bytes) the pipeline had taken but not yet played.
     held_downstream: Option<(Instant, u64)>,
+    /// (time, bytes) of new data that arrived while the window was open.
+    arrivals: std::collections::VecDeque<(Instant, u64)>,
+    arrived_in_window: u64,
+    /// Bytes of the file not yet handed to the player.
+    remaining: Option<u64>,
+    /// The media's own rate (file size / duration), when the player knows
+    /// its duration.
+    media_rate: Option<f64>,
 }
 
 impl ReadAheadPolicy {
@@ -107,7 +141,83 @@ impl ReadAheadPolicy {
             worst_gap: Duration::ZERO,
             worst_gap_at: None,
             held_downstream: None,
+            arrivals: Default::default(),
+            arrived_in_window: 0,
+            remaining: None,
+            media_rate: None,
         }
+    }
+
+    /// The media's rate in bytes per second of playback (size / duration).
+    pub fn set_media_rate(&mut self, bytes_per_second: Option<f64>) {
+        self.media_rate = bytes_per_second.filter(|r| r.is_finite() && *r > 0.0);
+    }
+
+    /// `bytes` of new data arrived at `now` while the server was free to
+    /// send more: a sample of the link rate.
+    pub fn on_arrival(&mut self, now: Instant, bytes: u64) {
+        self.arrivals.push_back((now, bytes));
+        self.arrived_in_window += bytes;
+        while let Some(&(t, old)) = self.arrivals.front() {
+            if now.saturating_duration_since(t) <= LINK_RATE_WINDOW {
+                break;
+            }
+            self.arrivals.pop_front();
+            self.arrived_in_window -= old;
+        }
+    }
+
+    /// A new transfer (a seek) starts: the samples of the old one say
+    /// nothing about the ramp-up of the new one.
+    pub fn on_new_transfer(&mut self) {
+        self.arrivals.clear();
+        self.arrived_in_window = 0;
+    }
+
+    /// The bytes of the file not yet handed to the player.
+    pub fn set_remaining(&mut self, bytes: Option<u64>) {
+        self.remaining = bytes;
+    }
+
+    /// Bytes per second the link delivered recently while the window was
+    /// open, once seen for long enough.
+    pub fn link_rate(&self, now: Instant) -> Option<f64> {
+        let first = self.arrivals.front()?.0;
+        let last = self.arrivals.back()?.0;
+        if now.saturating_duration_since(last) > LINK_RATE_WINDOW {
+            return None;
+        }
+        let span = last.saturating_duration_since(first);
+        if span < MIN_LINK_RATE_SPAN {
+            return None;
+        }
+        Some(self.arrived_in_window as f64 / span.as_secs_f64())
+    }
+
+    /// The bytes to hold before playing on, on a link slower than the
+    /// media, so that the rest of the file arrives before it is played
+    /// (zero on a link fast enough, or while a rate is unknown).
+    pub fn slow_link_goal(&self, now: Instant) -> u64 {
+        // A fixed read-ahead is the user's word.
+        if let ReadAhead::Fixed(_) = self.mode {
+            return 0;
+        }
+        // The media's own rate when known: what the player took recently
+        // is diluted by the very pauses this goal is to avoid.
+        let (Some(remaining), Some(link), Some(consumption)) = (
+            self.remaining,
+            self.link_rate(now),
+            self.media_rate.or_else(|| self.consumption_rate(now)),
+        ) else {
+            return 0;
+        };
+        if consumption <= 0.0 || link >= consumption * SLOW_LINK_THRESHOLD {
+            return 0;
+        }
+        let held = self.held_downstream(now);
+        let playing_rest = (remaining + held) as f64 * link / consumption;
+        let goal = (remaining as f64 - playing_rest).max(0.0) * (1.0 + SLOW_LINK_MARGIN);
+        (goal as u64).min(remaining)
     }
 
     pub fn mode(&self) -> ReadAhead {
@@ -194,7 +304,9 @@ impl ReadAheadPolicy {
                 let time = target_time + self.risk_time(now, rtt, rtt_var);
                 let wanted = (rate * time.as_secs_f64()) as u64;
                 let credit = self.held_downstream(now).min(wanted / 2);
-                (wanted - credit).clamp(min, max)
+                (wanted - credit)
+                    .max(self.slow_link_goal(now))
+                    .clamp(min, max)
             }
         }
     }
@@ -286,6 +398,52 @@ mod tests {
         let mut fixed = ReadAheadPolicy::new(ReadAhead::Fixed(1_000_000));
         fixed.on_held_downstream(now, 300_000);
         assert_eq!(fixed.read_ahead(now, rtt, Duration::ZERO), 1_000_000);
+    }
+
+    #[test]
+    fn a_link_slower_than_the_media_holds_what_it_takes_to_wait_once() {
+        let t0 = Instant::now();
+        let mut p = adaptive();
+        let rtt = Duration::from_millis(40);
+        // Playing 500 kB/s while the link brings 250 kB/s, 12 MB to go.
+        let mut now = t0;
+        for _ in 0..50 {
+            now += Duration::from_millis(100);
+            p.on_consumed(now, 50_000);
+            p.on_arrival(now, 25_000);
+        }
+        p.set_remaining(Some(12_000_000));
+        // Half the rest must be in hand first, plus the margin.
+        let goal = p.slow_link_goal(now);
+        assert!((6_500_000..6_700_000).contains(&goal), "{goal}");
+        assert_eq!(p.read_ahead(now, rtt, Duration::ZERO), goal);
+        // What the pipeline holds plays too.
+        p.on_held_downstream(now, 1_000_000);
+        assert!(p.slow_link_goal(now) < goal - 500_000);
+        // A link as fast as the media needs no wait.
+        let mut fast = adaptive();
+        let mut now = t0;
+        for _ in 0..50 {
+            now += Duration::from_millis(100);
+            fast.on_consumed(now, 50_000);
+            fast.on_arrival(now, 50_000);
+        }
+        fast.set_remaining(Some(12_000_000));
+        assert_eq!(fast.slow_link_goal(now), 0);
+        // The cap still holds.
+        let mut capped = ReadAheadPolicy::new(ReadAhead::Adaptive {
+            target_time: DEFAULT_TARGET_TIME,
+            min: DEFAULT_MIN_READ_AHEAD,
+            max: 4 << 20,
+        });
+        let mut now = t0;
+        for _ in 0..50 {
+            now += Duration::from_millis(100);
+            capped.on_consumed(now, 50_000);
+            capped.on_arrival(now, 25_000);
+        }
+        capped.set_remaining(Some(12_000_000));
+        assert_eq!(capped.read_ahead(now, rtt, Duration::ZERO), 4 << 20);
     }
 
     #[test]

@@ -43,6 +43,9 @@ const TICK: Duration = Duration::from_millis(10);
 /// takes about 0.7 MiB of a 4 Mbit/s clip): a real-time reader may run this
 /// far ahead of the playback clock.
 const PIPELINE_QUEUE_BYTES: f64 = 700_000.0;
+/// The element's rule: an underrun is posted as buffering only while the
+/// pipeline holds less than this much media ahead of playback.
+const UNDERRUN_HOLD: Duration = crate::protocol::buffering::UNDERRUN_HOLD;
 
 struct BufferingApp {
     pattern: Pattern,
@@ -54,8 +57,11 @@ struct BufferingApp {
     /// When the user's current play or pause phase began.
     phase_started: Instant,
     user_paused: bool,
-    /// Times buffering began after the start.
+    /// Times buffering began after playback started.
     underruns: u32,
+    /// Playback has run dry (stalls without buffering).
+    dry: bool,
+    dry_stalls: u32,
     /// While buffering: when the bytes ready last grew.
     last_progress: Instant,
     /// The longest stretch of buffering without a new byte ready.
@@ -73,6 +79,8 @@ impl BufferingApp {
             phase_started: now,
             user_paused: false,
             underruns: 0,
+            dry: false,
+            dry_stalls: 0,
             last_progress: now,
             longest_stall: Duration::ZERO,
             last_level: 0,
@@ -110,7 +118,16 @@ impl BufferingApp {
         let mut allowance = match self.pattern {
             Pattern::Greedy => f64::INFINITY,
             Pattern::RealTime | Pattern::PauseResume { .. } => {
-                self.played += TICK;
+                // Playback runs on what the pipeline holds; with nothing
+                // left it stalls, paused on buffering or not.
+                let next = self.played + TICK;
+                if self.media_rate * next.as_secs_f64() <= sim.delivered.len() as f64 {
+                    self.played = next;
+                    self.dry = false;
+                } else if !self.dry && self.played > Duration::ZERO && !sim.client.is_finished() {
+                    self.dry = true;
+                    self.dry_stalls += 1;
+                }
                 self.media_rate * self.played.as_secs_f64() + PIPELINE_QUEUE_BYTES
                     - sim.delivered.len() as f64
             }
@@ -123,10 +140,20 @@ impl BufferingApp {
                     sim.delivered.extend(chunk);
                 }
                 None => {
-                    // Nothing ready: the element posts buffering, the
+                    // Nothing ready. While the pipeline still holds a
+                    // second or more ahead of playback, the element waits
+                    // without posting buffering, and playback goes on from
+                    // the queues; below that it posts buffering and the
                     // application pauses.
+                    let held =
+                        sim.delivered.len() as f64 - self.media_rate * self.played.as_secs_f64();
+                    if held >= self.media_rate * UNDERRUN_HOLD.as_secs_f64() {
+                        return;
+                    }
                     self.buffering = Some(BufferingCause::Underrun);
-                    self.underruns += 1;
+                    if self.played > Duration::ZERO {
+                        self.underruns += 1;
+                    }
                     self.last_progress = now;
                     self.last_level = sim.delivered.len() as u64 + sim.client.available();
                     return;
@@ -141,6 +168,7 @@ struct Outcome {
     took: Duration,
     longest_stall: Duration,
     underruns: u32,
+    dry_stalls: u32,
 }
 
 /// One run: a `size`-byte file of `media_rate` bytes/s through `down`.
@@ -182,6 +210,9 @@ fn play(scenario: Scenario) -> Outcome {
     sim.timer_tick = Duration::from_millis(1);
     let start = sim.now;
     sim.client.open_file(start, "movie.mp4", 0);
+    // The element tells the media rate once the pipeline knows the
+    // duration (at preroll).
+    sim.client.set_media_rate(start, Some(media_rate as f64));
     let mut app = BufferingApp::new(pattern, media_rate, start);
     let mut next_app_step = start;
     let deadline = start + limit;
@@ -212,6 +243,7 @@ fn play(scenario: Scenario) -> Outcome {
         took: sim.now - start,
         longest_stall: app.longest_stall,
         underruns: app.underruns,
+        dry_stalls: app.dry_stalls,
     }
 }
 
@@ -352,5 +384,39 @@ proptest! {
             "waited {:?} for a byte",
             out.longest_stall
         );
+    }
+}
+
+#[test]
+fn a_slow_link_waits_once_then_plays_to_the_end() {
+    // Issue 13's shape: real-time playback of 12 s of 4 Mbit/s media over
+    // links at 0.5x and 0.75x the media rate (at most one pause after the
+    // first frame: the wait comes from the download-time estimate), and
+    // at 1.5x and 4x (no pause at all).
+    for (factor, most) in [(0.5, 1), (0.75, 1), (1.5, 0), (4.0, 0)] {
+        for seed in [3, 4] {
+            let out = play(Scenario {
+                seed,
+                size: 6_000_000,
+                media_rate: MEDIA_RATE,
+                down: link(Some((factor * MEDIA_RATE as f64 * 8.0) as u64), 40),
+                up: clean(40),
+                read_ahead: ReadAhead::default(),
+                pattern: Pattern::RealTime,
+                limit: Duration::from_secs(300),
+            });
+            assert!(
+                out.finished,
+                "{factor}x seed {seed}: stopped after {:?}",
+                out.took
+            );
+            let pauses = out.underruns + out.dry_stalls;
+            assert!(
+                pauses <= most,
+                "{factor}x seed {seed}: {} buffering pauses and {} stalls after the first frame",
+                out.underruns,
+                out.dry_stalls
+            );
+        }
     }
 }
