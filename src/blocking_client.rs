@@ -262,6 +262,8 @@ struct Inner {
     data_seen: Option<Instant>,
     /// When buffering last replaced a lost session.
     last_reconnect: Option<Instant>,
+    /// What the player said of the media's rate, for a replaced session too.
+    media_rate: Option<f64>,
 }
 
 /// Session ends after which a new session is opened transparently: the
@@ -582,6 +584,7 @@ impl BlockingClient {
                 last_heard: None,
                 data_seen: None,
                 last_reconnect: None,
+                media_rate: None,
             }),
             changed: Condvar::new(),
             cancelled: AtomicBool::new(false),
@@ -706,6 +709,8 @@ impl BlockingClient {
         inner.outcomes = Outcomes::default();
         inner.reconnects += 1;
         let id = inner.conn.open_file(now, &path, offset);
+        let media_rate = inner.media_rate;
+        inner.conn.set_media_rate(now, media_rate);
         if let Some(awaited) = inner.awaited_open.as_mut() {
             awaited.0 = id;
         } else {
@@ -830,6 +835,19 @@ impl BlockingClient {
             }
             Ok(inner.conn.buffering_level(now, cause))
         })
+    }
+
+    /// The link's recent rate in bytes per second, once measured.
+    pub fn link_rate(&self) -> Option<f64> {
+        lock(&self.shared).conn.link_rate(Instant::now())
+    }
+
+    /// See [`ClientConnection::set_media_rate`].
+    pub fn set_media_rate(&self, bytes_per_second: Option<f64>) {
+        self.with_conn_inner(|inner, now| {
+            inner.media_rate = bytes_per_second;
+            inner.conn.set_media_rate(now, bytes_per_second);
+        });
     }
 
     /// The flow-control state, for stats and errors.

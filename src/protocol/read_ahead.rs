@@ -304,8 +304,13 @@ impl ReadAheadPolicy {
                 let time = target_time + self.risk_time(now, rtt, rtt_var);
                 let wanted = (rate * time.as_secs_f64()) as u64;
                 let credit = self.held_downstream(now).min(wanted / 2);
+                // On a slow link the usual read-ahead comes on top of the
+                // wait: the goal shrinks as playback nears the end, a little
+                // faster than the link brings bytes (the margin), and on
+                // its own it would let the window stop the link near the
+                // end (a second wait, seen at 3 of 4 Mbit/s).
                 (wanted - credit)
-                    .max(self.slow_link_goal(now))
+                    .saturating_add(self.slow_link_goal(now))
                     .clamp(min, max)
             }
         }
@@ -400,6 +405,13 @@ mod tests {
         assert_eq!(fixed.read_ahead(now, rtt, Duration::ZERO), 1_000_000);
     }
 
+    /// The read-ahead `p` would have without the slow-link goal.
+    fn adaptive_without_goal(p: &ReadAheadPolicy, now: Instant, rtt: Duration) -> u64 {
+        let mut q = p.clone();
+        q.set_remaining(None);
+        q.read_ahead(now, rtt, Duration::ZERO)
+    }
+
     #[test]
     fn a_link_slower_than_the_media_holds_what_it_takes_to_wait_once() {
         let t0 = Instant::now();
@@ -416,7 +428,8 @@ mod tests {
         // Half the rest must be in hand first, plus the margin.
         let goal = p.slow_link_goal(now);
         assert!((6_500_000..6_700_000).contains(&goal), "{goal}");
-        assert_eq!(p.read_ahead(now, rtt, Duration::ZERO), goal);
+        let usual = adaptive_without_goal(&p, now, rtt);
+        assert_eq!(p.read_ahead(now, rtt, Duration::ZERO), usual + goal);
         // What the pipeline holds plays too.
         p.on_held_downstream(now, 1_000_000);
         assert!(p.slow_link_goal(now) < goal - 500_000);

@@ -2,7 +2,7 @@
 //! protocol-shaped lives here; it maps properties, URIs, seeks, buffering,
 //! stats and errors.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -17,7 +17,7 @@ use gst_base::subclass::prelude::*;
 
 use crate::blocking_client::{BlockingClient, ClientSnapshot, WaitError};
 use crate::location::{DEFAULT_PORT, Location};
-use crate::protocol::buffering::BufferingCause;
+use crate::protocol::buffering::{BufferingCause, BufferingLevel, UNDERRUN_HOLD};
 use crate::protocol::client::ClientConfig;
 use crate::protocol::crypto::Psk;
 use crate::protocol::read_ahead::{
@@ -137,9 +137,49 @@ enum State {
     },
 }
 
+/// What the monitor learns of the pipeline's playback, for `create`.
+#[derive(Debug)]
+struct PlaybackEstimate {
+    /// Bytes taken from this source and not played yet; `u64::MAX` unknown.
+    held: AtomicU64,
+    /// The media's bytes per second of playback (`f64` bits); 0 unknown.
+    media_rate: AtomicU64,
+    /// `create` waits for bytes without having posted buffering (the
+    /// pipeline held enough to play on meanwhile).
+    waiting: AtomicBool,
+}
+
+impl Default for PlaybackEstimate {
+    fn default() -> Self {
+        PlaybackEstimate {
+            held: AtomicU64::new(u64::MAX),
+            media_rate: AtomicU64::new(0),
+            waiting: AtomicBool::new(false),
+        }
+    }
+}
+
+impl PlaybackEstimate {
+    fn media_rate(&self) -> Option<f64> {
+        let r = f64::from_bits(self.media_rate.load(Ordering::Acquire));
+        (r > 0.0).then_some(r)
+    }
+
+    /// The pipeline holds enough ahead of playback to play on while the
+    /// source waits, so an underrun need not pause it.
+    fn holds_enough(&self) -> bool {
+        let held = self.held.load(Ordering::Acquire);
+        match self.media_rate() {
+            Some(rate) if held != u64::MAX => held as f64 >= rate * UNDERRUN_HOLD.as_secs_f64(),
+            _ => false,
+        }
+    }
+}
+
 pub struct UdpVidSrc {
     settings: Mutex<Settings>,
     state: Mutex<State>,
+    playback: Arc<PlaybackEstimate>,
     /// Set on underrun (and at start, and after a seek to the server);
     /// cleared by the monitor once the buffer is full enough.
     buffering: Arc<AtomicU8>,
@@ -151,6 +191,7 @@ impl Default for UdpVidSrc {
         UdpVidSrc {
             settings: Mutex::new(Settings::default()),
             state: Mutex::new(State::Stopped),
+            playback: Arc::default(),
             buffering: Arc::new(AtomicU8::new(NOT_BUFFERING)),
             last_buffering_percent: Arc::new(Mutex::new(None)),
         }
@@ -216,6 +257,18 @@ impl UdpVidSrc {
 
     /// Posts a buffering message unless the same percent was just posted.
     fn post_buffering(element: &super::UdpVidSrc, last: &Mutex<Option<i32>>, percent: i32) {
+        Self::post_buffering_with(element, last, percent, None);
+    }
+
+    /// Posts a buffering message, with the estimate applications show
+    /// ("starts in 12 s") when the rates are known: the link's rate in,
+    /// the media's rate out, and the time until 100 %.
+    fn post_buffering_with(
+        element: &super::UdpVidSrc,
+        last: &Mutex<Option<i32>>,
+        percent: i32,
+        estimate: Option<(&BufferingLevel, f64, Option<f64>)>,
+    ) {
         let mut last = lock(last);
         if *last == Some(percent) {
             return;
@@ -223,11 +276,17 @@ impl UdpVidSrc {
         *last = Some(percent);
         drop(last);
         gst::debug!(CAT, obj = element, "buffering {percent}%");
-        let _ = element.post_message(
-            gst::message::Buffering::builder(percent)
-                .src(element)
-                .build(),
-        );
+        let mut builder = gst::message::Buffering::builder(percent).src(element);
+        if let Some((level, link_rate, media_rate)) = estimate {
+            let left = level.goal.saturating_sub(level.available) as f64 / link_rate.max(1.0);
+            builder = builder.stats(
+                gst::BufferingMode::Stream,
+                link_rate.min(i32::MAX as f64) as i32,
+                media_rate.unwrap_or(0.0).min(i32::MAX as f64) as i32,
+                (left * 1000.0).min(i64::MAX as f64) as i64,
+            );
+        }
+        let _ = element.post_message(builder.build());
     }
 
     /// `cause`: [`BUFFERING_START`] (start, jump) or [`BUFFERING_UNDERRUN`].
@@ -254,6 +313,7 @@ impl UdpVidSrc {
         let element = self.obj().downgrade();
         let buffering = self.buffering.clone();
         let last = self.last_buffering_percent.clone();
+        let playback = self.playback.clone();
         let started = Instant::now();
         let thread = std::thread::Builder::new()
             .name("udpvidsrc-monitor".into())
@@ -320,14 +380,31 @@ impl UdpVidSrc {
                                     .post_error_message(imp.error_message(&settings, &err, None));
                             }
                         }
-                        Self::post_buffering(&element, &last, level.percent as i32);
+                        let estimate = client
+                            .link_rate()
+                            .map(|link| (&level, link, playback.media_rate()));
+                        Self::post_buffering_with(&element, &last, level.percent as i32, estimate);
                     }
                     let snapshot = client.snapshot();
                     if cause == NOT_BUFFERING {
-                        if let Some(held) =
-                            Self::held_downstream(&element, snapshot.read_offset, size)
-                        {
-                            client.set_held_downstream(held);
+                        match Self::held_downstream(&element, snapshot.read_offset, size) {
+                            Some((held, media_rate)) => {
+                                playback.held.store(held, Ordering::Release);
+                                let old = playback
+                                    .media_rate
+                                    .swap(media_rate.to_bits(), Ordering::AcqRel);
+                                if old != media_rate.to_bits() {
+                                    client.set_media_rate(Some(media_rate));
+                                }
+                                client.set_held_downstream(held);
+                            }
+                            None => playback.held.store(u64::MAX, Ordering::Release),
+                        }
+                        // `create` is waiting while the pipeline played on
+                        // from its queues; once they run low, that is an
+                        // underrun the application must hear of.
+                        if playback.waiting.load(Ordering::Acquire) && !playback.holds_enough() {
+                            element.imp().enter_buffering(BUFFERING_UNDERRUN);
                         }
                     }
                     if !stats_interval.is_zero() && Instant::now() >= next_stats {
@@ -347,7 +424,12 @@ impl UdpVidSrc {
     /// (size × position / duration, exact for a constant bitrate). The
     /// adaptive read-ahead counts them as media already ahead of playback.
     /// `None` unless the pipeline answers both queries in time.
-    fn held_downstream(element: &super::UdpVidSrc, read_offset: u64, size: u64) -> Option<u64> {
+    /// Also returns the media's rate (bytes per second of playback).
+    fn held_downstream(
+        element: &super::UdpVidSrc,
+        read_offset: u64,
+        size: u64,
+    ) -> Option<(u64, f64)> {
         let mut top: gst::Object = element.clone().upcast();
         while let Some(parent) = top.parent() {
             top = parent;
@@ -363,7 +445,8 @@ impl UdpVidSrc {
         }
         let played =
             (size as u128 * position.nseconds() as u128 / duration.nseconds() as u128) as u64;
-        Some(read_offset.saturating_sub(played))
+        let media_rate = size as f64 / (duration.nseconds() as f64 / 1e9);
+        Some((read_offset.saturating_sub(played), media_rate))
     }
 
     /// The server's catalog, asked for when an application reads the
@@ -961,14 +1044,21 @@ impl BaseSrcImpl for UdpVidSrc {
         if offset >= size {
             return Err(gst::FlowError::Eos);
         }
+        let mut waiting = false;
         if !client.is_ready(offset) {
             // Underrun (or a jump the server must serve): the pipeline waits
-            // for the network.
-            self.enter_buffering(if offset == position {
-                BUFFERING_UNDERRUN
+            // for the network. An underrun while the pipeline holds a
+            // second or more ahead of playback is not yet worth a pause:
+            // playback goes on from its queues, and the monitor posts
+            // buffering if they run low before the bytes come.
+            if offset != position {
+                self.enter_buffering(BUFFERING_START);
+            } else if self.playback.holds_enough() {
+                waiting = true;
+                self.playback.waiting.store(true, Ordering::Release);
             } else {
-                BUFFERING_START
-            });
+                self.enter_buffering(BUFFERING_UNDERRUN);
+            }
         }
         if offset != position {
             gst::debug!(CAT, imp = self, "jump from {position} to {offset}");
@@ -987,9 +1077,11 @@ impl BaseSrcImpl for UdpVidSrc {
         } else {
             want
         };
-        let data = client
-            .read_some_at(offset, want, min, settings.timeout())
-            .map_err(|e| self.flow_error(&settings, e))?;
+        let data = client.read_some_at(offset, want, min, settings.timeout());
+        if waiting {
+            self.playback.waiting.store(false, Ordering::Release);
+        }
+        let data = data.map_err(|e| self.flow_error(&settings, e))?;
         let reconnects = client.reconnects();
         if reconnects != reconnects_before {
             gst::info!(
