@@ -80,8 +80,10 @@ pub const MIN_LINK_RATE_SPAN: Duration = Duration::from_secs(1);
 /// A link within this share of the consumption rate is not "slower than
 /// the media": measurement noise should not make a fast link wait.
 pub const SLOW_LINK_THRESHOLD: f64 = 0.95;
-/// The slow-link goal is raised by this share, for the estimates' error.
-pub const SLOW_LINK_MARGIN: f64 = 0.10;
+/// The slow-link goal is raised by this share, for the estimates' error
+/// (a variable bitrate's last minutes are not its average): at 10 % a
+/// 60 s 4 Mbit/s clip over 3 Mbit/s still paused once more near its end.
+pub const SLOW_LINK_MARGIN: f64 = 0.20;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ReadAhead {
@@ -427,7 +429,7 @@ mod tests {
         p.set_remaining(Some(12_000_000));
         // Half the rest must be in hand first, plus the margin.
         let goal = p.slow_link_goal(now);
-        assert!((6_500_000..6_700_000).contains(&goal), "{goal}");
+        assert!((7_100_000..7_300_000).contains(&goal), "{goal}");
         let usual = adaptive_without_goal(&p, now, rtt);
         assert_eq!(p.read_ahead(now, rtt, Duration::ZERO), usual + goal);
         // What the pipeline holds plays too.
