@@ -1,7 +1,9 @@
-//! Lists what a udpvid server offers.
+//! Lists what a udpvid server offers, or, without a host, the servers that
+//! announce themselves on the LAN (`server --announce`).
 //!
 //! ```text
 //! cargo run --example catalog -- 127.0.0.1 [port]
+//! cargo run --example catalog
 //! ```
 
 use std::process::ExitCode;
@@ -13,10 +15,26 @@ use gstudpvid::protocol::catalog::human_size;
 
 const DEFAULT_PORT: u16 = 50000;
 const TIMEOUT: Duration = Duration::from_secs(5);
+/// How long answers to a multicast DNS query are collected.
+const DISCOVERY_WAIT: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
-    let host = args.next().unwrap_or_else(|| "127.0.0.1".into());
+    let Some(host) = args.next() else {
+        return match gstudpvid::discovery::discover(DISCOVERY_WAIT) {
+            Ok(servers) => {
+                for s in &servers {
+                    println!("{}  {}", s.uri(), s.name);
+                }
+                println!("{} servers found on the LAN", servers.len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("catalog: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    };
     let port = match args.next().map(|p| p.parse::<u16>()) {
         None => DEFAULT_PORT,
         Some(Ok(p)) => p,

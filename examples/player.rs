@@ -388,6 +388,38 @@ fn browse(mut opts: Options, host: String, port: u16) -> Result<(), String> {
     }
 }
 
+/// `udpvid:///`: the servers announced on the LAN, numbered; the pick's
+/// catalog follows.
+fn choose_server(opts: Options) -> Result<(), String> {
+    let servers = gstudpvid::discovery::discover(Duration::from_secs(2))?;
+    println!("{} servers found on the LAN:", servers.len());
+    for (i, s) in servers.iter().enumerate() {
+        println!("{:>4}. {}  ({})", i + 1, s.name, s.uri());
+    }
+    let Some(first) = servers.first() else {
+        return Ok(());
+    };
+    let chosen = if servers.len() == 1 {
+        first
+    } else {
+        print!("which server? (number, q quits) ");
+        let _ = std::io::stdout().flush();
+        let mut line = String::new();
+        if std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?
+            == 0
+        {
+            return Ok(());
+        }
+        match line.trim().parse::<usize>() {
+            Ok(n) if (1..=servers.len()).contains(&n) => &servers[n - 1],
+            _ => return Ok(()),
+        }
+    };
+    browse(opts, chosen.address.to_string(), chosen.port)
+}
+
 fn main() -> ExitCode {
     let opts = match parse_args() {
         Ok(o) => o,
@@ -401,6 +433,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if opts.uri == "udpvid:///" {
+        return match gst::init()
+            .map_err(|e| e.to_string())
+            .and_then(|()| gstudpvid::plugin_register_static().map_err(|e| e.to_string()))
+            .and_then(|()| choose_server(opts))
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("player: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Ok((host, port)) = Location::parse_server(&opts.uri) {
         return match gst::init()
             .map_err(|e| e.to_string())

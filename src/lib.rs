@@ -6,6 +6,7 @@
 //! providing the `udpvidsrc` element.
 
 pub mod blocking_client;
+pub mod discovery;
 pub mod impairment;
 pub mod location;
 pub mod protocol;

@@ -26,6 +26,7 @@ use gstudpvid::protocol::server::{DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS};
 use gstudpvid::protocol::wire::{DATA_OVERHEAD, DEFAULT_MAX_PAYLOAD, MAX_DATAGRAM_SIZE};
 use gstudpvid::protocol::{ServerConfig, ServerEndpoint, ServerEvent};
 
+use gstudpvid::discovery::Announcement;
 use library::Library;
 
 /// Socket buffers we ask the kernel for: a few read-aheads' worth of
@@ -79,6 +80,13 @@ struct Args {
     /// Largest data payload per datagram in bytes (the default fits 1500-byte Ethernet)
     #[arg(long, default_value_t = DEFAULT_MAX_PAYLOAD)]
     max_payload: usize,
+    /// Announce the server on the LAN with DNS-SD over multicast DNS
+    /// (_udpvid._udp), so `player udpvid:///` and `catalog` find it
+    #[arg(long)]
+    announce: bool,
+    /// The name it is announced under (default: "udpvid on HOSTNAME")
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
 }
 
 fn init_logging(log_file: Option<&PathBuf>) -> Result<(), String> {
@@ -425,6 +433,26 @@ fn main() -> std::process::ExitCode {
             library.root().display()
         );
         let _ = std::io::stdout().flush();
+        // Withdrawn (a goodbye on the LAN) when the server stops.
+        let _announcement = if args.announce {
+            let name = args.name.clone().unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                format!("udpvid on {}", host.trim())
+            });
+            let address = (!local.ip().is_unspecified()).then(|| local.ip());
+            match Announcement::new(&name, local.port(), address) {
+                Ok(a) => {
+                    info!(name, "announced on the LAN (_udpvid._udp)");
+                    Some(a)
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot announce on the LAN; serving anyway");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let endpoint = ServerEndpoint::new(config, library, seed, Instant::now());
         serve(socket, state, endpoint).await;
         std::process::ExitCode::SUCCESS

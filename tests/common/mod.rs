@@ -106,6 +106,20 @@ impl Server {
         Self::launch(Some(ns), bind, dir, port, &[])
     }
 
+    /// The server inside network namespace `ns` on its loopback, with
+    /// more options.
+    pub fn launch_in_namespace(ns: &str, dir: &Path, port: u16, extra: &[&str]) -> Server {
+        Self::launch(Some(ns), "127.0.0.1", dir, port, extra)
+    }
+
+    /// Stops it the way an operator does (SIGTERM) and waits for it.
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+
     fn launch(ns: Option<&str>, bind: &str, dir: &Path, port: u16, extra: &[&str]) -> Server {
         static N: Mutex<u32> = Mutex::new(0);
         let n = {
