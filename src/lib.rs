@@ -12,6 +12,8 @@ pub mod location;
 pub mod protocol;
 
 #[cfg(feature = "gst")]
+mod udpviddeviceprovider;
+#[cfg(feature = "gst")]
 mod udpvidsrc;
 
 #[cfg(feature = "gst")]
@@ -19,7 +21,8 @@ pub use udpvidsrc::UdpVidSrc;
 
 #[cfg(feature = "gst")]
 fn plugin_init(plugin: &gst::Plugin) -> Result<(), gst::glib::BoolError> {
-    udpvidsrc::register(plugin)
+    udpvidsrc::register(plugin)?;
+    udpviddeviceprovider::register(plugin)
 }
 
 #[cfg(feature = "gst")]

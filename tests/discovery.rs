@@ -1,5 +1,6 @@
 //! Servers found on the LAN (DNS-SD over multicast DNS, `_udpvid._udp`):
-//! two servers announce, the catalog tool lists both; one stops, and it
+//! two servers announce, the catalog tool and `gst-device-monitor-1.0`
+//! (the plugin's device provider) list both; one stops, and it
 //! is no longer listed; the player's `udpvid:///` lists the server left
 //! and plays from it. All inside a network namespace the test makes, with
 //! multicast on its loopback, so nothing leaves the machine.
@@ -93,6 +94,27 @@ fn announced_servers_are_listed_and_a_stopped_one_disappears() {
     );
     assert!(both.contains("udpvid://127.0.0.1:51002/  Attic"), "{both}");
     assert!(both.contains("2 servers found"), "{both}");
+    // Applications see them as GStreamer devices too.
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "gst-device-monitor-1.0",
+            "Source/Network",
+        ])
+        .env("GST_PLUGIN_PATH", common::plugin_dir())
+        .output()
+        .expect("gst-device-monitor-1.0 runs");
+    let devices = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "name  : Living room",
+        "uri = udpvid://127.0.0.1:51001/",
+        "name  : Attic",
+        "uri = udpvid://127.0.0.1:51002/",
+    ] {
+        assert!(devices.contains(needle), "{needle:?} not in:\n{devices}");
+    }
 
     // One stops (SIGTERM: it withdraws its announcement on the way out).
     b.terminate();
