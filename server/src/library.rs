@@ -3,7 +3,6 @@
 //! nothing about what lies outside the folder.
 
 use std::fs::File;
-use std::hash::{Hash, Hasher};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
@@ -236,14 +235,32 @@ impl ContentStore for Library {
             _ => not_found(e.to_string()),
         })?;
         let meta = file.metadata().map_err(|e| not_found(e.to_string()))?;
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino()).hash(&mut h);
         Ok(Box::new(FileContent {
             file,
             size: meta.len(),
-            tag: h.finish(),
+            tag: content_tag(meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino()),
         }))
     }
+}
+
+/// What identifies a file's content: size, modification time and inode,
+/// digested with SHA-256 (its first 8 bytes). The same file gives the same
+/// tag across restarts and rebuilds of the server, so a client that
+/// reconnects to a restarted (or upgraded) server resumes instead of
+/// reporting the file changed; `DefaultHasher`, used before, promises no
+/// stable output between Rust releases.
+fn content_tag(size: u64, mtime: i64, mtime_nsec: i64, inode: u64) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"udpvid content tag v1");
+    h.update(size.to_be_bytes());
+    h.update(mtime.to_be_bytes());
+    h.update(mtime_nsec.to_be_bytes());
+    h.update(inode.to_be_bytes());
+    let digest = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
 }
 
 struct FileContent {
@@ -273,6 +290,25 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).expect("create temp dir");
         d
+    }
+
+    #[test]
+    fn the_content_tag_is_stable_and_follows_the_content() {
+        // A fixed value: a change here breaks every client's resume after
+        // a server upgrade.
+        assert_eq!(
+            content_tag(1000, 1_700_000_000, 5, 42),
+            6_008_544_370_280_288_354
+        );
+        let base = content_tag(1000, 1_700_000_000, 5, 42);
+        for other in [
+            content_tag(1001, 1_700_000_000, 5, 42),
+            content_tag(1000, 1_700_000_001, 5, 42),
+            content_tag(1000, 1_700_000_000, 6, 42),
+            content_tag(1000, 1_700_000_000, 5, 43),
+        ] {
+            assert_ne!(other, base);
+        }
     }
 
     #[test]
