@@ -636,30 +636,10 @@ fn main() -> ExitCode {
         let file = if i % 2 == 0 { 0 } else { i % FILES };
         good.push(std::thread::spawn(move || {
             let result = (|| -> Result<(), String> {
-                let config = ClientConfig {
-                    read_ahead: ReadAhead::Fixed(512 * 1024),
-                    ..Default::default()
-                };
-                let client = BlockingClient::connect("127.0.0.1", port, config)
-                    .map_err(|e| e.to_string())?;
-                let opened = client
-                    .open(&format!("f{file}.bin"), 0, CLIENT_TIMEOUT)
-                    .map_err(|e| e.to_string())?;
-                let mut hash = Sha256::new();
-                let mut got = 0u64;
-                while got < opened.size {
-                    let chunk = client
-                        .read_at(got, 256 * 1024, CLIENT_TIMEOUT)
-                        .map_err(|e| format!("at {got}: {e}"))?;
-                    if chunk.is_empty() {
-                        break;
-                    }
-                    got += chunk.len() as u64;
-                    hash.update(&chunk);
-                }
-                client.close();
+                let (got, digest) =
+                    pull(port, &format!("f{file}.bin"), ReadAhead::Fixed(512 * 1024))?;
                 bytes.fetch_add(got, Ordering::Relaxed);
-                if hash.finalize().to_vec() != digests[file] {
+                if digest != digests[file] {
                     return Err(format!("client {i}: f{file}.bin differs"));
                 }
                 Ok(())
