@@ -233,17 +233,24 @@ fn start_server(dir: &Path) -> (Child, std::path::PathBuf, u16) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", server_bin.display()));
+    // "udpvid server listening on 127.0.0.1:PORT, serving DIR"
+    let port = banner_port(&mut server, 4);
+    (server, server_bin, port)
+}
+
+/// The port in the first line a child printed, the address being word
+/// `word` (`ADDR:PORT,`).
+fn banner_port(child: &mut Child, word: usize) -> u16 {
     let mut banner = String::new();
-    BufReader::new(server.stdout.as_mut().expect("stdout"))
+    BufReader::new(child.stdout.as_mut().expect("stdout"))
         .read_line(&mut banner)
         .expect("banner");
-    let port: u16 = banner
+    banner
         .split_whitespace()
-        .nth(4)
+        .nth(word)
         .and_then(|a| a.trim_end_matches(',').rsplit(':').next())
         .and_then(|p| p.parse().ok())
-        .expect("port");
-    (server, server_bin, port)
+        .unwrap_or_else(|| panic!("no port in the banner {banner:?}"))
 }
 
 /// Context switches of a process so far: its wake-ups.
@@ -455,16 +462,8 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", proxy_bin.display()));
-    let mut banner = String::new();
-    BufReader::new(proxy.stdout.as_mut().expect("stdout"))
-        .read_line(&mut banner)
-        .expect("proxy banner");
-    let proxy_port: u16 = banner
-        .split_whitespace()
-        .nth(3)
-        .and_then(|a| a.trim_end_matches(',').rsplit(':').next())
-        .and_then(|p| p.parse().ok())
-        .expect("proxy port");
+    // "impair listening on 127.0.0.1:PORT, forwarding to ..."
+    let proxy_port = banner_port(&mut proxy, 3);
     let pid = server.id();
     let (cpu0, wake0) = (cpu_seconds(pid), wakeups(pid));
     let started = Instant::now();
