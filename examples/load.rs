@@ -253,6 +253,18 @@ fn banner_port(child: &mut Child, word: usize) -> u16 {
         .unwrap_or_else(|| panic!("no port in the banner {banner:?}"))
 }
 
+/// The server's rows of a table: CPU per GB delivered and wake-ups.
+fn print_server_cost(cpu: f64, gb: f64, wake: u64, elapsed: Duration) {
+    println!(
+        "| server CPU | {cpu:.2} s ({:.2} s per GB) |",
+        cpu / gb.max(1e-9)
+    );
+    println!(
+        "| server wake-ups | {:.0} per second |",
+        wake as f64 / elapsed.as_secs_f64()
+    );
+}
+
 /// Context switches of a process so far: its wake-ups.
 fn wakeups(pid: u32) -> u64 {
     proc_value(pid, "status", "voluntary_ctxt_switches:").unwrap_or(0)
@@ -380,14 +392,7 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
         bytes as f64 / 1e6,
         elapsed.as_secs_f64()
     );
-    println!(
-        "| server CPU | {cpu:.2} s ({:.2} s per GB) |",
-        cpu / gb.max(1e-9)
-    );
-    println!(
-        "| server wake-ups | {:.0} per second |",
-        wake as f64 / elapsed.as_secs_f64()
-    );
+    print_server_cost(cpu, gb, wake, elapsed);
     println!(
         "| server memory | peak RSS {:.1} MiB, {:.0} KiB per session above idle |",
         peak_rss as f64 / 1024.0,
@@ -500,14 +505,7 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
         bytes as f64 * 8.0 / 1e6 / elapsed.as_secs_f64(),
         elapsed.as_secs_f64()
     );
-    println!(
-        "| server CPU | {cpu:.2} s ({:.2} s per GB) |",
-        cpu / gb.max(1e-9)
-    );
-    println!(
-        "| server wake-ups | {:.0} per second |",
-        wake as f64 / elapsed.as_secs_f64()
-    );
+    print_server_cost(cpu, gb, wake, elapsed);
     for f in failures.iter().take(10) {
         eprintln!("{f}");
     }
