@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use gst::prelude::*;
 
-use common::{Outcome, Server, clips, init, run_pipeline, sha256};
+use common::{Outcome, Server, clips, init, run_pipeline, sha256, sha256_file};
 
 fn playbin(uri: &str) -> gst::Element {
     let video = gst::ElementFactory::make("fakesink")
@@ -635,4 +635,37 @@ fn file_truncated_while_streaming_is_a_clear_error() {
         .collect();
     assert!(got == want, "corrupted bytes were delivered");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn save_while_watching_writes_a_byte_exact_copy() {
+    // The README's pipeline: one branch decodes and plays in real time,
+    // the other writes the file's bytes as they come (the seed's client
+    // did both). Every container, because an MP4 with its index at the
+    // end makes the demuxer read the whole file before the first frame,
+    // which is what deadlocked the tee with a bounded copy queue.
+    init();
+    let clips = clips();
+    let server = Server::start(&clips.dir, &[]);
+    for name in ["movie.mp4", "movie.mkv", "movie.webm", "movie.ts"] {
+        let copy = std::env::temp_dir().join(format!("udpvid-saved-{}-{name}", std::process::id()));
+        let pipeline = gst::parse::launch(&format!(
+            "udpvidsrc port={} file={name} ! tee name=t \
+             t. ! identity drop-allocation=true \
+                ! queue max-size-buffers=0 max-size-bytes=0 max-size-time=0 \
+                ! filesink location={} \
+             t. ! queue ! decodebin ! fakesink sync=true",
+            server.port,
+            copy.display()
+        ))
+        .expect("pipeline");
+        let outcome = run_pipeline(&pipeline, Duration::from_secs(60));
+        assert_eq!(outcome, Outcome::Eos, "{name}");
+        assert_eq!(
+            sha256_file(&copy),
+            sha256_file(&clips.dir.join(name)),
+            "the saved copy of {name} differs"
+        );
+        let _ = std::fs::remove_file(copy);
+    }
 }
