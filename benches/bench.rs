@@ -68,6 +68,9 @@ fn cpu_seconds(pid: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Runs per file and peer in the first-frame table.
+const START_REPEATS: usize = 5;
+
 fn make_clips(dir: &Path) -> (PathBuf, PathBuf) {
     std::fs::create_dir_all(dir).expect("clip dir");
     let mp4 = dir.join("bench.mp4");
@@ -88,6 +91,32 @@ fn make_clips(dir: &Path) -> (PathBuf, PathBuf) {
              ! x264enc speed-preset=ultrafast bitrate=4000 vbv-buf-capacity=1000 key-int-max=60 ! h264parse ! mux. \
              audiotestsrc num-buffers={audio_buffers} ! audioconvert ! avenc_aac ! aacparse ! mux. \
              {mux} name=mux ! filesink location={}",
+            tmp.display()
+        );
+        let status = Command::new("gst-launch-1.0")
+            .arg("-q")
+            .args(desc.split_whitespace())
+            .status()
+            .expect("gst-launch");
+        assert!(status.success(), "making {}", path.display());
+        std::fs::rename(&tmp, path).expect("rename");
+    }
+    // The same streams with the index at the start (faststart MP4) and in
+    // Matroska (Cues at the end, found through the SeekHead), for the
+    // first-frame table.
+    for (name, mux) in [
+        ("bench-faststart.mp4", "mp4mux faststart=true"),
+        ("bench.mkv", "matroskamux"),
+    ] {
+        let path = dir.join(name);
+        if path.exists() {
+            continue;
+        }
+        let tmp = path.with_extension("tmp");
+        let desc = format!(
+            "filesrc location={} ! qtdemux name=d {mux} name=m ! filesink location={} \
+             d.video_0 ! queue ! h264parse ! m. d.audio_0 ! queue ! aacparse ! m.",
+            mp4.display(),
             tmp.display()
         );
         let status = Command::new("gst-launch-1.0")
@@ -1005,9 +1034,63 @@ fn main() {
             .unwrap_or_default()
     );
 
-    // `BENCH_ONLY=seek` runs just the seek table.
+    // `BENCH_ONLY=seek` (or `start`) runs just that table.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |section: &str| only.is_empty() || only == section;
+    if run("start") {
+        let _ = writeln!(
+            out,
+            "## First frame by container (20 Mbit/s, 80 ms RTT; median of {START_REPEATS}, peers taking turns)\n"
+        );
+        let _ = writeln!(
+            out,
+            "| file | HTTP ms | udpvid ms | udpvid − HTTP ms | RTTs sooner |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|");
+        let cond = conditions[1];
+        for (file, what) in [
+            ("bench.mp4", "MP4, moov at the end"),
+            ("bench-faststart.mp4", "MP4, faststart"),
+            ("bench.mkv", "Matroska, Cues at the end"),
+        ] {
+            let mut times: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+            for rep in 0..START_REPEATS {
+                for (i, peer) in [Peer::Http, Peer::Udpvid].into_iter().enumerate() {
+                    let path = open_path(&env, peer, cond, 100 + rep as u64);
+                    let uri = path.uri.replace("bench.mp4", file);
+                    let p = play(&uri, peer, Duration::from_millis(1500), None);
+                    if let Some(f) = p.first_frame {
+                        times[i].push(f.as_secs_f64() * 1000.0);
+                    }
+                    eprint!(".");
+                }
+            }
+            let med = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v.get(v.len() / 2).copied()
+            };
+            let (h, u) = (med(&mut times[0]), med(&mut times[1]));
+            let cell = |v: Option<f64>| v.map_or("failed".into(), |v| format!("{v:.0}"));
+            let (diff, rtts) = match (h, u) {
+                (Some(h), Some(u)) => (format!("{:+.0}", u - h), format!("{:.1}", (h - u) / 80.0)),
+                _ => ("–".into(), "–".into()),
+            };
+            let _ = writeln!(
+                out,
+                "| {what} | {} | {} | {diff} | {rtts} |",
+                cell(h),
+                cell(u)
+            );
+        }
+        let _ = writeln!(out);
+        if only == "start" {
+            drop(env);
+            drop(udpvid);
+            drop(nginx);
+            println!("{out}");
+            return;
+        }
+    }
     let _ = writeln!(
         out,
         "## Seek latency (request to first frame rendered after it; seeks to 20 s, 45 s, 5 s while playing)\n"

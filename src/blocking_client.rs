@@ -46,6 +46,13 @@ pub const LOCAL_SKIP_LIMIT: u64 = 256 * 1024;
 /// (ten datagrams) so the asked bytes still come in it.
 pub const SEEK_BACK_MARGIN: u64 = 8 * 1024;
 
+/// How long a read of the index sent ahead waits with no new bytes
+/// arriving (at least; four RTTs on a slow path) before it asks the server.
+pub const INDEX_PATIENCE: Duration = Duration::from_millis(200);
+/// The longest a read waits for the index sent ahead, however well the
+/// stream flows.
+pub const INDEX_MAX_WAIT: Duration = Duration::from_secs(2);
+
 /// The most recent bytes handed out, as one contiguous range of the file:
 /// the chunks themselves, shared with the buffers that went downstream, so
 /// keeping them costs no copy.
@@ -902,6 +909,14 @@ impl BlockingClient {
         if out.len() >= min {
             return Ok(out.into());
         }
+        if out.is_empty() {
+            if let Some(index) = self.index_sent_ahead(offset, len, timeout)? {
+                out = index;
+                if out.len() >= min {
+                    return Ok(out.into());
+                }
+            }
+        }
         self.move_to(offset + out.len() as u64, timeout)?;
         // The common case, reading on from where the stream is: the chunk
         // itself goes out, shared with the history, uncopied.
@@ -921,10 +936,43 @@ impl BlockingClient {
         Ok(out.into())
     }
 
+    /// The bytes at `offset` (up to `len`, within the index) from the
+    /// index the server sends ahead, waiting for them while they keep
+    /// coming. `None` outside the index, or when its bytes stopped coming
+    /// (lost before the transfer was open, say): the caller then asks the
+    /// server, as without an index.
+    fn index_sent_ahead(
+        &self,
+        offset: u64,
+        len: usize,
+        timeout: Duration,
+    ) -> Result<Option<Vec<u8>>, WaitError> {
+        let asked = Instant::now();
+        self.wait_for(timeout, |inner| {
+            let Some(range) = inner.conn.index_range().filter(|r| r.contains(&offset)) else {
+                return Some(Ok(None));
+            };
+            let want = (len as u64).min(range.end - offset) as usize;
+            let got = inner.conn.index_bytes(offset, want);
+            if got.len() == want {
+                return Some(Ok(Some(got.to_vec())));
+            }
+            // The server sends the index right after the stream's first
+            // bytes, so it is coming while the stream moves (slow start
+            // takes a few RTTs over those first bytes). A stream that stops
+            // for a few RTTs, or a wait past INDEX_MAX_WAIT, means these
+            // bytes are not coming (they came before the open's answer
+            // and were dropped, say): ask the server.
+            let patience = (inner.conn.stats().smoothed_rtt * 4).max(INDEX_PATIENCE);
+            let last = inner.conn.last_new_data().map_or(asked, |t| t.max(asked));
+            (last.elapsed() > patience || asked.elapsed() > INDEX_MAX_WAIT).then_some(Ok(None))
+        })
+    }
+
     /// True when `offset` can be served without waiting for the network.
     pub fn is_ready(&self, offset: u64) -> bool {
         let inner = lock(&self.shared);
-        if inner.history.contains(offset) {
+        if inner.history.contains(offset) || !inner.conn.index_bytes(offset, 1).is_empty() {
             return true;
         }
         inner

@@ -362,6 +362,7 @@ fn a_server_that_answers_but_never_delivers_is_an_error() {
                                 size: 1 << 20,
                                 content_tag: 1,
                                 offset: 0,
+                                index: None,
                             });
                         }
                     }
@@ -370,6 +371,7 @@ fn a_server_that_answers_but_never_delivers_is_an_error() {
                         size: 1 << 20,
                         content_tag: 1,
                         offset: 0,
+                        index: None,
                     }),
                     Body::Ping => {
                         pongs.fetch_add(1, Ordering::Relaxed);

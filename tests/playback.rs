@@ -669,3 +669,82 @@ fn save_while_watching_writes_a_byte_exact_copy() {
         let _ = std::fs::remove_file(copy);
     }
 }
+
+fn read_file_at(file: &std::fs::File) -> impl FnMut(u64, &mut [u8]) -> usize + '_ {
+    use std::os::unix::fs::FileExt;
+    move |offset, buf| file.read_at(buf, offset).unwrap_or(0)
+}
+
+#[test]
+fn the_server_finds_the_index_of_every_container_the_tests_make() {
+    use gstudpvid::protocol::media_index::locate_index;
+    let clips = clips();
+    for name in &clips.names {
+        let path = clips.dir.join(name);
+        let file = std::fs::File::open(&path).expect("clip");
+        let size = file.metadata().expect("metadata").len();
+        let found = locate_index(size, &mut read_file_at(&file));
+        let bytes = std::fs::read(&path).expect("clip");
+        match name.rsplit('.').next() {
+            // mp4mux writes the moov last.
+            Some("mp4") => {
+                let index = found.unwrap_or_else(|| panic!("no moov found in {name}"));
+                assert_eq!(index.range.end, size, "{name}: moov is the last box");
+                let at = index.range.start as usize;
+                assert_eq!(&bytes[at + 4..at + 8], b"moov", "{name}");
+                let len = u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+                assert_eq!(u64::from(len), index.range.end - index.range.start);
+            }
+            // matroskamux writes the Cues after the clusters.
+            Some("mkv" | "webm") => {
+                let index = found.unwrap_or_else(|| panic!("no Cues found in {name}"));
+                let at = index.range.start as usize;
+                assert_eq!(
+                    &bytes[at..at + 4],
+                    &[0x1C, 0x53, 0xBB, 0x6B],
+                    "{name}: Cues ID"
+                );
+                assert!(index.range.start > size / 2, "{name}: Cues at the end");
+            }
+            _ => assert_eq!(found, None, "{name} has no index to send ahead"),
+        }
+    }
+}
+
+#[test]
+fn the_index_comes_with_the_first_bytes_not_with_more_transfers() {
+    // At 80 ms RTT the demuxer jumps to the index before the stream gets
+    // there. Before the index went ahead, that jump and the one back cost
+    // two more transfers (two round trips) before the first frame; on
+    // loopback the whole clip arrives first, so the test needs the delay.
+    init();
+    let clips = clips();
+    let server = Server::start(&clips.dir, &[]);
+    let proxy = common::Proxy::start(server.port, &["--delay-ms", "40"]);
+    for name in ["movie.mp4", "movie.mkv", "movie.webm"] {
+        let pipeline = playbin(&format!("udpvid://127.0.0.1:{}/{name}", proxy.port));
+        let src: std::sync::Arc<std::sync::Mutex<Option<gst::Element>>> = Default::default();
+        let keep = src.clone();
+        pipeline.connect("source-setup", false, move |args| {
+            if let Ok(e) = args[1].get::<gst::Element>() {
+                *keep.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            }
+            None
+        });
+        pipeline.set_state(gst::State::Paused).expect("paused");
+        settle(&pipeline);
+        let source = src
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .expect("source");
+        let stats = source.property::<gst::Structure>("stats");
+        pipeline.set_state(gst::State::Null).expect("null");
+        let transfers = stats.get::<u64>("transfers").expect("transfers");
+        assert_eq!(
+            transfers, 1,
+            "{name}: {transfers} transfers to preroll: {stats}"
+        );
+    }
+    let _ = proxy.finish();
+}

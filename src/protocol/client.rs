@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use super::buffering::{self, BufferingCause, BufferingLevel, FlowState};
 use super::catalog::{self, CatalogEntry};
 use super::crypto::{Psk, SessionKeys};
+use super::media_index::MAX_INDEX_BYTES;
+use super::ranges::RangeSet;
 use super::read_ahead::{ReadAhead, ReadAheadPolicy};
 use super::receiver::{AckTracker, StreamReceiver};
 use super::rtt::RttEstimator;
@@ -132,6 +134,40 @@ struct ClientTransfer {
     last_data: Option<Instant>,
     /// After the last data, the window allowed the server to send more.
     expecting_more: bool,
+    /// The file's index, when the server sends it ahead of the stream.
+    index: Option<IndexSentAhead>,
+}
+
+/// The bytes of a file's index that the server sends ahead of the stream
+/// (announced in `OpenOk`, see `media_index.rs`), kept apart from the
+/// reassembly window: the demuxer reads them from here instead of making
+/// the server jump to them and back. The stream itself still carries these
+/// bytes when it gets there, so nothing depends on this copy being
+/// complete: a read that finds it stalled goes to the server instead.
+#[derive(Debug)]
+struct IndexSentAhead {
+    range: std::ops::Range<u64>,
+    bytes: Vec<u8>,
+    received: RangeSet,
+}
+
+impl IndexSentAhead {
+    /// Stores what of `payload` at `offset` falls in the index; returns
+    /// how many bytes were new.
+    fn insert(&mut self, offset: u64, payload: &[u8]) -> u64 {
+        let end = offset.saturating_add(payload.len() as u64);
+        let (from, to) = (offset.max(self.range.start), end.min(self.range.end));
+        if from >= to {
+            return 0;
+        }
+        let before = self.received.covered();
+        let at = (from - self.range.start) as usize;
+        let src = (from - offset) as usize;
+        let len = (to - from) as usize;
+        self.bytes[at..at + len].copy_from_slice(&payload[src..src + len]);
+        self.received.insert(from..to);
+        self.received.covered() - before
+    }
 }
 
 impl ClientTransfer {
@@ -301,6 +337,7 @@ impl ClientConnection {
             catalog_delivered: false,
             last_data: None,
             expecting_more: false,
+            index: None,
         });
         if self.phase == Phase::Established {
             self.queue_open(now);
@@ -493,6 +530,32 @@ impl ClientConnection {
         self.transfer
             .as_ref()
             .is_some_and(|t| t.opened && t.receiver.is_finished())
+    }
+
+    /// The range of the file's index the server sends ahead, if it does.
+    pub fn index_range(&self) -> Option<std::ops::Range<u64>> {
+        self.transfer
+            .as_ref()?
+            .index
+            .as_ref()
+            .map(|i| i.range.clone())
+    }
+
+    /// The index bytes that arrived contiguously from `offset`, at most
+    /// `max`; empty when `offset` is outside the index or not there yet.
+    pub fn index_bytes(&self, offset: u64, max: usize) -> &[u8] {
+        let Some(i) = self.transfer.as_ref().and_then(|t| t.index.as_ref()) else {
+            return &[];
+        };
+        if !i.range.contains(&offset) {
+            return &[];
+        }
+        let end = i
+            .received
+            .contiguous_end(offset)
+            .min(offset.saturating_add(max as u64));
+        let at = (offset - i.range.start) as usize;
+        &i.bytes[at..at + (end - offset) as usize]
     }
 
     /// Takes up to `max` bytes in order from the current file transfer.
@@ -735,6 +798,10 @@ impl ClientConnection {
         }
         // Was the server free to send this? Then it measures the link.
         let window_open = t.receiver.window() > t.receiver.highest_received();
+        let ahead = t.index.as_mut().map_or(0, |i| i.insert(offset, payload));
+        if ahead > 0 {
+            self.last_new_data = Some(now);
+        }
         let new = t.receiver.insert(offset, payload);
         if new > 0 && t.kind == TransferKind::File {
             self.last_new_data = Some(now);
@@ -764,6 +831,7 @@ impl ClientConnection {
                 size,
                 content_tag,
                 offset,
+                index,
             } => {
                 let read_ahead = self.current_read_ahead(now);
                 let probe_interval = self.window_probe_interval();
@@ -783,6 +851,14 @@ impl ClientConnection {
                     t.receiver = StreamReceiver::new(offset, read_ahead);
                 }
                 t.receiver.set_end(size);
+                // Bounded here too: the length comes from the network.
+                t.index = index
+                    .filter(|r| r.end - r.start <= MAX_INDEX_BYTES)
+                    .map(|range| IndexSentAhead {
+                        bytes: vec![0; (range.end - range.start) as usize],
+                        range,
+                        received: RangeSet::new(),
+                    });
                 self.events.push_back(ClientEvent::Opened {
                     transfer_id,
                     size,

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::catalog;
 use super::client::{ClientConfig, ClientConnection};
+use super::media_index;
 use super::server::{MemoryStore, ServerConfig, ServerEndpoint};
 use super::wire::Packet;
 
@@ -78,6 +79,23 @@ pub fn client(data: &[u8]) {
     }
 }
 
+/// The container index walk over an untrusted file: whatever it answers
+/// lies inside the file.
+pub fn media_index(data: &[u8]) {
+    let mut read = |offset: u64, buf: &mut [u8]| {
+        let Some(rest) = usize::try_from(offset).ok().and_then(|o| data.get(o..)) else {
+            return 0;
+        };
+        let n = buf.len().min(rest.len());
+        buf[..n].copy_from_slice(&rest[..n]);
+        n
+    };
+    if let Some(index) = media_index::locate_index(data.len() as u64, &mut read) {
+        let r = index.range;
+        assert!(r.start < r.end && r.end <= data.len() as u64);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// Replays every input kept in `fuzz/regressions/<target>/`.
@@ -89,6 +107,7 @@ mod tests {
             ("decode", super::decode as fn(&[u8])),
             ("server", super::server),
             ("client", super::client),
+            ("media_index", super::media_index),
         ] {
             let Ok(entries) = std::fs::read_dir(root.join(target)) else {
                 continue;
@@ -101,6 +120,6 @@ mod tests {
         }
         // The folder ships at least one input per target, so a broken path
         // is noticed rather than silently replaying nothing.
-        assert!(replayed >= 3, "only {replayed} regression inputs found");
+        assert!(replayed >= 4, "only {replayed} regression inputs found");
     }
 }

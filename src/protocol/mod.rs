@@ -1,4 +1,4 @@
-//! The udpvid protocol, version 1, without any I/O.
+//! The udpvid protocol, version 2, without any I/O.
 //!
 //! Everything here takes bytes and an `Instant` and returns bytes and
 //! wake-up times; sockets, threads and clocks belong to the drivers (the
@@ -13,6 +13,7 @@ pub mod cookie;
 pub mod crypto;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod media_index;
 pub mod pacing;
 pub mod ranges;
 pub mod read_ahead;

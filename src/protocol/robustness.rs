@@ -181,7 +181,7 @@ proptest! {
                     let mut bytes = match seed {
                         0 => Packet::new(0, 0, Body::Retry { client_nonce: 1, cookie: vec![1; 20] }).encode(),
                         1 => Packet::new(7, 1, Body::Welcome { client_nonce: 1, idle_timeout_ms: 1000, max_payload: 1420, server_random: [0; 16], auth_tag: None, early_open_accepted: false }).encode(),
-                        2 => Packet::new(7, 2, Body::OpenOk { transfer_id: 1, size: 10_000, content_tag: 1, offset: 0 }).encode(),
+                        2 => Packet::new(7, 2, Body::OpenOk { transfer_id: 1, size: 10_000, content_tag: 1, offset: 0, index: None }).encode(),
                         _ => Packet::new(7, 3, Body::Data { transfer_id: 1, offset: 0, payload: vec![1; 1000] }).encode(),
                     };
                     for (pos, v) in flips {

@@ -37,6 +37,10 @@ pub struct StreamSender {
     window: u64,
     acked: RangeSet,
     to_resend: RangeSet,
+    /// The file's index, sent once the stream reaches `ahead_after`,
+    /// regardless of the window (the client was told of it in `OpenOk`).
+    ahead: RangeSet,
+    ahead_after: u64,
 }
 
 impl StreamSender {
@@ -49,6 +53,18 @@ impl StreamSender {
             window: window.max(start),
             acked: RangeSet::new(),
             to_resend: RangeSet::new(),
+            ahead: RangeSet::new(),
+            ahead_after: start,
+        }
+    }
+
+    /// Sends `range` (the file's index) right after the stream's first
+    /// `head` bytes: the demuxer reads the head, then jumps to the index.
+    pub fn send_ahead(&mut self, range: Range<u64>, head: u64) {
+        let range = range.start.max(self.start)..range.end.min(self.end);
+        if range.start < range.end {
+            self.ahead.insert(range);
+            self.ahead_after = self.start.saturating_add(head);
         }
     }
 
@@ -108,6 +124,13 @@ impl StreamSender {
             return Some(chunk);
         }
         let limit = self.end.min(self.window);
+        if let Some(first) = self.ahead.first() {
+            if self.next_new >= self.ahead_after.min(limit) {
+                let chunk = first.start..first.end.min(first.start + max_len);
+                self.ahead.remove(chunk.clone());
+                return Some(chunk);
+            }
+        }
         if self.next_new < limit {
             let short = limit - self.next_new < max_len && limit < self.end;
             if short && !nothing_in_flight {
@@ -121,12 +144,17 @@ impl StreamSender {
     }
 
     pub fn has_data_to_send(&self) -> bool {
-        !self.to_resend.is_empty() || self.next_new < self.end.min(self.window)
+        !self.to_resend.is_empty()
+            || !self.ahead.is_empty()
+            || self.next_new < self.end.min(self.window)
     }
 
     /// New data exists but the receiver's window does not allow it.
     pub fn is_window_blocked(&self) -> bool {
-        self.to_resend.is_empty() && self.next_new < self.end && self.next_new >= self.window
+        self.to_resend.is_empty()
+            && self.ahead.is_empty()
+            && self.next_new < self.end
+            && self.next_new >= self.window
     }
 
     pub fn is_complete(&self) -> bool {

@@ -12,6 +12,7 @@ use rand::{Rng, SeedableRng};
 use super::catalog::{self, CatalogEntry};
 use super::cookie::AddressValidator;
 use super::crypto::{Psk, SessionKeys, TAG_LEN};
+use super::media_index::{self, MediaIndex};
 use super::sender::{LossRecovery, RecoveryOutcome, StreamSender};
 use super::wire::{
     Body, CloseReason, ConnectionId, DATA_OVERHEAD, DEFAULT_MAX_PAYLOAD, DecodeError, HEADER_LEN,
@@ -54,6 +55,13 @@ pub trait Content: Send {
     fn tag(&self) -> u64;
     /// Fills `buf` from `offset`; returns the bytes read (0 only at the end).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize>;
+    /// Where the file's index lies, found from its container headers (a
+    /// few small reads).
+    fn media_index(&self) -> Option<MediaIndex> {
+        media_index::locate_index(self.size(), &mut |offset, buf| {
+            self.read_at(offset, buf).unwrap_or(0)
+        })
+    }
 }
 
 /// Why a file cannot be served.
@@ -288,6 +296,10 @@ struct Session {
     /// may send at most [`AMPLIFICATION_FACTOR`] × `received_unvalidated`.
     validated: bool,
     received_unvalidated: usize,
+    /// The file whose index this session was sent ahead: a demuxer parses
+    /// the index once, so a later open of the same file (a seek) does not
+    /// get it again.
+    index_sent_for: Option<String>,
 }
 
 impl Session {
@@ -637,6 +649,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             keys,
             validated: cookie_valid,
             received_unvalidated: received,
+            index_sent_for: None,
         };
         session.control.push_back(welcome);
         self.sessions.insert(id, session);
@@ -694,11 +707,29 @@ impl<S: ContentStore> ServerEndpoint<S> {
             Ok(content) => {
                 let size = content.size();
                 let start = offset.min(size);
+                // The index goes ahead unless the demuxer's first reads
+                // include it. Even inside the window it is worth it: the
+                // client jumps locally only a short way, and the stream
+                // reaches the end of the window last.
+                let index = match kind {
+                    TransferKind::File if session.index_sent_for.as_deref() != Some(&path) => {
+                        content
+                            .media_index()
+                            .filter(|i| i.range.start > start.saturating_add(i.head))
+                    }
+                    _ => None,
+                };
+                let mut stream = StreamSender::new(start, size, window);
+                if let Some(i) = &index {
+                    stream.send_ahead(i.range.clone(), i.head);
+                    session.index_sent_for = Some(path.clone());
+                }
                 let reply = Body::OpenOk {
                     transfer_id,
                     size,
                     content_tag: content.tag(),
                     offset: start,
+                    index: index.map(|i| i.range),
                 };
                 session.control.push_back(reply.clone());
                 session.last_open_reply = Some((transfer_id, reply));
@@ -707,7 +738,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
                     path: path.clone(),
                     content,
                     blocks: BlockReader::default(),
-                    stream: StreamSender::new(start, size, window),
+                    stream,
                     complete_reported: false,
                 });
                 self.events.push_back(ServerEvent::TransferStarted {

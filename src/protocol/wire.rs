@@ -5,11 +5,12 @@
 //! never panics: every length is checked against the datagram before use.
 
 use std::fmt;
+use std::ops::Range;
 
 /// First two bytes of every datagram, so stray traffic is rejected cheaply.
 pub const MAGIC: [u8; 2] = *b"UV";
 /// The protocol version this build speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Version byte reserved for version-negotiation replies (as in QUIC, where
 /// version 0 marks the negotiation packet).
 pub const VERSION_NEGOTIATION: u8 = 0;
@@ -178,6 +179,9 @@ pub enum Body {
         size: u64,
         content_tag: u64,
         offset: u64,
+        /// Where the file's index (MP4 `moov`, Matroska `Cues`) lies, when
+        /// the server sends it ahead of the stream (see `media_index.rs`).
+        index: Option<Range<u64>>,
     },
     OpenError {
         transfer_id: u32,
@@ -461,11 +465,18 @@ impl Packet {
                 size,
                 content_tag,
                 offset,
+                index,
             } => {
                 out.extend_from_slice(&transfer_id.to_be_bytes());
                 out.extend_from_slice(&size.to_be_bytes());
                 out.extend_from_slice(&content_tag.to_be_bytes());
                 out.extend_from_slice(&offset.to_be_bytes());
+                // A length of 0 says "no index sent ahead".
+                let (start, len) = index.as_ref().map_or((0, 0), |r| {
+                    (r.start, u32::try_from(r.end - r.start).unwrap_or(0))
+                });
+                out.extend_from_slice(&start.to_be_bytes());
+                out.extend_from_slice(&len.to_be_bytes());
             }
             Body::OpenError {
                 transfer_id,
@@ -643,12 +654,22 @@ impl Packet {
                 let size = r.u64()?;
                 let content_tag = r.u64()?;
                 let offset = r.u64()?;
+                let index_start = r.u64()?;
+                let index_len = u64::from(r.u32()?);
                 r.finish()?;
+                let index = match index_len {
+                    0 => None,
+                    len => match index_start.checked_add(len) {
+                        Some(end) if end <= size => Some(index_start..end),
+                        _ => return Err(DecodeError::Malformed("index beyond the file")),
+                    },
+                };
                 Body::OpenOk {
                     transfer_id,
                     size,
                     content_tag,
                     offset,
+                    index,
                 }
             }
             ty::OPEN_ERROR => {
@@ -903,6 +924,14 @@ mod tests {
                 size: 99,
                 content_tag: 0xdead_beef,
                 offset: 4,
+                index: None,
+            },
+            Body::OpenOk {
+                transfer_id: 3,
+                size: 1 << 40,
+                content_tag: 7,
+                offset: 0,
+                index: Some((1 << 40) - 5000..(1 << 40)),
             },
             Body::OpenError {
                 transfer_id: 2,
@@ -947,11 +976,13 @@ mod tests {
     #[test]
     fn other_version_is_reported() {
         let mut bytes = Packet::new(1, 1, Body::Ping).encode();
-        bytes[2] = 2;
-        assert_eq!(
-            Packet::decode(&bytes),
-            Err(DecodeError::UnsupportedVersion(2))
-        );
+        for other in [1, VERSION + 1] {
+            bytes[2] = other;
+            assert_eq!(
+                Packet::decode(&bytes),
+                Err(DecodeError::UnsupportedVersion(other))
+            );
+        }
     }
 
     #[test]
