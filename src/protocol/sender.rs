@@ -41,6 +41,8 @@ pub struct StreamSender {
     /// regardless of the window (the client was told of it in `OpenOk`).
     ahead: RangeSet,
     ahead_after: u64,
+    /// The chunk `next_chunk` returned last was index sent ahead.
+    last_chunk_ahead: bool,
 }
 
 impl StreamSender {
@@ -55,6 +57,7 @@ impl StreamSender {
             to_resend: RangeSet::new(),
             ahead: RangeSet::new(),
             ahead_after: start,
+            last_chunk_ahead: false,
         }
     }
 
@@ -117,6 +120,7 @@ impl StreamSender {
     /// update, and sending slivers would waste a header per sliver (the
     /// "silly window syndrome" of RFC 1122 §4.2.3.4).
     pub fn next_chunk(&mut self, max_len: u64, nothing_in_flight: bool) -> Option<Range<u64>> {
+        self.last_chunk_ahead = false;
         if let Some(first) = self.to_resend.first() {
             let chunk = first.start..first.end.min(first.start + max_len);
             self.to_resend.remove(chunk.clone());
@@ -128,6 +132,7 @@ impl StreamSender {
             if self.next_new >= self.ahead_after.min(limit) {
                 let chunk = first.start..first.end.min(first.start + max_len);
                 self.ahead.remove(chunk.clone());
+                self.last_chunk_ahead = true;
                 return Some(chunk);
             }
         }
@@ -157,6 +162,19 @@ impl StreamSender {
             && self.next_new >= self.window
     }
 
+    /// The chunk `next_chunk` returned last was index sent ahead: its
+    /// packet must say so, because its acknowledgement does not mean the
+    /// stream holds those bytes (the client keeps them apart, and the
+    /// stream sends them again when it gets there).
+    pub fn last_chunk_was_ahead(&self) -> bool {
+        self.last_chunk_ahead
+    }
+
+    /// A packet of index sent ahead was lost: send it again, ahead.
+    pub fn on_ahead_lost(&mut self, range: Range<u64>) {
+        self.ahead.insert(range);
+    }
+
     pub fn is_complete(&self) -> bool {
         self.acked.contains_range(self.start..self.end)
     }
@@ -164,6 +182,17 @@ impl StreamSender {
     pub fn is_acked(&self, range: Range<u64>) -> bool {
         self.acked.contains_range(range)
     }
+}
+
+/// What a data packet carried, as [`LossRecovery::on_packet_sent`] records it.
+#[derive(Debug, Clone)]
+pub struct DataSent {
+    pub transfer_id: u32,
+    pub range: Range<u64>,
+    /// Index sent ahead of the stream.
+    pub ahead: bool,
+    /// See [`SentPacket::app_limited`].
+    pub app_limited: bool,
 }
 
 /// A packet that carries data and waits for its acknowledgement.
@@ -174,6 +203,8 @@ pub struct SentPacket {
     pub size: u64,
     pub transfer_id: u32,
     pub range: Range<u64>,
+    /// Index sent ahead of the stream (see `StreamSender::send_ahead`).
+    pub ahead: bool,
     /// The sender had more to send but the receiver's window stopped it:
     /// such ACKs say nothing about the path's capacity.
     pub app_limited: bool,
@@ -299,15 +330,13 @@ impl LossRecovery {
     }
 
     /// Records a data packet that just left.
-    pub fn on_packet_sent(
-        &mut self,
-        now: Instant,
-        packet_number: u64,
-        size: u64,
-        transfer_id: u32,
-        range: Range<u64>,
-        app_limited: bool,
-    ) {
+    pub fn on_packet_sent(&mut self, now: Instant, packet_number: u64, size: u64, data: DataSent) {
+        let DataSent {
+            transfer_id,
+            range,
+            ahead,
+            app_limited,
+        } = data;
         if self.sent.is_empty() {
             // A new delivery interval starts with the first packet after idle.
             self.first_sent_time = Some(now);
@@ -327,6 +356,7 @@ impl LossRecovery {
                 size,
                 transfer_id,
                 range,
+                ahead,
                 app_limited,
                 delivered: self.delivered,
                 delivered_time: self.delivered_time.unwrap_or(now),
@@ -522,6 +552,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_index_goes_after_the_head_outside_the_window_and_again_with_the_stream() {
+        let mut s = StreamSender::new(0, 100_000, 3000);
+        s.send_ahead(90_000..91_000, 2000);
+        // The head first, then the index although the window ends at 3000.
+        assert_eq!(s.next_chunk(1000, true), Some(0..1000));
+        assert!(!s.last_chunk_was_ahead());
+        assert_eq!(s.next_chunk(1000, true), Some(1000..2000));
+        assert_eq!(s.next_chunk(1000, true), Some(90_000..91_000));
+        assert!(s.last_chunk_was_ahead());
+        // Lost: it goes ahead again, before the stream.
+        s.on_ahead_lost(90_000..91_000);
+        assert_eq!(s.next_chunk(1000, true), Some(90_000..91_000));
+        assert!(s.last_chunk_was_ahead());
+        assert_eq!(s.next_chunk(1000, true), Some(2000..3000));
+        assert!(!s.last_chunk_was_ahead());
+        // The stream still carries those bytes when the window gets there.
+        s.update_window(100_000);
+        let mut sent = RangeSet::new();
+        while let Some(c) = s.next_chunk(1000, true) {
+            sent.insert(c);
+        }
+        assert!(sent.contains_range(90_000..91_000));
+    }
+
+    #[test]
     fn stream_sender_respects_window_and_resends_only_unacked() {
         let mut s = StreamSender::new(100, 10_000, 3_100);
         assert_eq!(s.next_chunk(1000, true), Some(100..1100));
@@ -542,7 +597,17 @@ mod tests {
     }
 
     fn send(r: &mut LossRecovery, pn: u64, t: Instant) {
-        r.on_packet_sent(t, pn, 1000, 1, pn * 1000..(pn + 1) * 1000, false);
+        r.on_packet_sent(
+            t,
+            pn,
+            1000,
+            DataSent {
+                transfer_id: 1,
+                range: pn * 1000..(pn + 1) * 1000,
+                ahead: false,
+                app_limited: false,
+            },
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use super::catalog::{self, CatalogEntry};
 use super::cookie::AddressValidator;
 use super::crypto::{Psk, SessionKeys, TAG_LEN};
 use super::media_index::{self, MediaIndex};
-use super::sender::{LossRecovery, RecoveryOutcome, StreamSender};
+use super::sender::{DataSent, LossRecovery, RecoveryOutcome, StreamSender};
 use super::wire::{
     Body, CloseReason, ConnectionId, DATA_OVERHEAD, DEFAULT_MAX_PAYLOAD, DecodeError, HEADER_LEN,
     MAX_DATAGRAM_SIZE, MIN_HELLO_SIZE, OpenErrorKind, OpenRequest, Packet, TransferKind, VERSION,
@@ -771,7 +771,13 @@ impl<S: ContentStore> ServerEndpoint<S> {
         let Some(t) = session.transfer.as_mut() else {
             return;
         };
-        for p in outcome.acked.iter().filter(|p| p.transfer_id == t.id) {
+        // Index sent ahead lives apart on the client: its ACK does not
+        // mean the stream holds those bytes.
+        for p in outcome
+            .acked
+            .iter()
+            .filter(|p| p.transfer_id == t.id && !p.ahead)
+        {
             t.stream.on_acked(p.range.clone());
         }
         for p in outcome
@@ -780,7 +786,11 @@ impl<S: ContentStore> ServerEndpoint<S> {
             .chain(outcome.probe.iter())
             .filter(|p| p.transfer_id == t.id)
         {
-            t.stream.on_lost(p.range.clone());
+            if p.ahead {
+                t.stream.on_ahead_lost(p.range.clone());
+            } else {
+                t.stream.on_lost(p.range.clone());
+            }
         }
     }
 
@@ -939,6 +949,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             return self.poll_session(now, id, out);
         }
         let app_limited = !t.stream.has_data_to_send() && t.stream.is_window_blocked();
+        let ahead = t.stream.last_chunk_was_ahead();
         let transfer_id = t.id;
         let pn = session.next_pn();
         encode_data(out, id, pn, transfer_id, range.start, buf);
@@ -946,9 +957,17 @@ impl<S: ContentStore> ServerEndpoint<S> {
             keys.seal(out);
         }
         session.bytes_sent += out.len() as u64;
-        session
-            .recovery
-            .on_packet_sent(now, pn, out.len() as u64, transfer_id, range, app_limited);
+        session.recovery.on_packet_sent(
+            now,
+            pn,
+            out.len() as u64,
+            DataSent {
+                transfer_id,
+                range,
+                ahead,
+                app_limited,
+            },
+        );
         Some(session.addr)
     }
 
