@@ -827,7 +827,11 @@ impl BlockingClient {
     /// application holds the pipeline paused on buffering nobody reads, so
     /// this is also where a lost session is replaced (at most once a
     /// second) and where the end of the session is reported.
-    pub fn buffering_level(&self, cause: BufferingCause) -> Result<BufferingLevel, WaitError> {
+    pub fn buffering_level(
+        &self,
+        cause: BufferingCause,
+        held_downstream: u64,
+    ) -> Result<BufferingLevel, WaitError> {
         self.with_conn_inner(|inner, now| {
             if let Some(e) = inner.outcomes.fatal.clone() {
                 let recently = inner
@@ -840,7 +844,7 @@ impl BlockingClient {
                     inner.last_reconnect = Some(now);
                 }
             }
-            Ok(inner.conn.buffering_level(now, cause))
+            Ok(inner.conn.buffering_level(now, cause, held_downstream))
         })
     }
 
@@ -979,6 +983,22 @@ impl BlockingClient {
             .conn
             .read_offset()
             .is_some_and(|o| offset >= o && offset < o + inner.conn.available())
+    }
+
+    /// True when a read at `offset` continues the current transfer (from the
+    /// recent bytes, the index sent ahead, or a short forward skip over
+    /// bytes that are coming) instead of asking the server to start again.
+    pub fn continues_stream(&self, offset: u64) -> bool {
+        let inner = lock(&self.shared);
+        if inner.history.contains(offset) || !inner.conn.index_bytes(offset, 1).is_empty() {
+            return true;
+        }
+        let Some(current) = inner.conn.read_offset() else {
+            return false;
+        };
+        let ready = inner.conn.available();
+        let read_ahead = inner.conn.current_read_ahead(Instant::now());
+        offset >= current && offset - current <= ready.max(read_ahead.min(LOCAL_SKIP_LIMIT))
     }
 
     /// Puts the network stream at `offset`. A forward jump within what the

@@ -435,7 +435,14 @@ impl ClientConnection {
     /// invariant that 100 % is reachable: the window the server was last
     /// told covers the goal, and a grown window leaves at once (a paused
     /// pipeline reads nothing, so nothing else would send it).
-    pub fn buffering_level(&mut self, now: Instant, cause: BufferingCause) -> BufferingLevel {
+    /// `held_downstream`: bytes the player took and still holds unplayed;
+    /// they count as buffered (only the element knows them).
+    pub fn buffering_level(
+        &mut self,
+        now: Instant,
+        cause: BufferingCause,
+        held_downstream: u64,
+    ) -> BufferingLevel {
         self.apply_read_ahead(now);
         let Some(t) = self.transfer.as_ref() else {
             return BufferingLevel {
@@ -463,7 +470,12 @@ impl ClientConnection {
         let available = r.available();
         BufferingLevel {
             cause,
-            percent: buffering::buffering_percent(available, goal),
+            // On a slow link the goal already counts what the player holds
+            // (the download-time estimate), so it does not count twice.
+            percent: buffering::buffering_percent(
+                available.saturating_add(if slow == 0 { held_downstream } else { 0 }),
+                goal,
+            ),
             available,
             goal,
         }

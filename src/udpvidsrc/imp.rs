@@ -147,6 +147,17 @@ struct PlaybackEstimate {
     /// `create` waits for bytes without having posted buffering (the
     /// pipeline held enough to play on meanwhile).
     waiting: AtomicBool,
+    /// Bytes pushed downstream since start buffering began (at the start or
+    /// after a jump the server serves). An application paused on buffering
+    /// plays none of them, so the pipeline still holds them: they count
+    /// towards the start goal. Without this, a player waited after preroll
+    /// for 256 KiB beyond the ~0.8 s of media the demuxer had already
+    /// queued (a faststart MP4 at 80 ms RTT: first frame 1.13 s, 0.66 s
+    /// when ignoring buffering).
+    pushed_while_starting: AtomicU64,
+    /// The element was seen PLAYING since the file was opened: before
+    /// that, the pipeline prerolls and has played nothing.
+    has_played: AtomicBool,
 }
 
 impl Default for PlaybackEstimate {
@@ -155,6 +166,8 @@ impl Default for PlaybackEstimate {
             held: AtomicU64::new(u64::MAX),
             media_rate: AtomicU64::new(0),
             waiting: AtomicBool::new(false),
+            pushed_while_starting: AtomicU64::new(0),
+            has_played: AtomicBool::new(false),
         }
     }
 }
@@ -291,6 +304,21 @@ impl UdpVidSrc {
 
     /// `cause`: [`BUFFERING_START`] (start, jump) or [`BUFFERING_UNDERRUN`].
     fn enter_buffering(&self, cause: u8) {
+        if cause == BUFFERING_START && self.buffering.load(Ordering::Acquire) != BUFFERING_START {
+            self.playback
+                .pushed_while_starting
+                .store(0, Ordering::Release);
+        }
+        self.post_buffering_start(cause);
+    }
+
+    /// Buffering again before the pipeline played anything (it still
+    /// prerolls): still the start, and what it took so far is still held.
+    fn continue_start_buffering(&self) {
+        self.post_buffering_start(BUFFERING_START);
+    }
+
+    fn post_buffering_start(&self, cause: u8) {
         if self.buffering.swap(cause, Ordering::AcqRel) == NOT_BUFFERING {
             Self::post_buffering(&self.obj(), &self.last_buffering_percent, 0);
             if let State::Started {
@@ -343,9 +371,30 @@ impl UdpVidSrc {
                     };
                     let cause = buffering.load(Ordering::Acquire);
                     if let Some(cause) = buffering_cause(cause) {
+                        // The media's rate, once the pipeline knows the
+                        // duration (after preroll): with it a slow link is
+                        // known for one before playback starts, and the
+                        // start waits once instead of starting and pausing.
+                        let read_offset = client.snapshot().read_offset;
+                        if let Some((_, media_rate)) =
+                            Self::held_downstream(&element, read_offset, size)
+                        {
+                            let old = playback
+                                .media_rate
+                                .swap(media_rate.to_bits(), Ordering::AcqRel);
+                            if old != media_rate.to_bits() {
+                                client.set_media_rate(Some(media_rate));
+                            }
+                        }
                         // The percentage and the window come from the same
                         // read-ahead, so 100 % is always reachable.
-                        let level = match client.buffering_level(cause) {
+                        let held = match cause {
+                            BufferingCause::Start => {
+                                playback.pushed_while_starting.load(Ordering::Acquire)
+                            }
+                            BufferingCause::Underrun => 0,
+                        };
+                        let level = match client.buffering_level(cause, held) {
                             Ok(level) => level,
                             Err(err) => {
                                 // The session ended while the application
@@ -363,6 +412,13 @@ impl UdpVidSrc {
                         };
                         if level.percent >= 100 {
                             buffering.store(NOT_BUFFERING, Ordering::Release);
+                            // Until the next position query, what the
+                            // pipeline holds is what it took while starting:
+                            // a read that waits right after the start is
+                            // then not taken for an underrun.
+                            if held > 0 {
+                                playback.held.store(held, Ordering::Release);
+                            }
                             wanting_since = None;
                         } else {
                             let since = *wanting_since.get_or_insert_with(Instant::now);
@@ -914,6 +970,10 @@ impl BaseSrcImpl for UdpVidSrc {
             )
         })?;
         *lock(&self.last_buffering_percent) = None;
+        // What was learnt of an earlier file's playback does not apply.
+        self.playback.media_rate.store(0, Ordering::Release);
+        self.playback.held.store(u64::MAX, Ordering::Release);
+        self.playback.has_played.store(false, Ordering::Release);
         self.buffering.store(NOT_BUFFERING, Ordering::Release);
         self.enter_buffering(BUFFERING_START);
         let opened = match client.open(&location.path, 0, settings.timeout()) {
@@ -1044,6 +1104,9 @@ impl BaseSrcImpl for UdpVidSrc {
         if offset >= size {
             return Err(gst::FlowError::Eos);
         }
+        if self.obj().current_state() == gst::State::Playing {
+            self.playback.has_played.store(true, Ordering::Release);
+        }
         let mut waiting = false;
         if !client.is_ready(offset) {
             // Underrun (or a jump the server must serve): the pipeline waits
@@ -1051,8 +1114,17 @@ impl BaseSrcImpl for UdpVidSrc {
             // second or more ahead of playback is not yet worth a pause:
             // playback goes on from its queues, and the monitor posts
             // buffering if they run low before the bytes come.
-            if offset != position {
+            // A demuxer's short forward jump (qtdemux between interleaved
+            // audio and video chunks) reads on in the same transfer: it is
+            // an underrun at worst, not a new start.
+            let starting = self.buffering.load(Ordering::Acquire) == BUFFERING_START;
+            if offset != position && !client.continues_stream(offset) {
                 self.enter_buffering(BUFFERING_START);
+            } else if starting {
+                // Still starting (preroll reads the stream as it comes):
+                // the start goal, with what was taken meanwhile, stands.
+            } else if !self.playback.has_played.load(Ordering::Acquire) {
+                self.continue_start_buffering();
             } else if self.playback.holds_enough() {
                 waiting = true;
                 self.playback.waiting.store(true, Ordering::Release);
@@ -1097,6 +1169,11 @@ impl BaseSrcImpl for UdpVidSrc {
             return Err(gst::FlowError::Eos);
         }
         let end = offset + data.len() as u64;
+        if self.buffering.load(Ordering::Acquire) == BUFFERING_START {
+            self.playback
+                .pushed_while_starting
+                .fetch_add(data.len() as u64, Ordering::AcqRel);
+        }
         if let State::Started { position, .. } = &mut *self.state() {
             *position = end;
         }

@@ -91,7 +91,7 @@ impl BufferingApp {
     fn step(&mut self, sim: &mut Sim) {
         let now = sim.now;
         if let Some(cause) = self.buffering {
-            let level = sim.client.buffering_level(now, cause);
+            let level = sim.client.buffering_level(now, cause, 0);
             let progress = sim.delivered.len() as u64 + level.available;
             if progress > self.last_level {
                 self.last_level = progress;
