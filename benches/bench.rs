@@ -221,7 +221,7 @@ fn start_nginx(dir: &Path, work: &Path) -> (Proc, u16) {
 #[derive(Clone, Copy)]
 struct Condition {
     name: &'static str,
-    rate_mbit: Option<u64>,
+    rate_mbit: Option<f64>,
     one_way_ms: u64,
     loss: f64,
     /// Gilbert-Elliott loss both ways: (loss rate, mean burst length).
@@ -286,10 +286,10 @@ fn start_tcp_relay(upstream: u16, cond: Condition) -> u16 {
     port
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, rate_mbit: Option<u64>, delay: Duration) {
+fn pump(mut from: TcpStream, mut to: TcpStream, rate_mbit: Option<f64>, delay: Duration) {
     // Capacity: a bandwidth-delay product plus a 256 KiB queue, in 16 KiB chunks.
     let bdp = rate_mbit.map_or(4 << 20, |r| {
-        (r as f64 * 1e6 / 8.0 * delay.as_secs_f64() * 2.0) as usize + (256 << 10)
+        (r * 1e6 / 8.0 * delay.as_secs_f64() * 2.0) as usize + (256 << 10)
     });
     let (tx, rx) = mpsc::sync_channel::<(Instant, Vec<u8>)>((bdp / 16384).max(4));
     std::thread::spawn(move || {
@@ -303,7 +303,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, rate_mbit: Option<u64>, delay: D
             let now = Instant::now();
             let start = free_at.max(now);
             let serialise = rate_mbit.map_or(Duration::ZERO, |r| {
-                Duration::from_secs_f64(n as f64 * 8.0 / (r as f64 * 1e6))
+                Duration::from_secs_f64(n as f64 * 8.0 / (r * 1e6))
             });
             free_at = start + serialise;
             if tx.send((free_at + delay, buf[..n].to_vec())).is_err() {
@@ -557,6 +557,8 @@ struct Playback {
     stalls: u32,
     stalled_for: Duration,
     position: Duration,
+    /// From the start to the stop point (or the end).
+    wall: Duration,
     error: Option<String>,
 }
 
@@ -621,6 +623,7 @@ fn play(uri: &str, peer: Peer, stop_at: Duration, pause: Option<Duration>) -> Pl
         stalls: 0,
         stalled_for: Duration::ZERO,
         position: Duration::ZERO,
+        wall: Duration::ZERO,
         error: None,
     };
     let mut buffering = false;
@@ -628,7 +631,8 @@ fn play(uri: &str, peer: Peer, stop_at: Duration, pause: Option<Duration>) -> Pl
     let mut last_progress = Instant::now();
     let mut in_stall = false;
     let mut playing_since: Option<Instant> = None;
-    let hard_limit = stop_at + Duration::from_secs(60);
+    // A link at half the media rate needs about twice the clip to play it.
+    let hard_limit = (stop_at * 3).max(stop_at + Duration::from_secs(60));
     loop {
         if started.elapsed() > hard_limit {
             result.error = Some("did not reach the stop point".into());
@@ -678,6 +682,7 @@ fn play(uri: &str, peer: Peer, stop_at: Duration, pause: Option<Duration>) -> Pl
         }
     }
     result.position = last_pos;
+    result.wall = started.elapsed();
     if let Some(p) = pause {
         let _ = pipeline.set_state(gst::State::Paused);
         std::thread::sleep(p);
@@ -980,28 +985,28 @@ fn main() {
         },
         Condition {
             name: "20 Mbit/s, 80 ms",
-            rate_mbit: Some(20),
+            rate_mbit: Some(20.0),
             one_way_ms: 40,
             loss: 0.0,
             burst: None,
         },
         Condition {
             name: "20 Mbit/s, 80 ms, 1 % loss",
-            rate_mbit: Some(20),
+            rate_mbit: Some(20.0),
             one_way_ms: 40,
             loss: 0.01,
             burst: None,
         },
         Condition {
             name: "20 Mbit/s, 80 ms, 5 % loss",
-            rate_mbit: Some(20),
+            rate_mbit: Some(20.0),
             one_way_ms: 40,
             loss: 0.05,
             burst: None,
         },
         Condition {
             name: "20 Mbit/s, 80 ms, 10 % loss",
-            rate_mbit: Some(20),
+            rate_mbit: Some(20.0),
             one_way_ms: 40,
             loss: 0.10,
             burst: None,
@@ -1034,7 +1039,7 @@ fn main() {
             .unwrap_or_default()
     );
 
-    // `BENCH_ONLY=seek` (or `start`) runs just that table.
+    // `BENCH_ONLY=seek` (or `start`, or `slow`) runs just that table.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |section: &str| only.is_empty() || only == section;
     if run("start") {
@@ -1091,6 +1096,58 @@ fn main() {
             return;
         }
     }
+    // Links slower than the media: an application that pauses on buffering
+    // should wait once and then play to the end (issue "slow links").
+    if run("slow") {
+        let media_mbit = env.mp4_size as f64 * 8.0 / CLIP_SECONDS as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "## Links slower than the media ({media_mbit:.2} Mbit/s), 80 ms RTT: the whole clip, an app that pauses on buffering\n"
+        );
+        let _ = writeln!(
+            out,
+            "| link | peer | first frame s | pauses after it | paused s | end reached after s | result |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+        for factor in [0.5, 0.75] {
+            let name: &'static str = Box::leak(
+                format!("{factor}× media ({:.2} Mbit/s)", media_mbit * factor).into_boxed_str(),
+            );
+            let cond = Condition {
+                name,
+                rate_mbit: Some(media_mbit * factor),
+                one_way_ms: 40,
+                loss: 0.0,
+                burst: None,
+            };
+            for peer in [Peer::Http, Peer::Udpvid] {
+                let path = open_path(&env, peer, cond, 7);
+                let stop = Duration::from_secs(CLIP_SECONDS - 1);
+                let p = play(&path.uri, peer, stop, None);
+                let _ = writeln!(
+                    out,
+                    "| {name} | {} | {} | {} | {:.1} | {:.1} | {} |",
+                    peer.name(),
+                    p.first_frame
+                        .map_or("–".into(), |f| format!("{:.1}", f.as_secs_f64())),
+                    p.stalls,
+                    p.stalled_for.as_secs_f64(),
+                    p.wall.as_secs_f64(),
+                    p.error.unwrap_or_else(|| "ok".into())
+                );
+                eprint!(".");
+            }
+        }
+        let _ = writeln!(out);
+        if only == "slow" {
+            drop(env);
+            drop(udpvid);
+            drop(nginx);
+            println!("{out}");
+            return;
+        }
+    }
+
     let _ = writeln!(
         out,
         "## Seek latency (request to first frame rendered after it; seeks to 20 s, 45 s, 5 s while playing)\n"
@@ -1299,7 +1356,7 @@ fn main() {
     // the other bad network the issue names; only for this table.
     let bursty = Condition {
         name: "20 Mbit/s, 80 ms, 3 % burst loss",
-        rate_mbit: Some(20),
+        rate_mbit: Some(20.0),
         one_way_ms: 40,
         loss: 0.0,
         burst: Some((0.03, 8.0)),
