@@ -956,6 +956,15 @@ fn kernel_loss_pull(env: &Env, percent: u32, http: bool) -> Result<f64, String> 
     Ok(started.elapsed().as_secs_f64())
 }
 
+/// Stops the peers (the environment's proxies and counters first) and
+/// prints the report: the end of a full run and of a `BENCH_ONLY` one.
+fn stop_and_print(out: &str, env: Env, udpvid: Proc, nginx: Proc) {
+    drop(env);
+    drop(udpvid);
+    drop(nginx);
+    println!("{out}");
+}
+
 fn main() {
     gst::init().expect("GStreamer");
     gstudpvid::plugin_register_static().expect("plugin");
@@ -1089,11 +1098,7 @@ fn main() {
         }
         let _ = writeln!(out);
         if only == "start" {
-            drop(env);
-            drop(udpvid);
-            drop(nginx);
-            println!("{out}");
-            return;
+            return stop_and_print(&out, env, udpvid, nginx);
         }
     }
     // Links slower than the media: an application that pauses on buffering
@@ -1140,11 +1145,7 @@ fn main() {
         }
         let _ = writeln!(out);
         if only == "slow" {
-            drop(env);
-            drop(udpvid);
-            drop(nginx);
-            println!("{out}");
-            return;
+            return stop_and_print(&out, env, udpvid, nginx);
         }
     }
 
@@ -1179,11 +1180,7 @@ fn main() {
     }
     let _ = writeln!(out);
     if only == "seek" {
-        drop(env);
-        drop(udpvid);
-        drop(nginx);
-        println!("{out}");
-        return;
+        return stop_and_print(&out, env, udpvid, nginx);
     }
 
     // 1. Full pull as fast as possible.
@@ -1410,10 +1407,7 @@ fn main() {
         eprint!(".");
     }
     eprintln!();
-    drop(env);
-    drop(udpvid);
-    drop(nginx);
-    println!("{out}");
+    stop_and_print(&out, env, udpvid, nginx);
     let results = bench_dir.join("results.md");
     if let Ok(mut f) = std::fs::File::create(&results) {
         let _ = f.write_all(out.as_bytes());
