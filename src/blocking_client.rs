@@ -53,6 +53,13 @@ pub const INDEX_PATIENCE: Duration = Duration::from_millis(200);
 /// stream flows.
 pub const INDEX_MAX_WAIT: Duration = Duration::from_secs(2);
 
+/// A forward jump from the stream's `current` offset to `offset` is made by
+/// consuming the bytes in between (see [`LOCAL_SKIP_LIMIT`]): those `ready`
+/// and, up to the limit, those the read-ahead brings anyway.
+fn skips_locally(current: u64, offset: u64, ready: u64, read_ahead: u64) -> bool {
+    offset >= current && offset - current <= ready.max(read_ahead.min(LOCAL_SKIP_LIMIT))
+}
+
 /// The most recent bytes handed out, as one contiguous range of the file:
 /// the chunks themselves, shared with the buffers that went downstream, so
 /// keeping them costs no copy.
@@ -973,10 +980,15 @@ impl BlockingClient {
         })
     }
 
+    /// `offset` is held here: in the recent bytes or the index sent ahead.
+    fn held_locally(inner: &Inner, offset: u64) -> bool {
+        inner.history.contains(offset) || !inner.conn.index_bytes(offset, 1).is_empty()
+    }
+
     /// True when `offset` can be served without waiting for the network.
     pub fn is_ready(&self, offset: u64) -> bool {
         let inner = lock(&self.shared);
-        if inner.history.contains(offset) || !inner.conn.index_bytes(offset, 1).is_empty() {
+        if Self::held_locally(&inner, offset) {
             return true;
         }
         inner
@@ -990,15 +1002,18 @@ impl BlockingClient {
     /// bytes that are coming) instead of asking the server to start again.
     pub fn continues_stream(&self, offset: u64) -> bool {
         let inner = lock(&self.shared);
-        if inner.history.contains(offset) || !inner.conn.index_bytes(offset, 1).is_empty() {
+        if Self::held_locally(&inner, offset) {
             return true;
         }
         let Some(current) = inner.conn.read_offset() else {
             return false;
         };
-        let ready = inner.conn.available();
-        let read_ahead = inner.conn.current_read_ahead(Instant::now());
-        offset >= current && offset - current <= ready.max(read_ahead.min(LOCAL_SKIP_LIMIT))
+        skips_locally(
+            current,
+            offset,
+            inner.conn.available(),
+            inner.conn.current_read_ahead(Instant::now()),
+        )
     }
 
     /// Puts the network stream at `offset`. A forward jump within what the
@@ -1026,8 +1041,7 @@ impl BlockingClient {
         if offset == current {
             return Ok(());
         }
-        let distance = offset.wrapping_sub(current);
-        if offset > current && distance <= ready.max(read_ahead.min(LOCAL_SKIP_LIMIT)) {
+        if skips_locally(current, offset, ready, read_ahead) {
             return self.consume(current, offset, timeout);
         }
         let path = path.ok_or_else(|| WaitError::Protocol("no file is open".into()))?;

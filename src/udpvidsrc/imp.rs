@@ -309,16 +309,13 @@ impl UdpVidSrc {
                 .pushed_while_starting
                 .store(0, Ordering::Release);
         }
-        self.post_buffering_start(cause);
+        self.set_buffering(cause);
     }
 
-    /// Buffering again before the pipeline played anything (it still
-    /// prerolls): still the start, and what it took so far is still held.
-    fn continue_start_buffering(&self) {
-        self.post_buffering_start(BUFFERING_START);
-    }
-
-    fn post_buffering_start(&self, cause: u8) {
+    /// Sets why the pipeline waits, posting 0 % if it did not wait yet;
+    /// unlike [`enter_buffering`](Self::enter_buffering) it keeps what was
+    /// taken while starting.
+    fn set_buffering(&self, cause: u8) {
         if self.buffering.swap(cause, Ordering::AcqRel) == NOT_BUFFERING {
             Self::post_buffering(&self.obj(), &self.last_buffering_percent, 0);
             if let State::Started {
@@ -370,22 +367,21 @@ impl UdpVidSrc {
                         return;
                     };
                     let cause = buffering.load(Ordering::Acquire);
-                    if let Some(cause) = buffering_cause(cause) {
-                        // The media's rate, once the pipeline knows the
-                        // duration (after preroll): with it a slow link is
-                        // known for one before playback starts, and the
-                        // start waits once instead of starting and pausing.
-                        let read_offset = client.snapshot().read_offset;
-                        if let Some((_, media_rate)) =
-                            Self::held_downstream(&element, read_offset, size)
-                        {
-                            let old = playback
-                                .media_rate
-                                .swap(media_rate.to_bits(), Ordering::AcqRel);
-                            if old != media_rate.to_bits() {
-                                client.set_media_rate(Some(media_rate));
-                            }
+                    let snapshot = client.snapshot();
+                    let downstream = Self::held_downstream(&element, snapshot.read_offset, size);
+                    // The media's rate, once the pipeline knows the duration
+                    // (after preroll), also while buffering: with it a slow
+                    // link is known for one before playback starts, and the
+                    // start waits once instead of starting and pausing.
+                    if let Some((_, media_rate)) = downstream {
+                        let old = playback
+                            .media_rate
+                            .swap(media_rate.to_bits(), Ordering::AcqRel);
+                        if old != media_rate.to_bits() {
+                            client.set_media_rate(Some(media_rate));
                         }
+                    }
+                    if let Some(cause) = buffering_cause(cause) {
                         // The percentage and the window come from the same
                         // read-ahead, so 100 % is always reachable.
                         let held = match cause {
@@ -441,17 +437,10 @@ impl UdpVidSrc {
                             .map(|link| (&level, link, playback.media_rate()));
                         Self::post_buffering_with(&element, &last, level.percent as i32, estimate);
                     }
-                    let snapshot = client.snapshot();
                     if cause == NOT_BUFFERING {
-                        match Self::held_downstream(&element, snapshot.read_offset, size) {
-                            Some((held, media_rate)) => {
+                        match downstream {
+                            Some((held, _)) => {
                                 playback.held.store(held, Ordering::Release);
-                                let old = playback
-                                    .media_rate
-                                    .swap(media_rate.to_bits(), Ordering::AcqRel);
-                                if old != media_rate.to_bits() {
-                                    client.set_media_rate(Some(media_rate));
-                                }
                                 client.set_held_downstream(held);
                             }
                             None => playback.held.store(u64::MAX, Ordering::Release),
@@ -1104,7 +1093,10 @@ impl BaseSrcImpl for UdpVidSrc {
         if offset >= size {
             return Err(gst::FlowError::Eos);
         }
-        if self.obj().current_state() == gst::State::Playing {
+        // Once seen, not asked again: the state takes the object lock.
+        if !self.playback.has_played.load(Ordering::Acquire)
+            && self.obj().current_state() == gst::State::Playing
+        {
             self.playback.has_played.store(true, Ordering::Release);
         }
         let mut waiting = false;
@@ -1124,7 +1116,10 @@ impl BaseSrcImpl for UdpVidSrc {
                 // Still starting (preroll reads the stream as it comes):
                 // the start goal, with what was taken meanwhile, stands.
             } else if !self.playback.has_played.load(Ordering::Acquire) {
-                self.continue_start_buffering();
+                // Buffering again before the pipeline played anything (it
+                // still prerolls): still the start, and what it took so far
+                // is still held.
+                self.set_buffering(BUFFERING_START);
             } else if self.playback.holds_enough() {
                 waiting = true;
                 self.playback.waiting.store(true, Ordering::Release);
