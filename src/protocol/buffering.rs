@@ -44,6 +44,10 @@ pub const START_BUFFERING_BYTES: u64 = 256 * 1024;
 /// of playback: with more, playback goes on from the pipeline's own queues
 /// while the source waits, and pausing it would be a stutter for nothing.
 pub const UNDERRUN_HOLD: Duration = Duration::from_secs(1);
+/// A link at least this many times the media's rate is fast enough for the
+/// player to start on what it already holds (see
+/// `ClientConnection::buffering_level`).
+pub const FAST_LINK_FACTOR: f64 = 4.0;
 
 /// Why the player waits for the network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -468,14 +468,19 @@ impl ClientConnection {
         let goal =
             buffering::buffering_goal(cause, r.read_ahead(), slow, remaining, advertised_ahead);
         let available = r.available();
+        // What the player holds counts only on a link clearly faster than
+        // the media: on one barely faster, starting on it left too little
+        // ahead and the first reads after the start paused the player (1
+        // run in 3 at 2x the media rate); on a slow link the goal already
+        // counts it (the download-time estimate).
+        let fast = match (self.read_ahead.media_rate(), self.link_rate(now)) {
+            (Some(media), Some(link)) => link >= media * buffering::FAST_LINK_FACTOR,
+            _ => false,
+        };
+        let held = if fast { held_downstream } else { 0 };
         BufferingLevel {
             cause,
-            // On a slow link the goal already counts what the player holds
-            // (the download-time estimate), so it does not count twice.
-            percent: buffering::buffering_percent(
-                available.saturating_add(if slow == 0 { held_downstream } else { 0 }),
-                goal,
-            ),
+            percent: buffering::buffering_percent(available.saturating_add(held), goal),
             available,
             goal,
         }

@@ -151,6 +151,11 @@ impl ReadAheadPolicy {
     }
 
     /// The media's rate in bytes per second of playback (size / duration).
+    /// The media's bytes per second of playback, when the player knows it.
+    pub fn media_rate(&self) -> Option<f64> {
+        self.media_rate
+    }
+
     pub fn set_media_rate(&mut self, bytes_per_second: Option<f64>) {
         self.media_rate = bytes_per_second.filter(|r| r.is_finite() && *r > 0.0);
     }
