@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use gst::prelude::*;
 use gstudpvid::blocking_client::BlockingClient;
-use gstudpvid::location::Location;
+use gstudpvid::location::{self, DEFAULT_PORT, HostPort, Location};
 use gstudpvid::protocol::ClientConfig;
 use gstudpvid::protocol::catalog::{CatalogEntry, human_size};
 
@@ -337,12 +337,13 @@ fn resolve<'a>(entries: &'a [CatalogEntry], choice: &str) -> Option<&'a CatalogE
 }
 
 /// The seed's client, done properly: list, pick, play, and back to the list.
-fn browse(mut opts: Options, host: String, port: u16) -> Result<(), String> {
+fn browse(mut opts: Options, servers: Vec<HostPort>) -> Result<(), String> {
     let once = opts.pick.is_some();
     let stdin = std::io::stdin();
+    let hosts = location::format_host_list(&servers);
     loop {
-        let entries = fetch_catalog(&host, port)?;
-        println!("udpvid://{host}:{port}/ offers {} files:", entries.len());
+        let entries = fetch_catalog(&hosts, DEFAULT_PORT)?;
+        println!("udpvid://{hosts}/ offers {} files:", entries.len());
         for (i, e) in entries.iter().enumerate() {
             println!("{:>4}. {}  ({})", i + 1, e.name, human_size(e.size));
         }
@@ -370,8 +371,7 @@ fn browse(mut opts: Options, host: String, port: u16) -> Result<(), String> {
             continue;
         };
         let uri = Location {
-            host: host.clone(),
-            port,
+            servers: servers.clone(),
             path: entry.name.clone(),
         }
         .to_uri();
@@ -417,7 +417,13 @@ fn choose_server(opts: Options) -> Result<(), String> {
             _ => return Ok(()),
         }
     };
-    browse(opts, chosen.address.to_string(), chosen.port)
+    browse(
+        opts,
+        vec![HostPort {
+            host: chosen.address.to_string(),
+            port: chosen.port,
+        }],
+    )
 }
 
 fn main() -> ExitCode {
@@ -446,11 +452,11 @@ fn main() -> ExitCode {
             }
         };
     }
-    if let Ok((host, port)) = Location::parse_server(&opts.uri) {
+    if let Ok(servers) = Location::parse_server(&opts.uri) {
         return match gst::init()
             .map_err(|e| e.to_string())
             .and_then(|()| gstudpvid::plugin_register_static().map_err(|e| e.to_string()))
-            .and_then(|()| browse(opts, host, port))
+            .and_then(|()| browse(opts, servers))
         {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use quinn_udp::{RecvMeta, UdpSocketState};
 
+use crate::location::{self, MAX_SERVERS};
 use crate::protocol::buffering::{BufferingCause, BufferingLevel, FlowState};
 use crate::protocol::catalog::CatalogEntry;
 use crate::protocol::client::{ClientConfig, ClientConnection, ClientEvent, ClientStats};
@@ -233,6 +234,10 @@ pub struct ClientSnapshot {
     pub window: u64,
     pub read_ahead: u64,
     pub reconnects: u64,
+    /// The server in use.
+    pub server: Option<SocketAddr>,
+    /// Moves to the next server of the list after the one in use failed.
+    pub failovers: u64,
 }
 
 /// What the server said about an opened file.
@@ -278,6 +283,81 @@ struct Inner {
     last_reconnect: Option<Instant>,
     /// What the player said of the media's rate, for a replaced session too.
     media_rate: Option<f64>,
+    /// Where the session may go, in the order given; never empty. In the
+    /// socket's address family (IPv4 mapped into IPv6 on a dual socket).
+    servers: Vec<SocketAddr>,
+    /// Index in `servers` of the one in use.
+    current: usize,
+    failovers: u64,
+    /// The server in use failed and another one is to take over.
+    failover_due: bool,
+    /// A catalog is being waited for: a new session asks for it again.
+    catalog_wanted: bool,
+}
+
+impl Inner {
+    fn server(&self) -> SocketAddr {
+        self.servers[self.current]
+    }
+
+    fn has_alternatives(&self) -> bool {
+        self.servers.len() > 1
+    }
+}
+
+/// A new session to `servers`' current entry; with alternatives to move
+/// to, a silent server is given up quickly.
+fn new_connection(config: &ClientConfig, alternatives: bool, now: Instant) -> ClientConnection {
+    let mut conn = ClientConnection::new(config.clone(), rand::random(), now);
+    conn.set_fast_failover(alternatives);
+    conn
+}
+
+/// The same address whether it came from an IPv4 or a dual-stack socket.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+/// Every address of every entry of a `host[:port],…` list, in order,
+/// without repeats: a name with several addresses is several servers. An
+/// entry that does not resolve is skipped if another one does.
+fn resolve_servers(hosts: &str, default_port: u16) -> std::io::Result<Vec<SocketAddr>> {
+    let list = location::parse_host_list(hosts, default_port)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    let mut failure = None;
+    for entry in &list {
+        match (entry.host.as_str(), entry.port).to_socket_addrs() {
+            Ok(found) => {
+                for a in found {
+                    if !addrs.contains(&a) && addrs.len() < MAX_SERVERS {
+                        addrs.push(a);
+                    }
+                }
+            }
+            Err(e) => {
+                failure = Some(std::io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}", entry.host),
+                ))
+            }
+        }
+    }
+    if addrs.is_empty() {
+        return Err(failure.unwrap_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{hosts} has no address"),
+            )
+        }));
+    }
+    Ok(addrs)
 }
 
 /// Session ends after which a new session is opened transparently: the
@@ -293,6 +373,18 @@ fn is_resumable(err: &WaitError) -> bool {
         }
     )
 }
+/// With another server to move to, these ends of a session move to it
+/// instead: the server is busy, going away, or forgot us.
+fn moves_to_next_server(reason: CloseReason) -> bool {
+    matches!(
+        reason,
+        CloseReason::ServerBusy
+            | CloseReason::Shutdown
+            | CloseReason::UnknownConnection
+            | CloseReason::IdleTimeout
+    )
+}
+
 /// Reconnects within one wait before giving up: a server that keeps
 /// dropping us is broken, not restarting.
 const MAX_RECONNECTS_PER_WAIT: u32 = 3;
@@ -307,7 +399,6 @@ struct Shared {
 pub struct BlockingClient {
     shared: Arc<Shared>,
     socket: Arc<UdpSocket>,
-    server: SocketAddr,
     thread: Mutex<Option<JoinHandle<()>>>,
     /// Written to on close, so the network thread's wait ends at once
     /// (stopping a pipeline would otherwise wait out the poll interval).
@@ -320,8 +411,9 @@ fn lock(shared: &Shared) -> MutexGuard<'_, Inner> {
     shared.inner.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn flush(socket: &UdpSocket, server: SocketAddr, inner: &mut Inner) {
+fn flush(socket: &UdpSocket, inner: &mut Inner) {
     let now = Instant::now();
+    let server = inner.server();
     while let Some(d) = inner.conn.poll_transmit(now) {
         // A send error (e.g. ICMP unreachable reported back) is the same as
         // a lost datagram: timers resend, the timeout reports.
@@ -331,6 +423,7 @@ fn flush(socket: &UdpSocket, server: SocketAddr, inner: &mut Inner) {
 
 fn collect_events(inner: &mut Inner) -> bool {
     let mut any = false;
+    let alternatives = inner.has_alternatives();
     // Progress is new data or a new answer, not any packet: a server that
     // answers pings (or repeats old data) but never delivers must still
     // time out.
@@ -389,8 +482,16 @@ fn collect_events(inner: &mut Inner) -> bool {
                 o.open_failed = Some((transfer_id, kind, message));
             }
             ClientEvent::Catalog(entries) => o.catalog = Some(entries),
+            ClientEvent::Closed { reason, .. } if alternatives && moves_to_next_server(reason) => {
+                inner.failover_due = true;
+            }
             ClientEvent::Closed { reason, message } => {
                 o.fatal.get_or_insert(WaitError::Closed { reason, message });
+            }
+            ClientEvent::Unresponsive { .. } if alternatives => inner.failover_due = true,
+            ClientEvent::Unresponsive { silent_for } => {
+                o.fatal
+                    .get_or_insert(WaitError::Timeout { waited: silent_for });
             }
             ClientEvent::VersionMismatch { server_supports } => {
                 o.fatal
@@ -455,8 +556,9 @@ impl BatchReceiver {
 
     /// Hands what is queued on the non-blocking `socket` from `server` to
     /// the connection; returns how many datagrams that was.
-    fn drain(&mut self, socket: &UdpSocket, server: SocketAddr, inner: &mut Inner) -> usize {
+    fn drain(&mut self, socket: &UdpSocket, inner: &mut Inner) -> usize {
         let mut handled = 0;
+        let server = canonical(inner.server());
         while handled < MAX_RECV_BATCH {
             let count = {
                 let mut iovs: Vec<IoSliceMut<'_>> = self
@@ -479,7 +581,7 @@ impl BatchReceiver {
                 .take(count)
             {
                 // Datagrams from anyone but the server are ignored.
-                if meta.addr != server {
+                if canonical(meta.addr) != server {
                     continue;
                 }
                 let stride = meta.stride.max(1);
@@ -496,14 +598,13 @@ impl BatchReceiver {
 fn network_loop(
     shared: Arc<Shared>,
     socket: Arc<UdpSocket>,
-    server: SocketAddr,
     mut receiver: BatchReceiver,
     stop: UnixStream,
 ) {
     while !shared.stop.load(Ordering::Acquire) {
         let wait = {
             let mut inner = lock(&shared);
-            flush(&socket, server, &mut inner);
+            flush(&socket, &mut inner);
             let now = Instant::now();
             inner
                 .conn
@@ -515,13 +616,16 @@ fn network_loop(
         let mut inner = lock(&shared);
         // A burst is handled under one lock, so it costs one wake-up of the
         // streaming thread, not one per datagram.
-        let mut progressed = receiver.drain(&socket, server, &mut inner) > 0;
+        let mut progressed = receiver.drain(&socket, &mut inner) > 0;
         let now = Instant::now();
         if inner.conn.poll_timeout().is_some_and(|t| t <= now) {
             inner.conn.handle_timeout(now);
         }
         progressed |= collect_events(&mut inner);
-        flush(&socket, server, &mut inner);
+        if std::mem::take(&mut inner.failover_due) {
+            BlockingClient::fail_over(&mut inner);
+        }
+        flush(&socket, &mut inner);
         drop(inner);
         if progressed {
             shared.changed.notify_all();
@@ -530,7 +634,10 @@ fn network_loop(
 }
 
 impl BlockingClient {
-    /// Resolves `host`, binds a socket and starts the handshake.
+    /// Resolves `host`, binds a socket and starts the handshake. `host` may
+    /// list several servers, `host[:port],host[:port]…` (entries without a
+    /// port use `port`): they are tried in order, and if the one in use
+    /// fails the session moves to the next, resuming where it was.
     pub fn connect(host: &str, port: u16, config: ClientConfig) -> std::io::Result<Self> {
         Self::connect_inner(host, port, config, None)
     }
@@ -555,13 +662,21 @@ impl BlockingClient {
         config: ClientConfig,
         initial_open: Option<(&str, u64)>,
     ) -> std::io::Result<Self> {
-        let server = (host, port).to_socket_addrs()?.next().ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("{host} has no address"),
-            )
-        })?;
-        let bind: SocketAddr = if server.is_ipv6() {
+        let resolved = resolve_servers(host, port)?;
+        // One socket reaches every server: a dual-stack one when the list
+        // mixes families, with IPv4 servers in their mapped form.
+        let dual =
+            resolved.iter().any(SocketAddr::is_ipv6) && resolved.iter().any(SocketAddr::is_ipv4);
+        let servers: Vec<SocketAddr> = resolved
+            .into_iter()
+            .map(|a| match a {
+                SocketAddr::V4(v4) if dual => {
+                    SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+                }
+                a => a,
+            })
+            .collect();
+        let bind: SocketAddr = if servers[0].is_ipv6() {
             "[::]:0".parse().map_err(std::io::Error::other)?
         } else {
             "0.0.0.0:0".parse().map_err(std::io::Error::other)?
@@ -570,6 +685,9 @@ impl BlockingClient {
             use socket2::{Domain, Protocol, Socket, Type};
             let s = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
             let _ = s.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+            if dual {
+                s.set_only_v6(false)?;
+            }
             s.bind(&bind.into())?;
             // The network thread waits with poll(2) and then drains the
             // queue; sends of other threads never wait either (a full send
@@ -577,9 +695,8 @@ impl BlockingClient {
             s.set_nonblocking(true)?;
             UdpSocket::from(s)
         };
-        let nonce = rand::random::<u64>();
         let now = Instant::now();
-        let mut conn = ClientConnection::new(config.clone(), nonce, now);
+        let mut conn = new_connection(&config, servers.len() > 1, now);
         // Before the network thread sends the Hello, so it carries the open.
         let awaited_open = initial_open.map(|(path, offset)| {
             let id = conn.open_file(now, path, offset);
@@ -599,6 +716,11 @@ impl BlockingClient {
                 data_seen: None,
                 last_reconnect: None,
                 media_rate: None,
+                servers,
+                current: 0,
+                failovers: 0,
+                failover_due: false,
+                catalog_wanted: false,
             }),
             changed: Condvar::new(),
             cancelled: AtomicBool::new(false),
@@ -612,19 +734,19 @@ impl BlockingClient {
             let socket = socket.clone();
             std::thread::Builder::new()
                 .name("udpvid-net".into())
-                .spawn(move || network_loop(shared, socket, server, receiver, stop_wait))?
+                .spawn(move || network_loop(shared, socket, receiver, stop_wait))?
         };
         Ok(BlockingClient {
             shared,
             socket,
-            server,
             thread: Mutex::new(Some(thread)),
             stop_waker,
         })
     }
 
+    /// The server in use.
     pub fn server_addr(&self) -> SocketAddr {
-        self.server
+        canonical(lock(&self.shared).server())
     }
 
     /// Makes every current and future wait return [`WaitError::Cancelled`]
@@ -648,7 +770,7 @@ impl BlockingClient {
     fn with_conn_inner<R>(&self, f: impl FnOnce(&mut Inner, Instant) -> R) -> R {
         let mut inner = lock(&self.shared);
         let r = f(&mut inner, Instant::now());
-        flush(&self.socket, self.server, &mut inner);
+        flush(&self.socket, &mut inner);
         r
     }
 
@@ -677,13 +799,13 @@ impl BlockingClient {
                     && Self::reconnect(&mut inner)
                 {
                     reconnects += 1;
-                    flush(&self.socket, self.server, &mut inner);
+                    flush(&self.socket, &mut inner);
                     continue;
                 }
                 return Err(e);
             }
             if let Some(r) = ready(&mut inner) {
-                flush(&self.socket, self.server, &mut inner);
+                flush(&self.socket, &mut inner);
                 return r;
             }
             let now = Instant::now();
@@ -705,32 +827,57 @@ impl BlockingClient {
         }
     }
 
-    /// Replaces a lost session with a new one and re-opens what was being
-    /// read (or the open being waited for). False when there is nothing to
-    /// resume.
-    fn reconnect(inner: &mut Inner) -> bool {
-        let target = match (&inner.awaited_open, &inner.resume) {
+    /// What a new session must re-open: the open being waited for, or the
+    /// file being read at its offset.
+    fn resume_target(inner: &Inner) -> Option<(String, u64)> {
+        match (&inner.awaited_open, &inner.resume) {
             (Some((_, path, offset)), _) => Some((path.clone(), *offset)),
             (None, Some(r)) => inner.conn.read_offset().map(|o| (r.path.clone(), o)),
             (None, None) => None,
-        };
-        let Some((path, offset)) = target else {
+        }
+    }
+
+    /// Replaces a lost session with a new one to the same server and
+    /// re-opens what was being read (or the open being waited for). False
+    /// when there is nothing to resume.
+    fn reconnect(inner: &mut Inner) -> bool {
+        if Self::resume_target(inner).is_none() {
             return false;
-        };
+        }
+        inner.reconnects += 1;
+        Self::replace_session(inner);
+        true
+    }
+
+    /// The server in use failed: the next one of the list takes over where
+    /// it was. Its answer for the file must carry the same content tag,
+    /// or reading ends with [`WaitError::ContentChanged`].
+    fn fail_over(inner: &mut Inner) {
+        inner.current = (inner.current + 1) % inner.servers.len();
+        inner.failovers += 1;
+        Self::replace_session(inner);
+    }
+
+    fn replace_session(inner: &mut Inner) {
+        let target = Self::resume_target(inner);
         let now = Instant::now();
-        inner.conn = ClientConnection::new(inner.config.clone(), rand::random(), now);
+        inner.conn = new_connection(&inner.config, inner.has_alternatives(), now);
         inner.data_seen = None;
         inner.outcomes = Outcomes::default();
-        inner.reconnects += 1;
-        let id = inner.conn.open_file(now, &path, offset);
         let media_rate = inner.media_rate;
         inner.conn.set_media_rate(now, media_rate);
+        if inner.catalog_wanted {
+            inner.conn.open_catalog(now);
+        }
+        let Some((path, offset)) = target else {
+            return;
+        };
+        let id = inner.conn.open_file(now, &path, offset);
         if let Some(awaited) = inner.awaited_open.as_mut() {
             awaited.0 = id;
         } else {
             inner.reopening = Some(id);
         }
-        true
     }
 
     /// Sessions replaced after the server lost them.
@@ -798,9 +945,12 @@ impl BlockingClient {
         // can arrive before a later clear would run, and be lost.
         self.with_conn_inner(|inner, now| {
             inner.outcomes.catalog = None;
+            inner.catalog_wanted = true;
             inner.conn.open_catalog(now);
         });
-        self.wait_for(timeout, |inner| inner.outcomes.catalog.take().map(Ok))
+        let result = self.wait_for(timeout, |inner| inner.outcomes.catalog.take().map(Ok));
+        lock(&self.shared).catalog_wanted = false;
+        result
     }
 
     /// Reads up to `max` bytes at the current offset, waiting for at least
@@ -1103,6 +1253,8 @@ impl BlockingClient {
                 .map_or(0, |w| w.saturating_sub(read_offset)),
             read_ahead: inner.conn.read_ahead(),
             reconnects: inner.reconnects,
+            server: Some(canonical(inner.server())),
+            failovers: inner.failovers,
         }
     }
 

@@ -558,6 +558,86 @@ fn both_sides_expire_a_silent_peer() {
     )));
 }
 
+fn unresponsive_at(sim: &Sim) -> Option<Duration> {
+    sim.events.iter().find_map(|e| match e {
+        ClientEvent::Unresponsive { silent_for } => Some(*silent_for),
+        _ => None,
+    })
+}
+
+#[test]
+fn with_another_server_a_dead_one_is_given_up_within_a_second() {
+    // Mid-stream, 40 ms RTT, a real-time reader: the server vanishes.
+    let data = file(4_000_000, 31);
+    let mut sim = Sim::new(31, data, 256 * 1024, clean(20), clean(20));
+    sim.client.set_fast_failover(true);
+    let now = sim.now;
+    sim.client.open_file(now, "movie.mp4", 0);
+    let paced = Consumer::Paced {
+        bytes_per_tick: 5_000,
+        tick: Duration::from_millis(10),
+    };
+    sim.run_until(paced, Duration::from_secs(3), |_| false);
+    assert!(
+        unresponsive_at(&sim).is_none(),
+        "a live server was given up"
+    );
+    sim.up.down = true;
+    sim.down.down = true;
+    let outage = sim.now;
+    sim.run_until(paced, Duration::from_secs(5), |s| {
+        unresponsive_at(s).is_some()
+    });
+    let noticed = sim.now - outage;
+    let silent = unresponsive_at(&sim).expect("a dead server was not noticed");
+    assert!(silent <= noticed + Duration::from_millis(1));
+    assert!(sim.client.is_closed());
+    assert!(
+        noticed < Duration::from_millis(1200),
+        "took {noticed:?} to notice"
+    );
+
+    // Before the Welcome: a server that never answers is left after the
+    // handshake timeout.
+    let mut sim = Sim::new(32, file(1000, 32), 65536, clean(20), clean(20));
+    sim.client.set_fast_failover(true);
+    sim.up.down = true;
+    sim.run_until(Consumer::Greedy, Duration::from_secs(5), |s| {
+        unresponsive_at(s).is_some()
+    });
+    let waited = unresponsive_at(&sim).expect("a silent server was not given up");
+    assert!(waited >= super::client::HANDSHAKE_FAILOVER_TIMEOUT);
+    assert!(waited < super::client::HANDSHAKE_FAILOVER_TIMEOUT + Duration::from_millis(100));
+}
+
+#[test]
+fn a_live_server_on_a_lossy_path_is_not_given_up() {
+    // Ten per cent loss each way, 80 ms RTT, for a minute: streaming,
+    // then paused with a full window where only pings cross. No false
+    // alarm, and without fast failover no alarm ever.
+    for (seed, fast) in [(41, true), (42, true), (43, true), (44, false)] {
+        let data = file(3_000_000, seed);
+        let lossy_path = || lossy(0.10, 0.0, 40, 5);
+        let mut sim = Sim::new(seed, data, 512 * 1024, lossy_path(), lossy_path());
+        sim.client.set_fast_failover(fast);
+        let now = sim.now;
+        sim.client.open_file(now, "movie.mp4", 0);
+        let paced = Consumer::Paced {
+            bytes_per_tick: 20_000,
+            tick: Duration::from_millis(100),
+        };
+        sim.run_until(paced, Duration::from_secs(30), |_| false);
+        let paused = Consumer::Paced {
+            bytes_per_tick: 0,
+            tick: Duration::from_secs(1),
+        };
+        sim.run_until(paused, Duration::from_secs(30), |_| false);
+        assert_eq!(unresponsive_at(&sim), None, "seed {seed}");
+        assert!(!sim.client.is_closed(), "seed {seed}");
+        assert!(sim.delivered.len() > 1_000_000, "seed {seed}");
+    }
+}
+
 fn bottleneck(rate_mbit: u64, delay_ms: u64, queue_kb: usize) -> ImpairmentConfig {
     ImpairmentConfig {
         delay: Duration::from_millis(delay_ms),

@@ -16,7 +16,7 @@ use gst_base::subclass::base_src::CreateSuccess;
 use gst_base::subclass::prelude::*;
 
 use crate::blocking_client::{BlockingClient, ClientSnapshot, WaitError};
-use crate::location::{DEFAULT_PORT, Location};
+use crate::location::{self, DEFAULT_PORT, Location};
 use crate::protocol::buffering::{BufferingCause, BufferingLevel, UNDERRUN_HOLD};
 use crate::protocol::client::ClientConfig;
 use crate::protocol::crypto::Psk;
@@ -97,17 +97,28 @@ impl Settings {
     }
 
     fn location(&self) -> Option<Location> {
+        let port = u16::try_from(self.port).ok()?;
         Some(Location {
-            host: self.host.clone(),
-            port: u16::try_from(self.port).ok()?,
+            servers: location::parse_host_list(&self.host, port).ok()?,
             path: self.file.clone().filter(|f| !f.is_empty())?,
         })
+    }
+
+    /// For messages: the server, or the servers in the order tried.
+    fn servers(&self) -> String {
+        u16::try_from(self.port)
+            .ok()
+            .and_then(|port| location::parse_host_list(&self.host, port).ok())
+            .map_or_else(
+                || format!("{}:{}", self.host, self.port),
+                |list| location::format_host_list(&list),
+            )
     }
 
     /// For messages: the URI, or what is missing from it.
     fn describe(&self) -> String {
         self.location().map_or_else(
-            || format!("udpvid://{}:{}/ (no file set)", self.host, self.port),
+            || format!("udpvid://{}/ (no file set)", self.servers()),
             |l| l.to_uri(),
         )
     }
@@ -248,6 +259,11 @@ fn stats_structure(snapshot: Option<(&ClientSnapshot, Duration)>) -> gst::Struct
         .field("buffered", s.buffered)
         .field("transfers", s.stats.transfers)
         .field("reconnects", s.reconnects)
+        .field(
+            "server",
+            s.server.map_or_else(String::new, |a| a.to_string()),
+        )
+        .field("failovers", s.failovers)
         .build()
 }
 
@@ -545,16 +561,20 @@ impl UdpVidSrc {
         client: Option<&BlockingClient>,
     ) -> gst::ErrorMessage {
         let location = settings.describe();
+        // Of a list, the one that failed; the setting when not connected.
+        let server_in_use = || {
+            client
+                .map(|c| c.server_addr().to_string())
+                .unwrap_or_else(|| settings.servers())
+        };
         match err {
             WaitError::Timeout { waited } => gst::error_msg!(
                 gst::ResourceError::OpenRead,
                 (
-                    "No answer from udpvid server {}:{} for {:.1} s while reading {}: is the server running and reachable (UDP port {})?",
-                    settings.host,
-                    settings.port,
+                    "No answer from udpvid server {} for {:.1} s while reading {}: is the server running and reachable over UDP?",
+                    settings.servers(),
                     waited.as_secs_f64(),
-                    location,
-                    settings.port
+                    location
                 )
             ),
             WaitError::Stalled {
@@ -564,13 +584,11 @@ impl UdpVidSrc {
             } => gst::error_msg!(
                 gst::ResourceError::OpenRead,
                 (
-                    "No answer from udpvid server {}:{} for {:.1} s while reading {} ({}): is the server running and reachable (UDP port {})?",
-                    settings.host,
-                    settings.port,
+                    "No answer from udpvid server {} for {:.1} s while reading {} ({}): is the server running and reachable over UDP?",
+                    server_in_use(),
                     waited.as_secs_f64(),
                     location,
-                    state,
-                    settings.port
+                    state
                 )
             ),
             WaitError::Stalled {
@@ -580,10 +598,9 @@ impl UdpVidSrc {
             } => gst::error_msg!(
                 gst::ResourceError::Read,
                 (
-                    "Reading {} stalled: no new data from udpvid server {}:{} for {:.1} s although it still answers ({}); the server may be overloaded or its disk stuck",
+                    "Reading {} stalled: no new data from udpvid server {} for {:.1} s although it still answers ({}); the server may be overloaded or its disk stuck",
                     location,
-                    settings.host,
-                    settings.port,
+                    server_in_use(),
                     waited.as_secs_f64(),
                     state
                 )
@@ -633,9 +650,8 @@ impl UdpVidSrc {
             WaitError::VersionMismatch { .. } => gst::error_msg!(
                 gst::ResourceError::OpenRead,
                 (
-                    "Cannot talk to {}:{}: {}; upgrade the older side",
-                    settings.host,
-                    settings.port,
+                    "Cannot talk to {}: {}; upgrade the older side",
+                    server_in_use(),
                     err
                 )
             ),
@@ -645,9 +661,8 @@ impl UdpVidSrc {
             } => gst::error_msg!(
                 gst::ResourceError::Busy,
                 (
-                    "udpvid server {}:{} is busy; try again later ({})",
-                    settings.host,
-                    settings.port,
+                    "udpvid server {} is busy; try again later ({})",
+                    settings.servers(),
                     err
                 )
             ),
@@ -685,8 +700,18 @@ impl UdpVidSrc {
 
     fn set_location(&self, location: Location) {
         let mut settings = self.settings();
-        settings.host = location.host;
-        settings.port = location.port as u32;
+        // One server keeps host and port apart, as they were set; a list
+        // goes in `host` with every port written out.
+        match location.servers.as_slice() {
+            [one] => {
+                settings.host = one.host.clone();
+                settings.port = one.port as u32;
+            }
+            list => {
+                settings.host = location::format_host_list(list);
+                settings.port = list.first().map_or(DEFAULT_PORT, |s| s.port) as u32;
+            }
+        }
         settings.file = Some(location.path);
     }
 }
@@ -705,12 +730,12 @@ impl ObjectImpl for UdpVidSrc {
             vec![
                 glib::ParamSpecString::builder("host")
                     .nick("Host")
-                    .blurb("Name or address of the udpvid server")
+                    .blurb("Name or address of the udpvid server, or several as host[:port],host[:port]... (tried in order; playback moves to the next one if the one in use fails)")
                     .default_value(Some(DEFAULT_HOST))
                     .build(),
                 glib::ParamSpecUInt::builder("port")
                     .nick("Port")
-                    .blurb("UDP port of the udpvid server")
+                    .blurb("UDP port of the udpvid server (of every host listed without one)")
                     .minimum(1)
                     .maximum(u16::MAX as u32)
                     .default_value(DEFAULT_PORT as u32)
@@ -721,7 +746,7 @@ impl ObjectImpl for UdpVidSrc {
                     .build(),
                 glib::ParamSpecString::builder("uri")
                     .nick("URI")
-                    .blurb("udpvid://host[:port]/path, the same as host, port and file together")
+                    .blurb("udpvid://host[:port][,host[:port]...]/path, the same as host, port and file together")
                     .build(),
                 glib::ParamSpecUInt64::builder("read-ahead")
                     .nick("Read-ahead")
@@ -757,7 +782,7 @@ impl ObjectImpl for UdpVidSrc {
                     .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
-                    .blurb("Transfer statistics: RTT, packets sent/received/lost/duplicated, bytes, goodput, windows, read-ahead level")
+                    .blurb("Transfer statistics: RTT, packets sent/received/lost/duplicated, bytes, goodput, windows, read-ahead level, the server in use and failovers to another one")
                     .read_only()
                     .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("catalog")
@@ -938,8 +963,8 @@ impl BaseSrcImpl for UdpVidSrc {
         };
         gst::info!(CAT, imp = self, "connecting to {}", location.to_uri());
         let client = BlockingClient::connect_and_open(
-            &location.host,
-            location.port,
+            &location::format_host_list(&location.servers),
+            DEFAULT_PORT,
             ClientConfig {
                 read_ahead: settings.read_ahead(),
                 passphrase: settings.passphrase.as_deref().map(Psk::from_passphrase),
@@ -950,12 +975,7 @@ impl BaseSrcImpl for UdpVidSrc {
         .map_err(|e| {
             gst::error_msg!(
                 gst::ResourceError::NotFound,
-                (
-                    "Cannot reach udpvid server {}:{}: {}",
-                    location.host,
-                    location.port,
-                    e
-                )
+                ("Cannot reach udpvid server {}: {}", settings.servers(), e)
             )
         })?;
         *lock(&self.last_buffering_percent) = None;

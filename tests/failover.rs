@@ -1,0 +1,314 @@
+//! Several servers over one library: a player given a list moves to the
+//! next server when the one in use dies, shuts down or never answers, and
+//! refuses to splice a different file.
+
+mod common;
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gst::prelude::*;
+
+use common::{Server, init, run_pipeline, sha256_file};
+
+/// A 20 s clip, long enough that most of it is still on the server when
+/// the server dies a few seconds in; made once.
+fn library() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        init();
+        let dir = common::target_profile_dir()
+            .join("..")
+            .join("failover-media");
+        std::fs::create_dir_all(&dir).expect("media dir");
+        let clip = dir.join("long.mkv");
+        if !clip.metadata().is_ok_and(|m| m.len() > 0) {
+            let tmp = dir.join(format!(".long.{}.tmp", std::process::id()));
+            let pipeline = gst::parse::launch(&format!(
+                "videotestsrc num-buffers=600 pattern=ball ! video/x-raw,width=320,height=240,framerate=30/1 \
+                 ! x264enc speed-preset=ultrafast bitrate=1500 key-int-max=30 ! h264parse ! mux. \
+                 audiotestsrc num-buffers=860 ! audioconvert ! avenc_aac ! aacparse ! mux. \
+                 matroskamux name=mux ! filesink location={}",
+                tmp.display()
+            ))
+            .expect("clip pipeline");
+            assert_eq!(
+                run_pipeline(&pipeline, Duration::from_secs(120)),
+                common::Outcome::Eos,
+                "making long.mkv"
+            );
+            std::fs::rename(&tmp, &clip).expect("rename clip");
+        }
+        dir
+    })
+    .clone()
+}
+
+fn temp_out(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("udpvid-failover-{tag}-{}", std::process::id()))
+}
+
+/// Video frames as the sink renders them.
+#[derive(Default)]
+struct Frames {
+    first: Option<Instant>,
+    last: Option<Instant>,
+    longest_gap: Duration,
+}
+
+/// What a real-time viewer saw.
+struct Viewing {
+    result: Result<(), String>,
+    /// Longest wall-clock gap between two video frames after the first.
+    longest_gap: Duration,
+    /// Buffering messages below 100 % after playback began.
+    stalls: u32,
+    stats: Option<gst::Structure>,
+}
+
+/// The README's save-while-watching pipeline: a real-time decoder (sink
+/// synchronised to the clock) and a byte copy, driven by an application
+/// that pauses on buffering as gst-launch does. `during` runs every tick
+/// with the time since the first frame.
+fn watch(uri: &str, copy: &Path, mut during: impl FnMut(Option<Duration>)) -> Viewing {
+    let pipeline = gst::parse::launch(&format!(
+        "udpvidsrc name=src uri={uri} timeout=10 ! tee name=t \
+         t. ! identity drop-allocation=true ! queue max-size-buffers=0 max-size-bytes=0 max-size-time=0 \
+            ! filesink location={} \
+         t. ! queue ! decodebin ! video/x-raw ! fakesink name=video sync=true signal-handoffs=true",
+        copy.display()
+    ))
+    .expect("pipeline");
+    let bin = pipeline.clone().downcast::<gst::Bin>().expect("bin");
+    let frames: Arc<Mutex<Frames>> = Arc::default();
+    {
+        let frames = frames.clone();
+        bin.by_name("video")
+            .expect("video sink")
+            .connect("handoff", false, move |_| {
+                let now = Instant::now();
+                let mut f = frames.lock().expect("lock");
+                if let Some(last) = f.last {
+                    f.longest_gap = f.longest_gap.max(now - last);
+                }
+                f.first.get_or_insert(now);
+                f.last = Some(now);
+                None
+            });
+    }
+    let bus = pipeline.bus().expect("bus");
+    pipeline.set_state(gst::State::Paused).expect("paused");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut result = None;
+    let mut stalls = 0;
+    let mut stats = None;
+    while result.is_none() && Instant::now() < deadline {
+        let first_frame = frames.lock().expect("lock").first;
+        during(first_frame.map(|t| t.elapsed()));
+        if let Some(src) = bin.by_name("src") {
+            stats = Some(src.property::<gst::Structure>("stats"));
+        }
+        let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(20)) else {
+            continue;
+        };
+        match msg.view() {
+            gst::MessageView::Buffering(b) if b.percent() < 100 => {
+                if first_frame.is_some() {
+                    stalls += 1;
+                }
+                let _ = pipeline.set_state(gst::State::Paused);
+            }
+            gst::MessageView::Buffering(_) => {
+                let _ = pipeline.set_state(gst::State::Playing);
+            }
+            gst::MessageView::Eos(_) => result = Some(Ok(())),
+            gst::MessageView::Error(e) => {
+                result = Some(Err(format!(
+                    "{} ({})",
+                    e.error(),
+                    e.debug().map(|d| d.to_string()).unwrap_or_default()
+                )))
+            }
+            _ => {}
+        }
+    }
+    pipeline.set_state(gst::State::Null).expect("null");
+    let longest_gap = frames.lock().expect("lock").longest_gap;
+    Viewing {
+        result: result.unwrap_or_else(|| Err("no end within 90 s".into())),
+        longest_gap,
+        stalls,
+        stats,
+    }
+}
+
+fn stat_u64(stats: &Option<gst::Structure>, field: &str) -> u64 {
+    stats
+        .as_ref()
+        .and_then(|s| s.get::<u64>(field).ok())
+        .unwrap_or_else(|| panic!("no {field} in {stats:?}"))
+}
+
+fn stat_server(stats: &Option<gst::Structure>) -> String {
+    stats
+        .as_ref()
+        .and_then(|s| s.get::<String>("server").ok())
+        .unwrap_or_default()
+}
+
+/// Two servers over one folder; the first one goes away three seconds
+/// into playback, killed (silence) or shut down (it says so).
+fn viewer_moves_on_when_the_first_server(goes: fn(&mut Server)) {
+    let dir = library();
+    let mut first = Server::start(&dir, &[]);
+    let second = Server::start(&dir, &[]);
+    let uri = format!(
+        "udpvid://127.0.0.1:{},127.0.0.1:{}/long.mkv",
+        first.port, second.port
+    );
+    let copy = temp_out(&format!("watch-{}", first.port));
+    let mut gone = false;
+    let seen = watch(&uri, &copy, |played| {
+        if !gone && played.is_some_and(|p| p > Duration::from_secs(3)) {
+            gone = true;
+            goes(&mut first);
+        }
+    });
+    assert!(gone, "the first server was never stopped");
+    eprintln!(
+        "longest gap between frames {:?}, stalls {}",
+        seen.longest_gap, seen.stalls
+    );
+    if let Err(e) = &seen.result {
+        panic!("{e}");
+    }
+    assert_eq!(
+        sha256_file(&copy),
+        sha256_file(&dir.join("long.mkv")),
+        "the copy differs from the file"
+    );
+    let _ = std::fs::remove_file(&copy);
+    assert_eq!(stat_u64(&seen.stats, "failovers"), 1);
+    assert_eq!(
+        stat_server(&seen.stats),
+        format!("127.0.0.1:{}", second.port)
+    );
+    // The read-ahead covered the switch: the viewer never waited.
+    assert_eq!(seen.stalls, 0, "the viewer saw rebuffering");
+    assert!(
+        seen.longest_gap < Duration::from_millis(500),
+        "a {:?} freeze between two frames",
+        seen.longest_gap
+    );
+    assert!(
+        second.log_text().contains("long.mkv"),
+        "the second server did not serve the file"
+    );
+}
+
+#[test]
+fn a_real_time_viewer_continues_on_the_next_server_when_one_is_killed() {
+    viewer_moves_on_when_the_first_server(Server::kill);
+}
+
+#[test]
+fn a_real_time_viewer_continues_on_the_next_server_when_one_shuts_down() {
+    viewer_moves_on_when_the_first_server(Server::terminate);
+}
+
+#[test]
+fn a_first_server_that_never_answers_is_skipped_quickly() {
+    let dir = library();
+    // Bound but silent: datagrams vanish, no ICMP error hints at it.
+    let silent = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let dead_port = silent.local_addr().expect("addr").port();
+    let server = Server::start(&dir, &[]);
+    let pipeline = gst::parse::launch(&format!(
+        "udpvidsrc name=src uri=udpvid://127.0.0.1:{dead_port},127.0.0.1:{}/long.mkv timeout=10 \
+         ! fakesink name=sink",
+        server.port
+    ))
+    .expect("pipeline");
+    let bin = pipeline.clone().downcast::<gst::Bin>().expect("bin");
+    let src = bin.by_name("src").expect("src");
+    let sink = bin.by_name("sink").expect("sink");
+    let first_buffer: Arc<Mutex<Option<Instant>>> = Arc::default();
+    {
+        let first_buffer = first_buffer.clone();
+        sink.static_pad("sink")
+            .expect("pad")
+            .add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+                first_buffer
+                    .lock()
+                    .expect("lock")
+                    .get_or_insert_with(Instant::now);
+                gst::PadProbeReturn::Ok
+            });
+    }
+    let bus = pipeline.bus().expect("bus");
+    let started = Instant::now();
+    pipeline.set_state(gst::State::Playing).expect("playing");
+    let outcome = common::wait_bus(&bus, Duration::from_secs(60));
+    // Read before stopping: a stopped element reports zeros.
+    let stats = Some(src.property::<gst::Structure>("stats"));
+    pipeline.set_state(gst::State::Null).expect("null");
+    assert_eq!(outcome, Some(common::Outcome::Eos));
+    let first = first_buffer.lock().expect("lock").expect("no buffer");
+    // Not the 10 s timeout: the handshake gives up after one second.
+    let waited = first - started;
+    assert!(
+        waited < Duration::from_secs(4),
+        "first byte after {waited:?}"
+    );
+    assert_eq!(stat_u64(&stats, "failovers"), 1);
+    assert_eq!(stat_server(&stats), format!("127.0.0.1:{}", server.port));
+    drop(silent);
+}
+
+#[test]
+fn a_next_server_with_another_version_of_the_file_is_an_error_not_a_splice() {
+    init();
+    let a = temp_out("lib-a");
+    let b = temp_out("lib-b");
+    for dir in [&a, &b] {
+        std::fs::create_dir_all(dir).expect("dir");
+    }
+    // Same name and size, other bytes: the content tags differ.
+    let bytes: Vec<u8> = (0..8u32 << 20).map(|i| (i * 7 + (i >> 12)) as u8).collect();
+    std::fs::write(a.join("f.bin"), &bytes).expect("write");
+    let other: Vec<u8> = bytes.iter().map(|b| b ^ 0x5a).collect();
+    std::fs::write(b.join("f.bin"), &other).expect("write");
+    let mut first = Server::start(&a, &[]);
+    let second = Server::start(&b, &[]);
+    let out = temp_out("splice");
+    // A slow reader with a small read-ahead: most of the file is left when
+    // the first server dies.
+    let pipeline = gst::parse::launch(&format!(
+        "udpvidsrc uri=udpvid://127.0.0.1:{},127.0.0.1:{}/f.bin read-ahead=65536 timeout=5 \
+         ! identity sleep-time=20000 ! filesink location={}",
+        first.port,
+        second.port,
+        out.display()
+    ))
+    .expect("pipeline");
+    let bus = pipeline.bus().expect("bus");
+    pipeline.set_state(gst::State::Playing).expect("playing");
+    std::thread::sleep(Duration::from_millis(800));
+    first.kill();
+    let outcome =
+        common::wait_bus(&bus, Duration::from_secs(30)).unwrap_or(common::Outcome::TimedOut);
+    pipeline.set_state(gst::State::Null).expect("null");
+    let message = common::expect_error(outcome, gst::ResourceError::Read, "changed on the server");
+    assert!(message.contains("f.bin"), "{message}");
+    // What was written is a prefix of the first version only.
+    let written = std::fs::read(&out).unwrap_or_default();
+    assert!(written.len() < bytes.len(), "the whole file came through");
+    assert_eq!(written[..], bytes[..written.len()], "bytes were spliced");
+    drop(second);
+    for p in [&a, &b] {
+        let _ = std::fs::remove_dir_all(p);
+    }
+    let _ = std::fs::remove_file(out);
+}
