@@ -41,8 +41,16 @@ pub struct StreamSender {
     /// regardless of the window (the client was told of it in `OpenOk`).
     ahead: RangeSet,
     ahead_after: u64,
-    /// The chunk `next_chunk` returned last was index sent ahead.
-    last_chunk_ahead: bool,
+    /// Where the chunk `next_chunk` returned last came from.
+    last_chunk: ChunkSource,
+}
+
+/// Which queue a chunk was taken from, so it can be put back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkSource {
+    Resend,
+    Ahead,
+    New,
 }
 
 impl StreamSender {
@@ -57,7 +65,7 @@ impl StreamSender {
             to_resend: RangeSet::new(),
             ahead: RangeSet::new(),
             ahead_after: start,
-            last_chunk_ahead: false,
+            last_chunk: ChunkSource::New,
         }
     }
 
@@ -120,10 +128,10 @@ impl StreamSender {
     /// update, and sending slivers would waste a header per sliver (the
     /// "silly window syndrome" of RFC 1122 §4.2.3.4).
     pub fn next_chunk(&mut self, max_len: u64, nothing_in_flight: bool) -> Option<Range<u64>> {
-        self.last_chunk_ahead = false;
         if let Some(first) = self.to_resend.first() {
             let chunk = first.start..first.end.min(first.start + max_len);
             self.to_resend.remove(chunk.clone());
+            self.last_chunk = ChunkSource::Resend;
             debug_assert!(!self.acked.intersects(chunk.clone()));
             return Some(chunk);
         }
@@ -132,7 +140,7 @@ impl StreamSender {
             if self.next_new >= self.ahead_after.min(limit) {
                 let chunk = first.start..first.end.min(first.start + max_len);
                 self.ahead.remove(chunk.clone());
-                self.last_chunk_ahead = true;
+                self.last_chunk = ChunkSource::Ahead;
                 return Some(chunk);
             }
         }
@@ -143,6 +151,7 @@ impl StreamSender {
             }
             let chunk = self.next_new..limit.min(self.next_new + max_len);
             self.next_new = chunk.end;
+            self.last_chunk = ChunkSource::New;
             return Some(chunk);
         }
         None
@@ -167,7 +176,20 @@ impl StreamSender {
     /// stream holds those bytes (the client keeps them apart, and the
     /// stream sends them again when it gets there).
     pub fn last_chunk_was_ahead(&self) -> bool {
-        self.last_chunk_ahead
+        self.last_chunk == ChunkSource::Ahead
+    }
+
+    /// Puts back the chunk `next_chunk` just returned, unsent: its bytes
+    /// could not be read yet (content still on its way from storage).
+    pub fn unsend(&mut self, chunk: Range<u64>) {
+        match self.last_chunk {
+            ChunkSource::Resend => self.to_resend.insert(chunk),
+            ChunkSource::Ahead => self.ahead.insert(chunk),
+            ChunkSource::New => {
+                debug_assert_eq!(chunk.end, self.next_new);
+                self.next_new = self.next_new.min(chunk.start);
+            }
+        }
     }
 
     /// A packet of index sent ahead was lost: send it again, ahead.
@@ -574,6 +596,26 @@ mod tests {
             sent.insert(c);
         }
         assert!(sent.contains_range(90_000..91_000));
+    }
+
+    #[test]
+    fn a_chunk_put_back_unsent_comes_again_from_the_same_queue() {
+        let mut s = StreamSender::new(0, 10_000, 10_000);
+        s.send_ahead(9000..9500, 1000);
+        let new = s.next_chunk(1000, true).expect("new");
+        s.unsend(new.clone());
+        assert_eq!(s.next_chunk(1000, true), Some(new));
+        let ahead = s.next_chunk(1000, true).expect("ahead");
+        assert!(s.last_chunk_was_ahead());
+        s.unsend(ahead.clone());
+        assert_eq!(s.next_chunk(1000, true), Some(ahead));
+        assert!(s.last_chunk_was_ahead());
+        s.on_lost(0..1000);
+        let resend = s.next_chunk(1000, true).expect("resend");
+        assert_eq!(resend, 0..1000);
+        s.unsend(resend.clone());
+        assert_eq!(s.next_chunk(1000, true), Some(resend));
+        assert_eq!(s.next_chunk(1000, true), Some(1000..2000));
     }
 
     #[test]

@@ -54,6 +54,10 @@ pub trait Content: Send {
     /// Changes when the content changes (e.g. size and modification time).
     fn tag(&self) -> u64;
     /// Fills `buf` from `offset`; returns the bytes read (0 only at the end).
+    /// Content fetched from elsewhere (object storage) that is not there
+    /// yet fails with [`std::io::ErrorKind::WouldBlock`] and has the bytes
+    /// fetched: the session waits, without blocking the others, until the
+    /// driver calls [`ServerEndpoint::content_ready`].
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize>;
     /// Where the file's index lies, found from its container headers (a
     /// few small reads).
@@ -213,6 +217,8 @@ struct Transfer {
     blocks: BlockReader,
     stream: StreamSender,
     complete_reported: bool,
+    /// A read would block: nothing is sent until content arrives.
+    waiting_for_content: bool,
 }
 
 /// Bytes read from a file in one go for the datagrams that follow.
@@ -740,6 +746,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
                     blocks: BlockReader::default(),
                     stream,
                     complete_reported: false,
+                    waiting_for_content: false,
                 });
                 self.events.push_back(ServerEvent::TransferStarted {
                     id,
@@ -910,7 +917,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             }
         }
         let t = session.transfer.as_mut()?;
-        if !t.stream.has_data_to_send() {
+        if t.waiting_for_content || !t.stream.has_data_to_send() {
             return None;
         }
         let size = (max_payload + DATA_OVERHEAD) as u64;
@@ -921,14 +928,21 @@ impl<S: ContentStore> ServerEndpoint<S> {
         let range = t.stream.next_chunk(max_payload as u64, nothing_in_flight)?;
         let len = (range.end - range.start) as usize;
         let buf = &mut self.read_buf[..len];
+        let mut failure = None;
         let filled = match t.blocks.read(t.content.as_ref(), range.start, buf) {
             Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                t.stream.unsend(range);
+                t.waiting_for_content = true;
+                return None;
+            }
             Err(e) => {
                 self.events.push_back(ServerEvent::ReadFailed {
                     id,
                     path: t.path.clone(),
                     message: e.to_string(),
                 });
+                failure = Some(e.to_string());
                 0
             }
         };
@@ -942,8 +956,9 @@ impl<S: ContentStore> ServerEndpoint<S> {
                 transfer_id,
                 kind: OpenErrorKind::NotReadable,
                 message: format!(
-                    "{path}: read failed at offset {}",
-                    range.start + filled as u64
+                    "{path}: read failed at offset {}{}",
+                    range.start + filled as u64,
+                    failure.map_or_else(String::new, |f| format!(": {f}"))
                 ),
             });
             return self.poll_session(now, id, out);
@@ -971,6 +986,16 @@ impl<S: ContentStore> ServerEndpoint<S> {
         Some(session.addr)
     }
 
+    /// Content a session waited for may have arrived: every waiting
+    /// session tries its read again at its next turn.
+    pub fn content_ready(&mut self) {
+        for s in self.sessions.values_mut() {
+            if let Some(t) = s.transfer.as_mut() {
+                t.waiting_for_content = false;
+            }
+        }
+    }
+
     /// When `handle_timeout` must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let mut next = Some(self.validator.next_rotation());
@@ -984,7 +1009,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             if !s.amplification_blocked()
                 && s.transfer
                     .as_ref()
-                    .is_some_and(|t| t.stream.has_data_to_send())
+                    .is_some_and(|t| !t.waiting_for_content && t.stream.has_data_to_send())
             {
                 if let Some(t) = s.recovery.pacing_deadline() {
                     next = Some(next.map_or(t, |n: Instant| n.min(t)));
@@ -1160,5 +1185,104 @@ mod tests {
             blocks.read(&content, bytes.len() as u64, &mut out).ok(),
             Some(0)
         );
+    }
+
+    /// Content whose bytes are "in storage" until the gate opens.
+    struct Late {
+        bytes: Vec<u8>,
+        gate: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Content for Late {
+        fn size(&self) -> u64 {
+            self.bytes.len() as u64
+        }
+        fn tag(&self) -> u64 {
+            7
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+            if !self.gate.load(Ordering::Acquire) {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            MemoryContent {
+                bytes: self.bytes.clone(),
+                tag: 7,
+            }
+            .read_at(offset, buf)
+        }
+    }
+
+    struct LateStore(Vec<u8>, std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+    impl ContentStore for LateStore {
+        fn catalog(&self) -> Vec<CatalogEntry> {
+            Vec::new()
+        }
+        fn open(&self, _path: &str) -> Result<Box<dyn Content>, OpenFailure> {
+            Ok(Box::new(Late {
+                bytes: self.0.clone(),
+                gate: self.1.clone(),
+            }))
+        }
+    }
+
+    #[test]
+    fn a_session_waiting_for_content_sends_nothing_and_does_not_spin_then_resumes() {
+        use super::super::client::{ClientConfig, ClientConnection};
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 13 % 251) as u8).collect();
+        let gate = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let start = Instant::now();
+        let mut server = ServerEndpoint::new(
+            ServerConfig::default(),
+            LateStore(bytes.clone(), gate.clone()),
+            [5; 32],
+            start,
+        );
+        let mut client = ClientConnection::new(ClientConfig::default(), 99, start);
+        client.open_file(start, "a.mp4", 0);
+        let addr: SocketAddr = "10.0.0.9:1234".parse().expect("addr");
+        let mut got = Vec::new();
+        let pump = |server: &mut ServerEndpoint<LateStore>,
+                    client: &mut ClientConnection,
+                    now: Instant,
+                    got: &mut Vec<u8>| {
+            while let Some(d) = client.poll_transmit(now) {
+                server.handle_datagram(now, addr, &d);
+            }
+            let mut out = Vec::new();
+            while let Some(to) = server.poll_transmit(now, &mut out) {
+                assert_eq!(to, addr);
+                client.handle_datagram(now, &out);
+            }
+            while let Some(c) = client.read(now, usize::MAX) {
+                got.extend(c);
+            }
+        };
+        let mut now = start;
+        for _ in 0..20 {
+            now += Duration::from_millis(5);
+            pump(&mut server, &mut client, now, &mut got);
+        }
+        assert!(client.is_established());
+        assert!(got.is_empty());
+        // Nothing to do until content arrives or a timer of its own is due.
+        let wake = server.poll_timeout().expect("idle timer");
+        assert!(wake > now + Duration::from_millis(100), "{:?}", wake - now);
+        gate.store(true, Ordering::Release);
+        server.content_ready();
+        for _ in 0..2000 {
+            if client.is_finished() {
+                break;
+            }
+            now += Duration::from_millis(1);
+            if server.poll_timeout().is_some_and(|t| t <= now) {
+                server.handle_timeout(now);
+            }
+            if client.poll_timeout().is_some_and(|t| t <= now) {
+                client.handle_timeout(now);
+            }
+            pump(&mut server, &mut client, now, &mut got);
+        }
+        assert!(got == bytes, "{} of {} bytes", got.len(), bytes.len());
     }
 }
