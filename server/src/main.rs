@@ -1,15 +1,20 @@
-//! `server`: serves the video files of one folder over the udpvid protocol.
+//! `server`: serves the video files of one folder, or of a bucket in
+//! S3-compatible object storage, over the udpvid protocol.
 //!
 //! This is a thin tokio driver around the sans-IO
 //! [`gstudpvid::protocol::ServerEndpoint`]: it moves datagrams between the
-//! socket and the endpoint, sleeps until the endpoint's next timer, and logs
-//! the endpoint's events.
+//! socket and the endpoint, sleeps until the endpoint's next timer or until
+//! content fetched from the store arrives, and logs the endpoint's events.
 
 mod library;
+mod metrics;
+mod object_library;
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -21,13 +26,18 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tracing::{debug, error, info, warn};
 
+use gstudpvid::protocol::catalog::CatalogEntry;
 use gstudpvid::protocol::crypto::Psk;
 use gstudpvid::protocol::server::{DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS};
 use gstudpvid::protocol::wire::{DATA_OVERHEAD, DEFAULT_MAX_PAYLOAD, MAX_DATAGRAM_SIZE};
-use gstudpvid::protocol::{ServerConfig, ServerEndpoint, ServerEvent};
+use gstudpvid::protocol::{
+    Content, ContentStore, OpenFailure, ServerConfig, ServerEndpoint, ServerEvent,
+};
 
 use gstudpvid::discovery::Announcement;
 use library::Library;
+use metrics::{LoopCounters, Metrics};
+use object_library::ObjectLibrary;
 
 /// Socket buffers we ask the kernel for: a few read-aheads' worth of
 /// datagrams, so bursts survive a busy moment in the event loop.
@@ -44,15 +54,41 @@ const GSO_BATCH_BYTES: usize = 65_000;
 #[command(
     name = "server",
     version,
-    about = "Serve the video files of one folder to udpvidsrc clients over UDP",
+    about = "Serve the video files of one folder, or of an S3 bucket, to udpvidsrc clients over UDP",
     long_about = "Serves every regular file inside --dir (subfolders included) to udpvidsrc \
                   clients over the udpvid protocol. Paths that leave the folder, symlinks \
-                  pointing outside it, devices and FIFOs are refused as \"not found\"."
+                  pointing outside it, devices and FIFOs are refused as \"not found\".\n\n\
+                  With --store s3://bucket[/prefix] it serves the objects under the prefix of \
+                  an S3-compatible store instead (AWS S3, MinIO, Ceph RGW, Garage), configured \
+                  from the AWS_* environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, \
+                  AWS_DEFAULT_REGION, and AWS_ENDPOINT with AWS_ALLOW_HTTP=true for a \
+                  self-hosted server. Many servers may serve one bucket; players given all \
+                  of them move to the next if one fails."
 )]
 struct Args {
     /// Folder whose files are served (subfolders included)
-    #[arg(long, value_name = "DIR")]
-    dir: PathBuf,
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "store",
+        conflicts_with = "store"
+    )]
+    dir: Option<PathBuf>,
+    /// Serve the objects of an S3-compatible bucket under an optional prefix
+    #[arg(long, value_name = "s3://BUCKET[/PREFIX]")]
+    store: Option<String>,
+    /// With --store: memory for the block cache all sessions share, in MiB
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    cache_mb: u64,
+    /// With --store: bytes fetched per ranged GET, in KiB
+    #[arg(long, default_value_t = object_library::DEFAULT_BLOCK_BYTES / 1024, value_name = "KIB")]
+    block_kb: u64,
+    /// With --store: seconds between listings of the bucket (the catalog)
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    catalog_refresh: f64,
+    /// Serve counters in the Prometheus text format at http://ADDR/metrics
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     /// Address to listen on (0.0.0.0 for every IPv4 interface, :: for IPv6)
     #[arg(long, default_value = "0.0.0.0", value_name = "ADDR")]
     bind: IpAddr,
@@ -110,7 +146,20 @@ fn init_logging(log_file: Option<&PathBuf>) -> Result<(), String> {
     Ok(())
 }
 
-fn log_event(event: ServerEvent) {
+fn log_event(event: ServerEvent, counters: &LoopCounters) {
+    match &event {
+        ServerEvent::TransferStarted { .. } => {
+            counters.transfers.fetch_add(1, Ordering::Relaxed);
+        }
+        ServerEvent::SessionRefused { .. } => counters.error("session_refused"),
+        ServerEvent::OpenRefused { kind, .. } => counters.error(match kind {
+            gstudpvid::protocol::OpenErrorKind::NotFound => "open_not_found",
+            gstudpvid::protocol::OpenErrorKind::NotReadable => "open_not_readable",
+            _ => "open_refused",
+        }),
+        ServerEvent::ReadFailed { .. } => counters.error("read_failed"),
+        _ => {}
+    }
     match event {
         ServerEvent::SessionOpened { id, addr } => {
             info!(session = %format!("{id:016x}"), %addr, "session opened")
@@ -228,10 +277,16 @@ impl SendBatcher {
         self.count += 1;
     }
 
-    async fn flush(&mut self, socket: &UdpSocket, state: &UdpSocketState) {
+    async fn flush(&mut self, socket: &UdpSocket, state: &UdpSocketState, counters: &LoopCounters) {
         let Some(destination) = self.to.take() else {
             return;
         };
+        counters
+            .datagrams_sent
+            .fetch_add(self.count as u64, Ordering::Relaxed);
+        counters
+            .bytes_sent
+            .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
         let transmit = Transmit {
             destination,
             ecn: None,
@@ -254,7 +309,35 @@ impl SendBatcher {
     }
 }
 
-async fn serve(socket: UdpSocket, state: UdpSocketState, mut endpoint: ServerEndpoint<Library>) {
+/// What the server serves: one folder, or a bucket.
+enum Store {
+    Folder(Library),
+    Objects(Arc<ObjectLibrary>),
+}
+
+impl ContentStore for Store {
+    fn catalog(&self) -> Vec<CatalogEntry> {
+        match self {
+            Store::Folder(l) => l.catalog(),
+            Store::Objects(o) => o.catalog(),
+        }
+    }
+
+    fn open(&self, path: &str) -> Result<Box<dyn Content>, OpenFailure> {
+        match self {
+            Store::Folder(l) => l.open(path),
+            Store::Objects(o) => o.open(path),
+        }
+    }
+}
+
+async fn serve(
+    socket: UdpSocket,
+    state: UdpSocketState,
+    mut endpoint: ServerEndpoint<Store>,
+    content_arrived: Arc<tokio::sync::Notify>,
+    counters: Arc<LoopCounters>,
+) {
     // Room for a batch of receives, each up to a GRO train of datagrams.
     let slot = (MAX_DATAGRAM_SIZE * state.gro_segments()).max(MAX_DATAGRAM_SIZE);
     let mut inbufs = vec![0u8; slot * RECV_SLOTS];
@@ -267,14 +350,20 @@ async fn serve(socket: UdpSocket, state: UdpSocketState, mut endpoint: ServerEnd
         let now = Instant::now();
         while let Some(to) = endpoint.poll_transmit(now, &mut out) {
             if !batch.fits(to, &out, state.max_gso_segments()) {
-                batch.flush(&socket, &state).await;
+                batch.flush(&socket, &state, &counters).await;
             }
             batch.push(to, &out);
         }
-        batch.flush(&socket, &state).await;
+        batch.flush(&socket, &state, &counters).await;
         while let Some(event) = endpoint.poll_event() {
-            log_event(event);
+            log_event(event, &counters);
         }
+        counters
+            .sessions
+            .store(endpoint.session_count() as u64, Ordering::Relaxed);
+        counters
+            .retransmissions
+            .store(endpoint.packets_lost(), Ordering::Relaxed);
         let wake = endpoint
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
@@ -316,6 +405,7 @@ async fn serve(socket: UdpSocket, state: UdpSocketState, mut endpoint: ServerEnd
             _ = tokio::time::sleep_until(wake.into()) => {
                 endpoint.handle_timeout(Instant::now());
             }
+            _ = content_arrived.notified() => endpoint.content_ready(),
             _ = &mut shutdown => {
                 info!("shutting down: telling {} clients", endpoint.session_count());
                 endpoint.shutdown();
@@ -324,7 +414,7 @@ async fn serve(socket: UdpSocket, state: UdpSocketState, mut endpoint: ServerEnd
                     let _ = socket.send_to(&out, to).await;
                 }
                 while let Some(event) = endpoint.poll_event() {
-                    log_event(event);
+                    log_event(event, &counters);
                 }
                 return;
             }
@@ -338,10 +428,42 @@ fn main() -> std::process::ExitCode {
         eprintln!("server: {e}");
         return std::process::ExitCode::from(2);
     }
-    let library = match Library::new(&args.dir) {
+    let content_arrived = Arc::new(tokio::sync::Notify::new());
+    let store = match (&args.dir, &args.store) {
+        (Some(dir), _) => match Library::new(dir) {
+            Ok(l) => Store::Folder(l),
+            Err(e) => {
+                eprintln!("server: cannot serve {}: {e}", dir.display());
+                return std::process::ExitCode::from(2);
+            }
+        },
+        (None, Some(url)) => {
+            if !(args.catalog_refresh.is_finite() && args.catalog_refresh >= 0.1) {
+                eprintln!("server: --catalog-refresh must be at least 0.1 seconds");
+                return std::process::ExitCode::from(2);
+            }
+            match ObjectLibrary::new(
+                url,
+                args.block_kb.saturating_mul(1024),
+                args.cache_mb.saturating_mul(1024 * 1024),
+                content_arrived.clone(),
+            ) {
+                Ok(o) => Store::Objects(Arc::new(o)),
+                Err(e) => {
+                    eprintln!("server: cannot serve {e}");
+                    return std::process::ExitCode::from(2);
+                }
+            }
+        }
+        (None, None) => {
+            eprintln!("server: give --dir DIR or --store s3://bucket[/prefix]");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let metrics_listener = match args.metrics.map(metrics::bind).transpose() {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("server: cannot serve {}: {e}", args.dir.display());
+            eprintln!("server: cannot serve metrics: {e}");
             return std::process::ExitCode::from(2);
         }
     };
@@ -426,12 +548,33 @@ fn main() -> std::process::ExitCode {
         };
         let mut seed = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut seed);
-        info!(dir = %library.root().display(), %local, "serving");
+        let serving = match &store {
+            Store::Folder(l) => l.root().display().to_string(),
+            Store::Objects(o) => {
+                // The catalog before the first client; a store that is
+                // down now is reported, and listed again until it answers.
+                match o.refresh().await {
+                    Ok(n) => info!(store = o.url(), objects = n, "store listed"),
+                    Err(e) => warn!(store = o.url(), error = e, "cannot list the store yet"),
+                }
+                o.spawn_refresher(Duration::from_secs_f64(args.catalog_refresh));
+                o.url().to_string()
+            }
+        };
+        let store_counters = match &store {
+            Store::Objects(o) => Some(o.counters()),
+            Store::Folder(_) => None,
+        };
+        let metrics = Arc::new(Metrics::new(store_counters));
+        if let Some(listener) = metrics_listener {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => metrics.spawn_server(l),
+                Err(e) => warn!(error = %e, "cannot serve metrics"),
+            }
+        }
+        info!(serving, %local, "serving");
         // Tests and scripts read this line to learn the port.
-        println!(
-            "udpvid server listening on {local}, serving {}",
-            library.root().display()
-        );
+        println!("udpvid server listening on {local}, serving {serving}");
         let _ = std::io::stdout().flush();
         // Withdrawn (a goodbye on the LAN) when the server stops.
         let _announcement = if args.announce {
@@ -453,8 +596,15 @@ fn main() -> std::process::ExitCode {
         } else {
             None
         };
-        let endpoint = ServerEndpoint::new(config, library, seed, Instant::now());
-        serve(socket, state, endpoint).await;
+        let endpoint = ServerEndpoint::new(config, store, seed, Instant::now());
+        serve(
+            socket,
+            state,
+            endpoint,
+            content_arrived,
+            metrics.counters.clone(),
+        )
+        .await;
         std::process::ExitCode::SUCCESS
     })
 }

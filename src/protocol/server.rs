@@ -367,6 +367,8 @@ pub struct ServerEndpoint<S: ContentStore> {
     stateless: VecDeque<(SocketAddr, Vec<u8>)>,
     events: VecDeque<ServerEvent>,
     read_buf: Vec<u8>,
+    /// Data packets declared lost (each one's bytes are sent again).
+    packets_lost: u64,
 }
 
 impl<S: ContentStore> ServerEndpoint<S> {
@@ -393,7 +395,19 @@ impl<S: ContentStore> ServerEndpoint<S> {
             sent_this_turn: 0,
             stateless: VecDeque::new(),
             events: VecDeque::new(),
+            packets_lost: 0,
         }
+    }
+
+    /// Data packets declared lost since the start, all sessions together:
+    /// what was retransmitted, for the operator's metrics.
+    pub fn packets_lost(&self) -> u64 {
+        self.packets_lost
+    }
+
+    /// The content store, for its own statistics.
+    pub fn store(&self) -> &S {
+        &self.store
     }
 
     pub fn session_count(&self) -> usize {
@@ -496,6 +510,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
                     &ranges,
                     Duration::from_micros(ack_delay_micros as u64),
                 );
+                self.packets_lost += outcome.lost.len() as u64;
                 Self::apply_recovery(session, outcome);
                 Self::check_complete(session, &mut self.events);
             }
@@ -1038,6 +1053,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
         for session in self.sessions.values_mut() {
             if session.recovery.timeout().is_some_and(|t| t <= now) {
                 let outcome = session.recovery.on_timeout(now);
+                self.packets_lost += outcome.lost.len() as u64;
                 Self::apply_recovery(session, outcome);
             }
         }
