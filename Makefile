@@ -5,13 +5,13 @@ CARGO ?= cargo
 APT_PACKAGES := pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev \
 	gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
 	gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-x \
-	gstreamer1.0-plugins-base-apps python3-gi gir1.2-gstreamer-1.0 tmux
+	gstreamer1.0-plugins-base-apps python3-gi gir1.2-gstreamer-1.0 tmux python3-venv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PLUGIN_DIR := $(CURDIR)/target/debug
 DEMO_DIR := $(CURDIR)/streamer
 DEMO_PORT ?= 50000
 
-.PHONY: all deps build test lint demo demo-clip bench fuzz load clean install uninstall \
+.PHONY: all deps venv build test lint demo demo-clip bench fuzz load clean install uninstall \
 	install-service uninstall-service
 FUZZ_SECONDS ?= 60
 BENCH_PACKAGES := nginx nftables iproute2
@@ -36,7 +36,18 @@ lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: build lint
+# Test services only PyPI has, in a virtual environment under target/:
+# moto, an S3-compatible server the object-storage tests start themselves.
+VENV := $(CURDIR)/target/venv
+MOTO := $(VENV)/bin/moto_server
+
+$(MOTO): | deps
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check 'moto[server]'
+
+venv: $(MOTO)
+
+test: build lint venv
 	$(CARGO) test --workspace
 
 # Install: the plugin where GStreamer looks without any environment

@@ -62,6 +62,7 @@ struct Exported {
     cache_hits: Counter,
     cache_misses: Counter,
     cache_bytes: Gauge,
+    cache_peak_bytes: Gauge,
     errors: Family<Labels, Counter>,
 }
 
@@ -84,6 +85,7 @@ impl Metrics {
         let cache_hits = Counter::default();
         let cache_misses = Counter::default();
         let cache_bytes = Gauge::default();
+        let cache_peak_bytes = Gauge::default();
         let errors = Family::<Labels, Counter>::default();
         registry.register("sessions", "Sessions open now", sessions.clone());
         registry.register(
@@ -131,6 +133,11 @@ impl Metrics {
             "Bytes held by the block cache",
             cache_bytes.clone(),
         );
+        registry.register(
+            "cache_peak_bytes",
+            "Most bytes the block cache ever held",
+            cache_peak_bytes.clone(),
+        );
         registry.register("errors", "Errors by kind", errors.clone());
         Metrics {
             counters: Arc::default(),
@@ -147,6 +154,7 @@ impl Metrics {
                 cache_hits,
                 cache_misses,
                 cache_bytes,
+                cache_peak_bytes,
                 errors,
             }),
         }
@@ -184,6 +192,7 @@ impl Metrics {
                 .inner()
                 .store(load(&s.cache_misses), Ordering::Relaxed);
             e.cache_bytes.set(load(&s.cache_bytes) as i64);
+            e.cache_peak_bytes.set(load(&s.cache_peak_bytes) as i64);
             errors.extend([
                 ("store_unreachable", load(&s.errors_unreachable)),
                 ("store_credentials", load(&s.errors_credentials)),

@@ -121,6 +121,25 @@ impl Server {
     }
 
     fn launch(ns: Option<&str>, bind: &str, dir: &Path, port: u16, extra: &[&str]) -> Server {
+        let serve = [std::ffi::OsStr::new("--dir"), dir.as_os_str()];
+        Self::launch_serving(ns, bind, &serve, port, extra, &[])
+    }
+
+    /// A server of the objects under `url` (`s3://bucket/prefix`), with the
+    /// store's `AWS_*` environment.
+    pub fn start_store(url: &str, env: &[(String, String)], extra: &[&str]) -> Server {
+        let serve = [std::ffi::OsStr::new("--store"), std::ffi::OsStr::new(url)];
+        Self::launch_serving(None, "127.0.0.1", &serve, 0, extra, env)
+    }
+
+    fn launch_serving(
+        ns: Option<&str>,
+        bind: &str,
+        serve: &[&std::ffi::OsStr],
+        port: u16,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Server {
         static N: Mutex<u32> = Mutex::new(0);
         let n = {
             let mut g = N.lock().unwrap_or_else(|p| p.into_inner());
@@ -139,12 +158,12 @@ impl Server {
             None => Command::new(server_binary()),
         };
         let mut child = command
-            .arg("--dir")
-            .arg(dir)
+            .args(serve)
             .args(["--bind", bind, "--port", &port.to_string()])
             .arg("--log-file")
             .arg(&log)
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
