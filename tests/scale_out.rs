@@ -382,12 +382,17 @@ fn venv_bin(name: &str) -> PathBuf {
 
 impl S3 {
     fn start() -> S3 {
+        Self::start_with(&[])
+    }
+
+    fn start_with(env: &[(&str, &str)]) -> S3 {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
         let child = Command::new(venv_bin("moto_server"))
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -702,6 +707,22 @@ fn a_store_that_goes_down_is_a_clear_error() {
     );
     assert!(server.log_text().contains("store is unreachable"));
     let _ = std::fs::remove_file(file);
+}
+
+#[test]
+fn a_store_that_refuses_the_credentials_is_a_clear_error() {
+    init();
+    // moto checks signatures only when told to; it knows no key then.
+    let s3 = S3::start_with(&[("INITIAL_NO_AUTH_ACTION_COUNT", "0")]);
+    let server = Server::start_store("s3://library", &s3.env(), &[]);
+    let err = pull(server.port, "film.bin", "refused").expect_err("played without credentials");
+    assert!(err.contains("refused the server's credentials"), "{err}");
+    assert!(err.contains("InvalidAccessKeyId"), "{err}");
+    assert!(
+        server
+            .log_text()
+            .contains("refused the server's credentials")
+    );
 }
 
 #[test]

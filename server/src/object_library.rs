@@ -47,6 +47,8 @@ const PREFETCH_BLOCKS: u64 = 2;
 /// A failed block is not asked for again sooner than this: a dead store is
 /// not hammered by every session's every datagram.
 const FAILURE_MEMORY: Duration = Duration::from_secs(1);
+/// The most of a store's error text passed on.
+const MAX_DETAIL_CHARS: usize = 240;
 /// Objects listed at most (the same bound as a folder's catalog).
 const MAX_LISTED: usize = 10_000;
 
@@ -81,20 +83,45 @@ impl StoreFailure {
             object_store::Error::NotFound { .. } => StoreFailure::Missing,
             object_store::Error::PermissionDenied { .. }
             | object_store::Error::Unauthenticated { .. } => StoreFailure::Credentials,
-            _ => StoreFailure::Unreachable,
+            // A listing's refusal comes back as a generic error: the S3
+            // error code in its text says what it is.
+            other => {
+                let text = other.to_string();
+                let refused = ["403 Forbidden", "401 Unauthorized"]
+                    .iter()
+                    .any(|m| text.contains(m))
+                    || s3_code(&text).is_some_and(|c| {
+                        matches!(
+                            c,
+                            "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AccessDenied"
+                        )
+                    });
+                if refused {
+                    StoreFailure::Credentials
+                } else {
+                    StoreFailure::Unreachable
+                }
+            }
         }
     }
 
     fn explain(self, e: &object_store::Error) -> String {
+        let text = e.to_string();
+        // The store's own word when it gave one, else the error cut short:
+        // it travels to the client in one datagram.
+        let detail = s3_code(&text).map_or_else(
+            || text.chars().take(MAX_DETAIL_CHARS).collect::<String>(),
+            str::to_owned,
+        );
         match self {
             StoreFailure::Changed => "the object changed in the store while it was being served \
                  (its ETag no longer matches); start again to play the new version"
                 .to_string(),
             StoreFailure::Missing => "the object is no longer in the store".to_string(),
             StoreFailure::Credentials => {
-                format!("the store refused the server's credentials ({e})")
+                format!("the store refused the server's credentials ({detail})")
             }
-            StoreFailure::Unreachable => format!("the store is unreachable ({e})"),
+            StoreFailure::Unreachable => format!("the store is unreachable ({detail})"),
         }
     }
 
@@ -107,6 +134,13 @@ impl StoreFailure {
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// The `<Code>` of an S3 error document quoted in `text`.
+fn s3_code(text: &str) -> Option<&str> {
+    let start = text.find("<Code>")? + "<Code>".len();
+    let len = text[start..].find("</Code>")?;
+    Some(&text[start..start + len])
 }
 
 #[derive(Clone)]
@@ -568,6 +602,15 @@ mod tests {
         );
         assert!(parse_store_url("s3:///x").is_err());
         assert!(parse_store_url("http://lib").is_err());
+    }
+
+    #[test]
+    fn s3_error_codes_are_read_from_the_error_text() {
+        let text = "Generic S3 error: 403 Forbidden: <Error><Code>InvalidAccessKeyId</Code>\
+                    <Message>nope</Message></Error>";
+        assert_eq!(s3_code(text), Some("InvalidAccessKeyId"));
+        assert_eq!(s3_code("connection refused"), None);
+        assert_eq!(s3_code("<Code>unclosed"), None);
     }
 
     #[test]
