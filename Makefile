@@ -129,7 +129,7 @@ demo: build demo-clip
 # udpvid against HTTP (nginx + souphttpsrc) and SRT, same clip, same
 # impairments; prints a table and writes target/bench/results.md.
 # Not part of `make test`. Needs root for nftables and network namespaces.
-bench: deps
+bench: deps venv
 	@missing=""; for p in $(BENCH_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \

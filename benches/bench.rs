@@ -957,6 +957,315 @@ fn kernel_loss_pull(env: &Env, percent: u32, http: bool) -> Result<f64, String> 
 }
 
 /// Stops the peers (the environment's proxies and counters first) and
+/// An S3-compatible server (moto from target/venv) on a free port.
+fn start_moto() -> Result<(Proc, u16), String> {
+    let bin = target_dir().join("venv").join("bin").join("moto_server");
+    if !bin.exists() {
+        return Err(format!("{} missing: run `make venv`", bin.display()));
+    }
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    let child = Command::new(bin)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let moto = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            return Err("moto did not start".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((moto, port))
+}
+
+fn s3_env(port: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ENDPOINT", format!("http://127.0.0.1:{port}")),
+        ("AWS_ALLOW_HTTP", "true".into()),
+        ("AWS_ACCESS_KEY_ID", "bench".into()),
+        ("AWS_SECRET_ACCESS_KEY", "bench".into()),
+        ("AWS_DEFAULT_REGION", "us-east-1".into()),
+    ]
+}
+
+fn s3_upload(port: u16, bucket: &str, key: &str, file: &Path) -> Result<(), String> {
+    let python = target_dir().join("venv").join("bin").join("python");
+    let script = format!(
+        "import boto3\n\
+         s3 = boto3.client('s3', endpoint_url='http://127.0.0.1:{port}', \
+         aws_access_key_id='bench', aws_secret_access_key='bench', region_name='us-east-1')\n\
+         s3.create_bucket(Bucket={bucket:?})\n\
+         s3.upload_file({:?}, {bucket:?}, {key:?})\n",
+        file.display().to_string()
+    );
+    let ok = Command::new(python)
+        .args(["-c", &script])
+        .status()
+        .map_err(|e| e.to_string())?
+        .success();
+    if ok {
+        Ok(())
+    } else {
+        Err("upload failed".into())
+    }
+}
+
+/// A server of `s3://bucket` with its metrics page; (process, UDP port,
+/// metrics port).
+fn start_store_server(moto_port: u16, url: &str) -> (Proc, u16, u16) {
+    let metrics = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut cmd = Command::new(profile_dir().join("server"));
+    cmd.args(["--store", url, "--bind", "127.0.0.1", "--port", "0"])
+        .args(["--metrics", &format!("127.0.0.1:{metrics}")])
+        .env("UDPVID_LOG", "warn")
+        .envs(s3_env(moto_port));
+    let (p, banner) = spawn_with_banner(cmd, "listening");
+    (p, port_of(&banner, 4), metrics)
+}
+
+fn scrape_metric(port: u16, name: &str) -> Option<u64> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .ok()?;
+    let mut page = String::new();
+    s.read_to_string(&mut page).ok()?;
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A real-time playbin viewer of `uri` (several servers); `kill` runs when
+/// playback reaches `kill_at`. Returns the longest wall-clock gap between
+/// two rendered video frames after the first, the stalls, the failovers
+/// and an error if any.
+fn failover_viewing(
+    uri: &str,
+    kill_at: Duration,
+    stop_at: Duration,
+    kill: impl FnOnce(),
+) -> (Duration, u32, u64, Option<String>) {
+    let (pipeline, _first_byte, _first_frame) = playbin(uri, Peer::Udpvid);
+    let gap = Arc::new(Mutex::new((None::<Instant>, Duration::ZERO)));
+    let video: gst::Element = pipeline.property("video-sink");
+    {
+        let gap = gap.clone();
+        video.connect("handoff", false, move |_| {
+            let now = Instant::now();
+            let mut g = gap.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(last) = g.0 {
+                g.1 = g.1.max(now - last);
+            }
+            g.0 = Some(now);
+            None
+        });
+    }
+    let bus = pipeline.bus().expect("bus");
+    let _ = pipeline.set_state(gst::State::Playing);
+    let started = Instant::now();
+    let mut kill = Some(kill);
+    let mut stalls = 0;
+    let mut error = None;
+    let mut failovers = 0;
+    let mut buffering = false;
+    while started.elapsed() < stop_at * 3 {
+        if let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(20)) {
+            match msg.view() {
+                gst::MessageView::Eos(_) => break,
+                gst::MessageView::Error(e) => {
+                    error = Some(e.error().to_string());
+                    break;
+                }
+                gst::MessageView::Buffering(b) => {
+                    if b.percent() < 100 && !buffering {
+                        buffering = true;
+                        if kill.is_none() {
+                            stalls += 1;
+                        }
+                        let _ = pipeline.set_state(gst::State::Paused);
+                    } else if b.percent() >= 100 && buffering {
+                        buffering = false;
+                        let _ = pipeline.set_state(gst::State::Playing);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let pos = pipeline
+            .query_position::<gst::ClockTime>()
+            .map_or(Duration::ZERO, |p| Duration::from_nanos(p.nseconds()));
+        if pos >= kill_at {
+            if let Some(k) = kill.take() {
+                k();
+            }
+        }
+        if let Some(src) = pipeline.property::<Option<gst::Element>>("source") {
+            let stats: gst::Structure = src.property("stats");
+            failovers = stats.get::<u64>("failovers").unwrap_or(0).max(failovers);
+        }
+        if pos >= stop_at {
+            break;
+        }
+    }
+    let _ = pipeline.set_state(gst::State::Null);
+    let longest = gap.lock().unwrap_or_else(|p| p.into_inner()).1;
+    (longest, stalls, failovers, error)
+}
+
+/// Issue "beyond one machine": the object store against `--dir`, what ten
+/// viewers of one file cost the store, and what a viewer sees when its
+/// server dies.
+fn scale_out(out: &mut String, env: &Env) {
+    let _ = writeln!(
+        out,
+        "## Scale out: object storage (moto on loopback) against --dir\n"
+    );
+    let (moto, moto_port) = match start_moto() {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = writeln!(out, "skipped: {e}\n");
+            return;
+        }
+    };
+    let clip = env.clips.join("bench.mp4");
+    if let Err(e) = s3_upload(moto_port, "bench", "bench.mp4", &clip) {
+        let _ = writeln!(out, "skipped: {e}\n");
+        return;
+    }
+    let gb = |bytes: u64| bytes as f64 / 1e9;
+    let _ = writeln!(
+        out,
+        "| library | pull | first byte ms | time s | server CPU s/GB |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    let dir_uri = format!("udpvid://127.0.0.1:{}/bench.mp4", env.udpvid_port);
+    let (store, store_port, store_metrics) = start_store_server(moto_port, "s3://bench");
+    let store_uri = format!("udpvid://127.0.0.1:{store_port}/bench.mp4");
+    for (library, what, uri, pid) in [
+        ("--dir", "page cache warm", &dir_uri, env.udpvid_pid.clone()),
+        ("--store", "cache cold", &store_uri, store.pid()),
+        ("--store", "cache warm", &store_uri, store.pid()),
+    ] {
+        match pull(uri, &pid) {
+            Ok(p) => {
+                let _ = writeln!(
+                    out,
+                    "| {library} | {what} | {:.0} | {:.2} | {:.1} |",
+                    p.first_byte.as_secs_f64() * 1000.0,
+                    p.seconds,
+                    p.server_cpu / gb(p.bytes).max(1e-9)
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(out, "| {library} | {what} | failed: {e} | | |");
+            }
+        }
+        eprint!(".");
+    }
+    drop(store);
+    let _ = writeln!(out);
+
+    // Ten concurrent pulls of one object on a fresh server (cold cache).
+    let (store, store_port, store_metrics2) = start_store_server(moto_port, "s3://bench");
+    let _ = store_metrics;
+    let uri = format!("udpvid://127.0.0.1:{store_port}/bench.mp4");
+    let pid = store.pid();
+    let viewers: Vec<_> = (0..10)
+        .map(|_| {
+            let (uri, pid) = (uri.clone(), pid.clone());
+            std::thread::spawn(move || pull(&uri, &pid))
+        })
+        .collect();
+    let mut delivered = 0u64;
+    let mut failed = 0;
+    for v in viewers {
+        match v.join() {
+            Ok(Ok(p)) => delivered += p.bytes,
+            _ => failed += 1,
+        }
+    }
+    let read = scrape_metric(store_metrics2, "udpvid_store_bytes_read_total").unwrap_or(0);
+    let gets = scrape_metric(store_metrics2, "udpvid_store_gets_total").unwrap_or(0);
+    drop(store);
+    let _ = writeln!(
+        out,
+        "| 10 concurrent pulls of one {:.1} MiB object | value |\n|---|---|",
+        env.mp4_size as f64 / 1048576.0
+    );
+    let _ = writeln!(
+        out,
+        "| delivered | {:.1} MiB ({failed} failed) |",
+        delivered as f64 / 1048576.0
+    );
+    let _ = writeln!(
+        out,
+        "| read from the store | {:.1} MiB in {gets} GETs |",
+        read as f64 / 1048576.0
+    );
+    let _ = writeln!(
+        out,
+        "| store ÷ one copy (target ≤ 1.1) | {:.2} |",
+        read as f64 / env.mp4_size.max(1) as f64
+    );
+    let _ = writeln!(
+        out,
+        "| store ÷ delivered | {:.3} |\n",
+        read as f64 / delivered.max(1) as f64
+    );
+    eprint!(".");
+
+    // A real-time viewer given two servers; the first dies 5 s in.
+    let _ = writeln!(
+        out,
+        "| two servers, the first killed 5 s into real-time playback | longest gap between frames ms | rebuffering | failovers | result |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    for library in ["--dir", "--store"] {
+        let start = || match library {
+            "--dir" => {
+                let (p, port) = start_udpvid_server(&env.clips);
+                (p, port)
+            }
+            _ => {
+                let (p, port, _) = start_store_server(moto_port, "s3://bench");
+                (p, port)
+            }
+        };
+        let (first, first_port) = start();
+        let (second, second_port) = start();
+        let uri = format!("udpvid://127.0.0.1:{first_port},127.0.0.1:{second_port}/bench.mp4");
+        let first = Mutex::new(Some(first));
+        let (gap, stalls, failovers, error) = failover_viewing(
+            &uri,
+            Duration::from_secs(5),
+            Duration::from_secs(15),
+            || {
+                if let Some(p) = first.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    let mut child = p;
+                    let _ = child.0.kill();
+                }
+            },
+        );
+        let _ = writeln!(
+            out,
+            "| {library} | {:.0} | {stalls} | {failovers} | {} |",
+            gap.as_secs_f64() * 1000.0,
+            error.unwrap_or_else(|| "ok".into())
+        );
+        drop(second);
+        eprint!(".");
+    }
+    let _ = writeln!(out);
+    drop(moto);
+}
+
 /// prints the report: the end of a full run and of a `BENCH_ONLY` one.
 fn stop_and_print(out: &str, env: Env, udpvid: Proc, nginx: Proc) {
     drop(env);
@@ -1145,6 +1454,13 @@ fn main() {
         }
         let _ = writeln!(out);
         if only == "slow" {
+            return stop_and_print(&out, env, udpvid, nginx);
+        }
+    }
+
+    if run("scale") {
+        scale_out(&mut out, &env);
+        if only == "scale" {
             return stop_and_print(&out, env, udpvid, nginx);
         }
     }
