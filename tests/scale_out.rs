@@ -621,6 +621,8 @@ fn the_block_cache_stays_within_its_cap() {
             &format!("127.0.0.1:{metrics_port}"),
             "--cache-mb",
             "2",
+            "--block-kb",
+            "256",
         ],
     );
     pull_concurrently(server.port, "cap.bin", 3, &sha256_file(&file));
@@ -633,6 +635,67 @@ fn the_block_cache_stays_within_its_cap() {
     );
     assert!(peak >= 1 << 20, "the cache held nothing ({peak})");
     assert!(metric(&page, "udpvid_cache_bytes") <= 2 << 20);
+    let _ = std::fs::remove_file(file);
+}
+
+#[test]
+fn the_cache_folder_serves_what_memory_evicted_and_survives_a_restart() {
+    init();
+    let s3 = S3::start();
+    let file = temp_out("disk.bin");
+    let size = 6u64 << 20;
+    noise(&file, size as usize, 7);
+    s3.put("library", &[("disk.bin", &file)]);
+    let cache_dir = temp_out("cache-dir");
+    let _ = std::fs::remove_dir_all(&cache_dir);
+    let expected = sha256_file(&file);
+    let start = || {
+        let metrics_port = free_tcp_port();
+        let server = Server::start_store(
+            "s3://library",
+            &s3.env(),
+            &[
+                "--metrics",
+                &format!("127.0.0.1:{metrics_port}"),
+                "--cache-mb",
+                "2",
+                "--block-kb",
+                "256",
+                "--cache-dir",
+                cache_dir.to_str().expect("utf-8 path"),
+                "--cache-dir-mb",
+                "16",
+            ],
+        );
+        (server, metrics_port)
+    };
+    // Memory holds a third of the file; the folder holds all of it.
+    let (server, metrics_port) = start();
+    for round in 0..2 {
+        let bytes = pull(server.port, "disk.bin", "disk").expect("pull");
+        assert_eq!(sha256(&bytes), expected, "round {round}");
+    }
+    let page = scrape(metrics_port);
+    assert_eq!(metric(&page, "udpvid_store_bytes_read_total"), size);
+    assert!(
+        metric(&page, "udpvid_disk_cache_hits_total") >= 16,
+        "{page}"
+    );
+    // Written off the serving thread: give the last block a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&scrape(metrics_port), "udpvid_disk_cache_bytes") < size {
+        assert!(Instant::now() < deadline, "the folder never held the file");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(server);
+    // A restarted server finds the blocks: the store is not asked again.
+    let (server, metrics_port) = start();
+    let bytes = pull(server.port, "disk.bin", "disk-restart").expect("pull");
+    assert_eq!(sha256(&bytes), expected);
+    let page = scrape(metrics_port);
+    assert_eq!(metric(&page, "udpvid_store_bytes_read_total"), 0, "{page}");
+    assert_eq!(metric(&page, "udpvid_disk_cache_bytes"), size);
+    let _ = std::fs::remove_dir_all(cache_dir);
     let _ = std::fs::remove_file(file);
 }
 

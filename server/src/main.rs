@@ -6,6 +6,7 @@
 //! socket and the endpoint, sleeps until the endpoint's next timer or until
 //! content fetched from the store arrives, and logs the endpoint's events.
 
+mod disk_cache;
 mod library;
 mod metrics;
 mod object_library;
@@ -78,8 +79,16 @@ struct Args {
     #[arg(long, value_name = "s3://BUCKET[/PREFIX]")]
     store: Option<String>,
     /// With --store: memory for the block cache all sessions share, in MiB
+    /// (at least four blocks)
     #[arg(long, default_value_t = 256, value_name = "MIB")]
     cache_mb: u64,
+    /// With --store: keep fetched blocks in this folder too (a second
+    /// cache tier that survives restarts)
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// With --cache-dir: most bytes kept in it, in MiB
+    #[arg(long, default_value_t = 4096, value_name = "MIB")]
+    cache_dir_mb: u64,
     /// With --store: bytes fetched per ranged GET, in KiB
     #[arg(long, default_value_t = object_library::DEFAULT_BLOCK_BYTES / 1024, value_name = "KIB")]
     block_kb: u64,
@@ -442,10 +451,26 @@ fn main() -> std::process::ExitCode {
                 eprintln!("server: --catalog-refresh must be at least 0.1 seconds");
                 return std::process::ExitCode::from(2);
             }
+            let disk = match &args.cache_dir {
+                None => None,
+                Some(dir) => {
+                    match disk_cache::DiskCache::open(
+                        dir,
+                        args.cache_dir_mb.saturating_mul(1 << 20),
+                    ) {
+                        Ok(d) => Some(d),
+                        Err(e) => {
+                            eprintln!("server: cannot use --cache-dir {}: {e}", dir.display());
+                            return std::process::ExitCode::from(2);
+                        }
+                    }
+                }
+            };
             match ObjectLibrary::new(
                 url,
                 args.block_kb.saturating_mul(1024),
                 args.cache_mb.saturating_mul(1024 * 1024),
+                disk,
                 content_arrived.clone(),
             ) {
                 Ok(o) => Store::Objects(Arc::new(o)),

@@ -63,6 +63,8 @@ struct Exported {
     cache_misses: Counter,
     cache_bytes: Gauge,
     cache_peak_bytes: Gauge,
+    disk_hits: Counter,
+    disk_bytes: Gauge,
     errors: Family<Labels, Counter>,
 }
 
@@ -86,6 +88,8 @@ impl Metrics {
         let cache_misses = Counter::default();
         let cache_bytes = Gauge::default();
         let cache_peak_bytes = Gauge::default();
+        let disk_hits = Counter::default();
+        let disk_bytes = Gauge::default();
         let errors = Family::<Labels, Counter>::default();
         registry.register("sessions", "Sessions open now", sessions.clone());
         registry.register(
@@ -138,6 +142,16 @@ impl Metrics {
             "Most bytes the block cache ever held",
             cache_peak_bytes.clone(),
         );
+        registry.register(
+            "disk_cache_hits",
+            "Blocks read back from the cache folder instead of the store",
+            disk_hits.clone(),
+        );
+        registry.register(
+            "disk_cache_bytes",
+            "Bytes held in the cache folder",
+            disk_bytes.clone(),
+        );
         registry.register("errors", "Errors by kind", errors.clone());
         Metrics {
             counters: Arc::default(),
@@ -155,6 +169,8 @@ impl Metrics {
                 cache_misses,
                 cache_bytes,
                 cache_peak_bytes,
+                disk_hits,
+                disk_bytes,
                 errors,
             }),
         }
@@ -193,6 +209,10 @@ impl Metrics {
                 .store(load(&s.cache_misses), Ordering::Relaxed);
             e.cache_bytes.set(load(&s.cache_bytes) as i64);
             e.cache_peak_bytes.set(load(&s.cache_peak_bytes) as i64);
+            e.disk_hits
+                .inner()
+                .store(load(&s.disk_hits), Ordering::Relaxed);
+            e.disk_bytes.set(load(&s.disk_bytes) as i64);
             errors.extend([
                 ("store_unreachable", load(&s.errors_unreachable)),
                 ("store_credentials", load(&s.errors_credentials)),

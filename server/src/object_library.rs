@@ -33,6 +33,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+use crate::disk_cache::{DiskCache, block_file_name};
+
 use gstudpvid::protocol::catalog::CatalogEntry;
 use gstudpvid::protocol::wire::MAX_TEXT_LEN;
 use gstudpvid::protocol::{Content, ContentStore, OpenErrorKind, OpenFailure};
@@ -61,6 +63,8 @@ pub struct StoreCounters {
     pub cache_misses: AtomicU64,
     pub cache_bytes: AtomicU64,
     pub cache_peak_bytes: AtomicU64,
+    pub disk_hits: AtomicU64,
+    pub disk_bytes: AtomicU64,
     pub errors_unreachable: AtomicU64,
     pub errors_credentials: AtomicU64,
     pub errors_missing: AtomicU64,
@@ -223,6 +227,8 @@ struct Shared {
     ready: Arc<Notify>,
     counters: Arc<StoreCounters>,
     block_bytes: u64,
+    /// The second tier, if the server has one.
+    disk: Option<Arc<DiskCache>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -260,6 +266,7 @@ impl ObjectLibrary {
         url: &str,
         block_bytes: u64,
         cache_bytes: u64,
+        disk: Option<DiskCache>,
         ready: Arc<Notify>,
     ) -> Result<Self, String> {
         let (bucket, prefix) = parse_store_url(url)?;
@@ -282,6 +289,19 @@ impl ObjectLibrary {
             .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), "20s")
             .build()
             .map_err(|e| format!("{url}: {e}"))?;
+        let block_bytes = block_bytes.max(64 * 1024);
+        let min_cache = (PREFETCH_BLOCKS + 2) * block_bytes;
+        if cache_bytes < min_cache {
+            warn!(
+                asked = cache_bytes,
+                used = min_cache,
+                "the block cache must hold four blocks; using more memory than asked"
+            );
+        }
+        let counters = Arc::new(StoreCounters::default());
+        if let Some(d) = &disk {
+            counters.disk_bytes.store(d.bytes(), Ordering::Relaxed);
+        }
         Ok(ObjectLibrary {
             shared: Arc::new(Shared {
                 store: Arc::new(store),
@@ -290,12 +310,15 @@ impl ObjectLibrary {
                 cache: Mutex::new(BlockCache {
                     slots: HashMap::new(),
                     bytes: 0,
-                    cap: cache_bytes,
+                    // A block being read and the ones fetched ahead of it
+                    // must fit, or they evict each other.
+                    cap: cache_bytes.max(min_cache),
                     clock: 0,
                 }),
                 ready,
-                counters: Arc::default(),
-                block_bytes: block_bytes.max(64 * 1024),
+                counters,
+                block_bytes,
+                disk: disk.map(Arc::new),
             }),
             url: url.to_owned(),
         })
@@ -496,6 +519,11 @@ impl ObjectContent {
         let etag = self.object.etag.clone();
         tokio::spawn(async move {
             let expected = range.end - range.start;
+            let file = block_file_name(&key.object, key.index);
+            if let Some(data) = from_disk(&shared, &file, expected).await {
+                shared.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
+                return finish(&shared, key, Ok(data));
+            }
             let options = GetOptions {
                 if_match: etag,
                 range: Some(GetRange::Bounded(range.clone())),
@@ -512,6 +540,7 @@ impl ObjectContent {
                         .counters
                         .bytes_read
                         .fetch_add(expected, Ordering::Relaxed);
+                    to_disk(&shared, file, data.clone());
                     Ok(data)
                 }
                 Ok(data) => Err(format!(
@@ -526,31 +555,65 @@ impl ObjectContent {
                     Err(failure.explain(&e))
                 }
             };
-            {
-                let mut cache = lock(&shared.cache);
-                match slot {
-                    Ok(data) => cache.insert(key, data),
-                    Err(message) => {
-                        warn!(object = %location, range = ?range, error = message, "store read failed");
-                        cache.slots.insert(
-                            key,
-                            Slot::Failed {
-                                message,
-                                at: Instant::now(),
-                            },
-                        );
-                    }
-                }
-                let bytes = cache.bytes;
-                shared.counters.cache_bytes.store(bytes, Ordering::Relaxed);
-                shared
-                    .counters
-                    .cache_peak_bytes
-                    .fetch_max(bytes, Ordering::Relaxed);
+            if let Err(message) = &slot {
+                warn!(object = %location, range = ?range, error = message, "store read failed");
             }
-            shared.ready.notify_one();
+            finish(&shared, key, slot);
         });
     }
+}
+
+/// A block from the disk tier, if it holds it whole.
+async fn from_disk(shared: &Shared, file: &str, expected: u64) -> Option<Bytes> {
+    let disk = shared.disk.as_ref()?;
+    let path = disk.lookup(file)?;
+    match tokio::fs::read(&path).await {
+        Ok(data) if data.len() as u64 == expected => Some(Bytes::from(data)),
+        _ => {
+            disk.forget(file);
+            None
+        }
+    }
+}
+
+/// Keeps a fetched block in the disk tier, off the serving thread.
+fn to_disk(shared: &Arc<Shared>, file: String, data: Bytes) {
+    let Some(disk) = shared.disk.clone() else {
+        return;
+    };
+    let counters = shared.counters.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = disk.store(&file, &data) {
+            warn!(file, error = %e, "cannot keep a block in the cache folder");
+        }
+        counters.disk_bytes.store(disk.bytes(), Ordering::Relaxed);
+    });
+}
+
+/// Puts a fetch's outcome in the memory tier and wakes the sessions.
+fn finish(shared: &Shared, key: BlockKey, slot: Result<Bytes, String>) {
+    {
+        let mut cache = lock(&shared.cache);
+        match slot {
+            Ok(data) => cache.insert(key, data),
+            Err(message) => {
+                cache.slots.insert(
+                    key,
+                    Slot::Failed {
+                        message,
+                        at: Instant::now(),
+                    },
+                );
+            }
+        }
+        let bytes = cache.bytes;
+        shared.counters.cache_bytes.store(bytes, Ordering::Relaxed);
+        shared
+            .counters
+            .cache_peak_bytes
+            .fetch_max(bytes, Ordering::Relaxed);
+    }
+    shared.ready.notify_one();
 }
 
 impl Content for ObjectContent {

@@ -229,6 +229,12 @@ pub const READ_BLOCK_BYTES: usize = 64 * 1024;
 /// each (the per-datagram read was a third of the server's system calls).
 /// Resends behind the block are read directly and leave it alone. Costs
 /// [`READ_BLOCK_BYTES`] per session with a transfer.
+///
+/// Content that is not all there yet (object storage fetching it) is kept
+/// as far as it came, and the rest is read on the next try: a datagram
+/// that spans two storage blocks never needs both in the cache at the
+/// same moment, which a small cache shared by many sessions could not
+/// promise.
 #[derive(Default)]
 struct BlockReader {
     start: u64,
@@ -243,20 +249,36 @@ impl BlockReader {
         offset: u64,
         out: &mut [u8],
     ) -> std::io::Result<usize> {
-        let end = offset + out.len() as u64;
-        let block_end = self.start + self.data.len() as u64;
         if offset < self.start {
-            return read_full(content, offset, out);
+            return match read_full(content, offset, out)? {
+                (n, false) => Ok(n),
+                (_, true) => Err(std::io::ErrorKind::WouldBlock.into()),
+            };
+        }
+        let end = offset + out.len() as u64;
+        let mut block_end = self.start + self.data.len() as u64;
+        if offset > block_end {
+            self.start = offset;
+            self.data.clear();
+            block_end = offset;
         }
         // A block that reaches the end of the file serves every later read.
         let at_file_end = !self.data.is_empty() && block_end >= content.size();
         if end > block_end && !at_file_end {
+            // Keep what is already here from `offset` on; read the rest.
+            self.data.drain(..(offset - self.start) as usize);
             self.start = offset;
+            let have = self.data.len();
             self.data.resize(READ_BLOCK_BYTES.max(out.len()), 0);
-            match read_full(content, offset, &mut self.data) {
-                Ok(n) => self.data.truncate(n),
+            match read_full(content, offset + have as u64, &mut self.data[have..]) {
+                Ok((n, would_block)) => {
+                    self.data.truncate(have + n);
+                    if would_block && self.data.len() < out.len() {
+                        return Err(std::io::ErrorKind::WouldBlock.into());
+                    }
+                }
                 Err(e) => {
-                    self.data.clear();
+                    self.data.truncate(have);
                     return Err(e);
                 }
             }
@@ -268,17 +290,20 @@ impl BlockReader {
     }
 }
 
-fn read_full(content: &dyn Content, offset: u64, out: &mut [u8]) -> std::io::Result<usize> {
+/// Reads until `out` is full, the end of the file, or content that is not
+/// there yet (then true, with what came before it).
+fn read_full(content: &dyn Content, offset: u64, out: &mut [u8]) -> std::io::Result<(usize, bool)> {
     let mut filled = 0;
     while filled < out.len() {
         match content.read_at(offset + filled as u64, &mut out[filled..]) {
             Ok(0) => break,
             Ok(n) => filled += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok((filled, true)),
             Err(e) => return Err(e),
         }
     }
-    Ok(filled)
+    Ok((filled, false))
 }
 
 struct Session {
@@ -1300,5 +1325,66 @@ mod tests {
             pump(&mut server, &mut client, now, &mut got);
         }
         assert!(got == bytes, "{} of {} bytes", got.len(), bytes.len());
+    }
+
+    /// Content in two storage blocks of which only one is "cached" at a
+    /// time: each read of the other block evicts the first.
+    struct TwoBlocks {
+        bytes: Vec<u8>,
+        block: usize,
+        cached: std::sync::Mutex<usize>,
+    }
+
+    impl Content for TwoBlocks {
+        fn size(&self) -> u64 {
+            self.bytes.len() as u64
+        }
+        fn tag(&self) -> u64 {
+            1
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+            let offset = offset as usize;
+            if offset >= self.bytes.len() {
+                return Ok(0);
+            }
+            let index = offset / self.block;
+            let mut cached = self.cached.lock().expect("lock");
+            if *cached != index {
+                // Fetched now, evicting the other; there next time.
+                *cached = index;
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            let end = ((index + 1) * self.block).min(self.bytes.len());
+            let n = buf.len().min(end - offset);
+            buf[..n].copy_from_slice(&self.bytes[offset..offset + n]);
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_read_across_two_blocks_progresses_with_room_for_one() {
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let content = TwoBlocks {
+            bytes: bytes.clone(),
+            block: 100_000,
+            cached: std::sync::Mutex::new(usize::MAX),
+        };
+        let mut blocks = BlockReader::default();
+        let mut out = vec![0u8; 1400];
+        let mut at = 0u64;
+        let mut tries = 0;
+        while at < bytes.len() as u64 {
+            tries += 1;
+            assert!(tries < 10_000, "no progress at {at}");
+            match blocks.read(&content, at, &mut out) {
+                Ok(n) => {
+                    assert!(n > 0);
+                    assert_eq!(out[..n], bytes[at as usize..at as usize + n]);
+                    at += n as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
     }
 }
