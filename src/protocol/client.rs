@@ -9,7 +9,7 @@ use super::catalog::{self, CatalogEntry};
 use super::crypto::{Psk, SessionKeys};
 use super::media_index::MAX_INDEX_BYTES;
 use super::ranges::RangeSet;
-use super::read_ahead::{ReadAhead, ReadAheadPolicy};
+use super::read_ahead::{self, ReadAhead, ReadAheadPolicy};
 use super::receiver::{AckTracker, StreamReceiver};
 use super::rtt::RttEstimator;
 use super::wire::{
@@ -534,7 +534,15 @@ impl ClientConnection {
         // ahead and the first reads after the start paused the player (1
         // run in 3 at 2x the media rate); on a slow link the goal already
         // counts it (the download-time estimate).
-        let fast = match (self.read_ahead.media_rate(), self.link_rate(now)) {
+        let link = self.link_rate(now).or_else(|| {
+            (cause == BufferingCause::Start)
+                .then(|| {
+                    self.read_ahead
+                        .recent_link_rate(now, read_ahead::START_LINK_RATE_SPAN)
+                })
+                .flatten()
+        });
+        let fast = match (self.read_ahead.media_rate(), link) {
             (Some(media), Some(link)) => link >= media * buffering::FAST_LINK_FACTOR,
             _ => false,
         };

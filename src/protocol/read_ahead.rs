@@ -77,6 +77,11 @@ pub const HELD_DOWNSTREAM_FRESHNESS: Duration = Duration::from_secs(1);
 pub const LINK_RATE_WINDOW: Duration = Duration::from_secs(3);
 /// ... once at least this much of it was seen.
 pub const MIN_LINK_RATE_SPAN: Duration = Duration::from_secs(1);
+/// At the start, before a second of samples exists, the link rate over the
+/// last this long decides whether the link is fast (see
+/// [`ReadAheadPolicy::recent_link_rate`]): at 80 ms RTT slow start has
+/// reached the link's rate by the time the demuxer has prerolled.
+pub const START_LINK_RATE_SPAN: Duration = Duration::from_millis(250);
 /// A link within this share of the consumption rate is not "slower than
 /// the media": measurement noise should not make a fast link wait.
 pub const SLOW_LINK_THRESHOLD: f64 = 0.95;
@@ -199,6 +204,28 @@ impl ReadAheadPolicy {
             return None;
         }
         Some(self.arrived_in_window as f64 / span.as_secs_f64())
+    }
+
+    /// Bytes per second over the last `span`, once arrivals were seen for
+    /// that long and are still coming: a quicker, shorter look than
+    /// [`link_rate`](Self::link_rate), for the start, where a second of
+    /// samples is more than the whole wait. Only ever as high as the
+    /// bottleneck lets through, so a slow link is never taken for a fast one.
+    pub fn recent_link_rate(&self, now: Instant, span: Duration) -> Option<f64> {
+        let first = self.arrivals.front()?.0;
+        let last = self.arrivals.back()?.0;
+        let since = now.checked_sub(span)?;
+        if first > since || now.saturating_duration_since(last) > span / 4 {
+            return None;
+        }
+        let bytes: u64 = self
+            .arrivals
+            .iter()
+            .rev()
+            .take_while(|(t, _)| *t > since)
+            .map(|(_, b)| b)
+            .sum();
+        Some(bytes as f64 / span.as_secs_f64())
     }
 
     /// The bytes to hold before playing on, on a link slower than the
@@ -340,6 +367,34 @@ mod tests {
             p.on_consumed(now, rate / 10);
         }
         now
+    }
+
+    #[test]
+    fn the_recent_link_rate_needs_its_span_and_flowing_data() {
+        let t0 = Instant::now();
+        let mut p = adaptive();
+        let span = START_LINK_RATE_SPAN;
+        // Slow start: 10 kB per 10 ms for 100 ms, then 25 kB per 10 ms
+        // (2.5 MB/s, the link).
+        let mut now = t0;
+        for i in 0..40 {
+            now += Duration::from_millis(10);
+            p.on_arrival(now, if i < 10 { 10_000 } else { 25_000 });
+        }
+        assert_eq!(
+            p.link_rate(now),
+            None,
+            "a second of samples is not there yet"
+        );
+        let rate = p.recent_link_rate(now, span).expect("250 ms seen");
+        assert!((rate - 2_500_000.0).abs() < 110_000.0, "{rate}");
+        // Too little seen: no answer.
+        assert_eq!(
+            p.recent_link_rate(t0 + Duration::from_millis(200), span),
+            None
+        );
+        // Data stopped: no answer (the rate says nothing of the link now).
+        assert_eq!(p.recent_link_rate(now + span, span), None);
     }
 
     #[test]
