@@ -61,55 +61,24 @@ fn skips_locally(current: u64, offset: u64, ready: u64, read_ahead: u64) -> bool
     offset >= current && offset - current <= ready.max(read_ahead.min(LOCAL_SKIP_LIMIT))
 }
 
-/// The most recent bytes handed out, as one contiguous range of the file:
-/// the chunks themselves, shared with the buffers that went downstream, so
-/// keeping them costs no copy.
+/// One contiguous range of the file, as the chunks handed out.
 #[derive(Debug, Default)]
-pub struct RecentBytes {
+struct Segment {
     start: u64,
     chunks: std::collections::VecDeque<Bytes>,
     len: usize,
-    limit: usize,
 }
 
-impl RecentBytes {
-    pub fn new(limit: usize) -> Self {
-        RecentBytes {
-            start: 0,
-            chunks: Default::default(),
-            len: 0,
-            limit,
-        }
-    }
-
-    pub fn end(&self) -> u64 {
+impl Segment {
+    fn end(&self) -> u64 {
         self.start + self.len as u64
     }
 
-    /// Records `data` handed out at `offset`; a gap starts a new range.
-    /// Whole chunks are dropped from the front while the rest still holds
-    /// `limit` bytes.
-    pub fn push(&mut self, offset: u64, data: Bytes) {
-        if offset != self.end() {
-            self.chunks.clear();
-            self.len = 0;
-            self.start = offset;
-        }
-        self.len += data.len();
-        self.chunks.push_back(data);
-        while let Some(front) = self.chunks.front() {
-            if self.len - front.len() < self.limit {
-                break;
-            }
-            self.start += front.len() as u64;
-            self.len -= front.len();
-            self.chunks.pop_front();
-        }
+    fn contains(&self, offset: u64) -> bool {
+        offset >= self.start && offset < self.end()
     }
 
-    /// Appends to `out` what is held of `[offset, offset + len)`, from
-    /// `offset` on; returns how many bytes that was.
-    pub fn copy_into(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> usize {
+    fn copy_into(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> usize {
         if !self.contains(offset) {
             return 0;
         }
@@ -131,9 +100,73 @@ impl RecentBytes {
         }
         out.len() - before
     }
+}
+
+/// The most recent bytes handed out: the current contiguous range of the
+/// file and the one before the last jump, as the chunks themselves, shared
+/// with the buffers that went downstream, so keeping them costs no copy.
+/// The range before the jump serves the demuxer that looks somewhere else
+/// and comes back (matroskademux reads a cluster in the middle of the file
+/// and then plays from the first one).
+#[derive(Debug, Default)]
+pub struct RecentBytes {
+    current: Segment,
+    previous: Segment,
+    limit: usize,
+}
+
+impl RecentBytes {
+    pub fn new(limit: usize) -> Self {
+        RecentBytes {
+            limit,
+            ..Default::default()
+        }
+    }
+
+    pub fn end(&self) -> u64 {
+        self.current.end()
+    }
+
+    /// Records `data` handed out at `offset`; a gap starts a new range and
+    /// the current one becomes the previous. Whole chunks are dropped from
+    /// the front while the rest still holds `limit` bytes.
+    pub fn push(&mut self, offset: u64, data: Bytes) {
+        if offset != self.current.end() {
+            let old = std::mem::take(&mut self.current);
+            if old.len > 0 {
+                self.previous = old;
+            }
+            self.current.start = offset;
+        }
+        let s = &mut self.current;
+        s.len += data.len();
+        s.chunks.push_back(data);
+        while let Some(front) = s.chunks.front() {
+            if s.len - front.len() < self.limit {
+                break;
+            }
+            s.start += front.len() as u64;
+            s.len -= front.len();
+            s.chunks.pop_front();
+        }
+    }
+
+    /// Appends to `out` what is held of `[offset, offset + len)`, from
+    /// `offset` on; returns how many bytes that was.
+    pub fn copy_into(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> usize {
+        if self.current.contains(offset) {
+            return self.current.copy_into(offset, len, out);
+        }
+        let n = self.previous.copy_into(offset, len, out);
+        // The previous range may run into the current one.
+        if n > 0 && n < len && self.current.contains(offset + n as u64) {
+            return n + self.current.copy_into(offset + n as u64, len - n, out);
+        }
+        n
+    }
 
     pub fn contains(&self, offset: u64) -> bool {
-        offset >= self.start && offset < self.end()
+        self.current.contains(offset) || self.previous.contains(offset)
     }
 }
 
@@ -1195,10 +1228,26 @@ impl BlockingClient {
             return self.consume(current, offset, timeout);
         }
         let path = path.ok_or_else(|| WaitError::Protocol("no file is open".into()))?;
+        self.keep_what_arrived();
         let start = offset.saturating_sub(SEEK_BACK_MARGIN);
         self.open(&path, start, timeout)?;
         // The margin goes to the recent bytes, for the jump back.
         self.consume(start, offset, timeout)
+    }
+
+    /// Before a jump drops the transfer, what already arrived in order
+    /// goes to the recent bytes (up to their limit), so a jump back to
+    /// just after where the stream was is served locally.
+    fn keep_what_arrived(&self) {
+        let mut inner = lock(&self.shared);
+        let mut kept = 0;
+        while kept < HISTORY_BYTES {
+            let Some((offset, chunk)) = inner.conn.salvage(HISTORY_BYTES - kept) else {
+                break;
+            };
+            kept += chunk.len();
+            inner.history.push(offset, Bytes::from(chunk));
+        }
     }
 
     /// Reads the stream from `from` up to `to` as it arrives; the bytes stay
@@ -1298,8 +1347,22 @@ mod tests {
         assert_eq!(out, vec![9, 10, 11]);
         out.clear();
         assert_eq!(h.copy_into(101, 4, &mut out), 0);
-        // A gap starts over.
+        // A gap starts a new range; the last one is kept too, and one
+        // range before that is forgotten.
         h.push(200, Bytes::from_static(&[42]));
-        assert!(!h.contains(110) && h.contains(200));
+        assert!(h.contains(110) && h.contains(200));
+        out.clear();
+        assert_eq!(h.copy_into(116, 5, &mut out), 2);
+        h.push(300, Bytes::from_static(&[43]));
+        assert!(!h.contains(110) && h.contains(200) && h.contains(300));
+        // A previous range that runs into the current one reads on.
+        let mut h = RecentBytes::new(100);
+        h.push(10, Bytes::from_static(&[1, 2, 3]));
+        h.push(13, Bytes::from_static(&[4]));
+        h.push(5, Bytes::from_static(&[9, 9, 9, 9, 9]));
+        h.push(10, Bytes::from_static(&[1, 2]));
+        out.clear();
+        assert_eq!(h.copy_into(12, 10, &mut out), 2);
+        assert_eq!(out, vec![3, 4]);
     }
 }

@@ -657,6 +657,20 @@ impl ClientConnection {
         Some(chunk)
     }
 
+    /// What arrived in order at the read offset, taken out without counting
+    /// as the player's consumption: the transfer is about to be replaced
+    /// by a jump, and the caller keeps these bytes in case the demuxer
+    /// comes back. Returns the chunk's offset too.
+    pub fn salvage(&mut self, max: usize) -> Option<(u64, Vec<u8>)> {
+        let t = self.transfer.as_mut()?;
+        if t.kind != TransferKind::File {
+            return None;
+        }
+        let offset = t.receiver.read_offset();
+        let chunk = t.receiver.read(max)?;
+        Some((offset, chunk))
+    }
+
     /// Sends the window at once when it moved enough to matter: an eighth of
     /// the read-ahead, or anything at all when the sender is already at the
     /// old limit and so is waiting for us.
