@@ -113,6 +113,34 @@ fn uri_property_follows_host_port_and_file() {
 }
 
 #[test]
+fn mp4_and_matroska_are_offered_in_push_mode_only_ts_in_both() {
+    init();
+    let clips = clips();
+    let server = Server::start(&clips.dir, &[]);
+    for (file, pull) in [
+        ("movie.mp4", false),
+        ("movie.mkv", false),
+        ("movie.webm", false),
+        ("movie.ts", true),
+    ] {
+        let src = common::source(server.port, file);
+        let pipeline = gst::Pipeline::new();
+        let sink = gst::ElementFactory::make("fakesink")
+            .build()
+            .expect("fakesink");
+        pipeline.add_many([&src, &sink]).expect("add");
+        src.link(&sink).expect("link");
+        pipeline.set_state(gst::State::Paused).expect("paused");
+        settle(pipeline.upcast_ref());
+        let mut q = gst::query::Scheduling::new();
+        assert!(src.static_pad("src").expect("pad").query(&mut q));
+        assert!(q.has_scheduling_mode(gst::PadMode::Push), "{file}");
+        assert_eq!(q.has_scheduling_mode(gst::PadMode::Pull), pull, "{file}");
+        pipeline.set_state(gst::State::Null).expect("null");
+    }
+}
+
+#[test]
 fn source_answers_size_seeking_and_scheduling_queries() {
     init();
     let clips = clips();

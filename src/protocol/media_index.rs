@@ -74,6 +74,16 @@ pub fn locate_index(size: u64, read: &mut ReadAt) -> Option<MediaIndex> {
         .then_some(MediaIndex { range, head })
 }
 
+/// Whether a file starting with `head` is best demuxed in push mode: MP4
+/// and Matroska demuxers seek by their index there as exactly as in pull
+/// mode, and read less doing it (in pull mode qtdemux's first seek reads
+/// about 1.2 MB, and matroskademux probes the middle of the file before
+/// its first frame, each a round trip to the server). MPEG-TS and the
+/// rest keep pull mode, where tsdemux seeks exactly instead of estimating.
+pub fn prefers_push_mode(head: &[u8]) -> bool {
+    head.len() >= 8 && (head[..4] == EBML_MAGIC || is_mp4_box_type(&head[4..8]))
+}
+
 fn is_mp4_box_type(t: &[u8]) -> bool {
     matches!(
         t,
@@ -241,6 +251,15 @@ fn cues_position(seek_head: &[u8]) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn mp4_and_matroska_prefer_push_mode_ts_does_not() {
+        assert!(prefers_push_mode(b"\0\0\0\x20ftypisom"));
+        assert!(prefers_push_mode(&[0x1A, 0x45, 0xDF, 0xA3, 1, 0, 0, 0]));
+        assert!(!prefers_push_mode(&[0x47, 0x40, 0x11, 0x10, 0, 0, 0, 0]));
+        assert!(!prefers_push_mode(b"\0\0"));
+    }
+
     use super::*;
 
     fn reader(file: &[u8]) -> impl FnMut(u64, &mut [u8]) -> usize + '_ {

@@ -20,6 +20,7 @@ use crate::location::{self, DEFAULT_PORT, Location};
 use crate::protocol::buffering::{BufferingCause, BufferingLevel, UNDERRUN_HOLD};
 use crate::protocol::client::ClientConfig;
 use crate::protocol::crypto::Psk;
+use crate::protocol::media_index;
 use crate::protocol::read_ahead::{
     DEFAULT_MAX_READ_AHEAD, DEFAULT_MIN_READ_AHEAD, DEFAULT_TARGET_TIME, ReadAhead,
 };
@@ -208,6 +209,9 @@ pub struct UdpVidSrc {
     /// cleared by the monitor once the buffer is full enough.
     buffering: Arc<AtomicU8>,
     last_buffering_percent: Arc<Mutex<Option<i32>>>,
+    /// Whether the open file is offered in push mode only (decided from
+    /// its first bytes, once per start).
+    push_only: Mutex<Option<bool>>,
 }
 
 impl Default for UdpVidSrc {
@@ -218,6 +222,7 @@ impl Default for UdpVidSrc {
             playback: Arc::default(),
             buffering: Arc::new(AtomicU8::new(NOT_BUFFERING)),
             last_buffering_percent: Arc::new(Mutex::new(None)),
+            push_only: Mutex::new(None),
         }
     }
 }
@@ -698,6 +703,30 @@ impl UdpVidSrc {
         gst::FlowError::Error
     }
 
+    /// Whether to offer push mode only, from the open file's first bytes
+    /// (asked once per start; any failure keeps both modes).
+    fn push_only(&self) -> bool {
+        let mut decided = lock(&self.push_only);
+        if let Some(d) = *decided {
+            return d;
+        }
+        let client = match &*self.state() {
+            State::Started { client, .. } => client.clone(),
+            State::Stopped => return false,
+        };
+        let timeout = self.settings().timeout();
+        match client.read_at(0, 8, timeout) {
+            Ok(head) => {
+                let push = media_index::prefers_push_mode(&head);
+                gst::debug!(CAT, imp = self, "scheduling: push only = {push}");
+                *decided = Some(push);
+                push
+            }
+            // Flushing or failing: both modes this time, ask again later.
+            Err(_) => false,
+        }
+    }
+
     fn set_location(&self, location: Location) {
         let mut settings = self.settings();
         // One server keeps host and port apart, as they were set; a list
@@ -979,6 +1008,7 @@ impl BaseSrcImpl for UdpVidSrc {
             )
         })?;
         *lock(&self.last_buffering_percent) = None;
+        *lock(&self.push_only) = None;
         // What was learnt of an earlier file's playback does not apply.
         self.playback.media_rate.store(0, Ordering::Release);
         self.playback.held.store(u64::MAX, Ordering::Release);
@@ -1059,8 +1089,16 @@ impl BaseSrcImpl for UdpVidSrc {
             // Pull mode lets demuxers seek exactly (tsdemux's push-mode
             // seeks only estimate); their small jumps are served from the
             // recent bytes and the read-ahead, larger ones by the server.
+            // MP4 and Matroska do better in push mode (see
+            // `media_index::prefers_push_mode`): at 80 ms RTT the first
+            // seek of an MP4 took 633 ms in pull mode and 154 in push, a
+            // Matroska file's first frame 908 and 713 ms.
             q.set(gst::SchedulingFlags::SEEKABLE, 1, -1, 0);
-            q.add_scheduling_modes([gst::PadMode::Push, gst::PadMode::Pull]);
+            if self.push_only() {
+                q.add_scheduling_modes([gst::PadMode::Push]);
+            } else {
+                q.add_scheduling_modes([gst::PadMode::Push, gst::PadMode::Pull]);
+            }
             return true;
         }
         BaseSrcImplExt::parent_query(self, query)
