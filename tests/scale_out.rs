@@ -312,6 +312,40 @@ fn a_first_server_that_never_answers_is_skipped_quickly() {
 }
 
 #[test]
+fn a_list_mixing_ipv6_and_ipv4_plays_from_the_one_that_answers() {
+    let clips = common::clips();
+    let server = Server::start(&clips.dir, &[]);
+    // Nothing listens on [::1] at this port (or IPv6 is off): the one
+    // dual-stack socket must still reach the IPv4 server, and report it
+    // in its plain form.
+    let dead = free_tcp_port();
+    let out = temp_out("mixed");
+    let pipeline = gst::parse::launch(&format!(
+        "udpvidsrc name=src uri=udpvid://[::1]:{dead},127.0.0.1:{}/movie.mkv timeout=10 \
+         ! filesink location={}",
+        server.port,
+        out.display()
+    ))
+    .expect("pipeline");
+    let src = pipeline
+        .clone()
+        .downcast::<gst::Bin>()
+        .expect("bin")
+        .by_name("src")
+        .expect("src");
+    let bus = pipeline.bus().expect("bus");
+    pipeline.set_state(gst::State::Playing).expect("playing");
+    let outcome = common::wait_bus(&bus, Duration::from_secs(30));
+    let stats = Some(src.property::<gst::Structure>("stats"));
+    pipeline.set_state(gst::State::Null).expect("null");
+    assert_eq!(outcome, Some(common::Outcome::Eos));
+    assert_eq!(sha256_file(&out), sha256_file(&clips.dir.join("movie.mkv")));
+    assert_eq!(stat_server(&stats), format!("127.0.0.1:{}", server.port));
+    assert_eq!(stat_u64(&stats, "failovers"), 1);
+    let _ = std::fs::remove_file(out);
+}
+
+#[test]
 fn a_busy_first_server_is_skipped_at_once() {
     let dir = library();
     let busy = Server::start(&dir, &["--max-sessions", "1"]);
