@@ -373,6 +373,7 @@ async fn serve(
         counters
             .retransmissions
             .store(endpoint.packets_lost(), Ordering::Relaxed);
+        counters.wakeups.fetch_add(1, Ordering::Relaxed);
         let wake = endpoint
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));

@@ -34,6 +34,8 @@ pub struct LoopCounters {
     pub bytes_sent: AtomicU64,
     pub retransmissions: AtomicU64,
     pub transfers: AtomicU64,
+    /// Times the serve loop woke (a datagram batch, a timer, a store fetch).
+    pub wakeups: AtomicU64,
     /// Errors by kind, as the log names them.
     pub errors: Mutex<Vec<(&'static str, u64)>>,
 }
@@ -57,6 +59,8 @@ struct Exported {
     bytes_sent: Counter,
     retransmissions: Counter,
     transfers: Counter,
+    wakeups: Counter,
+    resident_bytes: Gauge,
     store_gets: Counter,
     store_bytes: Counter,
     cache_hits: Counter,
@@ -82,6 +86,8 @@ impl Metrics {
         let bytes_sent = Counter::default();
         let retransmissions = Counter::default();
         let transfers = Counter::default();
+        let wakeups = Counter::default();
+        let resident_bytes = Gauge::default();
         let store_gets = Counter::default();
         let store_bytes = Counter::default();
         let cache_hits = Counter::default();
@@ -111,6 +117,16 @@ impl Metrics {
             "transfers",
             "Files and catalogs opened (a seek opens again)",
             transfers.clone(),
+        );
+        registry.register(
+            "wakeups",
+            "Times the serve loop woke: divide by time for wake-ups per second",
+            wakeups.clone(),
+        );
+        registry.register(
+            "resident_bytes",
+            "Resident memory of the server process: divide by sessions for memory per session",
+            resident_bytes.clone(),
         );
         registry.register(
             "store_gets",
@@ -163,6 +179,8 @@ impl Metrics {
                 bytes_sent,
                 retransmissions,
                 transfers,
+                wakeups,
+                resident_bytes,
                 store_gets,
                 store_bytes,
                 cache_hits,
@@ -194,6 +212,8 @@ impl Metrics {
         e.transfers
             .inner()
             .store(load(&c.transfers), Ordering::Relaxed);
+        e.wakeups.inner().store(load(&c.wakeups), Ordering::Relaxed);
+        e.resident_bytes.set(resident_bytes() as i64);
         let mut errors: Vec<(&str, u64)> =
             c.errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(s) = &self.store {
@@ -259,6 +279,17 @@ impl Metrics {
     }
 }
 
+/// The process's resident set, from /proc (0 where there is none).
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
 async fn answer(mut stream: tokio::net::TcpStream, metrics: &Metrics) -> std::io::Result<()> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
@@ -322,10 +353,16 @@ mod tests {
         m.counters.bytes_sent.store(99, Ordering::Relaxed);
         m.counters.error("open_not_found");
         let page = m.render();
+        let resident = page
+            .lines()
+            .find_map(|l| l.strip_prefix("udpvid_resident_bytes "))
+            .and_then(|v| v.parse::<u64>().ok());
+        assert!(resident.is_some_and(|v| v > 1 << 20), "{page}");
         for line in [
             "udpvid_sessions 3",
             "udpvid_bytes_sent_total 99",
             "udpvid_store_bytes_read_total 1234",
+            "udpvid_wakeups_total 0",
             "udpvid_errors_total{kind=\"open_not_found\"} 1",
             "udpvid_errors_total{kind=\"store_changed\"} 2",
             "# EOF",
