@@ -612,6 +612,35 @@ fn playbin(uri: &str, peer: Peer) -> (gst::Element, FirstSeen, FirstSeen) {
     (pipeline, first_byte, first_frame)
 }
 
+/// What a bus message did to an application that pauses on buffering
+/// below 100 % and resumes at 100 %, as playbin applications do.
+enum AppStep {
+    Continue,
+    BufferingBegan,
+    /// EOS, or the error that ended playback.
+    End(Option<String>),
+}
+
+/// Handles `msg` as such an application: changes the pipeline's state on
+/// buffering, and says whether playback ended.
+fn application_step(pipeline: &gst::Element, msg: &gst::Message, buffering: &mut bool) -> AppStep {
+    match msg.view() {
+        gst::MessageView::Eos(_) => AppStep::End(None),
+        gst::MessageView::Error(e) => AppStep::End(Some(e.error().to_string())),
+        gst::MessageView::Buffering(b) if b.percent() < 100 && !*buffering => {
+            *buffering = true;
+            let _ = pipeline.set_state(gst::State::Paused);
+            AppStep::BufferingBegan
+        }
+        gst::MessageView::Buffering(b) if b.percent() >= 100 && *buffering => {
+            *buffering = false;
+            let _ = pipeline.set_state(gst::State::Playing);
+            AppStep::Continue
+        }
+        _ => AppStep::Continue,
+    }
+}
+
 fn play(uri: &str, peer: Peer, stop_at: Duration, pause: Option<Duration>) -> Playback {
     let (pipeline, first_byte, first_frame) = playbin(uri, peer);
     let bus = pipeline.bus().expect("bus");
@@ -639,22 +668,9 @@ fn play(uri: &str, peer: Peer, stop_at: Duration, pause: Option<Duration>) -> Pl
             break;
         }
         if let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(20)) {
-            match msg.view() {
-                gst::MessageView::Eos(_) => break,
-                gst::MessageView::Error(e) => {
-                    result.error = Some(e.error().to_string());
-                    break;
-                }
-                gst::MessageView::Buffering(b) => {
-                    if b.percent() < 100 && !buffering {
-                        buffering = true;
-                        let _ = pipeline.set_state(gst::State::Paused);
-                    } else if b.percent() >= 100 && buffering {
-                        buffering = false;
-                        let _ = pipeline.set_state(gst::State::Playing);
-                    }
-                }
-                _ => {}
+            if let AppStep::End(error) = application_step(&pipeline, &msg, &mut buffering) {
+                result.error = error;
+                break;
             }
         }
         let pos = pipeline
@@ -1077,24 +1093,12 @@ fn failover_viewing(
     let mut buffering = false;
     while started.elapsed() < stop_at * 3 {
         if let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(20)) {
-            match msg.view() {
-                gst::MessageView::Eos(_) => break,
-                gst::MessageView::Error(e) => {
-                    error = Some(e.error().to_string());
+            match application_step(&pipeline, &msg, &mut buffering) {
+                AppStep::End(e) => {
+                    error = e;
                     break;
                 }
-                gst::MessageView::Buffering(b) => {
-                    if b.percent() < 100 && !buffering {
-                        buffering = true;
-                        if kill.is_none() {
-                            stalls += 1;
-                        }
-                        let _ = pipeline.set_state(gst::State::Paused);
-                    } else if b.percent() >= 100 && buffering {
-                        buffering = false;
-                        let _ = pipeline.set_state(gst::State::Playing);
-                    }
-                }
+                AppStep::BufferingBegan if kill.is_none() => stalls += 1,
                 _ => {}
             }
         }
@@ -1146,7 +1150,7 @@ fn scale_out(out: &mut String, env: &Env) {
     );
     let _ = writeln!(out, "|---|---|---|---|---|");
     let dir_uri = format!("udpvid://127.0.0.1:{}/bench.mp4", env.udpvid_port);
-    let (store, store_port, store_metrics) = start_store_server(moto_port, "s3://bench");
+    let (store, store_port, _) = start_store_server(moto_port, "s3://bench");
     let store_uri = format!("udpvid://127.0.0.1:{store_port}/bench.mp4");
     for (library, what, uri, pid) in [
         ("--dir", "page cache warm", &dir_uri, env.udpvid_pid.clone()),
@@ -1173,8 +1177,7 @@ fn scale_out(out: &mut String, env: &Env) {
     let _ = writeln!(out);
 
     // Ten concurrent pulls of one object on a fresh server (cold cache).
-    let (store, store_port, store_metrics2) = start_store_server(moto_port, "s3://bench");
-    let _ = store_metrics;
+    let (store, store_port, store_metrics) = start_store_server(moto_port, "s3://bench");
     let uri = format!("udpvid://127.0.0.1:{store_port}/bench.mp4");
     let pid = store.pid();
     let viewers: Vec<_> = (0..10)
@@ -1191,8 +1194,8 @@ fn scale_out(out: &mut String, env: &Env) {
             _ => failed += 1,
         }
     }
-    let read = scrape_metric(store_metrics2, "udpvid_store_bytes_read_total").unwrap_or(0);
-    let gets = scrape_metric(store_metrics2, "udpvid_store_gets_total").unwrap_or(0);
+    let read = scrape_metric(store_metrics, "udpvid_store_bytes_read_total").unwrap_or(0);
+    let gets = scrape_metric(store_metrics, "udpvid_store_gets_total").unwrap_or(0);
     drop(store);
     let _ = writeln!(
         out,
@@ -1229,10 +1232,7 @@ fn scale_out(out: &mut String, env: &Env) {
     let _ = writeln!(out, "|---|---|---|---|---|");
     for library in ["--dir", "--store"] {
         let start = || match library {
-            "--dir" => {
-                let (p, port) = start_udpvid_server(&env.clips);
-                (p, port)
-            }
+            "--dir" => start_udpvid_server(&env.clips),
             _ => {
                 let (p, port, _) = start_store_server(moto_port, "s3://bench");
                 (p, port)
@@ -1247,9 +1247,9 @@ fn scale_out(out: &mut String, env: &Env) {
             Duration::from_secs(5),
             Duration::from_secs(15),
             || {
-                if let Some(p) = first.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                    let mut child = p;
-                    let _ = child.0.kill();
+                // SIGKILL: a server that dies, not one that says goodbye.
+                if let Some(mut p) = first.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    let _ = p.0.kill();
                 }
             },
         );

@@ -204,12 +204,13 @@ fn stat_server(stats: &Option<gst::Structure>) -> String {
         .unwrap_or_default()
 }
 
-/// Two servers over one folder; the first one goes away three seconds
-/// into playback, killed (silence) or shut down (it says so).
-fn viewer_moves_on_when_the_first_server(goes: fn(&mut Server)) {
+/// Two servers over one library, made by `start`; the first one goes
+/// away three seconds into playback, killed (silence) or shut down (it
+/// says so).
+fn viewer_moves_on_when_the_first_server(start: impl Fn() -> Server, goes: fn(&mut Server)) {
     let dir = library();
-    let mut first = Server::start(&dir, &[]);
-    let second = Server::start(&dir, &[]);
+    let mut first = start();
+    let second = start();
     let uri = format!(
         "udpvid://127.0.0.1:{},127.0.0.1:{}/long.mkv",
         first.port, second.port
@@ -254,12 +255,14 @@ fn viewer_moves_on_when_the_first_server(goes: fn(&mut Server)) {
 
 #[test]
 fn a_real_time_viewer_continues_on_the_next_server_when_one_is_killed() {
-    viewer_moves_on_when_the_first_server(Server::kill);
+    let dir = library();
+    viewer_moves_on_when_the_first_server(|| Server::start(&dir, &[]), Server::kill);
 }
 
 #[test]
 fn a_real_time_viewer_continues_on_the_next_server_when_one_shuts_down() {
-    viewer_moves_on_when_the_first_server(Server::terminate);
+    let dir = library();
+    viewer_moves_on_when_the_first_server(|| Server::start(&dir, &[]), Server::terminate);
 }
 
 #[test]
@@ -565,6 +568,16 @@ fn free_tcp_port() -> u16 {
         .port()
 }
 
+/// A server of `url` in `s3` with its metrics page; returns it and the
+/// page's port.
+fn store_with_metrics(s3: &S3, url: &str, extra: &[&str]) -> (Server, u16) {
+    let metrics_port = free_tcp_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let mut args = vec!["--metrics", metrics.as_str()];
+    args.extend_from_slice(extra);
+    (Server::start_store(url, &s3.env(), &args), metrics_port)
+}
+
 /// The bytes of `file` pulled through `udpvidsrc` as a filesink copy.
 fn pull(port: u16, file: &str, tag: &str) -> Result<Vec<u8>, String> {
     let out = temp_out(tag);
@@ -599,12 +612,7 @@ fn a_bucket_is_served_byte_exact_with_its_listing_as_the_catalog() {
         .map(|(k, p)| (k.as_str(), p.as_path()))
         .collect();
     s3.put("library", &refs);
-    let metrics_port = free_tcp_port();
-    let server = Server::start_store(
-        "s3://library/films",
-        &s3.env(),
-        &["--metrics", &format!("127.0.0.1:{metrics_port}")],
-    );
+    let (server, metrics_port) = store_with_metrics(&s3, "s3://library/films", &[]);
     let client = gstudpvid::blocking_client::BlockingClient::connect(
         "127.0.0.1",
         server.port,
@@ -660,12 +668,7 @@ fn ten_viewers_of_one_object_cost_one_copy_from_the_store() {
     let size = 6u64 << 20;
     noise(&file, size as usize, 2);
     s3.put("library", &[("ten.bin", &file)]);
-    let metrics_port = free_tcp_port();
-    let server = Server::start_store(
-        "s3://library",
-        &s3.env(),
-        &["--metrics", &format!("127.0.0.1:{metrics_port}")],
-    );
+    let (server, metrics_port) = store_with_metrics(&s3, "s3://library", &[]);
     pull_concurrently(server.port, "ten.bin", 10, &sha256_file(&file));
     let page = scrape(metrics_port);
     let read = metric(&page, "udpvid_store_bytes_read_total");
@@ -690,19 +693,11 @@ fn the_block_cache_stays_within_its_cap() {
     let file = temp_out("cap.bin");
     noise(&file, 6 << 20, 6);
     s3.put("library", &[("cap.bin", &file)]);
-    let metrics_port = free_tcp_port();
     // Smaller than the file: blocks are evicted while viewers play.
-    let server = Server::start_store(
+    let (server, metrics_port) = store_with_metrics(
+        &s3,
         "s3://library",
-        &s3.env(),
-        &[
-            "--metrics",
-            &format!("127.0.0.1:{metrics_port}"),
-            "--cache-mb",
-            "2",
-            "--block-kb",
-            "256",
-        ],
+        &["--cache-mb", "2", "--block-kb", "256"],
     );
     pull_concurrently(server.port, "cap.bin", 3, &sha256_file(&file));
     let page = scrape(metrics_port);
@@ -729,13 +724,10 @@ fn the_cache_folder_serves_what_memory_evicted_and_survives_a_restart() {
     let _ = std::fs::remove_dir_all(&cache_dir);
     let expected = sha256_file(&file);
     let start = || {
-        let metrics_port = free_tcp_port();
-        let server = Server::start_store(
+        store_with_metrics(
+            &s3,
             "s3://library",
-            &s3.env(),
             &[
-                "--metrics",
-                &format!("127.0.0.1:{metrics_port}"),
                 "--cache-mb",
                 "2",
                 "--block-kb",
@@ -745,8 +737,7 @@ fn the_cache_folder_serves_what_memory_evicted_and_survives_a_restart() {
                 "--cache-dir-mb",
                 "16",
             ],
-        );
-        (server, metrics_port)
+        )
     };
     // Memory holds a third of the file; the folder holds all of it.
     let (server, metrics_port) = start();
@@ -872,33 +863,9 @@ fn two_servers_over_one_bucket_a_real_time_viewer_survives_one_dying() {
     let dir = library();
     let s3 = S3::start();
     s3.put("library", &[("long.mkv", &dir.join("long.mkv"))]);
-    let mut first = Server::start_store("s3://library", &s3.env(), &[]);
-    let second = Server::start_store("s3://library", &s3.env(), &[]);
-    let uri = format!(
-        "udpvid://127.0.0.1:{},127.0.0.1:{}/long.mkv",
-        first.port, second.port
-    );
-    let copy = SparseCopy::default();
-    let mut gone = false;
-    let seen = watch(&uri, &copy, |played| {
-        if !gone && played.is_some_and(|p| p > Duration::from_secs(3)) {
-            gone = true;
-            first.kill();
-        }
-    });
-    assert!(gone);
-    if let Err(e) = &seen.result {
-        panic!("{e}");
-    }
-    let file = std::fs::read(dir.join("long.mkv")).expect("read clip");
-    if let Err(e) = copy.matches(&file) {
-        panic!("{e}");
-    }
-    assert_eq!(stat_u64(&seen.stats, "failovers"), 1);
-    assert_eq!(seen.stalls, 0, "the viewer saw rebuffering");
-    assert!(
-        seen.longest_gap < Duration::from_millis(500),
-        "a {:?} freeze between two frames",
-        seen.longest_gap
+    let env = s3.env();
+    viewer_moves_on_when_the_first_server(
+        || Server::start_store("s3://library", &env, &[]),
+        Server::kill,
     );
 }
