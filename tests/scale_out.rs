@@ -544,6 +544,16 @@ fn noise(path: &Path, len: usize, seed: u32) {
     std::fs::write(path, bytes).expect("write");
 }
 
+/// A moto server whose bucket "library" holds `key`: `size` bytes of
+/// noise, also kept in a local file (returned) to compare with.
+fn bucket_with_noise(key: &str, size: u64, seed: u32) -> (S3, PathBuf) {
+    let s3 = S3::start();
+    let file = temp_out(key);
+    noise(&file, size as usize, seed);
+    s3.put("library", &[(key, &file)]);
+    (s3, file)
+}
+
 /// The server's /metrics page.
 fn scrape(port: u16) -> String {
     use std::io::{Read, Write};
@@ -663,11 +673,8 @@ fn pull_concurrently(port: u16, name: &'static str, n: usize, expected: &str) {
 #[test]
 fn ten_viewers_of_one_object_cost_one_copy_from_the_store() {
     init();
-    let s3 = S3::start();
-    let file = temp_out("ten.bin");
     let size = 6u64 << 20;
-    noise(&file, size as usize, 2);
-    s3.put("library", &[("ten.bin", &file)]);
+    let (s3, file) = bucket_with_noise("ten.bin", size, 2);
     let (server, metrics_port) = store_with_metrics(&s3, "s3://library", &[]);
     pull_concurrently(server.port, "ten.bin", 10, &sha256_file(&file));
     let page = scrape(metrics_port);
@@ -689,10 +696,7 @@ fn ten_viewers_of_one_object_cost_one_copy_from_the_store() {
 #[test]
 fn the_block_cache_stays_within_its_cap() {
     init();
-    let s3 = S3::start();
-    let file = temp_out("cap.bin");
-    noise(&file, 6 << 20, 6);
-    s3.put("library", &[("cap.bin", &file)]);
+    let (s3, file) = bucket_with_noise("cap.bin", 6 << 20, 6);
     // Smaller than the file: blocks are evicted while viewers play.
     let (server, metrics_port) = store_with_metrics(
         &s3,
@@ -715,11 +719,8 @@ fn the_block_cache_stays_within_its_cap() {
 #[test]
 fn the_cache_folder_serves_what_memory_evicted_and_survives_a_restart() {
     init();
-    let s3 = S3::start();
-    let file = temp_out("disk.bin");
     let size = 6u64 << 20;
-    noise(&file, size as usize, 7);
-    s3.put("library", &[("disk.bin", &file)]);
+    let (s3, file) = bucket_with_noise("disk.bin", size, 7);
     let cache_dir = temp_out("cache-dir");
     let _ = std::fs::remove_dir_all(&cache_dir);
     let expected = sha256_file(&file);
@@ -822,10 +823,7 @@ fn an_object_replaced_mid_stream_is_a_clear_error_and_nothing_is_spliced() {
 #[test]
 fn a_store_that_goes_down_is_a_clear_error() {
     init();
-    let mut s3 = S3::start();
-    let file = temp_out("down.bin");
-    noise(&file, 2 << 20, 5);
-    s3.put("library", &[("down.bin", &file)]);
+    let (mut s3, file) = bucket_with_noise("down.bin", 2 << 20, 5);
     let server = Server::start_store("s3://library", &s3.env(), &[]);
     s3.kill();
     // Listed before the store went down, so the open succeeds; the first
