@@ -9,7 +9,9 @@
 //!
 //! "down" is server → client, "up" is client → server; options without a
 //! direction apply to both. Each client address gets its own upstream
-//! socket, so several clients can share one proxy. The first line on stdout
+//! socket, so several clients can share one proxy; `--rebind-every`
+//! replaces it (a new source port, the old one closed) as a NAT that
+//! forgets its mappings does. The first line on stdout
 //! is `impair listening on ADDR`; on exit (Ctrl-C, SIGTERM or `--duration`)
 //! it prints what it did per direction, and every `--report` seconds too.
 
@@ -32,6 +34,7 @@ struct Options {
     down: ImpairmentConfig,
     duration: Option<Duration>,
     report: Option<Duration>,
+    rebind_every: Option<Duration>,
 }
 
 const USAGE: &str = "usage: impair --upstream HOST:PORT [--listen ADDR:PORT] [--seed N]
@@ -40,6 +43,7 @@ const USAGE: &str = "usage: impair --upstream HOST:PORT [--listen ADDR:PORT] [--
   [--delay-ms MS] [--up-delay-ms ..] [--down-delay-ms ..]  one-way delay
   [--jitter-ms MS] [--reorder P] [--reorder-ms MS] [--duplicate P]   (also with up-/down- prefixes)
   [--rate-mbit R] [--queue-kb KB]                      bottleneck rate and queue (also with up-/down-)
+  [--rebind-every SECONDS]   each client's upstream port changes this often (a NAT rebinding)
   [--duration SECONDS] [--report SECONDS]";
 
 fn parse_args() -> Result<Options, String> {
@@ -55,6 +59,7 @@ fn parse_args() -> Result<Options, String> {
         down: ImpairmentConfig::default(),
         duration: None,
         report: None,
+        rebind_every: None,
     };
     opts.down = opts.up.clone();
     let mut args = std::env::args().skip(1);
@@ -87,6 +92,7 @@ fn parse_args() -> Result<Options, String> {
             "seed" => opts.seed = value.parse().map_err(|_| "--seed: not a number")?,
             "duration" => opts.duration = Some(Duration::from_secs_f64(num(&value)?)),
             "report" => opts.report = Some(Duration::from_secs_f64(num(&value)?)),
+            "rebind-every" => opts.rebind_every = Some(Duration::from_secs_f64(num(&value)?)),
             _ => {
                 for &up in dirs {
                     let c = if up { &mut opts.up } else { &mut opts.down };
@@ -234,7 +240,10 @@ async fn run(opts: Options) -> Result<(), String> {
         seq: Mutex::new(0),
         tx,
     });
-    let mut clients: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+    /// Per client: its upstream socket, when it was bound, and the task
+    /// carrying the server's answers back.
+    type Upstream = (Arc<UdpSocket>, Instant, tokio::task::JoinHandle<()>);
+    let mut clients: HashMap<SocketAddr, Upstream> = HashMap::new();
     let mut buf = vec![0u8; 65536];
     let started = Instant::now();
     let deadline = opts.duration.map(|d| started + d);
@@ -246,22 +255,32 @@ async fn run(opts: Options) -> Result<(), String> {
         tokio::select! {
             r = front.recv_from(&mut buf) => {
                 let Ok((n, client)) = r else { continue };
+                let stale = clients.get(&client).is_some_and(|(_, bound, _)| {
+                    opts.rebind_every.is_some_and(|every| bound.elapsed() >= every)
+                });
+                if stale {
+                    if let Some((_, _, answers)) = clients.remove(&client) {
+                        // The old mapping is gone: what the server still
+                        // sends there is lost, as behind a real NAT.
+                        answers.abort();
+                    }
+                }
                 let back = match clients.get(&client) {
-                    Some(s) => s.clone(),
+                    Some((s, _, _)) => s.clone(),
                     None => {
                         let bind: SocketAddr = if opts.upstream.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
                             .parse()
                             .map_err(|e| format!("{e}"))?;
                         let s = Arc::new(UdpSocket::bind(bind).await.map_err(|e| e.to_string())?);
-                        clients.insert(client, s.clone());
                         // Server → client for this client.
                         let (s2, front2, down2) = (s.clone(), front.clone(), down.clone());
-                        tokio::spawn(async move {
+                        let answers = tokio::spawn(async move {
                             let mut buf = vec![0u8; 65536];
                             while let Ok((n, _)) = s2.recv_from(&mut buf).await {
                                 down2.forward(&buf[..n], client, &front2);
                             }
                         });
+                        clients.insert(client, (s.clone(), Instant::now(), answers));
                         s
                     }
                 };

@@ -59,7 +59,12 @@ fn proc_value(pid: u32, file: &str, key: &str) -> Option<u64> {
 }
 
 fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    cpu_seconds_of(&format!("/proc/{pid}/stat"))
+}
+
+/// User and system CPU seconds from a `/proc/…/stat` file.
+fn cpu_seconds_of(path: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(path) else {
         return 0.0;
     };
     let f: Vec<&str> = stat
@@ -227,6 +232,8 @@ fn start_server(dir: &Path) -> (Child, std::path::PathBuf, u16) {
             "2000",
             "--max-sessions-per-address",
             "2000",
+            "--threads",
+            &server_threads(),
         ])
         .env("UDPVID_LOG", "warn")
         .stdout(Stdio::piped())
@@ -254,7 +261,13 @@ fn banner_port(child: &mut Child, word: usize) -> u16 {
 }
 
 /// The server's rows of a table: CPU per GB delivered and wake-ups.
-fn print_server_cost(cpu: f64, gb: f64, wake: u64, elapsed: Duration) {
+fn print_server_cost(cpu: f64, gb: f64, wake: u64, elapsed: Duration, per_thread: &[f64]) {
+    let each: Vec<String> = per_thread.iter().map(|c| format!("{c:.2}")).collect();
+    println!(
+        "| server threads | {} (CPU s each: {}) |",
+        server_threads(),
+        each.join(", ")
+    );
     println!(
         "| server CPU | {cpu:.2} s ({:.2} s per GB) |",
         cpu / gb.max(1e-9)
@@ -265,10 +278,48 @@ fn print_server_cost(cpu: f64, gb: f64, wake: u64, elapsed: Duration) {
     );
 }
 
-/// Context switches of a process so far: its wake-ups.
+/// The threads of a process.
+fn tasks(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Context switches of a process so far, all its threads: its wake-ups.
 fn wakeups(pid: u32) -> u64 {
-    proc_value(pid, "status", "voluntary_ctxt_switches:").unwrap_or(0)
-        + proc_value(pid, "status", "nonvoluntary_ctxt_switches:").unwrap_or(0)
+    tasks(pid)
+        .into_iter()
+        .map(|t| {
+            let file = format!("task/{t}/status");
+            proc_value(pid, &file, "voluntary_ctxt_switches:").unwrap_or(0)
+                + proc_value(pid, &file, "nonvoluntary_ctxt_switches:").unwrap_or(0)
+        })
+        .sum()
+}
+
+/// CPU seconds of each serving thread (named `server` and `serve-N`), so
+/// the table shows whether the load spread over cores.
+fn serving_thread_cpu(pid: u32) -> Vec<(String, f64)> {
+    let mut cpu: Vec<(String, f64)> = tasks(pid)
+        .into_iter()
+        .filter_map(|t| {
+            let name = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/comm")).ok()?;
+            let name = name.trim().to_string();
+            (name == "server" || name.starts_with("serve-"))
+                .then(|| (name, cpu_seconds_of(&format!("/proc/{pid}/task/{t}/stat"))))
+        })
+        .collect();
+    cpu.sort_by(|a, b| a.0.cmp(&b.0));
+    cpu
+}
+
+/// Serving threads the load generator asks the server for
+/// (`LOAD_SERVER_THREADS`, default 1: figures per core).
+fn server_threads() -> String {
+    std::env::var("LOAD_SERVER_THREADS").unwrap_or_else(|_| "1".into())
 }
 
 /// What one real-time viewer saw.
@@ -348,7 +399,7 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
     let (mut server, _, port) = start_server(&dir);
     let pid = server.id();
     let rss0 = proc_value(pid, "status", "VmRSS:").unwrap_or(0);
-    let (cpu0, wake0) = (cpu_seconds(pid), wakeups(pid));
+    let (cpu0, wake0, threads0) = (cpu_seconds(pid), wakeups(pid), serving_thread_cpu(pid));
     let started = Instant::now();
     let handles: Vec<_> = (0..n)
         .map(|i| {
@@ -366,6 +417,15 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
     }
     let elapsed = started.elapsed();
     let (cpu, wake) = (cpu_seconds(pid) - cpu0, wakeups(pid) - wake0);
+    let per_thread: Vec<f64> = serving_thread_cpu(pid)
+        .iter()
+        .map(|(name, c)| {
+            c - threads0
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(0.0, |(_, c0)| *c0)
+        })
+        .collect();
     let reports: Vec<ViewerReport> = handles
         .into_iter()
         .map(|h| h.join().unwrap_or_default())
@@ -392,7 +452,7 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
         bytes as f64 / 1e6,
         elapsed.as_secs_f64()
     );
-    print_server_cost(cpu, gb, wake, elapsed);
+    print_server_cost(cpu, gb, wake, elapsed, &per_thread);
     println!(
         "| server memory | peak RSS {:.1} MiB, {:.0} KiB per session above idle |",
         peak_rss as f64 / 1024.0,
@@ -470,7 +530,7 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
     // "impair listening on 127.0.0.1:PORT, forwarding to ..."
     let proxy_port = banner_port(&mut proxy, 3);
     let pid = server.id();
-    let (cpu0, wake0) = (cpu_seconds(pid), wakeups(pid));
+    let (cpu0, wake0, threads0) = (cpu_seconds(pid), wakeups(pid), serving_thread_cpu(pid));
     let started = Instant::now();
     let handles: Vec<_> = (0..n)
         .map(|_| std::thread::spawn(move || pull(proxy_port, "f.bin", ReadAhead::Fixed(8 << 20))))
@@ -481,6 +541,15 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
         .collect();
     let elapsed = started.elapsed();
     let (cpu, wake) = (cpu_seconds(pid) - cpu0, wakeups(pid) - wake0);
+    let per_thread: Vec<f64> = serving_thread_cpu(pid)
+        .iter()
+        .map(|(name, c)| {
+            c - threads0
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(0.0, |(_, c0)| *c0)
+        })
+        .collect();
     let _ = proxy.kill();
     let _ = proxy.wait();
     let _ = server.kill();
@@ -505,7 +574,7 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
         bytes as f64 * 8.0 / 1e6 / elapsed.as_secs_f64(),
         elapsed.as_secs_f64()
     );
-    print_server_cost(cpu, gb, wake, elapsed);
+    print_server_cost(cpu, gb, wake, elapsed, &per_thread);
     for f in failures.iter().take(10) {
         eprintln!("{f}");
     }

@@ -867,3 +867,77 @@ fn two_servers_over_one_bucket_a_real_time_viewer_survives_one_dying() {
         Server::kill,
     );
 }
+
+#[test]
+fn a_server_on_four_threads_follows_clients_whose_address_changes_and_keeps_one_limit() {
+    init();
+    let dir = library();
+    let expected = sha256_file(&dir.join("long.mkv"));
+    let metrics_port = free_tcp_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let server = Server::start(
+        &dir,
+        &[
+            "--threads",
+            "4",
+            "--metrics",
+            &metrics,
+            "--max-sessions",
+            "4",
+            "--max-sessions-per-address",
+            "4",
+        ],
+    );
+    // Every client's source port changes every 0.4 s, and the kernel then
+    // most likely delivers it to another thread's socket than the one
+    // holding its session (3 chances in 4 each time).
+    let proxy = common::Proxy::start(server.port, &["--rate-mbit", "30", "--rebind-every", "0.4"]);
+    let port = proxy.port;
+    let started = Instant::now();
+    let viewers: Vec<_> = (0..3)
+        .map(|i| std::thread::spawn(move || pull(port, "long.mkv", &format!("rebind-{i}"))))
+        .collect();
+    for v in viewers {
+        let bytes = v.join().expect("viewer").expect("pull through rebinding");
+        assert_eq!(sha256(&bytes), expected);
+    }
+    let page = scrape(metrics_port);
+    let handoffs = metric(&page, "udpvid_handoffs_total");
+    eprintln!(
+        "{handoffs} datagrams handed between threads; pulls took {:?}",
+        started.elapsed()
+    );
+    assert!(handoffs > 0, "no client ever reached another thread");
+    assert!(server.log_text().contains("client address changed"));
+    drop(proxy);
+
+    // The limit is the server's: four sessions on four sockets, however
+    // the kernel spread them, and the fifth is told the server is busy.
+    let open = || {
+        let client = gstudpvid::blocking_client::BlockingClient::connect_and_open(
+            "127.0.0.1",
+            server.port,
+            Default::default(),
+            "long.mkv",
+            0,
+        )
+        .map_err(|e| e.to_string())?;
+        client
+            .open("long.mkv", 0, Duration::from_secs(5))
+            .map_err(|e| format!("{e:?}"))?;
+        Ok::<_, String>(client)
+    };
+    let holders: Vec<_> = (0..4)
+        .map(|i| open().unwrap_or_else(|e| panic!("session {} refused: {e}", i + 1)))
+        .collect();
+    let asked = Instant::now();
+    let fifth = open()
+        .map(|_| ())
+        .expect_err("a fifth session was admitted");
+    eprintln!("fifth refused after {:?}", asked.elapsed());
+    assert!(fifth.contains("busy"), "{fifth}");
+    assert_eq!(metric(&scrape(metrics_port), "udpvid_sessions"), 4);
+    for h in holders {
+        h.close();
+    }
+}

@@ -27,6 +27,7 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tracing::{debug, error, info, warn};
 
+use gstudpvid::protocol::admission::{Admission, Shard, shard_of};
 use gstudpvid::protocol::catalog::CatalogEntry;
 use gstudpvid::protocol::crypto::Psk;
 use gstudpvid::protocol::server::{DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS};
@@ -132,7 +133,15 @@ struct Args {
     /// The name it is announced under (default: "udpvid on HOSTNAME")
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
+    /// Serving threads, each with its own socket on the port (SO_REUSEPORT)
+    /// and its own sessions; 0 means one per core
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    threads: usize,
 }
+
+/// Most serving threads: beyond this the shards' fixed costs (a socket
+/// buffer each) outweigh what another core adds.
+const MAX_THREADS: usize = 64;
 
 fn init_logging(log_file: Option<&PathBuf>) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("UDPVID_LOG")
@@ -214,9 +223,14 @@ fn log_event(event: ServerEvent, counters: &LoopCounters) {
     }
 }
 
-fn bind_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+/// Binds the port; with `reuse_port` every serving thread binds it, and the
+/// kernel spreads clients over them by address (keeping each on one).
+fn bind_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         // `--bind ::` serves IPv4 clients too where the system allows it.
         let _ = socket.set_only_v6(false);
@@ -340,11 +354,32 @@ impl ContentStore for Store {
     }
 }
 
+/// A datagram one serving thread's socket received for a session another
+/// thread holds (the client's address changed, so the kernel's choice of
+/// socket did too).
+type Handoff = (SocketAddr, Vec<u8>);
+
+/// What ties one serving thread to the others.
+struct ShardLink {
+    index: usize,
+    /// Datagrams the other threads received for this one's sessions.
+    inbox: tokio::sync::mpsc::Receiver<Handoff>,
+    /// Every thread's inbox, this one's included, by shard index.
+    peers: Arc<Vec<tokio::sync::mpsc::Sender<Handoff>>>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Told when content fetched from the store arrives.
+    content_arrived: Arc<tokio::sync::Notify>,
+}
+
+/// Handoffs queued per thread before more are dropped (as the network
+/// would drop them): a busy thread cannot make the others hold memory.
+const HANDOFF_QUEUE: usize = 1024;
+
 async fn serve(
     socket: UdpSocket,
     state: UdpSocketState,
-    mut endpoint: ServerEndpoint<Store>,
-    content_arrived: Arc<tokio::sync::Notify>,
+    mut endpoint: ServerEndpoint<Arc<Store>>,
+    mut link: ShardLink,
     counters: Arc<LoopCounters>,
 ) {
     // Room for a batch of receives, each up to a GRO train of datagrams.
@@ -353,8 +388,8 @@ async fn serve(
     let mut metas = [RecvMeta::default(); RECV_SLOTS];
     let mut out = Vec::with_capacity(MAX_DATAGRAM_SIZE);
     let mut batch = SendBatcher::new();
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
+    let shards = link.peers.len();
+    let mut lost_reported = 0;
     loop {
         let now = Instant::now();
         while let Some(to) = endpoint.poll_transmit(now, &mut out) {
@@ -369,10 +404,12 @@ async fn serve(
         }
         counters
             .sessions
-            .store(endpoint.session_count() as u64, Ordering::Relaxed);
+            .store(endpoint.admission().sessions() as u64, Ordering::Relaxed);
+        let lost = endpoint.packets_lost();
         counters
             .retransmissions
-            .store(endpoint.packets_lost(), Ordering::Relaxed);
+            .fetch_add(lost - lost_reported, Ordering::Relaxed);
+        lost_reported = lost;
         counters.wakeups.fetch_add(1, Ordering::Relaxed);
         let wake = endpoint
             .poll_timeout()
@@ -406,18 +443,29 @@ async fn serve(
                     for (meta, buf) in metas.iter().zip(inbufs.chunks(slot)).take(count) {
                         let stride = meta.stride.max(1);
                         for datagram in buf[..meta.len].chunks(stride) {
-                            endpoint.handle_datagram(now, meta.addr, datagram);
+                            match shard_of(datagram, shards) {
+                                Some(owner) if owner != link.index => {
+                                    counters.handoffs.fetch_add(1, Ordering::Relaxed);
+                                    let _ = link.peers[owner].try_send((meta.addr, datagram.to_vec()));
+                                }
+                                _ => endpoint.handle_datagram(now, meta.addr, datagram),
+                            }
                             handled += 1;
                         }
                     }
                 }
             }
+            Some((from, datagram)) = link.inbox.recv() => {
+                endpoint.handle_datagram(Instant::now(), from, &datagram);
+            }
             _ = tokio::time::sleep_until(wake.into()) => {
                 endpoint.handle_timeout(Instant::now());
             }
-            _ = content_arrived.notified() => endpoint.content_ready(),
-            _ = &mut shutdown => {
-                info!("shutting down: telling {} clients", endpoint.session_count());
+            _ = link.content_arrived.notified() => endpoint.content_ready(),
+            _ = link.shutdown.changed() => {
+                if link.index == 0 {
+                    info!("shutting down: telling {} clients", endpoint.admission().sessions());
+                }
                 endpoint.shutdown();
                 let now = Instant::now();
                 while let Some(to) = endpoint.poll_transmit(now, &mut out) {
@@ -432,13 +480,49 @@ async fn serve(
     }
 }
 
+/// Sets up one serving thread's socket and endpoint and serves until shutdown.
+async fn run_shard(
+    socket: std::net::UdpSocket,
+    config: ServerConfig,
+    store: Arc<Store>,
+    shard: Shard,
+    link: ShardLink,
+    counters: Arc<LoopCounters>,
+) {
+    let socket = match UdpSocket::from_std(socket) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(thread = shard.index, error = %e, "cannot serve on this thread");
+            return;
+        }
+    };
+    let state = match UdpSocketState::new((&socket).into()) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(thread = shard.index, error = %e, "cannot set up the socket");
+            return;
+        }
+    };
+    let mut seed = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut seed);
+    let endpoint = ServerEndpoint::new_shard(config, store, seed, Instant::now(), shard);
+    serve(socket, state, endpoint, link, counters).await;
+}
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     if let Err(e) = init_logging(args.log_file.as_ref()) {
         eprintln!("server: {e}");
         return std::process::ExitCode::from(2);
     }
-    let content_arrived = Arc::new(tokio::sync::Notify::new());
+    let threads = match args.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+    .min(MAX_THREADS);
+    let content_arrived: Vec<Arc<tokio::sync::Notify>> = (0..threads)
+        .map(|_| Arc::new(tokio::sync::Notify::new()))
+        .collect();
     let store = match (&args.dir, &args.store) {
         (Some(dir), _) => match Library::new(dir) {
             Ok(l) => Store::Folder(l),
@@ -530,13 +614,29 @@ fn main() -> std::process::ExitCode {
         },
     };
     let addr = SocketAddr::new(args.bind, args.port);
-    let std_socket = match bind_socket(addr) {
+    let first = match bind_socket(addr, threads > 1) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("server: cannot listen on {addr}: {e}");
             return std::process::ExitCode::from(2);
         }
     };
+    let local = first.local_addr().unwrap_or(addr);
+    // The others bind the port the first got (it may have asked for 0).
+    let mut sockets = vec![first];
+    for _ in 1..threads {
+        match bind_socket(local, true) {
+            Ok(s) => sockets.push(s),
+            Err(e) => {
+                eprintln!(
+                    "server: serving on {} thread(s), not {threads}: cannot share {local}: {e}",
+                    sockets.len()
+                );
+                break;
+            }
+        }
+    }
+    let threads = sockets.len();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -547,34 +647,45 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     };
+    let config = ServerConfig {
+        idle_timeout: Duration::from_secs_f64(args.idle_timeout),
+        max_sessions: args.max_sessions,
+        max_sessions_per_address: args
+            .max_sessions_per_address
+            .unwrap_or((args.max_sessions / 4).max(1)),
+        max_payload: args.max_payload,
+        passphrase,
+    };
+    let admission = Arc::new(Admission::new(
+        config.max_sessions,
+        config.max_sessions_per_address,
+    ));
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let (senders, mut inboxes): (Vec<_>, Vec<_>) = (0..threads)
+        .map(|_| tokio::sync::mpsc::channel::<Handoff>(HANDOFF_QUEUE))
+        .unzip();
+    let peers = Arc::new(senders);
+    let mut links: Vec<ShardLink> = inboxes
+        .drain(..)
+        .zip(content_arrived.iter())
+        .enumerate()
+        .map(|(index, (inbox, ready))| ShardLink {
+            index,
+            inbox,
+            peers: peers.clone(),
+            shutdown: shutdown_rx.clone(),
+            content_arrived: ready.clone(),
+        })
+        .collect();
+    let mut sockets = sockets.into_iter();
+    let (Some(main_socket), Some(main_link)) =
+        (sockets.next(), (!links.is_empty()).then(|| links.remove(0)))
+    else {
+        return std::process::ExitCode::from(1);
+    };
+    let store = Arc::new(store);
     runtime.block_on(async move {
-        let socket = match UdpSocket::from_std(std_socket) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("server: {e}");
-                return std::process::ExitCode::from(1);
-            }
-        };
-        let state = match UdpSocketState::new((&socket).into()) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("server: cannot set up the socket: {e}");
-                return std::process::ExitCode::from(1);
-            }
-        };
-        let local = socket.local_addr().unwrap_or(addr);
-        let config = ServerConfig {
-            idle_timeout: Duration::from_secs_f64(args.idle_timeout),
-            max_sessions: args.max_sessions,
-            max_sessions_per_address: args
-                .max_sessions_per_address
-                .unwrap_or((args.max_sessions / 4).max(1)),
-            max_payload: args.max_payload,
-            passphrase,
-        };
-        let mut seed = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut seed);
-        let serving = match &store {
+        let serving = match &*store {
             Store::Folder(l) => l.root().display().to_string(),
             Store::Objects(o) => {
                 // The catalog before the first client; a store that is
@@ -587,7 +698,7 @@ fn main() -> std::process::ExitCode {
                 o.url().to_string()
             }
         };
-        let store_counters = match &store {
+        let store_counters = match &*store {
             Store::Objects(o) => Some(o.counters()),
             Store::Folder(_) => None,
         };
@@ -598,7 +709,40 @@ fn main() -> std::process::ExitCode {
                 Err(e) => warn!(error = %e, "cannot serve metrics"),
             }
         }
-        info!(serving, %local, "serving");
+        // The other threads, each with its own runtime, socket and sessions.
+        let mut workers = Vec::new();
+        for (socket, link) in sockets.zip(links) {
+            let index = link.index;
+            let (config, store, counters) =
+                (config.clone(), store.clone(), metrics.counters.clone());
+            let shard = Shard {
+                index,
+                count: threads,
+                admission: admission.clone(),
+            };
+            let worker = std::thread::Builder::new()
+                .name(format!("serve-{index}"))
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => {
+                            rt.block_on(run_shard(socket, config, store, shard, link, counters))
+                        }
+                        Err(e) => error!(thread = index, error = %e, "cannot start the runtime"),
+                    }
+                });
+            match worker {
+                Ok(w) => workers.push(w),
+                Err(e) => warn!(thread = index, error = %e, "cannot start a serving thread"),
+            }
+        }
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = shutdown_tx.send(true);
+        });
+        info!(serving, %local, threads, "serving");
         // Tests and scripts read this line to learn the port.
         println!("udpvid server listening on {local}, serving {serving}");
         let _ = std::io::stdout().flush();
@@ -622,15 +766,23 @@ fn main() -> std::process::ExitCode {
         } else {
             None
         };
-        let endpoint = ServerEndpoint::new(config, store, seed, Instant::now());
-        serve(
-            socket,
-            state,
-            endpoint,
-            content_arrived,
+        let shard = Shard {
+            index: 0,
+            count: threads,
+            admission,
+        };
+        run_shard(
+            main_socket,
+            config,
+            store,
+            shard,
+            main_link,
             metrics.counters.clone(),
         )
         .await;
+        for w in workers {
+            let _ = w.join();
+        }
         std::process::ExitCode::SUCCESS
     })
 }

@@ -36,6 +36,9 @@ pub struct LoopCounters {
     pub transfers: AtomicU64,
     /// Times the serve loop woke (a datagram batch, a timer, a store fetch).
     pub wakeups: AtomicU64,
+    /// Datagrams a serving thread received for a session another thread
+    /// holds, and handed on (after a client's address changed).
+    pub handoffs: AtomicU64,
     /// Errors by kind, as the log names them.
     pub errors: Mutex<Vec<(&'static str, u64)>>,
 }
@@ -60,6 +63,7 @@ struct Exported {
     retransmissions: Counter,
     transfers: Counter,
     wakeups: Counter,
+    handoffs: Counter,
     resident_bytes: Gauge,
     store_gets: Counter,
     store_bytes: Counter,
@@ -87,6 +91,7 @@ impl Metrics {
         let retransmissions = Counter::default();
         let transfers = Counter::default();
         let wakeups = Counter::default();
+        let handoffs = Counter::default();
         let resident_bytes = Gauge::default();
         let store_gets = Counter::default();
         let store_bytes = Counter::default();
@@ -122,6 +127,11 @@ impl Metrics {
             "wakeups",
             "Times the serve loop woke: divide by time for wake-ups per second",
             wakeups.clone(),
+        );
+        registry.register(
+            "handoffs",
+            "Datagrams handed from one serving thread to the one holding their session (after a client's address changed)",
+            handoffs.clone(),
         );
         registry.register(
             "resident_bytes",
@@ -180,6 +190,7 @@ impl Metrics {
                 retransmissions,
                 transfers,
                 wakeups,
+                handoffs,
                 resident_bytes,
                 store_gets,
                 store_bytes,
@@ -213,6 +224,9 @@ impl Metrics {
             .inner()
             .store(load(&c.transfers), Ordering::Relaxed);
         e.wakeups.inner().store(load(&c.wakeups), Ordering::Relaxed);
+        e.handoffs
+            .inner()
+            .store(load(&c.handoffs), Ordering::Relaxed);
         e.resident_bytes.set(resident_bytes() as i64);
         let mut errors: Vec<(&str, u64)> =
             c.errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -363,6 +377,7 @@ mod tests {
             "udpvid_bytes_sent_total 99",
             "udpvid_store_bytes_read_total 1234",
             "udpvid_wakeups_total 0",
+            "udpvid_handoffs_total 0",
             "udpvid_errors_total{kind=\"open_not_found\"} 1",
             "udpvid_errors_total{kind=\"store_changed\"} 2",
             "# EOF",

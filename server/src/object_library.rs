@@ -224,7 +224,9 @@ struct Shared {
     listing: Mutex<Listing>,
     cache: Mutex<BlockCache>,
     /// Told when a fetch ends, so waiting sessions try again.
-    ready: Arc<Notify>,
+    /// One per serving thread: a fetched block may be awaited by a
+    /// session of any of them.
+    ready: Vec<Arc<Notify>>,
     counters: Arc<StoreCounters>,
     block_bytes: u64,
     /// The second tier, if the server has one.
@@ -267,7 +269,7 @@ impl ObjectLibrary {
         block_bytes: u64,
         cache_bytes: u64,
         disk: Option<DiskCache>,
-        ready: Arc<Notify>,
+        ready: Vec<Arc<Notify>>,
     ) -> Result<Self, String> {
         let (bucket, prefix) = parse_store_url(url)?;
         // A store that does not answer is reported within seconds, not
@@ -613,7 +615,9 @@ fn finish(shared: &Shared, key: BlockKey, slot: Result<Bytes, String>) {
             .cache_peak_bytes
             .fetch_max(bytes, Ordering::Relaxed);
     }
-    shared.ready.notify_one();
+    for ready in &shared.ready {
+        ready.notify_one();
+    }
 }
 
 impl Content for ObjectContent {

@@ -310,6 +310,74 @@ fn limits_refuse_newcomers_and_spare_established_sessions() {
 }
 
 #[test]
+fn shards_of_one_server_share_its_limits_and_keep_to_their_own_ids() {
+    // One endpoint per core on one port: the kernel spreads clients over
+    // them, but `--max-sessions` and the per-address share are the server's.
+    let now = Instant::now();
+    let config = ServerConfig {
+        max_sessions: 5,
+        max_sessions_per_address: 3,
+        ..ServerConfig::default()
+    };
+    let admission = std::sync::Arc::new(super::admission::Admission::new(5, 3));
+    let mut shards: Vec<ServerEndpoint<MemoryStore>> = (0..2)
+        .map(|index| {
+            let shard = super::admission::Shard {
+                index,
+                count: 2,
+                admission: admission.clone(),
+            };
+            ServerEndpoint::new_shard(config.clone(), one_file(), [index as u8; 32], now, shard)
+        })
+        .collect();
+    let a = |port| SocketAddr::from(([198, 51, 100, 1], port));
+    let b = |port| SocketAddr::from(([198, 51, 100, 2], port));
+    let mut ids = Vec::new();
+    // One address alternates between the shards: its share is 3 in all.
+    for i in 0..4u16 {
+        let id = connect(&mut shards[i as usize % 2], now, a(1000 + i), i as u64);
+        ids.push((i as usize % 2, id));
+    }
+    assert!(ids[..3].iter().all(|(_, id)| id.is_some()));
+    assert_eq!(
+        ids[3].1, None,
+        "an address took more than its share across shards"
+    );
+    for &(shard, id) in &ids[..3] {
+        let id = id.expect("session");
+        assert_eq!(
+            super::admission::shard_of(&Packet::new(id, 1, Body::Ping).encode(), 2),
+            Some(shard)
+        );
+    }
+    assert!(connect(&mut shards[1], now, b(1), 50).is_some());
+    assert!(connect(&mut shards[0], now, b(2), 51).is_some());
+    assert_eq!(
+        connect(&mut shards[1], now, b(3), 52),
+        None,
+        "the server took more than --max-sessions across shards"
+    );
+    // A session that ends frees its place for any shard.
+    let (shard, id) = ids[0];
+    let id = id.expect("session");
+    shards[shard].handle_datagram(
+        now,
+        a(1000),
+        &Packet::new(
+            id,
+            2,
+            Body::Close {
+                reason: CloseReason::Normal,
+                message: String::new(),
+            },
+        )
+        .encode(),
+    );
+    assert_eq!(admission.sessions(), 4);
+    assert!(connect(&mut shards[1], now, b(3), 53).is_some());
+}
+
+#[test]
 fn dozens_of_viewers_share_one_address_but_not_the_whole_server() {
     // One NAT, many viewers: the 17th used to be told the server is busy.
     let now = Instant::now();

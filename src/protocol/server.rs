@@ -4,11 +4,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::admission::{Admission, Shard};
 use super::catalog::{self, CatalogEntry};
 use super::cookie::AddressValidator;
 use super::crypto::{Psk, SessionKeys, TAG_LEN};
@@ -83,6 +85,16 @@ pub struct OpenFailure {
 pub trait ContentStore {
     fn catalog(&self) -> Vec<CatalogEntry>;
     fn open(&self, path: &str) -> Result<Box<dyn Content>, OpenFailure>;
+}
+
+/// A store shared by several endpoints (one per core) of one server.
+impl<T: ContentStore + ?Sized> ContentStore for Arc<T> {
+    fn catalog(&self) -> Vec<CatalogEntry> {
+        (**self).catalog()
+    }
+    fn open(&self, path: &str) -> Result<Box<dyn Content>, OpenFailure> {
+        (**self).open(path)
+    }
 }
 
 /// In-memory content, for the catalog and for tests.
@@ -394,10 +406,28 @@ pub struct ServerEndpoint<S: ContentStore> {
     read_buf: Vec<u8>,
     /// Data packets declared lost (each one's bytes are sent again).
     packets_lost: u64,
+    /// This endpoint's share of the server's connection ids, and the
+    /// session limits all shards share.
+    shard: Shard,
 }
 
 impl<S: ContentStore> ServerEndpoint<S> {
     pub fn new(config: ServerConfig, store: S, seed: [u8; 32], now: Instant) -> Self {
+        let shard = Shard::single(config.max_sessions, config.max_sessions_per_address);
+        Self::new_shard(config, store, seed, now, shard)
+    }
+
+    /// One of several endpoints of one server (one per core): it hands out
+    /// only `shard`'s connection ids, and admits sessions within the limits
+    /// of `shard.admission`, which the others share. `seed` must differ
+    /// between shards.
+    pub fn new_shard(
+        config: ServerConfig,
+        store: S,
+        seed: [u8; 32],
+        now: Instant,
+        shard: Shard,
+    ) -> Self {
         let mut rng = StdRng::from_seed(seed);
         let key = rng.r#gen();
         let max_payload = config
@@ -421,7 +451,13 @@ impl<S: ContentStore> ServerEndpoint<S> {
             stateless: VecDeque::new(),
             events: VecDeque::new(),
             packets_lost: 0,
+            shard,
         }
+    }
+
+    /// The limits this endpoint shares with the server's other shards.
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.shard.admission
     }
 
     /// Data packets declared lost since the start, all sessions together:
@@ -511,6 +547,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
                 from: session.addr,
                 to: from,
             });
+            self.shard.admission.moved(session.addr.ip(), from.ip());
             session.addr = from;
         }
         let id = session.id;
@@ -604,40 +641,6 @@ impl<S: ContentStore> ServerEndpoint<S> {
             self.reply_stateless(from, received, reply);
             return;
         }
-        let from_same_ip = self
-            .sessions
-            .values()
-            .filter(|s| s.addr.ip() == from.ip())
-            .count();
-        let refusal = if self.sessions.len() >= self.config.max_sessions {
-            Some(format!(
-                "server busy: {} sessions already, try again later",
-                self.sessions.len()
-            ))
-        } else if from_same_ip >= self.config.max_sessions_per_address {
-            Some(format!(
-                "server busy: {from_same_ip} sessions from {} already, close one first",
-                from.ip()
-            ))
-        } else {
-            None
-        };
-        if let Some(message) = refusal {
-            let reply = Packet::new(
-                0,
-                0,
-                Body::Close {
-                    reason: CloseReason::ServerBusy,
-                    message,
-                },
-            );
-            self.reply_stateless(from, received, reply);
-            self.events.push_back(ServerEvent::SessionRefused {
-                addr: from,
-                reason: CloseReason::ServerBusy,
-            });
-            return;
-        }
         if self.config.passphrase.is_some() && !wants_auth {
             let reply = Packet::new(
                 0,
@@ -654,10 +657,34 @@ impl<S: ContentStore> ServerEndpoint<S> {
             });
             return;
         }
-        let mut id: ConnectionId = self.rng.r#gen();
-        while id == 0 || self.sessions.contains_key(&id) {
-            id = self.rng.r#gen();
+        let refusal = self
+            .shard
+            .admission
+            .admit(from.ip())
+            .err()
+            .map(|r| r.to_string());
+        if let Some(message) = refusal {
+            let reply = Packet::new(
+                0,
+                0,
+                Body::Close {
+                    reason: CloseReason::ServerBusy,
+                    message,
+                },
+            );
+            self.reply_stateless(from, received, reply);
+            self.events.push_back(ServerEvent::SessionRefused {
+                addr: from,
+                reason: CloseReason::ServerBusy,
+            });
+            return;
         }
+        let id = loop {
+            match self.shard.claim(self.rng.r#gen()) {
+                Some(id) if !self.sessions.contains_key(&id) => break id,
+                _ => {}
+            }
+        };
         let server_random: [u8; 16] = self.rng.r#gen();
         let (auth_tag, keys, max_payload) = match &self.config.passphrase {
             Some(psk) => (
@@ -712,7 +739,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
     /// half the sessions are taken, or many are still unproven.
     fn under_load(&self) -> bool {
         let unvalidated = self.sessions.values().filter(|s| !s.validated).count();
-        self.sessions.len() >= self.config.max_sessions / 2
+        self.shard.admission.sessions() >= self.shard.admission.max_sessions() / 2
             || unvalidated >= (self.config.max_sessions / 8).max(4)
     }
 
@@ -855,6 +882,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
 
     fn end_session(&mut self, id: ConnectionId, reason: CloseReason) {
         if let Some(s) = self.sessions.remove(&id) {
+            self.shard.admission.release(s.addr.ip());
             self.by_nonce.remove(&(s.addr, s.client_nonce));
             // The nonce entry may be under the address the Hello came from.
             self.by_nonce.retain(|_, v| *v != id);
