@@ -2,7 +2,9 @@
 //! go in, datagrams and a wake-up time come out. The tokio server in
 //! `server/` only moves bytes between this and a socket.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -343,6 +345,11 @@ struct Session {
     /// the index once, so a later open of the same file (a seek) does not
     /// get it again.
     index_sent_for: Option<String>,
+    /// In the endpoint's queue of sessions that may have something to send.
+    ready: bool,
+    /// This session's entry in the endpoint's timer heap; older entries
+    /// there are stale and skipped.
+    timer_at: Option<Instant>,
 }
 
 impl Session {
@@ -370,12 +377,54 @@ impl Session {
         self.last_activity + limit
     }
 
+    /// The session's next deadline: the idle expiry, the loss-recovery
+    /// timer, and, for data held back only by pacing, when it may leave.
+    fn next_deadline(&self, idle_timeout: Duration) -> Instant {
+        let mut next = self.expires_at(idle_timeout);
+        if let Some(t) = self.recovery.timeout() {
+            next = next.min(t);
+        }
+        if !self.amplification_blocked()
+            && self
+                .transfer
+                .as_ref()
+                .is_some_and(|t| !t.waiting_for_content && t.stream.has_data_to_send())
+        {
+            if let Some(t) = self.recovery.pacing_deadline() {
+                next = next.min(t);
+            }
+        }
+        next
+    }
+
     fn next_pn(&mut self) -> u64 {
         let pn = self.next_packet_number;
         self.next_packet_number += 1;
         pn
     }
 }
+
+/// Connection ids are random numbers the server drew itself, so they are
+/// their own hash: SipHash over them cost a few per cent of the server's
+/// CPU, and a client cannot choose keys to collide (it only looks up).
+#[derive(Default)]
+struct ConnectionIdHasher(u64);
+
+impl Hasher for ConnectionIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | b as u64;
+        }
+    }
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id;
+    }
+}
+
+type SessionMap = HashMap<ConnectionId, Session, BuildHasherDefault<ConnectionIdHasher>>;
 
 /// A catalog snapshot served as a transfer.
 fn catalog_content(store: &dyn ContentStore) -> MemoryContent {
@@ -391,15 +440,21 @@ pub struct ServerEndpoint<S: ContentStore> {
     store: S,
     validator: AddressValidator,
     rng: StdRng,
-    sessions: HashMap<ConnectionId, Session>,
+    sessions: SessionMap,
     /// (address, client nonce) -> session, so a repeated Hello does not
     /// create a second session.
     by_nonce: HashMap<(SocketAddr, u64), ConnectionId>,
-    /// Round-robin order for fair sending, a batch per session's turn.
-    order: Vec<ConnectionId>,
-    cursor: usize,
-    /// Datagrams the session at `cursor` sent in its current turn.
-    sent_this_turn: usize,
+    /// Sessions that may have something to send, in round-robin order: a
+    /// session enters when something happens to it (a datagram, a timer,
+    /// content arriving) and leaves when it has nothing to send, so
+    /// sending never walks the idle and the blocked sessions.
+    ready: VecDeque<ConnectionId>,
+    /// The session whose turn it is and the datagrams it sent in it: a
+    /// batch per turn, so its datagrams leave back to back (one GSO send).
+    turn: Option<(ConnectionId, usize)>,
+    /// Every session's next deadline (see `Session::timer_at`), earliest
+    /// first, so the next wake-up is found without walking the sessions.
+    timers: BinaryHeap<Reverse<(Instant, ConnectionId)>>,
     /// Replies to unvalidated addresses (Retry, VersionNegotiation, Close).
     stateless: VecDeque<(SocketAddr, Vec<u8>)>,
     events: VecDeque<ServerEvent>,
@@ -443,11 +498,11 @@ impl<S: ContentStore> ServerEndpoint<S> {
             config,
             store,
             rng,
-            sessions: HashMap::new(),
+            sessions: SessionMap::default(),
             by_nonce: HashMap::new(),
-            order: Vec::new(),
-            cursor: 0,
-            sent_this_turn: 0,
+            ready: VecDeque::new(),
+            turn: None,
+            timers: BinaryHeap::new(),
             stateless: VecDeque::new(),
             events: VecDeque::new(),
             packets_lost: 0,
@@ -585,6 +640,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             // Server-to-client messages from a client are ignored.
             _ => {}
         }
+        self.wake(id);
     }
 
     fn handle_hello(&mut self, now: Instant, from: SocketAddr, received: usize, hello: Body) {
@@ -723,15 +779,66 @@ impl<S: ContentStore> ServerEndpoint<S> {
             validated: cookie_valid,
             received_unvalidated: received,
             index_sent_for: None,
+            ready: false,
+            timer_at: None,
         };
         session.control.push_back(welcome);
         self.sessions.insert(id, session);
         self.by_nonce.insert((from, client_nonce), id);
-        self.order.push(id);
         self.events
             .push_back(ServerEvent::SessionOpened { id, addr: from });
         if let Some(o) = early_open {
             self.handle_open(id, o);
+        }
+        self.wake(id);
+    }
+
+    /// Something happened to session `id`: it may have something to send,
+    /// and its deadlines may have moved.
+    fn wake(&mut self, id: ConnectionId) {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if !s.ready {
+            s.ready = true;
+            self.ready.push_back(id);
+        }
+        self.reschedule(id);
+    }
+
+    /// Puts session `id`'s next deadline in the timer heap if it moved.
+    fn reschedule(&mut self, id: ConnectionId) {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        let at = s.next_deadline(self.config.idle_timeout);
+        if s.timer_at == Some(at) {
+            return;
+        }
+        s.timer_at = Some(at);
+        self.timers.push(Reverse((at, id)));
+        // Stale entries leave as they reach the top; if deadlines keep
+        // moving later, rebuild before they pile up.
+        if self.timers.len() > 4 * self.sessions.len() + 64 {
+            self.timers = self
+                .sessions
+                .iter()
+                .filter_map(|(&id, s)| Some(Reverse((s.timer_at?, id))))
+                .collect();
+        }
+    }
+
+    /// Drops timer entries that no longer match their session's deadline.
+    fn pop_stale_timers(&mut self) {
+        while let Some(&Reverse((at, id))) = self.timers.peek() {
+            if self
+                .sessions
+                .get(&id)
+                .is_some_and(|s| s.timer_at == Some(at))
+            {
+                return;
+            }
+            self.timers.pop();
         }
     }
 
@@ -886,7 +993,6 @@ impl<S: ContentStore> ServerEndpoint<S> {
             self.by_nonce.remove(&(s.addr, s.client_nonce));
             // The nonce entry may be under the address the Hello came from.
             self.by_nonce.retain(|_, v| *v != id);
-            self.order.retain(|&o| o != id);
             let stats = s.recovery.stats();
             self.events.push_back(ServerEvent::SessionClosed {
                 id,
@@ -906,25 +1012,27 @@ impl<S: ContentStore> ServerEndpoint<S> {
             out.extend_from_slice(&bytes);
             return Some(to);
         }
-        let n = self.order.len();
-        for i in 0..n {
-            let idx = (self.cursor + i) % n;
-            let id = self.order[idx];
+        loop {
+            let (id, sent) = match self.turn.take() {
+                Some(turn) => turn,
+                None => (self.ready.pop_front()?, 0),
+            };
             if let Some(to) = self.poll_session(now, id, out) {
-                // A session keeps its turn for a batch, so its datagrams
-                // leave back to back (one GSO send), then the next one's
-                // turn comes.
-                self.sent_this_turn = if i == 0 { self.sent_this_turn + 1 } else { 1 };
-                if self.sent_this_turn >= SESSION_BATCH {
-                    self.cursor = (idx + 1) % n;
-                    self.sent_this_turn = 0;
-                } else {
-                    self.cursor = idx;
+                if sent + 1 < SESSION_BATCH {
+                    self.turn = Some((id, sent + 1));
+                } else if self.sessions.contains_key(&id) {
+                    // Its turn is over; it stays ready, behind the others.
+                    self.ready.push_back(id);
                 }
                 return Some(to);
             }
+            // Nothing to send now: out of the queue until something happens
+            // to it, its pacing and loss timers in the heap.
+            if let Some(s) = self.sessions.get_mut(&id) {
+                s.ready = false;
+                self.reschedule(id);
+            }
         }
-        None
     }
 
     fn poll_session(
@@ -1057,34 +1165,26 @@ impl<S: ContentStore> ServerEndpoint<S> {
     /// Content a session waited for may have arrived: every waiting
     /// session tries its read again at its next turn.
     pub fn content_ready(&mut self) {
+        let mut waited = Vec::new();
         for s in self.sessions.values_mut() {
-            if let Some(t) = s.transfer.as_mut() {
+            if let Some(t) = s.transfer.as_mut().filter(|t| t.waiting_for_content) {
                 t.waiting_for_content = false;
+                waited.push(s.id);
             }
+        }
+        for id in waited {
+            self.wake(id);
         }
     }
 
     /// When `handle_timeout` must be called next.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        let mut next = Some(self.validator.next_rotation());
-        for s in self.sessions.values() {
-            let idle = s.expires_at(self.config.idle_timeout);
-            next = Some(next.map_or(idle, |n: Instant| n.min(idle)));
-            if let Some(t) = s.recovery.timeout() {
-                next = Some(next.map_or(t, |n: Instant| n.min(t)));
-            }
-            // Data held back only by pacing wakes us when it may leave.
-            if !s.amplification_blocked()
-                && s.transfer
-                    .as_ref()
-                    .is_some_and(|t| !t.waiting_for_content && t.stream.has_data_to_send())
-            {
-                if let Some(t) = s.recovery.pacing_deadline() {
-                    next = Some(next.map_or(t, |n: Instant| n.min(t)));
-                }
-            }
-        }
-        next
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        self.pop_stale_timers();
+        let rotation = self.validator.next_rotation();
+        Some(match self.timers.peek() {
+            Some(&Reverse((at, _))) => at.min(rotation),
+            None => rotation,
+        })
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -1093,29 +1193,49 @@ impl<S: ContentStore> ServerEndpoint<S> {
             self.validator.rotate(now, key);
         }
         let idle_timeout = self.config.idle_timeout;
-        let expired: Vec<ConnectionId> = self
-            .sessions
-            .values()
-            .filter(|s| now >= s.expires_at(idle_timeout))
-            .map(|s| s.id)
-            .collect();
-        for id in expired {
-            // The client is gone or silent: send nothing, just forget it.
-            self.end_session(id, CloseReason::IdleTimeout);
+        // Due sessions first, then their work: waking one puts its next
+        // deadline in the heap, which may already have passed.
+        let mut due = Vec::new();
+        loop {
+            self.pop_stale_timers();
+            match self.timers.peek() {
+                Some(&Reverse((at, id))) if at <= now => {
+                    self.timers.pop();
+                    if let Some(s) = self.sessions.get_mut(&id) {
+                        s.timer_at = None;
+                        due.push(id);
+                    }
+                }
+                _ => break,
+            }
         }
-        for session in self.sessions.values_mut() {
+        for id in due {
+            let Some(session) = self.sessions.get_mut(&id) else {
+                continue;
+            };
+            if now >= session.expires_at(idle_timeout) {
+                // The client is gone or silent: send nothing, just forget it.
+                self.end_session(id, CloseReason::IdleTimeout);
+                continue;
+            }
             if session.recovery.timeout().is_some_and(|t| t <= now) {
                 let outcome = session.recovery.on_timeout(now);
                 self.packets_lost += outcome.lost.len() as u64;
                 Self::apply_recovery(session, outcome);
             }
+            // A pacing deadline passed, or a probe is due: its turn to send.
+            self.wake(id);
         }
     }
 
     /// Tells every client the server is going away.
     pub fn shutdown(&mut self) {
-        for s in self.sessions.values_mut() {
-            s.closing = Some(CloseReason::Shutdown);
+        let ids: Vec<ConnectionId> = self.sessions.keys().copied().collect();
+        for id in ids {
+            if let Some(s) = self.sessions.get_mut(&id) {
+                s.closing = Some(CloseReason::Shutdown);
+            }
+            self.wake(id);
         }
     }
 
@@ -1156,10 +1276,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
 }
 
 /// The keys of the authenticated session a datagram's header names, if any.
-fn sealed_session_keys<'a>(
-    sessions: &'a HashMap<ConnectionId, Session>,
-    datagram: &[u8],
-) -> Option<&'a SessionKeys> {
+fn sealed_session_keys<'a>(sessions: &'a SessionMap, datagram: &[u8]) -> Option<&'a SessionKeys> {
     if datagram.len() < HEADER_LEN || datagram[..2] != super::wire::MAGIC || datagram[2] != VERSION
     {
         return None;
