@@ -2,13 +2,17 @@
 //! path. Every refusal is reported as "not found", so a client learns
 //! nothing about what lies outside the folder.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
 use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::Notify;
 
 use gstudpvid::protocol::catalog::CatalogEntry;
 use gstudpvid::protocol::wire::MAX_TEXT_LEN;
@@ -236,9 +240,14 @@ impl ContentStore for Library {
         })?;
         let meta = file.metadata().map_err(|e| not_found(e.to_string()))?;
         Ok(Box::new(FileContent {
-            file,
+            file: Arc::new(file),
             size: meta.len(),
             tag: content_tag(meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino()),
+            reads: Arc::new(FileReads {
+                blocks: Mutex::new(VecDeque::new()),
+                waiting: AtomicBool::new(false),
+                ready: CONTENT_READY.with(|r| r.borrow().clone()),
+            }),
         }))
     }
 }
@@ -263,10 +272,119 @@ fn content_tag(size: u64, mtime: i64, mtime_nsec: i64, inode: u64) -> u64 {
     u64::from_be_bytes(first)
 }
 
+thread_local! {
+    /// The serving thread's wake-up for content that was not there yet
+    /// (set by the server when the thread starts). A file opened on a
+    /// thread wakes only that thread, where its session lives.
+    pub static CONTENT_READY: RefCell<Option<Arc<Notify>>> = const { RefCell::new(None) };
+}
+
+/// Bytes a file is read in, off the serving thread.
+const FILE_BLOCK_BYTES: u64 = 128 * 1024;
+/// Blocks an open file keeps once its reads need the disk: the one being
+/// sent, the one read ahead of it, and one for resends behind. 384 KiB
+/// per transfer, and none while the page cache serves it.
+const FILE_BLOCKS_KEPT: usize = 3;
+
+/// A file being served. What the page cache holds is read on the serving
+/// thread; what needs the disk is read on the blocking pool, a block ahead,
+/// never on the serving thread: a slow disk (a network file system, a
+/// spinning disk seeking between viewers) delays only the sessions reading
+/// from it, as with object storage.
 struct FileContent {
-    file: File,
+    file: Arc<File>,
     size: u64,
     tag: u64,
+    reads: Arc<FileReads>,
+}
+
+/// Blocks by start offset; `None` while the read is running.
+type Blocks = VecDeque<(u64, Option<Result<Vec<u8>, (io::ErrorKind, String)>>)>;
+
+struct FileReads {
+    blocks: Mutex<Blocks>,
+    /// A read came back `WouldBlock`: the thread must be told when a block
+    /// arrives (and only then, so read-ahead costs no wake-ups).
+    waiting: AtomicBool,
+    ready: Option<Arc<Notify>>,
+}
+
+impl FileContent {
+    fn read_block(file: &File, start: u64, len: u64) -> Result<Vec<u8>, (io::ErrorKind, String)> {
+        let mut data = vec![0u8; len as usize];
+        let mut filled = 0;
+        while filled < data.len() {
+            match file.read_at(&mut data[filled..], start + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err((e.kind(), e.to_string())),
+            }
+        }
+        // A file that shrank gives a short block; the server reports it.
+        data.truncate(filled);
+        Ok(data)
+    }
+
+    /// Starts reading the block at `start` unless it is held or on its way;
+    /// the block at `keep` (being sent from) is not evicted for it.
+    fn fetch(&self, blocks: &mut Blocks, start: u64, keep: u64) {
+        if start >= self.size || blocks.iter().any(|(s, _)| *s == start) {
+            return;
+        }
+        if blocks.len() >= FILE_BLOCKS_KEPT {
+            // The oldest finished block goes; reads on their way stay.
+            if let Some(i) = blocks.iter().position(|(s, b)| b.is_some() && *s != keep) {
+                blocks.remove(i);
+            }
+        }
+        let len = FILE_BLOCK_BYTES.min(self.size - start);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime (a tool or a test): read here.
+            blocks.push_back((start, Some(Self::read_block(&self.file, start, len))));
+            return;
+        };
+        blocks.push_back((start, None));
+        let (file, reads) = (self.file.clone(), self.reads.clone());
+        runtime.spawn_blocking(move || {
+            let block = Self::read_block(&file, start, len);
+            let mut blocks = reads.blocks.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(slot) = blocks.iter_mut().find(|(s, b)| *s == start && b.is_none()) {
+                slot.1 = Some(block);
+            }
+            drop(blocks);
+            if reads.waiting.swap(false, Ordering::AcqRel) {
+                if let Some(ready) = &reads.ready {
+                    ready.notify_one();
+                }
+            }
+        });
+    }
+}
+
+/// Reads from the page cache only (`preadv2` with `RWF_NOWAIT`): `None`
+/// when the bytes are not cached or the file system cannot say.
+fn read_if_cached(file: &File, offset: u64, buf: &mut [u8]) -> Option<io::Result<usize>> {
+    use std::os::fd::AsRawFd;
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let offset = libc::off_t::try_from(offset).ok()?;
+    // SAFETY: `iov` points at `buf`, valid and writable for its length
+    // for the duration of the call; the descriptor is `file`'s, open.
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
+    if n >= 0 {
+        return Some(Ok(n as usize));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        // Not cached, or not a question this file system answers.
+        Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINTR) => {
+            None
+        }
+        _ => Some(Err(e)),
+    }
 }
 
 impl Content for FileContent {
@@ -277,7 +395,49 @@ impl Content for FileContent {
         self.tag
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
-        self.file.read_at(buf, offset)
+        if offset >= self.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let start = offset / FILE_BLOCK_BYTES * FILE_BLOCK_BYTES;
+        let mut blocks = self.reads.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        if !blocks.iter().any(|(s, _)| *s == start) {
+            // What the page cache holds is copied here, at memory speed;
+            // only what needs the disk goes to the blocking pool.
+            match read_if_cached(&self.file, offset, buf) {
+                Some(Ok(n)) if n > 0 => return Ok(n),
+                Some(Err(e)) => return Err(e),
+                _ => {}
+            }
+        }
+        self.fetch(&mut blocks, start, start);
+        let got = match blocks.iter().find(|(s, _)| *s == start) {
+            Some((_, Some(Ok(data)))) => {
+                let from = (offset - start) as usize;
+                let n = buf.len().min(data.len().saturating_sub(from));
+                buf[..n].copy_from_slice(&data[from..from + n]);
+                Ok(n)
+            }
+            Some((_, Some(Err((kind, message))))) => {
+                let e = io::Error::new(*kind, message.clone());
+                // Asked again later, the block is read again.
+                blocks.retain(|(s, _)| *s != start);
+                return Err(e);
+            }
+            _ => {
+                self.reads.waiting.store(true, Ordering::Release);
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+        };
+        // The disk is slow here: read the next block meanwhile.
+        self.fetch(&mut blocks, start + FILE_BLOCK_BYTES, start);
+        got
+    }
+    /// The index is found at open from a few small reads of the headers,
+    /// made here: the blocks would not be there yet.
+    fn media_index(&self) -> Option<gstudpvid::protocol::media_index::MediaIndex> {
+        gstudpvid::protocol::media_index::locate_index(self.size, &mut |offset, buf| {
+            self.file.read_at(buf, offset).unwrap_or(0)
+        })
     }
 }
 
@@ -290,6 +450,68 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).expect("create temp dir");
         d
+    }
+
+    #[test]
+    fn reads_that_need_the_disk_run_off_the_serving_thread_a_block_ahead() {
+        let dir = temp_dir("offthread");
+        let data: Vec<u8> = (0..(FILE_BLOCK_BYTES * 3 + 1000) as u32)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        std::fs::write(dir.join("f.bin"), &data).expect("write");
+        // As on a disk that has not been read yet: out of the page cache.
+        {
+            use std::os::fd::AsRawFd;
+            let f = File::open(dir.join("f.bin")).expect("open");
+            f.sync_all().expect("sync");
+            // SAFETY: a plain advice call on an open descriptor.
+            let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            assert_eq!(r, 0);
+        }
+        let library = Library::new(&dir).expect("library");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let ready = Arc::new(Notify::new());
+            CONTENT_READY.with(|r| *r.borrow_mut() = Some(ready.clone()));
+            let content = library.open("f.bin").map_err(|e| e.message).expect("open");
+            let mut buf = vec![0u8; 1400];
+            // Nothing read yet: the serving thread is not made to wait.
+            let first = content.read_at(0, &mut buf).map(|_| ());
+            assert_eq!(first.map_err(|e| e.kind()), Err(io::ErrorKind::WouldBlock));
+            tokio::time::timeout(Duration::from_secs(5), ready.notified())
+                .await
+                .expect("told when the block arrived");
+            let mut got = Vec::new();
+            let mut waits = 0;
+            while got.len() < data.len() {
+                match content.read_at(got.len() as u64, &mut buf) {
+                    Ok(0) => panic!("end of file at {}", got.len()),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        waits += 1;
+                        tokio::time::timeout(Duration::from_secs(5), ready.notified())
+                            .await
+                            .expect("told when the block arrived");
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+                // Sending at a viewer's pace: the next block is read
+                // meanwhile, and is there when sending reaches it.
+                if got.len() as u64 % FILE_BLOCK_BYTES < buf.len() as u64 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            assert_eq!(got, data);
+            assert_eq!(waits, 0, "sending waited for a block read ahead");
+            // Now cached: read at once, on the thread, without a block.
+            let again = library.open("f.bin").map_err(|e| e.message).expect("open");
+            assert_eq!(again.read_at(10, &mut buf).ok(), Some(1400));
+            assert_eq!(buf[..], data[10..1410]);
+            assert_eq!(content.read_at(data.len() as u64, &mut buf).ok(), Some(0));
+        });
     }
 
     #[test]

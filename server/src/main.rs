@@ -503,6 +503,8 @@ async fn run_shard(
             return;
         }
     };
+    // Files opened on this thread wake it when their reads finish.
+    library::CONTENT_READY.with(|r| *r.borrow_mut() = Some(link.content_arrived.clone()));
     let mut seed = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut seed);
     let endpoint = ServerEndpoint::new_shard(config, store, seed, Instant::now(), shard);

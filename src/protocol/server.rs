@@ -455,6 +455,8 @@ pub struct ServerEndpoint<S: ContentStore> {
     /// Every session's next deadline (see `Session::timer_at`), earliest
     /// first, so the next wake-up is found without walking the sessions.
     timers: BinaryHeap<Reverse<(Instant, ConnectionId)>>,
+    /// Sessions waiting for content (see [`Content::read_at`]).
+    waiting: Vec<ConnectionId>,
     /// Replies to unvalidated addresses (Retry, VersionNegotiation, Close).
     stateless: VecDeque<(SocketAddr, Vec<u8>)>,
     events: VecDeque<ServerEvent>,
@@ -503,6 +505,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             ready: VecDeque::new(),
             turn: None,
             timers: BinaryHeap::new(),
+            waiting: Vec::new(),
             stateless: VecDeque::new(),
             events: VecDeque::new(),
             packets_lost: 0,
@@ -1110,6 +1113,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 t.stream.unsend(range);
                 t.waiting_for_content = true;
+                self.waiting.push(id);
                 return None;
             }
             Err(e) => {
@@ -1165,14 +1169,11 @@ impl<S: ContentStore> ServerEndpoint<S> {
     /// Content a session waited for may have arrived: every waiting
     /// session tries its read again at its next turn.
     pub fn content_ready(&mut self) {
-        let mut waited = Vec::new();
-        for s in self.sessions.values_mut() {
-            if let Some(t) = s.transfer.as_mut().filter(|t| t.waiting_for_content) {
-                t.waiting_for_content = false;
-                waited.push(s.id);
-            }
-        }
-        for id in waited {
+        for id in std::mem::take(&mut self.waiting) {
+            let Some(t) = self.sessions.get_mut(&id).and_then(|s| s.transfer.as_mut()) else {
+                continue;
+            };
+            t.waiting_for_content = false;
             self.wake(id);
         }
     }
