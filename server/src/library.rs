@@ -353,10 +353,9 @@ impl FileContent {
                 slot.1 = Some(block);
             }
             drop(blocks);
-            if reads.waiting.swap(false, Ordering::AcqRel) {
-                if let Some(ready) = &reads.ready {
-                    ready.notify_one();
-                }
+            if let (true, Some(ready)) = (reads.waiting.swap(false, Ordering::AcqRel), &reads.ready)
+            {
+                ready.notify_one();
             }
         });
     }
