@@ -32,6 +32,9 @@ fn play_counting_pauses(uri: &str, limit: Duration) -> Result<u32, String> {
     let deadline = Instant::now() + limit;
     let mut buffering = false;
     let mut pauses = 0;
+    // Within one wait the percent must not go down (a progress bar that
+    // flickers); the highest seen in the current wait.
+    let mut peak: Option<i32> = None;
     let result = loop {
         if Instant::now() > deadline {
             break Err(format!("no end after {limit:?}"));
@@ -43,6 +46,14 @@ fn play_counting_pauses(uri: &str, limit: Duration) -> Result<u32, String> {
             gst::MessageView::Buffering(b) => {
                 let was = buffering;
                 buffering = b.percent() < 100;
+                if was && peak.is_some_and(|p| b.percent() < p) {
+                    break Err(format!(
+                        "buffering went back from {}% to {}% within one wait",
+                        peak.unwrap_or(0),
+                        b.percent()
+                    ));
+                }
+                peak = buffering.then(|| b.percent().max(peak.filter(|_| was).unwrap_or(0)));
                 let started = playbin
                     .query_position::<gst::ClockTime>()
                     .is_some_and(|p| p > gst::ClockTime::ZERO);

@@ -369,6 +369,13 @@ impl UdpVidSrc {
                 // and whether that wait already failed.
                 let mut wanting_since: Option<Instant> = None;
                 let mut stall_reported = false;
+                // The highest percent shown in this wait: the level drops
+                // each time the demuxer takes what arrived or jumps (to a
+                // `moov` at the end and back), and an application's
+                // progress bar then flickered between 0 and 1 % a hundred
+                // times before the first frame. Within one wait the
+                // percent shown never goes down.
+                let mut shown: i32 = 0;
                 loop {
                     let woke = if buffering.load(Ordering::Acquire) != NOT_BUFFERING {
                         client.wait_for_progress(BUFFERING_TICK);
@@ -456,9 +463,13 @@ impl UdpVidSrc {
                         let estimate = client
                             .link_rate()
                             .map(|link| (&level, link, playback.media_rate()));
-                        Self::post_buffering_with(&element, &last, level.percent as i32, estimate);
+                        let percent = (level.percent as i32).max(shown);
+                        // 100 ends the wait; the next one starts from 0.
+                        shown = if percent >= 100 { 0 } else { percent };
+                        Self::post_buffering_with(&element, &last, percent, estimate);
                     }
                     if cause == NOT_BUFFERING {
+                        shown = 0;
                         match downstream {
                             Some((held, _)) => {
                                 playback.held.store(held, Ordering::Release);
