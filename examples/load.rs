@@ -316,6 +316,42 @@ fn serving_thread_cpu(pid: u32) -> Vec<(String, f64)> {
     cpu
 }
 
+/// What the server process has spent so far: CPU, wake-ups, and CPU by
+/// serving thread.
+struct ServerCost {
+    cpu: f64,
+    wakeups: u64,
+    per_thread: Vec<f64>,
+}
+
+impl ServerCost {
+    fn sample(pid: u32) -> Self {
+        ServerCost {
+            cpu: cpu_seconds(pid),
+            wakeups: wakeups(pid),
+            per_thread: serving_thread_cpu(pid)
+                .into_iter()
+                .map(|(_, c)| c)
+                .collect(),
+        }
+    }
+
+    /// What was spent between `before` and this sample (threads are the
+    /// same, in the same order: they live as long as the server).
+    fn since(&self, before: &ServerCost) -> ServerCost {
+        ServerCost {
+            cpu: self.cpu - before.cpu,
+            wakeups: self.wakeups.saturating_sub(before.wakeups),
+            per_thread: self
+                .per_thread
+                .iter()
+                .enumerate()
+                .map(|(i, c)| c - before.per_thread.get(i).copied().unwrap_or(0.0))
+                .collect(),
+        }
+    }
+}
+
 /// Serving threads the load generator asks the server for
 /// (`LOAD_SERVER_THREADS`, default 1: figures per core).
 fn server_threads() -> String {
@@ -399,7 +435,7 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
     let (mut server, _, port) = start_server(&dir);
     let pid = server.id();
     let rss0 = proc_value(pid, "status", "VmRSS:").unwrap_or(0);
-    let (cpu0, wake0, threads0) = (cpu_seconds(pid), wakeups(pid), serving_thread_cpu(pid));
+    let before = ServerCost::sample(pid);
     let started = Instant::now();
     let handles: Vec<_> = (0..n)
         .map(|i| {
@@ -416,16 +452,11 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
         std::thread::sleep(Duration::from_millis(200));
     }
     let elapsed = started.elapsed();
-    let (cpu, wake) = (cpu_seconds(pid) - cpu0, wakeups(pid) - wake0);
-    let per_thread: Vec<f64> = serving_thread_cpu(pid)
-        .iter()
-        .map(|(name, c)| {
-            c - threads0
-                .iter()
-                .find(|(n, _)| n == name)
-                .map_or(0.0, |(_, c0)| *c0)
-        })
-        .collect();
+    let ServerCost {
+        cpu,
+        wakeups: wake,
+        per_thread,
+    } = ServerCost::sample(pid).since(&before);
     let reports: Vec<ViewerReport> = handles
         .into_iter()
         .map(|h| h.join().unwrap_or_default())
@@ -530,7 +561,7 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
     // "impair listening on 127.0.0.1:PORT, forwarding to ..."
     let proxy_port = banner_port(&mut proxy, 3);
     let pid = server.id();
-    let (cpu0, wake0, threads0) = (cpu_seconds(pid), wakeups(pid), serving_thread_cpu(pid));
+    let before = ServerCost::sample(pid);
     let started = Instant::now();
     let handles: Vec<_> = (0..n)
         .map(|_| std::thread::spawn(move || pull(proxy_port, "f.bin", ReadAhead::Fixed(8 << 20))))
@@ -540,16 +571,11 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
         .map(|h| h.join().unwrap_or_else(|_| Err("client panicked".into())))
         .collect();
     let elapsed = started.elapsed();
-    let (cpu, wake) = (cpu_seconds(pid) - cpu0, wakeups(pid) - wake0);
-    let per_thread: Vec<f64> = serving_thread_cpu(pid)
-        .iter()
-        .map(|(name, c)| {
-            c - threads0
-                .iter()
-                .find(|(n, _)| n == name)
-                .map_or(0.0, |(_, c0)| *c0)
-        })
-        .collect();
+    let ServerCost {
+        cpu,
+        wakeups: wake,
+        per_thread,
+    } = ServerCost::sample(pid).since(&before);
     let _ = proxy.kill();
     let _ = proxy.wait();
     let _ = server.kill();
