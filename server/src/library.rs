@@ -497,10 +497,12 @@ mod tests {
                     }
                     Err(e) => panic!("{e}"),
                 }
-                // Sending at a viewer's pace: the next block is read
-                // meanwhile, and is there when sending reaches it.
+                // Sending at a 2 Mbit/s viewer's pace (a block per half
+                // second): the next block is read meanwhile, and is there
+                // when sending reaches it. (100 ms was too short for a
+                // debug build on a busy machine: CI once waited.)
                 if got.len() as u64 % FILE_BLOCK_BYTES < buf.len() as u64 {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
             assert_eq!(got, data);
