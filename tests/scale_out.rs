@@ -323,19 +323,12 @@ fn a_list_mixing_ipv6_and_ipv4_plays_from_the_one_that_answers() {
     // in its plain form.
     let dead = free_tcp_port();
     let out = temp_out("mixed");
-    let pipeline = gst::parse::launch(&format!(
+    let (pipeline, src) = launch_with_src(&format!(
         "udpvidsrc name=src uri=udpvid://[::1]:{dead},127.0.0.1:{}/movie.mkv timeout=10 \
          ! filesink location={}",
         server.port,
         out.display()
-    ))
-    .expect("pipeline");
-    let src = pipeline
-        .clone()
-        .downcast::<gst::Bin>()
-        .expect("bin")
-        .by_name("src")
-        .expect("src");
+    ));
     let bus = pipeline.bus().expect("bus");
     pipeline.set_state(gst::State::Playing).expect("playing");
     let outcome = common::wait_bus(&bus, Duration::from_secs(30));
@@ -348,34 +341,46 @@ fn a_list_mixing_ipv6_and_ipv4_plays_from_the_one_that_answers() {
     let _ = std::fs::remove_file(out);
 }
 
-#[test]
-fn a_busy_first_server_is_skipped_at_once() {
-    let dir = library();
-    let busy = Server::start(&dir, &["--max-sessions", "1"]);
-    let free = Server::start(&dir, &[]);
-    // The busy server's only session is taken.
-    let holder = gstudpvid::blocking_client::BlockingClient::connect_and_open(
-        "127.0.0.1",
-        busy.port,
-        Default::default(),
-        "long.mkv",
-        0,
-    )
-    .expect("client");
-    holder
-        .open("long.mkv", 0, Duration::from_secs(5))
-        .expect("the first client is served");
-    let pipeline = gst::parse::launch(&format!(
-        "udpvidsrc name=src uri=udpvid://127.0.0.1:{},127.0.0.1:{}/long.mkv timeout=10 ! fakesink",
-        busy.port, free.port
-    ))
-    .expect("pipeline");
+/// A pipeline from `description` and its element named `src`.
+fn launch_with_src(description: &str) -> (gst::Element, gst::Element) {
+    let pipeline = gst::parse::launch(description).expect("pipeline");
     let src = pipeline
         .clone()
         .downcast::<gst::Bin>()
         .expect("bin")
         .by_name("src")
         .expect("src");
+    (pipeline, src)
+}
+
+/// A protocol client holding a session on the server at `port`, with
+/// `long.mkv` open; the server's refusal as text.
+fn hold_session(port: u16) -> Result<gstudpvid::blocking_client::BlockingClient, String> {
+    let client = gstudpvid::blocking_client::BlockingClient::connect_and_open(
+        "127.0.0.1",
+        port,
+        Default::default(),
+        "long.mkv",
+        0,
+    )
+    .map_err(|e| e.to_string())?;
+    client
+        .open("long.mkv", 0, Duration::from_secs(5))
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(client)
+}
+
+#[test]
+fn a_busy_first_server_is_skipped_at_once() {
+    let dir = library();
+    let busy = Server::start(&dir, &["--max-sessions", "1"]);
+    let free = Server::start(&dir, &[]);
+    // The busy server's only session is taken.
+    let holder = hold_session(busy.port).expect("the first client is served");
+    let (pipeline, src) = launch_with_src(&format!(
+        "udpvidsrc name=src uri=udpvid://127.0.0.1:{},127.0.0.1:{}/long.mkv timeout=10 ! fakesink",
+        busy.port, free.port
+    ));
     let started = Instant::now();
     pipeline.set_state(gst::State::Paused).expect("paused");
     let (changed, _, _) = pipeline.state(gst::ClockTime::from_seconds(10));
@@ -913,20 +918,7 @@ fn a_server_on_four_threads_follows_clients_whose_address_changes_and_keeps_one_
 
     // The limit is the server's: four sessions on four sockets, however
     // the kernel spread them, and the fifth is told the server is busy.
-    let open = || {
-        let client = gstudpvid::blocking_client::BlockingClient::connect_and_open(
-            "127.0.0.1",
-            server.port,
-            Default::default(),
-            "long.mkv",
-            0,
-        )
-        .map_err(|e| e.to_string())?;
-        client
-            .open("long.mkv", 0, Duration::from_secs(5))
-            .map_err(|e| format!("{e:?}"))?;
-        Ok::<_, String>(client)
-    };
+    let open = || hold_session(server.port);
     let holders: Vec<_> = (0..4)
         .map(|i| open().unwrap_or_else(|e| panic!("session {} refused: {e}", i + 1)))
         .collect();

@@ -10,8 +10,8 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-
 use std::time::{Duration, Instant, SystemTime};
+
 use tokio::sync::Notify;
 
 use gstudpvid::protocol::catalog::CatalogEntry;

@@ -663,12 +663,12 @@ fn main() -> std::process::ExitCode {
         config.max_sessions_per_address,
     ));
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let (senders, mut inboxes): (Vec<_>, Vec<_>) = (0..threads)
+    let (senders, inboxes): (Vec<_>, Vec<_>) = (0..threads)
         .map(|_| tokio::sync::mpsc::channel::<Handoff>(HANDOFF_QUEUE))
         .unzip();
     let peers = Arc::new(senders);
     let mut links: Vec<ShardLink> = inboxes
-        .drain(..)
+        .into_iter()
         .zip(content_arrived.iter())
         .enumerate()
         .map(|(index, (inbox, ready))| ShardLink {
@@ -686,6 +686,11 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(1);
     };
     let store = Arc::new(store);
+    let shard = move |index| Shard {
+        index,
+        count: threads,
+        admission: admission.clone(),
+    };
     runtime.block_on(async move {
         let serving = match &*store {
             Store::Folder(l) => l.root().display().to_string(),
@@ -717,11 +722,7 @@ fn main() -> std::process::ExitCode {
             let index = link.index;
             let (config, store, counters) =
                 (config.clone(), store.clone(), metrics.counters.clone());
-            let shard = Shard {
-                index,
-                count: threads,
-                admission: admission.clone(),
-            };
+            let shard = shard(index);
             let worker = std::thread::Builder::new()
                 .name(format!("serve-{index}"))
                 .spawn(move || {
@@ -768,16 +769,11 @@ fn main() -> std::process::ExitCode {
         } else {
             None
         };
-        let shard = Shard {
-            index: 0,
-            count: threads,
-            admission,
-        };
         run_shard(
             main_socket,
             config,
             store,
-            shard,
+            shard(0),
             main_link,
             metrics.counters.clone(),
         )

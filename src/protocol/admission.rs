@@ -12,7 +12,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::wire::{ConnectionId, HEADER_LEN, MAGIC, VERSION};
+use super::wire::{ConnectionId, Packet};
 
 /// Why a new session is turned away.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,20 +167,17 @@ impl Shard {
 /// after a NAT rebinding they may reach another shard's socket, which
 /// hands them on to the shard holding the session.
 pub fn shard_of(datagram: &[u8], count: usize) -> Option<usize> {
-    if count <= 1 || datagram.len() < HEADER_LEN || datagram[..2] != MAGIC || datagram[2] != VERSION
-    {
+    if count <= 1 {
         return None;
     }
-    let mut id = [0u8; 8];
-    id.copy_from_slice(&datagram[4..12]);
-    let id = u64::from_be_bytes(id);
+    let id = Packet::header_connection_id(datagram)?;
     (id != 0).then(|| (id % count as u64) as usize)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::wire::{Body, Packet};
+    use crate::protocol::wire::Body;
 
     fn ip(last: u8) -> IpAddr {
         IpAddr::from([10, 0, 0, last])

@@ -849,8 +849,9 @@ impl<S: ContentStore> ServerEndpoint<S> {
     /// half the sessions are taken, or many are still unproven.
     fn under_load(&self) -> bool {
         let unvalidated = self.sessions.values().filter(|s| !s.validated).count();
-        self.shard.admission.sessions() >= self.shard.admission.max_sessions() / 2
-            || unvalidated >= (self.config.max_sessions / 8).max(4)
+        let admission = &self.shard.admission;
+        admission.sessions() >= admission.max_sessions() / 2
+            || unvalidated >= (admission.max_sessions() / 8).max(4)
     }
 
     fn handle_open(&mut self, id: ConnectionId, request: OpenRequest) {
@@ -1278,13 +1279,10 @@ impl<S: ContentStore> ServerEndpoint<S> {
 
 /// The keys of the authenticated session a datagram's header names, if any.
 fn sealed_session_keys<'a>(sessions: &'a SessionMap, datagram: &[u8]) -> Option<&'a SessionKeys> {
-    if datagram.len() < HEADER_LEN || datagram[..2] != super::wire::MAGIC || datagram[2] != VERSION
-    {
-        return None;
-    }
-    let mut id = [0u8; 8];
-    id.copy_from_slice(&datagram[4..12]);
-    sessions.get(&u64::from_be_bytes(id))?.keys.as_ref()
+    sessions
+        .get(&Packet::header_connection_id(datagram)?)?
+        .keys
+        .as_ref()
 }
 
 /// Builds a Data datagram straight from the payload slice, without the

@@ -504,6 +504,18 @@ impl Packet {
         }
     }
 
+    /// The connection id in a datagram's header, read without decoding
+    /// the rest (sealed datagrams keep their header in the clear); `None`
+    /// for what is not a datagram of this version.
+    pub fn header_connection_id(buf: &[u8]) -> Option<ConnectionId> {
+        if buf.len() < HEADER_LEN || buf[..2] != MAGIC || buf[2] != VERSION {
+            return None;
+        }
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&buf[4..12]);
+        Some(u64::from_be_bytes(id))
+    }
+
     /// Parses one datagram. Never panics, whatever the input.
     pub fn decode(buf: &[u8]) -> Result<Packet, DecodeError> {
         if buf.len() < HEADER_LEN {
