@@ -235,9 +235,19 @@ fn start_server(dir: &Path) -> (Child, std::path::PathBuf, u16) {
             "--threads",
             &server_threads(),
         ])
-        .env("UDPVID_LOG", "warn")
+        .env(
+            "UDPVID_LOG",
+            std::env::var("LOAD_SERVER_LOG_LEVEL").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        // LOAD_SERVER_LOG=FILE keeps the server's log, to see why a
+        // session failed under load.
+        .stderr(match std::env::var_os("LOAD_SERVER_LOG") {
+            Some(path) => std::fs::File::create(path)
+                .map(Stdio::from)
+                .unwrap_or_else(|_| Stdio::null()),
+            None => Stdio::null(),
+        })
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", server_bin.display()));
     // "udpvid server listening on 127.0.0.1:PORT, serving DIR"

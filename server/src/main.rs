@@ -216,9 +216,10 @@ fn log_event(event: ServerEvent, counters: &LoopCounters) {
             bytes_sent,
             packets_sent,
             packets_lost,
+            probe_timeouts,
         } => info!(
             session = %format!("{id:016x}"), %addr, %reason, bytes_sent, packets_sent, packets_lost,
-            "session closed"
+            probe_timeouts, "session closed"
         ),
     }
 }

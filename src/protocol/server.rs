@@ -221,6 +221,8 @@ pub enum ServerEvent {
         bytes_sent: u64,
         packets_sent: u64,
         packets_lost: u64,
+        /// Probe timeouts: rounds where the client acknowledged nothing.
+        probe_timeouts: u64,
     },
 }
 
@@ -1005,6 +1007,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
                 bytes_sent: s.bytes_sent,
                 packets_sent: stats.packets_sent,
                 packets_lost: stats.packets_lost,
+                probe_timeouts: stats.probe_timeouts,
             });
         }
     }
