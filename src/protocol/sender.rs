@@ -318,7 +318,8 @@ impl LossRecovery {
         if self.probe_credit > 0 || self.bytes_in_flight + self.max_datagram > self.cc.window() {
             return None;
         }
-        self.pacer.next_send_time(self.max_datagram)
+        let room = self.cc.window().saturating_sub(self.bytes_in_flight);
+        self.pacer.next_send_time(self.max_datagram, room)
     }
 
     pub fn rtt(&self) -> &RttEstimator {
