@@ -68,6 +68,10 @@ pub struct BufferingLevel {
     pub available: u64,
     /// Bytes that make 100 %.
     pub goal: u64,
+    /// `available` at which the level reaches 100 % (less than `goal` when
+    /// what the player holds counts): a waiter needs to look again only
+    /// then, not on every datagram.
+    pub full_at: u64,
 }
 
 /// The bytes that make 100 %, from the read-ahead, the bytes left in the

@@ -511,6 +511,7 @@ impl ClientConnection {
                 percent: 100,
                 available: 0,
                 goal: 0,
+                full_at: 0,
             };
         };
         let r = &t.receiver;
@@ -552,6 +553,7 @@ impl ClientConnection {
             percent: buffering::buffering_percent(available.saturating_add(held), goal),
             available,
             goal,
+            full_at: goal.saturating_sub(held),
         }
     }
 

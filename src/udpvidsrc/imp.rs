@@ -32,8 +32,8 @@ const DEFAULT_TIMEOUT_SECS: u32 = 10;
 const MIN_READ_AHEAD: u64 = 16 * 1024;
 /// How often the monitor looks at the stats when nothing wakes it.
 const MONITOR_TICK: Duration = Duration::from_millis(100);
-/// While buffering the monitor wakes on every batch of arriving data (at
-/// most this long apart): an application pauses the pipeline until it
+/// While buffering the monitor looks this often, and at once when the
+/// bytes for 100 % are in: an application pauses the pipeline until it
 /// posts 100 %, so on a fast link a coarse tick would idle the pipeline for
 /// most of each refill.
 const BUFFERING_TICK: Duration = Duration::from_millis(20);
@@ -376,9 +376,12 @@ impl UdpVidSrc {
                 // times before the first frame. Within one wait the
                 // percent shown never goes down.
                 let mut shown: i32 = 0;
+                // Bytes ready at which the level reaches 100 %, from the
+                // last look (any byte before the first).
+                let mut full_at = 1;
                 loop {
                     let woke = if buffering.load(Ordering::Acquire) != NOT_BUFFERING {
-                        client.wait_for_progress(BUFFERING_TICK);
+                        client.wait_for_buffered(full_at, BUFFERING_TICK);
                         woken.try_recv()
                     } else {
                         woken.recv_timeout(MONITOR_TICK).map_err(|e| match e {
@@ -421,6 +424,7 @@ impl UdpVidSrc {
                         let level = match client.buffering_level(cause, held) {
                             Ok(level) => level,
                             Err(err) => {
+                                full_at = u64::MAX;
                                 // The session ended while the application
                                 // waits: say why now, not after `timeout`.
                                 if !stall_reported {
@@ -434,7 +438,10 @@ impl UdpVidSrc {
                                 continue;
                             }
                         };
+                        full_at = level.full_at.max(1);
                         if level.percent >= 100 {
+                            // The next wait looks at once.
+                            full_at = 1;
                             buffering.store(NOT_BUFFERING, Ordering::Release);
                             // Until the next position query, what the
                             // pipeline holds is what it took while starting:
