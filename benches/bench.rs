@@ -1357,7 +1357,7 @@ fn main() {
             .unwrap_or_default()
     );
 
-    // `BENCH_ONLY=seek` (or `start`, or `slow`) runs just that table.
+    // `BENCH_ONLY=seek` (or `start`, `slow`, `scale`, `pull`) runs just that table.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |section: &str| only.is_empty() || only == section;
     if run("start") {
@@ -1465,107 +1465,117 @@ fn main() {
         }
     }
 
-    let _ = writeln!(
-        out,
-        "## Seek latency (request to first frame rendered after it; seeks to 20 s, 45 s, 5 s while playing)\n"
-    );
-    let _ = writeln!(
-        out,
-        "| condition | peer | seek 1 ms | seek 2 ms | seek 3 ms |"
-    );
-    let _ = writeln!(out, "|---|---|---|---|---|");
-    for cond in conditions.iter().filter(|c| {
-        run("seek") && (c.is_clean() || (c.rate_mbit.is_some() && c.loss == 0.0) || c.loss >= 0.1)
-    }) {
-        for peer in [Peer::Http, Peer::Udpvid] {
-            if peer == Peer::Http && cond.is_lossy() {
-                continue;
+    if run("seek") {
+        let _ = writeln!(
+            out,
+            "## Seek latency (request to first frame rendered after it; seeks to 20 s, 45 s, 5 s while playing)\n"
+        );
+        let _ = writeln!(
+            out,
+            "| condition | peer | seek 1 ms | seek 2 ms | seek 3 ms |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|");
+        for cond in conditions.iter().filter(|c| {
+            run("seek")
+                && (c.is_clean() || (c.rate_mbit.is_some() && c.loss == 0.0) || c.loss >= 0.1)
+        }) {
+            for peer in [Peer::Http, Peer::Udpvid] {
+                if peer == Peer::Http && cond.is_lossy() {
+                    continue;
+                }
+                let path = open_path(&env, peer, *cond, 4);
+                let cells = match seek_latencies(&path.uri, peer) {
+                    Ok(v) => v
+                        .iter()
+                        .map(|d| format!("{:.0}", d.as_secs_f64() * 1000.0))
+                        .collect::<Vec<_>>()
+                        .join(" | "),
+                    Err(e) => format!("failed: {e} | | "),
+                };
+                let _ = writeln!(out, "| {} | {} | {cells} |", cond.name, peer.name());
+                eprint!(".");
             }
-            let path = open_path(&env, peer, *cond, 4);
-            let cells = match seek_latencies(&path.uri, peer) {
-                Ok(v) => v
-                    .iter()
-                    .map(|d| format!("{:.0}", d.as_secs_f64() * 1000.0))
-                    .collect::<Vec<_>>()
-                    .join(" | "),
-                Err(e) => format!("failed: {e} | | "),
-            };
-            let _ = writeln!(out, "| {} | {} | {cells} |", cond.name, peer.name());
-            eprint!(".");
         }
+        let _ = writeln!(out);
     }
-    let _ = writeln!(out);
     if only == "seek" {
         return stop_and_print(&out, env, udpvid, nginx);
     }
 
-    // 1. Full pull as fast as possible.
-    let _ = writeln!(out, "## Full-file pull (as fast as possible)\n");
-    let _ = writeln!(
-        out,
-        "| condition | peer | time s | ratio to HTTP | first byte ms | client CPU s/GB | server CPU s/GB |"
-    );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
-    for cond in &conditions {
-        let mut http_time = None;
-        // On loopback a pull takes tens of milliseconds, less than this
-        // machine's noise: the median of several, the peers taking turns.
-        let reps = if cond.is_clean() { PULL_REPEATS } else { 1 };
-        let peers = [Peer::Http, Peer::Udpvid];
-        let mut pulls: Vec<Vec<Result<Pull, String>>> = peers.iter().map(|_| Vec::new()).collect();
-        for _ in 0..reps {
-            for (i, peer) in peers.iter().enumerate() {
-                if *peer == Peer::Http && cond.is_lossy() {
-                    continue;
-                }
-                let path = open_path(&env, *peer, *cond, 1);
-                pulls[i].push(pull(&path.uri, &path.server_pid));
-            }
-        }
-        for (peer, runs) in peers.into_iter().zip(pulls) {
-            if peer == Peer::Http && cond.is_lossy() {
-                let _ = writeln!(
-                    out,
-                    "| {} | {} | n/a: a TCP relay cannot drop segments (see the kernel table) | | | | |",
-                    cond.name,
-                    peer.name()
-                );
-                continue;
-            }
-            match median_pull(runs) {
-                Ok(p) => {
-                    let gb = p.bytes as f64 / 1e9;
-                    if peer == Peer::Http {
-                        http_time = Some(p.seconds);
+    if run("pull") {
+        // 1. Full pull as fast as possible.
+        let _ = writeln!(out, "## Full-file pull (as fast as possible)\n");
+        let _ = writeln!(
+            out,
+            "| condition | peer | time s | ratio to HTTP | first byte ms | client CPU s/GB | server CPU s/GB |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+        for cond in &conditions {
+            let mut http_time = None;
+            // On loopback a pull takes tens of milliseconds, less than this
+            // machine's noise: the median of several, the peers taking turns.
+            let reps = if cond.is_clean() { PULL_REPEATS } else { 1 };
+            let peers = [Peer::Http, Peer::Udpvid];
+            let mut pulls: Vec<Vec<Result<Pull, String>>> =
+                peers.iter().map(|_| Vec::new()).collect();
+            for _ in 0..reps {
+                for (i, peer) in peers.iter().enumerate() {
+                    if *peer == Peer::Http && cond.is_lossy() {
+                        continue;
                     }
-                    let ratio = http_time.map_or("–".into(), |h| format!("{:.2}", p.seconds / h));
-                    let _ = writeln!(
-                        out,
-                        "| {} | {} | {} | {} | {} | {:.1} | {:.1} |",
-                        cond.name,
-                        peer.name(),
-                        if reps > 1 {
-                            format!("{:.3} (median of {reps})", p.seconds)
-                        } else {
-                            format!("{:.2}", p.seconds)
-                        },
-                        ratio,
-                        ms(Some(p.first_byte)),
-                        p.client_cpu / gb,
-                        p.server_cpu / gb
-                    );
+                    let path = open_path(&env, *peer, *cond, 1);
+                    pulls[i].push(pull(&path.uri, &path.server_pid));
                 }
-                Err(e) => {
+            }
+            for (peer, runs) in peers.into_iter().zip(pulls) {
+                if peer == Peer::Http && cond.is_lossy() {
                     let _ = writeln!(
                         out,
-                        "| {} | {} | failed: {e} | | | | |",
+                        "| {} | {} | n/a: a TCP relay cannot drop segments (see the kernel table) | | | | |",
                         cond.name,
                         peer.name()
                     );
+                    continue;
                 }
+                match median_pull(runs) {
+                    Ok(p) => {
+                        let gb = p.bytes as f64 / 1e9;
+                        if peer == Peer::Http {
+                            http_time = Some(p.seconds);
+                        }
+                        let ratio =
+                            http_time.map_or("–".into(), |h| format!("{:.2}", p.seconds / h));
+                        let _ = writeln!(
+                            out,
+                            "| {} | {} | {} | {} | {} | {:.1} | {:.1} |",
+                            cond.name,
+                            peer.name(),
+                            if reps > 1 {
+                                format!("{:.3} (median of {reps})", p.seconds)
+                            } else {
+                                format!("{:.2}", p.seconds)
+                            },
+                            ratio,
+                            ms(Some(p.first_byte)),
+                            p.client_cpu / gb,
+                            p.server_cpu / gb
+                        );
+                    }
+                    Err(e) => {
+                        let _ = writeln!(
+                            out,
+                            "| {} | {} | failed: {e} | | | | |",
+                            cond.name,
+                            peer.name()
+                        );
+                    }
+                }
+                eprint!(".");
             }
-            eprint!(".");
         }
+    }
+    if only == "pull" {
+        return stop_and_print(&out, env, udpvid, nginx);
     }
 
     // 2. Stop after 10 s of real-time playback (and after pausing 30 s): waste.
