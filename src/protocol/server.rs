@@ -29,6 +29,12 @@ use super::wire::{
 /// batch one datagram long as soon as two sessions were busy. Sixteen
 /// full datagrams (23 KiB) keep sessions' turns short (fairness) and a
 /// system call's cost spread over many datagrams.
+/// A session that lost more than this share of its packets sends each
+/// resend twice (see `StreamSender::set_resend_twice`)...
+const RESEND_TWICE_LOSS_SHARE: f64 = 0.03;
+/// ...once it sent this many, so a few early losses do not decide it.
+const RESEND_TWICE_AFTER_PACKETS: u64 = 200;
+
 pub const SESSION_BATCH: usize = 16;
 /// Default time a session may stay silent before the server drops it.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -958,6 +964,14 @@ impl<S: ContentStore> ServerEndpoint<S> {
         let Some(t) = session.transfer.as_mut() else {
             return;
         };
+        if !outcome.lost.is_empty() {
+            let stats = session.recovery.stats();
+            t.stream.set_resend_twice(
+                stats.packets_sent >= RESEND_TWICE_AFTER_PACKETS
+                    && stats.packets_lost as f64
+                        > stats.packets_sent as f64 * RESEND_TWICE_LOSS_SHARE,
+            );
+        }
         // Index sent ahead lives apart on the client: its ACK does not
         // mean the stream holds those bytes.
         for p in outcome
