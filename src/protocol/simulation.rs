@@ -341,6 +341,25 @@ impl Sim {
     }
 }
 
+impl Sim {
+    /// Real-time playback of a 4 Mbit/s stream for `d` from now.
+    fn play_for(&mut self, d: Duration) {
+        let playing = Consumer::Paced {
+            bytes_per_tick: 50_000,
+            tick: Duration::from_millis(100),
+        };
+        let until = self.now + d;
+        self.run_until(playing, d + Duration::from_secs(2), |s| s.now >= until);
+    }
+
+    /// Seeks to `offset`; what arrives from now on is the new position's.
+    fn seek(&mut self, offset: u64) -> Instant {
+        self.client.open_file(self.now, "movie.mp4", offset);
+        self.delivered.clear();
+        self.now
+    }
+}
+
 fn file(len: usize, seed: u64) -> Vec<u8> {
     let mut rng = StdRng::seed_from_u64(seed);
     (0..len).map(|_| rng.r#gen()).collect()
@@ -933,17 +952,9 @@ fn a_seek_after_playback_gets_the_link_rate() {
         clean(40),
         bottleneck(20, 40, 256),
     );
-    let start = sim.now;
-    sim.client.open_file(start, "movie.mp4", 0);
-    let playing = Consumer::Paced {
-        bytes_per_tick: 50_000,
-        tick: Duration::from_millis(100),
-    };
-    let until = start + Duration::from_secs(8);
-    sim.run_until(playing, Duration::from_secs(10), |s| s.now >= until);
-    sim.client.open_file(sim.now, "movie.mp4", 6_000_000);
-    sim.delivered.clear();
-    let asked = sim.now;
+    sim.client.open_file(sim.now, "movie.mp4", 0);
+    sim.play_for(Duration::from_secs(8));
+    let asked = sim.seek(6_000_000);
     sim.run_until(Consumer::Greedy, Duration::from_secs(10), |s| {
         s.delivered.len() >= 1_500_000
     });
@@ -1069,23 +1080,15 @@ fn sessions_take_turns_in_batches_fairly_and_none_starves() {
 fn a_lost_open_is_repeated_after_the_paths_timeout() {
     let data = file(4_000_000, 61);
     let mut sim = Sim::new(61, data.clone(), 1 << 20, clean(40), clean(40));
-    let start = sim.now;
-    sim.client.open_file(start, "movie.mp4", 0);
-    let playing = Consumer::Paced {
-        bytes_per_tick: 50_000,
-        tick: Duration::from_millis(100),
-    };
-    let until = start + Duration::from_secs(3);
-    sim.run_until(playing, Duration::from_secs(5), |s| s.now >= until);
-    sim.client.open_file(sim.now, "movie.mp4", 3_000_000);
+    sim.client.open_file(sim.now, "movie.mp4", 0);
+    sim.play_for(Duration::from_secs(3));
+    let asked = sim.seek(3_000_000);
     // The Open (and whatever left with it) is lost on the way.
     let mut lost_open = false;
     while let Some(d) = sim.client.poll_transmit(sim.now) {
         lost_open |= matches!(Packet::decode(&d).map(|p| p.body), Ok(Body::Open(_)));
     }
     assert!(lost_open, "the seek sent an Open");
-    sim.delivered.clear();
-    let asked = sim.now;
     sim.run_until(Consumer::Greedy, Duration::from_secs(5), |s| {
         !s.delivered.is_empty()
     });
@@ -1105,7 +1108,7 @@ fn a_seek_survives_the_loss_of_one_copy_of_its_open() {
     sim.run_until(Consumer::Greedy, Duration::from_secs(5), |s| {
         s.delivered.len() >= 100_000
     });
-    sim.client.open_file(sim.now, "movie.mp4", 3_000_000);
+    let asked = sim.seek(3_000_000);
     let mut opens = Vec::new();
     while let Some(d) = sim.client.poll_transmit(sim.now) {
         if matches!(Packet::decode(&d).map(|p| p.body), Ok(Body::Open(_))) {
@@ -1117,8 +1120,6 @@ fn a_seek_survives_the_loss_of_one_copy_of_its_open() {
     assert_eq!(opens.len(), 2, "the Open leaves twice");
     // The first copy is lost, the second arrives.
     sim.up.send(sim.now, opens.remove(1));
-    sim.delivered.clear();
-    let asked = sim.now;
     sim.run_until(Consumer::Greedy, Duration::from_secs(5), |s| {
         !s.delivered.is_empty()
     });
@@ -1134,17 +1135,9 @@ fn seek_time(seed: u64, loss: f64) -> Duration {
     let mut down = bottleneck(20, 40, 256);
     down.loss = loss;
     let mut sim = Sim::new(seed, data.clone(), 1 << 20, lossy(loss, 0.0, 40, 0), down);
-    let start = sim.now;
-    sim.client.open_file(start, "movie.mp4", 0);
-    let playing = Consumer::Paced {
-        bytes_per_tick: 50_000,
-        tick: Duration::from_millis(100),
-    };
-    let until = start + Duration::from_secs(3);
-    sim.run_until(playing, Duration::from_secs(10), |s| s.now >= until);
-    sim.client.open_file(sim.now, "movie.mp4", 5_000_000);
-    sim.delivered.clear();
-    let asked = sim.now;
+    sim.client.open_file(sim.now, "movie.mp4", 0);
+    sim.play_for(Duration::from_secs(3));
+    let asked = sim.seek(5_000_000);
     sim.run_until(Consumer::Greedy, Duration::from_secs(10), |s| {
         s.delivered.len() >= 150_000
     });
