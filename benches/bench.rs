@@ -60,6 +60,45 @@ fn cpu_seconds(pid: &str) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
+    stat_cpu_seconds(&stat)
+}
+
+/// Name of the bench's TCP relay threads (HTTP's impairment), whose CPU
+/// is not the HTTP client's.
+const RELAY_THREAD: &str = "tcp-relay";
+
+/// CPU seconds of each of this process's relay threads, by thread id.
+fn relay_threads_cpu() -> std::collections::HashMap<String, f64> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() != RELAY_THREAD {
+            continue;
+        }
+        if let Ok(stat) = std::fs::read_to_string(dir.join("stat")) {
+            out.insert(
+                task.file_name().to_string_lossy().into_owned(),
+                stat_cpu_seconds(&stat),
+            );
+        }
+    }
+    out
+}
+
+/// CPU the relay threads used since `before` (threads that ended meanwhile
+/// are not counted: a slight overcount of HTTP's client).
+fn relay_cpu_since(before: &std::collections::HashMap<String, f64>) -> f64 {
+    relay_threads_cpu()
+        .iter()
+        .map(|(tid, cpu)| cpu - before.get(tid).copied().unwrap_or(0.0))
+        .sum()
+}
+
+fn stat_cpu_seconds(stat: &str) -> f64 {
     // Fields after the command name, which is in parentheses.
     let rest = stat.rsplit(')').next().unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -258,13 +297,21 @@ impl Condition {
     }
 }
 
+/// Starts one of the relay's threads, named so its CPU can be told apart.
+fn relay_thread(f: impl FnOnce() + Send + 'static) {
+    std::thread::Builder::new()
+        .name(RELAY_THREAD.into())
+        .spawn(f)
+        .expect("relay thread");
+}
+
 /// A TCP relay that adds one-way delay and a rate cap in the server →
 /// client direction (and the delay client → server), with a bounded
 /// buffer so the sender still feels back-pressure.
 fn start_tcp_relay(upstream: u16, cond: Condition) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("relay bind");
     let port = listener.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
+    relay_thread(move || {
         for client in listener.incoming().flatten() {
             let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
                 continue;
@@ -292,7 +339,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, rate_mbit: Option<f64>, delay: D
         (r * 1e6 / 8.0 * delay.as_secs_f64() * 2.0) as usize + (256 << 10)
     });
     let (tx, rx) = mpsc::sync_channel::<(Instant, Vec<u8>)>((bdp / 16384).max(4));
-    std::thread::spawn(move || {
+    relay_thread(move || {
         let mut buf = vec![0u8; 16384];
         let mut free_at = Instant::now();
         loop {
@@ -311,7 +358,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, rate_mbit: Option<f64>, delay: D
             }
         }
     });
-    std::thread::spawn(move || {
+    relay_thread(move || {
         while let Ok((due, data)) = rx.recv() {
             let now = Instant::now();
             if due > now {
@@ -808,6 +855,7 @@ fn pull(uri: &str, server_pid: &str) -> Result<Pull, String> {
         );
     }
     let cpu0 = (cpu_seconds("self"), cpu_seconds(server_pid));
+    let relay0 = relay_threads_cpu();
     let started = Instant::now();
     let bus = pipeline.bus().ok_or("bus")?;
     pipeline
@@ -818,6 +866,9 @@ fn pull(uri: &str, server_pid: &str) -> Result<Pull, String> {
         &[gst::MessageType::Eos, gst::MessageType::Error],
     );
     let seconds = started.elapsed().as_secs_f64();
+    // Before the connection closes and the relay's threads end with it.
+    let client_cpu = cpu_seconds("self") - cpu0.0 - relay_cpu_since(&relay0);
+    let server_cpu = cpu_seconds(server_pid) - cpu0.1;
     let _ = pipeline.set_state(gst::State::Null);
     match msg.as_ref().map(|m| m.view()) {
         Some(gst::MessageView::Eos(_)) => {}
@@ -831,8 +882,8 @@ fn pull(uri: &str, server_pid: &str) -> Result<Pull, String> {
     Ok(Pull {
         seconds,
         first_byte,
-        client_cpu: cpu_seconds("self") - cpu0.0,
-        server_cpu: cpu_seconds(server_pid) - cpu0.1,
+        client_cpu,
+        server_cpu,
         bytes: bytes.load(Ordering::Relaxed),
     })
 }
@@ -1505,6 +1556,10 @@ fn main() {
     if run("pull") {
         // 1. Full pull as fast as possible.
         let _ = writeln!(out, "## Full-file pull (as fast as possible)\n");
+        let _ = writeln!(
+            out,
+            "Client CPU: this process's, less the HTTP relay's threads; the impairment proxy is a process of its own.\n"
+        );
         let _ = writeln!(
             out,
             "| condition | peer | time s | ratio to HTTP | first byte ms | client CPU s/GB | server CPU s/GB |"
