@@ -556,15 +556,26 @@ const RECV_SLOTS: usize = 8;
 
 /// A look at the socket that found at least one datagram but fewer than
 /// this many found a stream arriving spaced by a link slower than this
-/// thread: the next look waits [`COALESCE_FOR`] instead of waking on the
-/// next datagram. At 20 Mbit/s a datagram comes every 0.57 ms, and a
-/// wake-up for each was two thirds of the element's CPU; a bulk stream
-/// on a fast link fills whole batches and is read at once as before.
+/// thread: the next look waits a while (see [`coalesce_for`]) instead of
+/// waking on the next datagram. At 20 Mbit/s a datagram comes every
+/// 0.57 ms, and a wake-up for each was two thirds of the element's CPU; a
+/// bulk stream on a fast link fills whole batches and is read at once.
 const COALESCE_BELOW: usize = 16;
-/// How long a paced stream's datagrams wait for the next look: far below
-/// any round trip worth measuring, and within the ACK delay the sender
-/// allows for.
-const COALESCE_FOR: Duration = Duration::from_millis(2);
+/// The longest a paced stream's datagrams wait for the next look: within
+/// the ACK delay the sender allows for.
+const MAX_COALESCE: Duration = Duration::from_millis(4);
+
+/// How long the next look may wait on this path: a sixteenth of its
+/// round trip (4 ms at 80 ms), so the wait never matters to the transfer;
+/// none before an RTT sample or on a path under 16 ms (a LAN), where the
+/// first flights of a fast pull also come in small batches and a wait
+/// slowed a loopback pull by a third.
+fn coalesce_for(conn: &ClientConnection) -> Option<Duration> {
+    let rtt = conn.rtt();
+    let wait = (rtt.min() / 16).min(MAX_COALESCE);
+    // poll(2) counts in milliseconds.
+    (rtt.has_sample() && wait >= Duration::from_millis(1)).then_some(wait)
+}
 
 /// Waits until `socket` (if given) or `stop` is readable or `timeout`
 /// passed (rounded up to a millisecond). An error ends the wait too: the
@@ -657,7 +668,7 @@ fn network_loop(
     mut receiver: BatchReceiver,
     stop: UnixStream,
 ) {
-    let mut coalesce = false;
+    let mut coalesce = None;
     while !shared.stop.load(Ordering::Acquire) {
         let wait = {
             let mut inner = lock(&shared);
@@ -669,16 +680,19 @@ fn network_loop(
                 .map_or(MAX_POLL_INTERVAL, |t| t.saturating_duration_since(now))
                 .clamp(Duration::from_millis(1), MAX_POLL_INTERVAL)
         };
-        if coalesce {
-            wait_readable(None, &stop, wait.min(COALESCE_FOR));
-        } else {
-            wait_readable(Some(&socket), &stop, wait);
+        match coalesce {
+            Some(pause) => wait_readable(None, &stop, wait.min(pause)),
+            None => wait_readable(Some(&socket), &stop, wait),
         }
         let mut inner = lock(&shared);
         // A burst is handled under one lock, so it costs one wake-up of the
         // streaming thread, not one per datagram.
         let drained = receiver.drain(&socket, &mut inner);
-        coalesce = (1..COALESCE_BELOW).contains(&drained);
+        coalesce = if (1..COALESCE_BELOW).contains(&drained) {
+            coalesce_for(&inner.conn)
+        } else {
+            None
+        };
         let data = drained > 0;
         let now = Instant::now();
         if inner.conn.poll_timeout().is_some_and(|t| t <= now) {
