@@ -1151,8 +1151,7 @@ fn seek_time(seed: u64, loss: f64) -> Duration {
 #[test]
 fn seeks_at_ten_percent_loss_stay_near_the_clean_time() {
     let clean = seek_time(1, 0.0);
-    let seeds = 1..13u64;
-    let lossy: Vec<Duration> = seeds.clone().map(|s| seek_time(s, 0.1)).collect();
+    let lossy: Vec<Duration> = (1..13u64).map(|s| seek_time(s, 0.1)).collect();
     let mean = lossy.iter().sum::<Duration>() / lossy.len() as u32;
     let ratio = mean.as_secs_f64() / clean.as_secs_f64();
     assert!(

@@ -476,7 +476,10 @@ impl UdpVidSrc {
                         Self::post_buffering_with(&element, &last, percent, estimate);
                     }
                     if cause == NOT_BUFFERING {
+                        // Whoever ended the wait (100 % here, or a seek in
+                        // `create`), the next one starts afresh.
                         shown = 0;
+                        full_at = 1;
                         match downstream {
                             Some((held, _)) => {
                                 playback.held.store(held, Ordering::Release);
