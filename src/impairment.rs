@@ -13,6 +13,12 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+/// What a datagram costs a link beyond its payload: the IPv4 (20) and UDP
+/// (8) headers. A rate cap counts them, as a real link does, so a protocol
+/// with small datagrams pays for them here too (the benchmark's TCP relay
+/// charges TCP's own headers the same way).
+pub const IP_UDP_HEADERS: usize = 28;
+
 /// Two-state burst loss: in the bad state packets are lost with
 /// `loss_in_bad`; the chain moves good→bad with `p` and bad→good with `r`
 /// per packet (mean burst length 1/r packets).
@@ -183,7 +189,8 @@ impl Impairment {
                 return Vec::new();
             }
             let start = self.link_free_at.map_or(now, |t| t.max(now));
-            let serialise = Duration::from_secs_f64(len as f64 * 8.0 / rate as f64);
+            let serialise =
+                Duration::from_secs_f64((len + IP_UDP_HEADERS) as f64 * 8.0 / rate as f64);
             departs = start + serialise;
             self.link_free_at = Some(departs);
             self.queue.push_back((departs, len));
@@ -233,7 +240,8 @@ mod tests {
 
     #[test]
     fn bottleneck_delays_then_tail_drops() {
-        // 8 Mbit/s: a 1000-byte packet takes 1 ms; the queue holds 10 of them.
+        // 8 Mbit/s: a 972-byte datagram (1000 with its IP and UDP headers)
+        // takes 1 ms; the queue holds 10 of them.
         let cfg = ImpairmentConfig {
             rate_bps: Some(8_000_000),
             queue_bytes: 10_000,
@@ -242,14 +250,14 @@ mod tests {
         };
         let t = Instant::now();
         let mut imp = Impairment::new(cfg, 1);
-        let arrivals: Vec<Vec<Instant>> = (0..15).map(|_| imp.process(t, 1000)).collect();
+        let arrivals: Vec<Vec<Instant>> = (0..15).map(|_| imp.process(t, 972)).collect();
         assert_eq!(arrivals[0], vec![t + Duration::from_millis(11)]);
         assert_eq!(arrivals[9], vec![t + Duration::from_millis(20)]);
         assert!(arrivals[10..].iter().all(|a| a.is_empty()));
         assert_eq!(imp.stats().dropped_queue, 5);
         // After the queue drained, packets pass again at the link rate.
         assert_eq!(
-            imp.process(t + Duration::from_millis(50), 1000),
+            imp.process(t + Duration::from_millis(50), 972),
             vec![t + Duration::from_millis(61)]
         );
     }
