@@ -25,7 +25,12 @@ use std::time::{Duration, Instant};
 
 use gst::prelude::*;
 
+#[path = "common/nginx.rs"]
+mod nginx;
+
 const CLIP_SECONDS: u64 = 60;
+/// Length of each real-time viewers run.
+const VIEWER_SECONDS: u64 = 20;
 const STOP_AFTER: Duration = Duration::from_secs(10);
 const PAUSE_FOR: Duration = Duration::from_secs(30);
 const SRT_LATENCY_MS: u32 = 400;
@@ -222,22 +227,7 @@ fn start_udpvid_server(dir: &Path) -> (Proc, u16) {
 
 fn start_nginx(dir: &Path, work: &Path) -> (Proc, u16) {
     let port = free_port();
-    std::fs::create_dir_all(work.join("logs")).expect("nginx dir");
-    let conf = work.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "daemon off; master_process off; worker_processes 1; pid {}/nginx.pid; error_log stderr crit;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{ access_log off; sendfile on; tcp_nopush on; default_type application/octet-stream;\n\
-             client_body_temp_path {w}; proxy_temp_path {w}; fastcgi_temp_path {w}; uwsgi_temp_path {w}; scgi_temp_path {w};\n\
-             server {{ listen 127.0.0.1:{port}; root {}; }} }}\n",
-            work.display(),
-            dir.display(),
-            w = work.display()
-        ),
-    )
-    .expect("nginx.conf");
+    let conf = nginx::write_conf(work, dir, &format!("127.0.0.1:{port}"), 64).expect("nginx.conf");
     let child = Command::new("nginx")
         .arg("-c")
         .arg(&conf)
@@ -305,6 +295,12 @@ fn relay_thread(f: impl FnOnce() + Send + 'static) {
         .expect("relay thread");
 }
 
+/// Payload of a full TCP segment on a 1500-byte Ethernet path (IPv4, TCP
+/// timestamps).
+const TCP_SEGMENT_PAYLOAD: usize = 1448;
+/// IPv4 (20) and TCP (20 + 12 of timestamps) headers per segment.
+const TCP_IP_HEADERS: usize = 52;
+
 /// A TCP relay that adds one-way delay and a rate cap in the server →
 /// client direction (and the delay client → server), with a bounded
 /// buffer so the sender still feels back-pressure.
@@ -342,6 +338,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, rate_mbit: Option<f64>, delay: D
     relay_thread(move || {
         let mut buf = vec![0u8; 16384];
         let mut free_at = Instant::now();
+        let mut carried = 0usize;
         loop {
             let n = match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
@@ -349,8 +346,15 @@ fn pump(mut from: TcpStream, mut to: TcpStream, rate_mbit: Option<f64>, delay: D
             };
             let now = Instant::now();
             let start = free_at.max(now);
+            // A link carries TCP's headers too: a full segment's (1448
+            // bytes with timestamps) 52 bytes of IPv4 and TCP, as the UDP
+            // proxy charges each datagram its IPv4 and UDP headers.
+            let segments =
+                (carried + n).div_ceil(TCP_SEGMENT_PAYLOAD) - carried.div_ceil(TCP_SEGMENT_PAYLOAD);
+            carried += n;
+            let on_wire = n + segments * TCP_IP_HEADERS;
             let serialise = rate_mbit.map_or(Duration::ZERO, |r| {
-                Duration::from_secs_f64(n as f64 * 8.0 / (r * 1e6))
+                Duration::from_secs_f64(on_wire as f64 * 8.0 / (r * 1e6))
             });
             free_at = start + serialise;
             if tx.send((free_at + delay, buf[..n].to_vec())).is_err() {
@@ -957,20 +961,8 @@ fn kernel_loss_pull(env: &Env, percent: u32, http: bool) -> Result<f64, String> 
     ]);
     let (_server, uri) = if http {
         let work = target_dir().join("bench").join("nginx-ns");
-        std::fs::create_dir_all(work.join("logs")).map_err(|e| e.to_string())?;
-        let conf = work.join("nginx.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "daemon off; master_process off; worker_processes 1; pid {w}/nginx.pid; error_log stderr crit;\n\
-                 events {{ worker_connections 64; }}\n\
-                 http {{ access_log off; sendfile on; client_body_temp_path {w}; proxy_temp_path {w}; fastcgi_temp_path {w}; uwsgi_temp_path {w}; scgi_temp_path {w};\n\
-                 server {{ listen 127.0.0.1:8080; root {}; }} }}\n",
-                env.clips.display(),
-                w = work.display()
-            ),
-        )
-        .map_err(|e| e.to_string())?;
+        let conf = nginx::write_conf(&work, &env.clips, "127.0.0.1:8080", 64)
+            .map_err(|e| e.to_string())?;
         let child = Command::new("ip")
             .args(["netns", "exec", &ns, "nginx", "-c"])
             .arg(&conf)
@@ -1177,6 +1169,108 @@ fn failover_viewing(
 /// Issue "beyond one machine": the object store against `--dir`, what ten
 /// viewers of one file cost the store, and what a viewer sees when its
 /// server dies.
+/// One run of `load viewers`: N real-time viewers against one server
+/// core, udpvid or nginx.
+fn load_viewers(
+    n: usize,
+    peer: &str,
+    server_threads: usize,
+) -> Result<Vec<(String, String)>, String> {
+    let output = Command::new(profile_dir().join("examples").join("load"))
+        .args([
+            "viewers",
+            &n.to_string(),
+            "4",
+            &VIEWER_SECONDS.to_string(),
+            peer,
+        ])
+        .env("LOAD_SERVER_THREADS", server_threads.to_string())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| format!("load: {e}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("viewers-result "))
+        .ok_or_else(|| {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            format!("no result ({})", stderr.lines().last().unwrap_or("").trim())
+        })?;
+    Ok(line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect())
+}
+
+/// Real-time viewers at 4 Mbit/s, N of them at once, udpvid against nginx
+/// (issue "hundreds of viewers per core"). `BENCH_VIEWERS=10,100` picks
+/// the Ns. The viewers run in this machine's other core, so past a few
+/// hundred they, not the server, are the limit: a stall column shows it.
+fn viewers_table(out: &mut String) {
+    let counts: Vec<usize> = std::env::var("BENCH_VIEWERS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![10, 100, 300]);
+    let _ = writeln!(
+        out,
+        "## Real-time viewers (4 Mbit/s each, {VIEWER_SECONDS} s, every byte checked; one server core)\n"
+    );
+    let _ = writeln!(
+        out,
+        "The viewers play in real time from one load process (`load viewers`): udpvid through the element's client and read-ahead, HTTP through a socket read at the playback rate (TCP's buffers are its read-ahead).\n"
+    );
+    let _ = writeln!(
+        out,
+        "| viewers | peer | finished | stalls (viewers) | server CPU s/GB | server wake-ups/s | server KiB per session | viewers' CPU s/GB |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    let largest = counts.iter().copied().max().unwrap_or(0);
+    let mut runs: Vec<(usize, &str, usize)> = Vec::new();
+    for &n in &counts {
+        runs.push((n, "http", 1));
+        runs.push((n, "udpvid", 1));
+    }
+    // 1 -> 2 serving threads at the largest N.
+    if largest > 0 {
+        runs.push((largest, "udpvid", 2));
+    }
+    for (n, peer, threads) in runs {
+        let name = match (peer, threads) {
+            ("http", _) => "HTTP (nginx, 1 worker)".to_string(),
+            (_, 1) => "udpvid".to_string(),
+            (_, t) => format!("udpvid, {t} serving threads"),
+        };
+        match load_viewers(n, peer, threads) {
+            Ok(kv) => {
+                let get = |k: &str| {
+                    kv.iter()
+                        .find(|(key, _)| key == k)
+                        .map_or("?", |(_, v)| v.as_str())
+                        .to_string()
+                };
+                let _ = writeln!(
+                    out,
+                    "| {n} | {name} | {} | {} ({}) | {} | {} | {} | {} |",
+                    get("finished"),
+                    get("stalls"),
+                    get("stalled_viewers"),
+                    get("server_cpu_per_gb"),
+                    get("wakeups_per_s"),
+                    get("kib_per_session"),
+                    get("client_cpu_per_gb"),
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(out, "| {n} | {name} | failed: {e} | | | | | |");
+            }
+        }
+        eprint!(".");
+    }
+    let _ = writeln!(out);
+}
+
 fn scale_out(out: &mut String, env: &Env) {
     let _ = writeln!(
         out,
@@ -1408,7 +1502,7 @@ fn main() {
             .unwrap_or_default()
     );
 
-    // `BENCH_ONLY=seek` (or `start`, `slow`, `scale`, `pull`) runs just that table.
+    // `BENCH_ONLY=seek` (or `start`, `slow`, `viewers`, `scale`, `pull`) runs just that table.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |section: &str| only.is_empty() || only == section;
     if run("start") {
@@ -1509,6 +1603,12 @@ fn main() {
         }
     }
 
+    if run("viewers") {
+        viewers_table(&mut out);
+        if only == "viewers" {
+            return stop_and_print(&out, env, udpvid, nginx);
+        }
+    }
     if run("scale") {
         scale_out(&mut out, &env);
         if only == "scale" {

@@ -10,7 +10,7 @@
 //!
 //! ```text
 //! cargo run --release --example load -- [CLIENTS] [FILE_MIB] [PIPELINES]
-//! cargo run --release --example load -- viewers [N] [MBIT] [SECONDS]
+//! cargo run --release --example load -- viewers [N] [MBIT] [SECONDS] [udpvid|http]
 //! cargo run --release --example load -- paced [N] [TOTAL_MBIT] [FILE_MIB]
 //! ```
 //!
@@ -23,9 +23,10 @@
 //! time at MBIT each (with the element's adaptive read-ahead), as people
 //! watching do, instead of pulling as fast as they can. It reports the
 //! server's CPU per GB, its wake-ups per second, its memory, and the
-//! viewers' stalls.
+//! viewers' stalls. With `http` the same viewers read from nginx (one
+//! worker), the peer a user would pick instead; `make bench` runs both.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::UdpSocket;
 use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -39,6 +40,9 @@ use gstudpvid::protocol::read_ahead::ReadAhead;
 use gstudpvid::protocol::wire::{AckRange, Body, OpenRequest, Packet, TransferKind};
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
+
+#[path = "../benches/common/nginx.rs"]
+mod nginx;
 
 const FILES: usize = 4;
 const NEVER_ACK: usize = 20;
@@ -377,60 +381,207 @@ struct ViewerReport {
     error: Option<String>,
 }
 
-/// Plays `file` in real time at `rate` bytes/s for `length`: after a
-/// second of preroll, the bytes due by the playback clock are read every
-/// 100 ms; a read that waits longer than a tick is a stall (the player's
-/// queues would have run dry), and the clock stops while it waits.
-fn view(port: u16, file: &str, rate: f64, length: Duration) -> ViewerReport {
-    const TICK: Duration = Duration::from_millis(100);
+/// The server a viewer load runs against.
+#[derive(Clone, Copy, PartialEq)]
+enum ViewerPeer {
+    /// The udpvid server, viewers through `BlockingClient` (the element's
+    /// client, adaptive read-ahead).
+    Udpvid,
+    /// nginx with one worker, viewers reading an HTTP response in real
+    /// time: what a progressive-download player does, its read-ahead being
+    /// the socket buffers TCP fills.
+    Http,
+}
+
+impl ViewerPeer {
+    fn name(self) -> &'static str {
+        match self {
+            ViewerPeer::Udpvid => "udpvid",
+            ViewerPeer::Http => "http",
+        }
+    }
+}
+
+/// Plays `file` (whose bytes are `data`) in real time at `rate` bytes/s
+/// for `length`: after a second of preroll, the bytes due by the playback
+/// clock are read every 100 ms; a read that waits longer than a tick is a
+/// stall (the player's queues would have run dry), and the clock stops
+/// while it waits. Every byte is compared with the file.
+fn view(
+    peer: ViewerPeer,
+    port: u16,
+    file: &str,
+    data: &[u8],
+    rate: f64,
+    length: Duration,
+) -> ViewerReport {
     let mut report = ViewerReport::default();
-    let result = (|| -> Result<(), String> {
-        let client =
-            BlockingClient::connect_and_open("127.0.0.1", port, ClientConfig::default(), file, 0)
+    let result = match peer {
+        ViewerPeer::Udpvid => (|| -> Result<(), String> {
+            let client = BlockingClient::connect_and_open(
+                "127.0.0.1",
+                port,
+                ClientConfig::default(),
+                file,
+                0,
+            )
+            .map_err(|e| e.to_string())?;
+            let opened = client
+                .open(file, 0, CLIENT_TIMEOUT)
                 .map_err(|e| e.to_string())?;
-        let opened = client
-            .open(file, 0, CLIENT_TIMEOUT)
-            .map_err(|e| e.to_string())?;
-        let preroll = (rate as usize).min(opened.size as usize);
-        let first = client
-            .read_at(0, preroll, CLIENT_TIMEOUT)
-            .map_err(|e| e.to_string())?;
-        let mut offset = first.len() as u64;
-        let mut played = Duration::ZERO;
-        let mut next = Instant::now() + TICK;
-        while played < length && offset < opened.size {
-            std::thread::sleep(next.saturating_duration_since(Instant::now()));
-            played += TICK;
-            let due = ((played.as_secs_f64() + 1.0) * rate) as u64;
-            let wanted = due.min(opened.size).saturating_sub(offset) as usize;
-            let asked = Instant::now();
-            if wanted > 0 {
+            if opened.size != data.len() as u64 {
+                return Err(format!("size {} != {}", opened.size, data.len()));
+            }
+            let result = play_in_real_time(data, rate, length, &mut report, |offset, wanted| {
                 let chunk = client
                     .read_at(offset, wanted, CLIENT_TIMEOUT)
                     .map_err(|e| format!("at {offset}: {e}"))?;
-                offset += chunk.len() as u64;
-            }
-            let waited = asked.elapsed();
-            if waited > TICK {
-                report.stalls += 1;
-                report.stalled += waited;
-                next = Instant::now() + TICK;
-            } else {
-                next += TICK;
-            }
-        }
-        report.bytes = offset;
-        client.close();
-        Ok(())
-    })();
+                same_bytes(data, offset, &chunk)
+            });
+            client.close();
+            result
+        })(),
+        ViewerPeer::Http => (|| -> Result<(), String> {
+            let mut stream = http_get(port, file)?;
+            play_in_real_time(data, rate, length, &mut report, |offset, wanted| {
+                let mut chunk = vec![0; wanted];
+                stream
+                    .read_exact(&mut chunk)
+                    .map_err(|e| format!("at {offset}: {e}"))?;
+                same_bytes(data, offset, &chunk)
+            })
+        })(),
+    };
     report.error = result.err();
     report
+}
+
+/// The real-time consumer of [`view`]: `read(offset, wanted)` returns how
+/// many bytes it got.
+fn play_in_real_time(
+    data: &[u8],
+    rate: f64,
+    length: Duration,
+    report: &mut ViewerReport,
+    mut read: impl FnMut(u64, usize) -> Result<usize, String>,
+) -> Result<(), String> {
+    const TICK: Duration = Duration::from_millis(100);
+    let size = data.len() as u64;
+    let preroll = (rate as u64).min(size);
+    let mut offset = 0;
+    while offset < preroll {
+        offset += read(offset, (preroll - offset) as usize)? as u64;
+    }
+    let mut played = Duration::ZERO;
+    let mut next = Instant::now() + TICK;
+    while played < length && offset < size {
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        played += TICK;
+        let due = ((played.as_secs_f64() + 1.0) * rate) as u64;
+        let wanted = due.min(size).saturating_sub(offset) as usize;
+        let asked = Instant::now();
+        if wanted > 0 {
+            let got = read(offset, wanted)?;
+            if got == 0 {
+                return Err(format!("end of stream at {offset} of {size}"));
+            }
+            offset += got as u64;
+        }
+        let waited = asked.elapsed();
+        if waited > TICK {
+            report.stalls += 1;
+            report.stalled += waited;
+            next = Instant::now() + TICK;
+        } else {
+            next += TICK;
+        }
+    }
+    report.bytes = offset;
+    Ok(())
+}
+
+/// `chunk`'s length if it is the file's bytes at `offset`.
+fn same_bytes(data: &[u8], offset: u64, chunk: &[u8]) -> Result<usize, String> {
+    let start = offset as usize;
+    match data.get(start..start + chunk.len()) {
+        Some(expected) if expected == chunk => Ok(chunk.len()),
+        _ => Err(format!("wrong bytes at {offset}")),
+    }
+}
+
+/// Sends a GET for `file` and reads the response head; the stream is left
+/// at the first byte of the body.
+fn http_get(port: u16, file: &str) -> Result<std::net::TcpStream, String> {
+    let mut stream =
+        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(CLIENT_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET /{file} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    // Byte by byte, so that nothing of the body is read into a buffer
+    // here: the rest is read at the viewer's pace.
+    let mut head = Vec::new();
+    let mut byte = [0u8];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 16 * 1024 {
+            return Err("response head too long".into());
+        }
+        stream.read_exact(&mut byte).map_err(|e| e.to_string())?;
+        head.push(byte[0]);
+    }
+    let status = String::from_utf8_lossy(&head);
+    if !status.starts_with("HTTP/1.1 200") {
+        return Err(format!(
+            "HTTP answered {:?}",
+            status.lines().next().unwrap_or("")
+        ));
+    }
+    Ok(stream)
+}
+
+/// nginx on a free port of loopback serving `dir` for `n` viewers.
+fn start_nginx(dir: &Path, n: usize) -> (Child, u16) {
+    let work = dir.join("nginx");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    let conf =
+        nginx::write_conf(&work, dir, &format!("127.0.0.1:{port}"), n + 16).expect("nginx.conf");
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(&work)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nginx starts (apt-get install nginx)");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, port)
 }
 
 fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(50);
     let mbit: f64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(4.0);
     let seconds: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(20);
+    let peer = match args.next().as_deref() {
+        None | Some("udpvid") => ViewerPeer::Udpvid,
+        Some("http") => ViewerPeer::Http,
+        Some(other) => {
+            eprintln!("unknown peer {other:?}: udpvid or http");
+            return ExitCode::FAILURE;
+        }
+    };
     let rate = mbit * 1e6 / 8.0;
     let length = Duration::from_secs(seconds);
     let dir = std::env::temp_dir().join(format!("udpvid-viewers-{}", std::process::id()));
@@ -438,19 +589,34 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
     std::fs::create_dir_all(&dir).expect("viewers dir");
     let size = (rate * (seconds as f64 + 5.0)) as usize;
     let mut rng = rand::rngs::StdRng::seed_from_u64(2);
-    for i in 0..FILES {
-        let data: Vec<u8> = (0..size).map(|_| rng.r#gen()).collect();
-        std::fs::write(dir.join(format!("f{i}.bin")), &data).expect("write");
-    }
-    let (mut server, _, port) = start_server(&dir);
+    let files: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..FILES)
+            .map(|i| {
+                let data: Vec<u8> = (0..size).map(|_| rng.r#gen()).collect();
+                std::fs::write(dir.join(format!("f{i}.bin")), &data).expect("write");
+                data
+            })
+            .collect(),
+    );
+    let (mut server, port) = match peer {
+        ViewerPeer::Udpvid => {
+            let (server, _, port) = start_server(&dir);
+            (server, port)
+        }
+        ViewerPeer::Http => start_nginx(&dir, n),
+    };
     let pid = server.id();
     let rss0 = proc_value(pid, "status", "VmRSS:").unwrap_or(0);
     let before = ServerCost::sample(pid);
+    let client_before = cpu_seconds(std::process::id());
     let started = Instant::now();
     let handles: Vec<_> = (0..n)
         .map(|i| {
-            let file = format!("f{}.bin", i % FILES);
-            let h = std::thread::spawn(move || view(port, &file, rate, length));
+            let files = files.clone();
+            let h = std::thread::spawn(move || {
+                let file = format!("f{}.bin", i % FILES);
+                view(peer, port, &file, &files[i % FILES], rate, length)
+            });
             // Arrivals spread over a second.
             std::thread::sleep(Duration::from_millis(1000 / n.max(1) as u64));
             h
@@ -467,6 +633,7 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
         wakeups: wake,
         per_thread,
     } = ServerCost::sample(pid).since(&before);
+    let client_cpu = cpu_seconds(std::process::id()) - client_before;
     let reports: Vec<ViewerReport> = handles
         .into_iter()
         .map(|h| h.join().unwrap_or_default())
@@ -478,26 +645,58 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
     let failed: Vec<&String> = reports.iter().filter_map(|r| r.error.as_ref()).collect();
     let stalls: u32 = reports.iter().map(|r| r.stalls).sum();
     let stalled: Duration = reports.iter().map(|r| r.stalled).sum();
+    let stalled_viewers = reports.iter().filter(|r| r.stalls > 0).count();
     let gb = bytes as f64 / 1e9;
+    let per_session_kib = peak_rss.saturating_sub(rss0) as f64 / n.max(1) as f64;
     println!("| measure | value |");
     println!("|---|---|");
-    println!("| viewers | {n} at {mbit} Mbit/s for {seconds} s (real time, adaptive read-ahead) |");
+    println!(
+        "| viewers | {n} at {mbit} Mbit/s for {seconds} s from {} (real time, every byte checked) |",
+        match peer {
+            ViewerPeer::Udpvid => "udpvid (adaptive read-ahead)",
+            ViewerPeer::Http => "nginx, one worker (TCP's socket buffers as read-ahead)",
+        }
+    );
     println!("| finished | {} |", n - failed.len());
     println!(
-        "| stalls | {stalls} ({:.1} s in all; {} viewers stalled) |",
+        "| stalls | {stalls} ({:.1} s in all; {stalled_viewers} viewers stalled) |",
         stalled.as_secs_f64(),
-        reports.iter().filter(|r| r.stalls > 0).count()
     );
     println!(
         "| delivered | {:.1} MB in {:.1} s |",
         bytes as f64 / 1e6,
         elapsed.as_secs_f64()
     );
-    print_server_cost(cpu, gb, wake, elapsed, &per_thread);
+    if peer == ViewerPeer::Udpvid {
+        print_server_cost(cpu, gb, wake, elapsed, &per_thread);
+    } else {
+        println!(
+            "| server CPU | {cpu:.2} s ({:.2} s per GB) |",
+            cpu / gb.max(1e-9)
+        );
+        println!(
+            "| server wake-ups | {:.0} per second |",
+            wake as f64 / elapsed.as_secs_f64()
+        );
+    }
     println!(
-        "| server memory | peak RSS {:.1} MiB, {:.0} KiB per session above idle |",
+        "| server memory | peak RSS {:.1} MiB, {per_session_kib:.0} KiB per session above idle |",
         peak_rss as f64 / 1024.0,
-        peak_rss.saturating_sub(rss0) as f64 / n.max(1) as f64
+    );
+    println!(
+        "| viewers' CPU (this process) | {client_cpu:.2} s ({:.2} s per GB) |",
+        client_cpu / gb.max(1e-9)
+    );
+    // One line for the benchmark to read.
+    println!(
+        "viewers-result peer={} n={n} finished={} stalls={stalls} stalled_viewers={stalled_viewers} \
+         server_cpu_per_gb={:.3} wakeups_per_s={:.0} kib_per_session={per_session_kib:.0} \
+         client_cpu_per_gb={:.3}",
+        peer.name(),
+        n - failed.len(),
+        cpu / gb.max(1e-9),
+        wake as f64 / elapsed.as_secs_f64(),
+        client_cpu / gb.max(1e-9),
     );
     for e in failed.iter().take(10) {
         eprintln!("{e}");

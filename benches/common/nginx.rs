@@ -1,0 +1,34 @@
+//! The HTTP peer's configuration, shared by the benchmark and the load
+//! generator so that both compare against the same nginx: one worker (one
+//! core, as the udpvid server is given), sendfile, no access log.
+
+use std::path::{Path, PathBuf};
+
+/// Writes `work/nginx.conf` serving `root` on `listen` (`host:port`) for up
+/// to `connections` clients, and returns its path. Run it with
+/// `nginx -c CONF -p WORK`.
+pub fn write_conf(
+    work: &Path,
+    root: &Path,
+    listen: &str,
+    connections: usize,
+) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(work.join("logs"))?;
+    let conf = work.join("nginx.conf");
+    // A worker needs a descriptor per connection and a few of its own.
+    let files = connections * 2 + 64;
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off; master_process off; worker_processes 1; worker_rlimit_nofile {files};\n\
+             pid {w}/nginx.pid; error_log stderr crit;\n\
+             events {{ worker_connections {connections}; }}\n\
+             http {{ access_log off; sendfile on; tcp_nopush on; default_type application/octet-stream;\n\
+             client_body_temp_path {w}; proxy_temp_path {w}; fastcgi_temp_path {w}; uwsgi_temp_path {w}; scgi_temp_path {w};\n\
+             server {{ listen {listen}; root {root}; }} }}\n",
+            w = work.display(),
+            root = root.display(),
+        ),
+    )?;
+    Ok(conf)
+}
