@@ -379,6 +379,8 @@ impl UdpVidSrc {
                 // Bytes ready at which the level reaches 100 %, from the
                 // last look (any byte before the first).
                 let mut full_at = 1;
+                // When the pipeline's position was last asked.
+                let mut asked_at: Option<Instant> = None;
                 loop {
                     let woke = if buffering.load(Ordering::Acquire) != NOT_BUFFERING {
                         client.wait_for_buffered(full_at, BUFFERING_TICK);
@@ -399,7 +401,18 @@ impl UdpVidSrc {
                     };
                     let cause = buffering.load(Ordering::Acquire);
                     let snapshot = client.snapshot();
-                    let downstream = Self::held_downstream(&element, snapshot.read_offset, size);
+                    // While buffering the pipeline is asked at most every
+                    // MONITOR_TICK: only the media rate is wanted then, and
+                    // a position query on every 20 ms look was two fifths
+                    // of this thread's CPU in `perf`.
+                    let ask = cause == NOT_BUFFERING
+                        || asked_at.is_none_or(|at: Instant| at.elapsed() >= MONITOR_TICK);
+                    let downstream = if ask {
+                        asked_at = Some(Instant::now());
+                        Self::held_downstream(&element, snapshot.read_offset, size)
+                    } else {
+                        None
+                    };
                     // The media's rate, once the pipeline knows the duration
                     // (after preroll), also while buffering: with it a slow
                     // link is known for one before playback starts, and the
