@@ -276,12 +276,15 @@ fn banner_port(child: &mut Child, word: usize) -> u16 {
 
 /// The server's rows of a table: CPU per GB delivered and wake-ups.
 fn print_server_cost(cpu: f64, gb: f64, wake: u64, elapsed: Duration, per_thread: &[f64]) {
-    let each: Vec<String> = per_thread.iter().map(|c| format!("{c:.2}")).collect();
-    println!(
-        "| server threads | {} (CPU s each: {}) |",
-        server_threads(),
-        each.join(", ")
-    );
+    // nginx's threads are not named as the udpvid server's are.
+    if !per_thread.is_empty() {
+        let each: Vec<String> = per_thread.iter().map(|c| format!("{c:.2}")).collect();
+        println!(
+            "| server threads | {} (CPU s each: {}) |",
+            server_threads(),
+            each.join(", ")
+        );
+    }
     println!(
         "| server CPU | {cpu:.2} s ({:.2} s per GB) |",
         cpu / gb.max(1e-9)
@@ -667,18 +670,7 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
         bytes as f64 / 1e6,
         elapsed.as_secs_f64()
     );
-    if peer == ViewerPeer::Udpvid {
-        print_server_cost(cpu, gb, wake, elapsed, &per_thread);
-    } else {
-        println!(
-            "| server CPU | {cpu:.2} s ({:.2} s per GB) |",
-            cpu / gb.max(1e-9)
-        );
-        println!(
-            "| server wake-ups | {:.0} per second |",
-            wake as f64 / elapsed.as_secs_f64()
-        );
-    }
+    print_server_cost(cpu, gb, wake, elapsed, &per_thread);
     println!(
         "| server memory | peak RSS {:.1} MiB, {per_session_kib:.0} KiB per session above idle |",
         peak_rss as f64 / 1024.0,
