@@ -255,12 +255,7 @@ impl ReadAheadPolicy {
         }
         let held = self.held_downstream(now);
         let playing_rest = (remaining + held) as f64 * link / consumption;
-        let goal = (remaining as f64 - playing_rest).max(0.0)
-            * (1.0
-                + std::env::var("MARGIN")
-                    .ok()
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .unwrap_or(SLOW_LINK_MARGIN));
+        let goal = (remaining as f64 - playing_rest).max(0.0) * (1.0 + SLOW_LINK_MARGIN);
         (goal as u64).min(remaining)
     }
 
