@@ -1333,8 +1333,6 @@ impl BlockingClient {
         lock(&self.shared).conn.stats()
     }
 
-    /// Blocks until the network thread brings new data or an answer, or
-    /// `timeout` passes.
     /// Waits until `available` bytes are ready at the read offset, anything
     /// but data happens (an answer, an error), or `timeout` passes.
     pub fn wait_for_buffered(&self, available: u64, timeout: Duration) {

@@ -29,13 +29,12 @@ use super::wire::{
 /// batch one datagram long as soon as two sessions were busy. Sixteen
 /// full datagrams (23 KiB) keep sessions' turns short (fairness) and a
 /// system call's cost spread over many datagrams.
+pub const SESSION_BATCH: usize = 16;
 /// A session that lost more than this share of its packets sends each
 /// resend twice (see `StreamSender::set_resend_twice`)...
 const RESEND_TWICE_LOSS_SHARE: f64 = 0.03;
 /// ...once it sent this many, so a few early losses do not decide it.
 const RESEND_TWICE_AFTER_PACKETS: u64 = 200;
-
-pub const SESSION_BATCH: usize = 16;
 /// Default time a session may stay silent before the server drops it.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default limit on sessions at once.
