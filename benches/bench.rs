@@ -226,24 +226,7 @@ fn start_udpvid_server(dir: &Path) -> (Proc, u16) {
 }
 
 fn start_nginx(dir: &Path, work: &Path) -> (Proc, u16) {
-    let port = free_port();
-    let conf = nginx::write_conf(work, dir, &format!("127.0.0.1:{port}"), 64).expect("nginx.conf");
-    let child = Command::new("nginx")
-        .arg("-c")
-        .arg(&conf)
-        .arg("-p")
-        .arg(work)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nginx starts (apt-get install nginx)");
-    // Wait until it accepts.
-    for _ in 0..100 {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (child, port) = nginx::start(dir, work, 64);
     (Proc(child), port)
 }
 
@@ -1166,9 +1149,6 @@ fn failover_viewing(
     (longest, stalls, failovers, error)
 }
 
-/// Issue "beyond one machine": the object store against `--dir`, what ten
-/// viewers of one file cost the store, and what a viewer sees when its
-/// server dies.
 /// One run of `load viewers`: N real-time viewers against one server
 /// core, udpvid or nginx.
 fn load_viewers(
@@ -1271,6 +1251,9 @@ fn viewers_table(out: &mut String) {
     let _ = writeln!(out);
 }
 
+/// Issue "beyond one machine": the object store against `--dir`, what ten
+/// viewers of one file cost the store, and what a viewer sees when its
+/// server dies.
 fn scale_out(out: &mut String, env: &Env) {
     let _ = writeln!(
         out,

@@ -546,33 +546,6 @@ fn http_get(port: u16, file: &str) -> Result<std::net::TcpStream, String> {
     Ok(stream)
 }
 
-/// nginx on a free port of loopback serving `dir` for `n` viewers.
-fn start_nginx(dir: &Path, n: usize) -> (Child, u16) {
-    let work = dir.join("nginx");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
-    let conf =
-        nginx::write_conf(&work, dir, &format!("127.0.0.1:{port}"), n + 16).expect("nginx.conf");
-    let child = Command::new("nginx")
-        .arg("-c")
-        .arg(&conf)
-        .arg("-p")
-        .arg(&work)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nginx starts (apt-get install nginx)");
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (child, port)
-}
-
 fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(50);
     let mbit: f64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(4.0);
@@ -606,7 +579,8 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
             let (server, _, port) = start_server(&dir);
             (server, port)
         }
-        ViewerPeer::Http => start_nginx(&dir, n),
+        // A connection per viewer, and some to spare.
+        ViewerPeer::Http => nginx::start(&dir, &dir.join("nginx"), n + 16),
     };
     let pid = server.id();
     let rss0 = proc_value(pid, "status", "VmRSS:").unwrap_or(0);

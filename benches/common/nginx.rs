@@ -2,7 +2,10 @@
 //! generator so that both compare against the same nginx: one worker (one
 //! core, as the udpvid server is given), sendfile, no access log.
 
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 /// Writes `work/nginx.conf` serving `root` on `listen` (`host:port`) for up
 /// to `connections` clients, and returns its path. Run it with
@@ -31,4 +34,32 @@ pub fn write_conf(
         ),
     )?;
     Ok(conf)
+}
+
+/// Starts nginx on a free port of loopback serving `root` for up to
+/// `connections` clients (its files under `work`), and waits until it
+/// accepts. Returns the process and its port.
+pub fn start(root: &Path, work: &Path, connections: usize) -> (Child, u16) {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    let conf =
+        write_conf(work, root, &format!("127.0.0.1:{port}"), connections).expect("nginx.conf");
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(work)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nginx starts (apt-get install nginx)");
+    for _ in 0..100 {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, port)
 }
