@@ -63,6 +63,10 @@ pub struct ImpairmentConfig {
     pub rate_bps: Option<u64>,
     /// Bottleneck queue in bytes; a packet that does not fit is dropped.
     pub queue_bytes: usize,
+    /// The bottleneck is a token-bucket shaper (`tc tbf`) holding this many
+    /// bytes of burst: after an idle spell that much leaves at once, as on
+    /// the shaped links of ISPs and tests; 0 is a plain rate.
+    pub bucket_bytes: usize,
 }
 
 impl ImpairmentConfig {
@@ -113,6 +117,8 @@ pub struct Impairment {
     in_bad_state: bool,
     /// When the bottleneck finishes sending what it holds.
     link_free_at: Option<Instant>,
+    /// Tokens of a shaper's bucket (see `bucket_bytes`) as of `link_free_at`.
+    tokens: f64,
     /// (departure time, size) of packets in the bottleneck queue.
     queue: VecDeque<(Instant, usize)>,
     queued_bytes: usize,
@@ -122,6 +128,7 @@ pub struct Impairment {
 impl Impairment {
     pub fn new(config: ImpairmentConfig, seed: u64) -> Self {
         Impairment {
+            tokens: config.bucket_bytes as f64,
             config,
             rng: StdRng::seed_from_u64(seed),
             in_bad_state: false,
@@ -189,9 +196,20 @@ impl Impairment {
                 return Vec::new();
             }
             let start = self.link_free_at.map_or(now, |t| t.max(now));
-            let serialise =
-                Duration::from_secs_f64((len + IP_UDP_HEADERS) as f64 * 8.0 / rate as f64);
-            departs = start + serialise;
+            let wire = (len + IP_UDP_HEADERS) as f64;
+            if self.config.bucket_bytes == 0 {
+                departs = start + Duration::from_secs_f64(wire * 8.0 / rate as f64);
+            } else {
+                // A shaper: tokens accrue at the rate up to the bucket (which
+                // always holds one packet, as tbf's burst must), and a packet
+                // leaves as soon as it has its tokens.
+                let since = self.link_free_at.map_or(Duration::ZERO, |t| start - t);
+                let cap = self.config.bucket_bytes.max(len + IP_UDP_HEADERS) as f64;
+                let tokens = (self.tokens + since.as_secs_f64() * rate as f64 / 8.0).min(cap);
+                let wait = (wire - tokens).max(0.0);
+                departs = start + Duration::from_secs_f64(wait * 8.0 / rate as f64);
+                self.tokens = (tokens - wire).max(0.0);
+            }
             self.link_free_at = Some(departs);
             self.queue.push_back((departs, len));
             self.queued_bytes += len;

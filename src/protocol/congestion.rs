@@ -219,6 +219,13 @@ pub const BBR_ACK_FEEDBACK_DELAY: Duration =
 pub const BBR_PROBE_ROOM_GROWTH: f64 = 1.2;
 /// The window never falls below four datagrams (BBR's floor).
 pub const BBR_MIN_WINDOW_PACKETS: u64 = 4;
+/// A round that lost packets while the sender was busy, and delivered less
+/// than the estimate over this factor, shows the estimate was never the
+/// bottleneck's: samples above this multiple of the round's delivery rate
+/// are cut to it (see `Bbr::forget_bursts`). Random loss cannot trip it: a
+/// busy round delivers at least (1 - loss) × 0.75 (ProbeBW's drain phase)
+/// of the estimate, more than a third below 55 % loss.
+pub const BBR_OVERESTIMATE_FACTOR: f64 = 3.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BbrMode {
@@ -240,6 +247,8 @@ pub struct Bbr {
     next_round_delivered: u64,
     round_lost: u64,
     round_delivered: u64,
+    /// When the current round began (the ACK that started it).
+    round_started: Option<Instant>,
     full_bw: f64,
     full_bw_rounds: u32,
     cycle_index: usize,
@@ -271,6 +280,7 @@ impl Bbr {
             next_round_delivered: 0,
             round_lost: 0,
             round_delivered: 0,
+            round_started: None,
             full_bw: 0.0,
             full_bw_rounds: 0,
             cycle_index: 0,
@@ -354,8 +364,20 @@ impl Bbr {
         self.bw_samples.iter().map(|&(_, r)| r).fold(0.0, f64::max)
     }
 
+    /// The path's minimum RTT, never below one datagram's time at the
+    /// bottleneck rate: a full datagram's round trip includes it, unless a
+    /// token-bucket shaper let it through on stored tokens (100 µs where a
+    /// 2 Mbit/s link takes 6 ms). Below it the BDP, ProbeBW's phases and
+    /// the standing-queue test would all read a shaper as an empty LAN.
     fn min_rtt(&self) -> Duration {
-        self.min_rtt.map_or(self.smoothed_rtt, |(r, _)| r)
+        let measured = self.min_rtt.map_or(self.smoothed_rtt, |(r, _)| r);
+        let bw = self.bottleneck_bw();
+        if bw <= 0.0 {
+            return measured;
+        }
+        measured.max(Duration::from_secs_f64(
+            (self.max_datagram as f64 / bw).min(1.0),
+        ))
     }
 
     fn bdp(&self) -> u64 {
@@ -366,7 +388,12 @@ impl Bbr {
         match self.mode {
             BbrMode::Startup => BBR_HIGH_GAIN,
             BbrMode::Drain => 1.0 / BBR_HIGH_GAIN,
-            BbrMode::ProbeBw if self.queue_standing => BBR_QUEUE_DRAIN_GAIN,
+            // At the window's floor the queue is the floor's own (four
+            // datagrams on a link whose BDP is one): pacing below the
+            // rate would idle the link without draining anything.
+            BbrMode::ProbeBw if self.queue_standing && self.target_window() > self.min_window() => {
+                BBR_QUEUE_DRAIN_GAIN
+            }
             BbrMode::ProbeBw => BBR_PACING_CYCLE[self.cycle_index],
         }
     }
@@ -407,6 +434,36 @@ impl Bbr {
         }
     }
 
+    /// Behind a token-bucket shaper (tc tbf, an ISP's policer) the first
+    /// datagrams after an idle spell leave at line rate: one delivered in
+    /// 50 µs reads as 30 MB/s on a 2 Mbit/s link, and the max filter keeps
+    /// that for ten rounds, so the window and pacing overflow the shaper's
+    /// queue round after round (5 % of the datagrams lost through a 4 KB
+    /// bucket at 2 Mbit/s, where the loss cap's floor could not bring it
+    /// down). A busy round that lost packets tells the truth: cut every
+    /// sample to a few times what it delivered.
+    fn forget_bursts(&mut self, ack: &AckEvent) {
+        let Some(started) = self.round_started else {
+            return;
+        };
+        let elapsed = ack.now.saturating_duration_since(started).as_secs_f64();
+        // Judged only on a round of many datagrams, as heavy loss is: a
+        // round of a few (a probe timeout's, a window-limited trickle's)
+        // says nothing about the link's rate.
+        let total = self.round_lost + self.round_delivered;
+        if self.round_lost == 0
+            || ack.app_limited
+            || elapsed <= 0.0
+            || total < BBR_LOSS_MIN_PACKETS * self.max_datagram
+        {
+            return;
+        }
+        let ceiling = self.round_delivered as f64 / elapsed * BBR_OVERESTIMATE_FACTOR;
+        for (_, rate) in self.bw_samples.iter_mut() {
+            *rate = rate.min(ceiling);
+        }
+    }
+
     fn on_round_start(&mut self, ack: &AckEvent) {
         self.round += 1;
         let was_probing = self.mode == BbrMode::ProbeBw;
@@ -415,6 +472,8 @@ impl Bbr {
         if self.round_delay_increased() && self.mode == BbrMode::Startup && !ack.app_limited {
             self.mode = BbrMode::Drain;
         }
+        self.forget_bursts(ack);
+        self.round_started = Some(ack.now);
         // Heavy loss in the round that just ended: congestion.
         let total = self.round_lost + self.round_delivered;
         let judged = total >= BBR_LOSS_MIN_PACKETS * self.max_datagram;
@@ -510,7 +569,8 @@ impl CongestionController for Bbr {
             self.round_min_rtt = Some(self.round_min_rtt.map_or(sample, |m| m.min(sample)));
             self.round_rtt_samples += 1;
         }
-        self.queue_standing = self.min_rtt.is_some_and(|(min, _)| {
+        let min = self.min_rtt();
+        self.queue_standing = self.min_rtt.is_some_and(|_| {
             ack.smoothed_rtt.as_secs_f64() > min.as_secs_f64() * BBR_QUEUE_RTT_FACTOR
                 && ack.smoothed_rtt > min + Duration::from_millis(5)
         });

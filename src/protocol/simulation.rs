@@ -687,6 +687,7 @@ fn every_impairment_at_once_delivers_the_file() {
         duplicate: 0.03,
         rate_bps: Some(10_000_000),
         queue_bytes: 48 * 1024,
+        ..Default::default()
     };
     for seed in 0..3 {
         let sim = transfer(300 + seed, 1_000_000, nasty.clone(), nasty.clone());

@@ -17,7 +17,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use super::{Consumer, Sim, bottleneck, clean, file};
-use crate::impairment::ImpairmentConfig;
+use crate::impairment::{ImpairmentConfig, ImpairmentStats};
 use crate::protocol::buffering::BufferingCause;
 use crate::protocol::client::ClientConfig;
 use crate::protocol::read_ahead::ReadAhead;
@@ -173,6 +173,8 @@ struct Outcome {
     /// Bytes the server sent beyond what was played (after a stop, once
     /// what was in flight has landed).
     waste: u64,
+    /// Datagrams the downlink carried and dropped.
+    downlink: ImpairmentStats,
 }
 
 /// One run: a `size`-byte file of `media_rate` bytes/s through `down`.
@@ -269,6 +271,7 @@ fn play(scenario: Scenario) -> Outcome {
         underruns: app.underruns,
         dry_stalls: app.dry_stalls,
         waste,
+        downlink: sim.down.imp.stats(),
     }
 }
 
@@ -492,6 +495,46 @@ fn a_viewer_who_stops_early_on_a_fast_link_costs_no_more_than_before() {
             out.waste <= 2_500_000,
             "{factor}x: {} bytes sent beyond what was played",
             out.waste
+        );
+    }
+}
+
+#[test]
+fn a_token_bucket_shaper_costs_neither_loss_nor_link_time() {
+    // tc tbf's shape at 2 Mbit/s with a 4 KB burst and 30 KB of queue, on a
+    // path with no delay of its own: after an idle spell 2-3 datagrams
+    // cross at once and come back in microseconds. Read as the link's rate
+    // and minimum RTT, they overflowed the queue (5.6 % of the datagrams
+    // lost) and idled the link between ACKs.
+    let payload_share =
+        DEFAULT_MAX_PAYLOAD as f64 / (MAX_DATAGRAM_SIZE + crate::impairment::IP_UDP_HEADERS) as f64;
+    for pattern in [Pattern::RealTime, Pattern::Greedy] {
+        let mut down = link(Some(2_050_000), 0);
+        down.queue_bytes = 30_000;
+        down.bucket_bytes = 4096;
+        let size = 8_000_000;
+        let out = play(Scenario {
+            seed: 1,
+            size,
+            media_rate: MEDIA_RATE,
+            down,
+            up: clean(0),
+            read_ahead: ReadAhead::default(),
+            pattern,
+            limit: Duration::from_secs(120),
+            stop_after: None,
+        });
+        assert!(out.finished, "{pattern:?}: stopped after {:?}", out.took);
+        assert!(
+            out.downlink.dropped() * 200 <= out.downlink.packets,
+            "{pattern:?}: {}",
+            out.downlink
+        );
+        let download = Duration::from_secs_f64(size as f64 / payload_share / (2_050_000.0 / 8.0));
+        assert!(
+            out.took <= download.mul_f64(1.01) + Duration::from_millis(200),
+            "{pattern:?}: the file took {:?}, the link's time for it is {download:?}",
+            out.took
         );
     }
 }
