@@ -88,9 +88,13 @@ pub fn buffering_goal(
     if cause == BufferingCause::Start {
         goal = goal.min(START_BUFFERING_BYTES);
     }
-    goal.max(slow_link_goal)
-        .min(remaining)
-        .min(advertised_ahead)
+    // On a link slower than the media the read-ahead is the whole window
+    // (see `ReadAheadPolicy::read_ahead`) and says nothing about the wait:
+    // the download-time estimate is the goal.
+    if slow_link_goal > 0 {
+        goal = slow_link_goal;
+    }
+    goal.min(remaining).min(advertised_ahead)
 }
 
 /// Percent of `goal` that `available` covers; 100 for an empty goal.
@@ -188,6 +192,17 @@ mod tests {
                 5_000_000
             ),
             5_000_000
+        );
+        // ... however wide the window is.
+        assert_eq!(
+            buffering_goal(
+                BufferingCause::Underrun,
+                16 << 20,
+                1_000_000,
+                30_000_000,
+                16 << 20
+            ),
+            1_000_000
         );
         assert_eq!(buffering_percent(0, 0), 100);
         assert_eq!(buffering_percent(50, 200), 25);

@@ -425,6 +425,14 @@ impl UdpVidSrc {
                             client.set_media_rate(Some(media_rate));
                         }
                     }
+                    // What the pipeline holds plays before anything still
+                    // to come, also while it waits: at the start it holds
+                    // what prerolling took (0.7 MB of the bench clip), which
+                    // a slow link's wait need not bring again (1.4 s of it
+                    // at 3 of 4 Mbit/s).
+                    if let Some((held, _)) = downstream {
+                        client.set_held_downstream(held);
+                    }
                     if let Some(cause) = buffering_cause(cause) {
                         // The percentage and the window come from the same
                         // read-ahead, so 100 % is always reachable.
@@ -494,10 +502,7 @@ impl UdpVidSrc {
                         shown = 0;
                         full_at = 1;
                         match downstream {
-                            Some((held, _)) => {
-                                playback.held.store(held, Ordering::Release);
-                                client.set_held_downstream(held);
-                            }
+                            Some((held, _)) => playback.held.store(held, Ordering::Release),
                             None => playback.held.store(u64::MAX, Ordering::Release),
                         }
                         // `create` is waiting while the pipeline played on
