@@ -31,6 +31,12 @@ pub const PROBE_PACKETS: u32 = 2;
 /// about 100 KB per seek; in the simulation a seek at 20 Mbit/s, 80 ms took
 /// 1.79x the clean time for its first 150 KB, and 1.52x with it.
 pub const RESEND_TWICE_HEAD: u64 = 1 << 20;
+/// Bytes at the start of a transfer whose resends leave a third time on
+/// such a path: what a seek's first frame needs. A seek waits for its ten
+/// or so holes there, and with two copies one seek in ten still lost both
+/// copies of one of them and waited another round trip or two, which made
+/// it 2x the clean time; three copies are all lost one time in a thousand.
+pub const RESEND_THRICE_HEAD: u64 = 256 * 1024;
 
 /// Which bytes of a file go out next, and which are known to have arrived.
 ///
@@ -47,6 +53,8 @@ pub struct StreamSender {
     /// Resent bytes to send once more, right after (see
     /// [`StreamSender::set_resend_twice`]).
     resend_again: RangeSet,
+    /// Resent bytes to send a third time (see [`RESEND_THRICE_HEAD`]).
+    resend_third: RangeSet,
     resend_twice: bool,
     /// The file's index, sent once the stream reaches `ahead_after`,
     /// regardless of the window (the client was told of it in `OpenOk`).
@@ -75,6 +83,7 @@ impl StreamSender {
             acked: RangeSet::new(),
             to_resend: RangeSet::new(),
             resend_again: RangeSet::new(),
+            resend_third: RangeSet::new(),
             resend_twice: false,
             ahead: RangeSet::new(),
             ahead_after: start,
@@ -113,6 +122,7 @@ impl StreamSender {
     pub fn on_acked(&mut self, range: Range<u64>) {
         self.acked.insert(range.clone());
         self.resend_again.remove(range.clone());
+        self.resend_third.remove(range.clone());
         self.to_resend.remove(range);
     }
 
@@ -121,7 +131,9 @@ impl StreamSender {
     /// or seeking player waits in order for every hole, and a resend lost
     /// again costs another round trip and more (at 10 % loss one hole in
     /// ten, and a seek's first frame needs a hundred datagrams). Two copies
-    /// are both lost one time in a hundred. Later resends leave once: the
+    /// are both lost one time in a hundred, and in the first
+    /// [`RESEND_THRICE_HEAD`] bytes a third copy makes it one in a
+    /// thousand. Later resends leave once: the
     /// read-ahead covers their round trips, and the copies would be waste.
     pub fn set_resend_twice(&mut self, twice: bool) {
         self.resend_twice = twice;
@@ -153,9 +165,14 @@ impl StreamSender {
     /// update, and sending slivers would waste a header per sliver (the
     /// "silly window syndrome" of RFC 1122 §4.2.3.4).
     pub fn next_chunk(&mut self, max_len: u64, nothing_in_flight: bool) -> Option<Range<u64>> {
-        if let Some(first) = self.resend_again.first() {
+        let copies = if self.resend_again.is_empty() {
+            &mut self.resend_third
+        } else {
+            &mut self.resend_again
+        };
+        if let Some(first) = copies.first() {
             let chunk = first.start..first.end.min(first.start + max_len);
-            self.resend_again.remove(chunk.clone());
+            copies.remove(chunk.clone());
             // Put back, if at all, as a plain resend.
             self.last_chunk = ChunkSource::Resend;
             return Some(chunk);
@@ -167,6 +184,9 @@ impl StreamSender {
             debug_assert!(!self.acked.intersects(chunk.clone()));
             if self.resend_twice && chunk.start < self.start.saturating_add(RESEND_TWICE_HEAD) {
                 self.resend_again.insert(chunk.clone());
+                if chunk.start < self.start.saturating_add(RESEND_THRICE_HEAD) {
+                    self.resend_third.insert(chunk.clone());
+                }
             }
             return Some(chunk);
         }
@@ -195,6 +215,7 @@ impl StreamSender {
     pub fn has_data_to_send(&self) -> bool {
         !self.to_resend.is_empty()
             || !self.resend_again.is_empty()
+            || !self.resend_third.is_empty()
             || !self.ahead.is_empty()
             || self.next_new < self.end.min(self.window)
     }
@@ -203,6 +224,7 @@ impl StreamSender {
     pub fn is_window_blocked(&self) -> bool {
         self.to_resend.is_empty()
             && self.resend_again.is_empty()
+            && self.resend_third.is_empty()
             && self.ahead.is_empty()
             && self.next_new < self.end
             && self.next_new >= self.window
