@@ -149,6 +149,8 @@ struct ClientTransfer {
     opened: bool,
     content_tag: u64,
     open_timer: RetryTimer,
+    /// The Open was sent again because its data came without its answer.
+    open_reasked: bool,
     probe_timer: RetryTimer,
     receiver: StreamReceiver,
     catalog_delivered: bool,
@@ -396,6 +398,7 @@ impl ClientConnection {
             opened: false,
             content_tag: 0,
             open_timer: RetryTimer::new(INITIAL_RETRY_INTERVAL),
+            open_reasked: false,
             probe_timer: RetryTimer::new(WINDOW_PROBE_INTERVAL),
             receiver,
             catalog_delivered: false,
@@ -911,6 +914,15 @@ impl ClientConnection {
             return;
         };
         self.stats.bytes_received += payload.len() as u64;
+        // The server answers an Open before it sends the first byte, so its
+        // data without the answer means the answer was lost: ask again now.
+        // The retry timer (a probe timeout: 250-400 ms at 10 % loss and
+        // 80 ms RTT) kept a seek waiting with its bytes already here, as
+        // the element waits for the answer before it reads.
+        if !t.opened && !t.open_reasked {
+            t.open_reasked = true;
+            self.out.push_back(Body::Open(t.open_request()));
+        }
         let mut gap_recorded = false;
         // A long silence while the window was open is a stall the
         // link can cause again: the read-ahead should cover it.

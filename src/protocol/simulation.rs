@@ -115,6 +115,8 @@ struct Sim {
     timer_tick: Duration,
     /// Smallest step of simulated time, so a busy loop still advances.
     min_step: Duration,
+    /// The server's next this many answers to an Open are lost.
+    lose_open_answers: u32,
     start: Instant,
 }
 
@@ -163,6 +165,7 @@ impl Sim {
             max_window_advertised: 0,
             data_packets_sent: 0,
             data_bytes_sent: 0,
+            lose_open_answers: 0,
             events: Vec::new(),
             next_read: now,
             timer_tick: Duration::ZERO,
@@ -318,6 +321,15 @@ impl Sim {
                     "server sent up to {end} past the window {}",
                     self.max_window_advertised
                 );
+            }
+            if self.lose_open_answers > 0
+                && matches!(
+                    Packet::decode(&buf).map(|p| p.body),
+                    Ok(Body::OpenOk { .. })
+                )
+            {
+                self.lose_open_answers -= 1;
+                continue;
             }
             self.down.send(self.now, buf.clone());
         }
@@ -1127,6 +1139,39 @@ fn a_seek_survives_the_loss_of_one_copy_of_its_open() {
     assert!(sim.delivered[..] == data[3_000_000..3_000_000 + sim.delivered.len()]);
     let took = sim.now - asked;
     assert!(took < Duration::from_millis(120), "took {took:?}");
+}
+
+/// The answer to a seek's Open is lost (both of them: the Open leaves
+/// twice and the server answers each). The element waits for the answer
+/// before it reads, so the seek waited for the Open's retry timer with its
+/// bytes already there: now the first of them asks again.
+#[test]
+fn a_seek_whose_answer_is_lost_asks_again_when_its_data_comes() {
+    let data = file(4_000_000, 63);
+    let mut sim = Sim::new(63, data.clone(), 1 << 20, clean(40), clean(40));
+    sim.client.open_file(sim.now, "movie.mp4", 0);
+    sim.run_until(Consumer::Greedy, Duration::from_secs(5), |s| {
+        s.delivered.len() >= 100_000
+    });
+    let asked = sim.seek(3_000_000);
+    sim.events.clear();
+    sim.lose_open_answers = 2;
+    sim.run_until(Consumer::Greedy, Duration::from_secs(5), |s| {
+        s.events.iter().any(|e| {
+            matches!(
+                e,
+                ClientEvent::Opened {
+                    offset: 3_000_000,
+                    ..
+                }
+            )
+        })
+    });
+    let took = sim.now - asked;
+    assert_eq!(sim.lose_open_answers, 0);
+    // Open, data, the Open again and its answer: two round trips.
+    assert!(took < Duration::from_millis(180), "took {took:?}");
+    assert!(sim.delivered[..] == data[3_000_000..3_000_000 + sim.delivered.len()]);
 }
 
 /// Time from a seek (after 3 s of playback, 20 Mbit/s, 80 ms RTT, `loss`
