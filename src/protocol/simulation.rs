@@ -1112,15 +1112,21 @@ fn a_lost_open_is_repeated_after_the_paths_timeout() {
     assert!(took < Duration::from_millis(300), "took {took:?}");
 }
 
-/// The Open of a seek leaves twice, so losing one copy costs nothing.
-#[test]
-fn a_seek_survives_the_loss_of_one_copy_of_its_open() {
-    let data = file(4_000_000, 62);
-    let mut sim = Sim::new(62, data.clone(), 1 << 20, clean(40), clean(40));
+/// A 4 MB file streaming on a clean 80 ms path, its first 100 KB in.
+fn streaming_on_a_clean_path(seed: u64) -> (Sim, Vec<u8>) {
+    let data = file(4_000_000, seed);
+    let mut sim = Sim::new(seed, data.clone(), 1 << 20, clean(40), clean(40));
     sim.client.open_file(sim.now, "movie.mp4", 0);
     sim.run_until(Consumer::Greedy, Duration::from_secs(5), |s| {
         s.delivered.len() >= 100_000
     });
+    (sim, data)
+}
+
+/// The Open of a seek leaves twice, so losing one copy costs nothing.
+#[test]
+fn a_seek_survives_the_loss_of_one_copy_of_its_open() {
+    let (mut sim, data) = streaming_on_a_clean_path(62);
     let asked = sim.seek(3_000_000);
     let mut opens = Vec::new();
     while let Some(d) = sim.client.poll_transmit(sim.now) {
@@ -1147,12 +1153,7 @@ fn a_seek_survives_the_loss_of_one_copy_of_its_open() {
 /// bytes already there: now the first of them asks again.
 #[test]
 fn a_seek_whose_answer_is_lost_asks_again_when_its_data_comes() {
-    let data = file(4_000_000, 63);
-    let mut sim = Sim::new(63, data.clone(), 1 << 20, clean(40), clean(40));
-    sim.client.open_file(sim.now, "movie.mp4", 0);
-    sim.run_until(Consumer::Greedy, Duration::from_secs(5), |s| {
-        s.delivered.len() >= 100_000
-    });
+    let (mut sim, data) = streaming_on_a_clean_path(63);
     let asked = sim.seek(3_000_000);
     sim.events.clear();
     sim.lose_open_answers = 2;
