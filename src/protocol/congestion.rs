@@ -442,20 +442,16 @@ impl Bbr {
     /// bucket at 2 Mbit/s, where the loss cap's floor could not bring it
     /// down). A busy round that lost packets tells the truth: cut every
     /// sample to a few times what it delivered.
-    fn forget_bursts(&mut self, ack: &AckEvent) {
+    ///
+    /// Judged only on a round of many datagrams (`judged`), as heavy loss
+    /// is: a round of a few (a probe timeout's, a window-limited
+    /// trickle's) says nothing about the link's rate.
+    fn forget_bursts(&mut self, ack: &AckEvent, judged: bool) {
         let Some(started) = self.round_started else {
             return;
         };
         let elapsed = ack.now.saturating_duration_since(started).as_secs_f64();
-        // Judged only on a round of many datagrams, as heavy loss is: a
-        // round of a few (a probe timeout's, a window-limited trickle's)
-        // says nothing about the link's rate.
-        let total = self.round_lost + self.round_delivered;
-        if self.round_lost == 0
-            || ack.app_limited
-            || elapsed <= 0.0
-            || total < BBR_LOSS_MIN_PACKETS * self.max_datagram
-        {
+        if !judged || self.round_lost == 0 || ack.app_limited || elapsed <= 0.0 {
             return;
         }
         let ceiling = self.round_delivered as f64 / elapsed * BBR_OVERESTIMATE_FACTOR;
@@ -472,11 +468,11 @@ impl Bbr {
         if self.round_delay_increased() && self.mode == BbrMode::Startup && !ack.app_limited {
             self.mode = BbrMode::Drain;
         }
-        self.forget_bursts(ack);
-        self.round_started = Some(ack.now);
-        // Heavy loss in the round that just ended: congestion.
         let total = self.round_lost + self.round_delivered;
         let judged = total >= BBR_LOSS_MIN_PACKETS * self.max_datagram;
+        self.forget_bursts(ack, judged);
+        self.round_started = Some(ack.now);
+        // Heavy loss in the round that just ended: congestion.
         let heavy = judged && self.round_lost as f64 / total as f64 > BBR_LOSS_THRESHOLD;
         if heavy {
             let floor = BBR_MIN_WINDOW_PACKETS as f64 * self.max_datagram as f64
