@@ -278,6 +278,14 @@ fn play(scenario: Scenario) -> Outcome {
 /// 4 Mbit/s of media.
 const MEDIA_RATE: u64 = 500_000;
 
+/// How long a link of `bits_per_second` takes for `bytes` of a file in full
+/// Data datagrams, each charged its IPv4 and UDP headers on the wire.
+fn link_time(bytes: usize, bits_per_second: f64) -> Duration {
+    let payload_share =
+        DEFAULT_MAX_PAYLOAD as f64 / (MAX_DATAGRAM_SIZE + crate::impairment::IP_UDP_HEADERS) as f64;
+    Duration::from_secs_f64(bytes as f64 * 8.0 / (bits_per_second * payload_share))
+}
+
 fn link(rate_bps: Option<u64>, delay_ms: u64) -> ImpairmentConfig {
     match rate_bps {
         Some(bps) => ImpairmentConfig {
@@ -456,11 +464,7 @@ fn a_slow_link_waits_once_then_plays_to_the_end() {
                 // end here is held within 4 % of the link's time for the
                 // file (payload share of each datagram on the wire) and the
                 // start. SLOW_LINK_MARGIN at 20 % ended 7 % after it.
-                let payload_share = DEFAULT_MAX_PAYLOAD as f64
-                    / (MAX_DATAGRAM_SIZE + crate::impairment::IP_UDP_HEADERS) as f64;
-                let download = Duration::from_secs_f64(
-                    SIZE as f64 / (factor * MEDIA_RATE as f64 * payload_share),
-                );
+                let download = link_time(SIZE, factor * MEDIA_RATE as f64 * 8.0);
                 assert!(
                     out.took <= download.mul_f64(1.04) + Duration::from_millis(500),
                     "{factor}x seed {seed}: the end after {:?}, the download alone takes {download:?}",
@@ -506,8 +510,6 @@ fn a_token_bucket_shaper_costs_neither_loss_nor_link_time() {
     // cross at once and come back in microseconds. Read as the link's rate
     // and minimum RTT, they overflowed the queue (5.6 % of the datagrams
     // lost) and idled the link between ACKs.
-    let payload_share =
-        DEFAULT_MAX_PAYLOAD as f64 / (MAX_DATAGRAM_SIZE + crate::impairment::IP_UDP_HEADERS) as f64;
     for pattern in [Pattern::RealTime, Pattern::Greedy] {
         let mut down = link(Some(2_050_000), 0);
         down.queue_bytes = 30_000;
@@ -530,7 +532,7 @@ fn a_token_bucket_shaper_costs_neither_loss_nor_link_time() {
             "{pattern:?}: {}",
             out.downlink
         );
-        let download = Duration::from_secs_f64(size as f64 / payload_share / (2_050_000.0 / 8.0));
+        let download = link_time(size, 2_050_000.0);
         assert!(
             out.took <= download.mul_f64(1.01) + Duration::from_millis(200),
             "{pattern:?}: the file took {:?}, the link's time for it is {download:?}",
