@@ -14,6 +14,10 @@
 //! forgets its mappings does. The first line on stdout
 //! is `impair listening on ADDR`; on exit (Ctrl-C, SIGTERM or `--duration`)
 //! it prints what it did per direction, and every `--report` seconds too.
+//! `--trace FILE` writes one line per datagram: when it came (µs from the
+//! start), its direction, what it carries (decoded when it is a plaintext
+//! udpvid datagram) and its fate (the delay of each copy, or `lost`), so a
+//! slow seek or a stall can be read datagram by datagram.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -23,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gstudpvid::impairment::{GilbertElliott, Impairment, ImpairmentConfig, ImpairmentStats};
+use gstudpvid::protocol::wire::{Body, DataView, Packet};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
@@ -35,6 +40,7 @@ struct Options {
     duration: Option<Duration>,
     report: Option<Duration>,
     rebind_every: Option<Duration>,
+    trace: Option<std::path::PathBuf>,
 }
 
 const USAGE: &str = "usage: impair --upstream HOST:PORT [--listen ADDR:PORT] [--seed N]
@@ -44,7 +50,7 @@ const USAGE: &str = "usage: impair --upstream HOST:PORT [--listen ADDR:PORT] [--
   [--jitter-ms MS] [--reorder P] [--reorder-ms MS] [--duplicate P]   (also with up-/down- prefixes)
   [--rate-mbit R] [--queue-kb KB]                      bottleneck rate and queue (also with up-/down-)
   [--rebind-every SECONDS]   each client's upstream port changes this often (a NAT rebinding)
-  [--duration SECONDS] [--report SECONDS]";
+  [--duration SECONDS] [--report SECONDS] [--trace FILE]";
 
 fn parse_args() -> Result<Options, String> {
     let mut opts = Options {
@@ -60,6 +66,7 @@ fn parse_args() -> Result<Options, String> {
         duration: None,
         report: None,
         rebind_every: None,
+        trace: None,
     };
     opts.down = opts.up.clone();
     let mut args = std::env::args().skip(1);
@@ -93,6 +100,7 @@ fn parse_args() -> Result<Options, String> {
             "duration" => opts.duration = Some(Duration::from_secs_f64(num(&value)?)),
             "report" => opts.report = Some(Duration::from_secs_f64(num(&value)?)),
             "rebind-every" => opts.rebind_every = Some(Duration::from_secs_f64(num(&value)?)),
+            "trace" => opts.trace = Some(value.into()),
             _ => {
                 for &up in dirs {
                     let c = if up { &mut opts.up } else { &mut opts.down };
@@ -176,10 +184,94 @@ async fn deliver(mut rx: mpsc::UnboundedReceiver<Scheduled>) {
     }
 }
 
+/// Where `--trace` writes, and the time its lines count from.
+struct Trace {
+    out: Mutex<std::io::BufWriter<std::fs::File>>,
+    started: Instant,
+}
+
+impl Trace {
+    fn record(&self, now: Instant, up: bool, bytes: &[u8], arrivals: &[Instant]) {
+        let fate = if arrivals.is_empty() {
+            "lost".to_string()
+        } else {
+            arrivals
+                .iter()
+                .map(|a| format!("+{}us", a.saturating_duration_since(now).as_micros()))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let line = format!(
+            "{} {} {} {fate}\n",
+            now.saturating_duration_since(self.started).as_micros(),
+            if up { "up" } else { "down" },
+            describe(bytes)
+        );
+        let _ = self
+            .out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write_all(line.as_bytes());
+    }
+    fn flush(&self) {
+        let _ = self.out.lock().unwrap_or_else(|p| p.into_inner()).flush();
+    }
+}
+
+/// A datagram in a few words: its packet number and what it carries.
+fn describe(bytes: &[u8]) -> String {
+    if let Some(d) = DataView::parse(bytes) {
+        return format!(
+            "pn={} data transfer={} offset={} len={}",
+            d.packet_number,
+            d.transfer_id,
+            d.offset,
+            d.payload.len()
+        );
+    }
+    let Ok(p) = Packet::decode(bytes) else {
+        return format!("{} bytes (not plaintext udpvid)", bytes.len());
+    };
+    let what = match p.body {
+        Body::Open(o) => format!("open transfer={} offset={}", o.transfer_id, o.offset),
+        Body::OpenOk {
+            transfer_id,
+            offset,
+            ..
+        } => format!("open-ok transfer={transfer_id} offset={offset}"),
+        Body::Ack {
+            transfer_id,
+            window,
+            received_up_to,
+            ranges,
+            ..
+        } => {
+            let ranges: Vec<String> = ranges
+                .iter()
+                .map(|r| format!("{}-{}", r.smallest, r.largest))
+                .collect();
+            format!(
+                "ack transfer={transfer_id} window={window} received_up_to={received_up_to} pns={}",
+                ranges.join(",")
+            )
+        }
+        other => {
+            let name = format!("{other:?}");
+            name.split([' ', '{', '('])
+                .next()
+                .unwrap_or("")
+                .to_lowercase()
+        }
+    };
+    format!("pn={} {what}", p.packet_number)
+}
+
 struct Direction {
     model: Mutex<Impairment>,
     seq: Mutex<u64>,
     tx: mpsc::UnboundedSender<Scheduled>,
+    up: bool,
+    trace: Option<Arc<Trace>>,
 }
 
 impl Direction {
@@ -190,6 +282,9 @@ impl Direction {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .process(now, bytes.len());
+        if let Some(t) = &self.trace {
+            t.record(now, self.up, bytes, &arrivals);
+        }
         for at in arrivals {
             let mut seq = self.seq.lock().unwrap_or_else(|p| p.into_inner());
             *seq += 1;
@@ -227,10 +322,22 @@ async fn run(opts: Options) -> Result<(), String> {
     let _ = std::io::stdout().flush();
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(deliver(rx));
+    let trace = match &opts.trace {
+        Some(path) => Some(Arc::new(Trace {
+            out: Mutex::new(std::io::BufWriter::new(
+                std::fs::File::create(path)
+                    .map_err(|e| format!("--trace {}: {e}", path.display()))?,
+            )),
+            started: Instant::now(),
+        })),
+        None => None,
+    };
     let up = Arc::new(Direction {
         model: Mutex::new(Impairment::new(opts.up, opts.seed)),
         seq: Mutex::new(0),
         tx: tx.clone(),
+        up: true,
+        trace: trace.clone(),
     });
     let down = Arc::new(Direction {
         model: Mutex::new(Impairment::new(
@@ -239,6 +346,8 @@ async fn run(opts: Options) -> Result<(), String> {
         )),
         seq: Mutex::new(0),
         tx,
+        up: false,
+        trace: trace.clone(),
     });
     /// Per client: its upstream socket, when it was bound, and the task
     /// carrying the server's answers back.
@@ -308,6 +417,9 @@ async fn run(opts: Options) -> Result<(), String> {
         }
     }
     report(&up, &down);
+    if let Some(t) = &trace {
+        t.flush();
+    }
     Ok(())
 }
 
