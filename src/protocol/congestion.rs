@@ -73,7 +73,7 @@ pub trait CongestionController: Send + std::fmt::Debug {
     fn on_persistent_congestion(&mut self);
     /// A new transfer replaced the old one (a seek): demand jumps from
     /// what the receive window allowed to as fast as possible.
-    fn on_new_transfer(&mut self) {}
+    fn on_new_transfer(&mut self, _now: Instant) {}
     /// Short name for logs and stats.
     fn name(&self) -> &'static str;
 }
@@ -226,6 +226,11 @@ pub const BBR_MIN_WINDOW_PACKETS: u64 = 4;
 /// busy round delivers at least (1 - loss) × 0.75 (ProbeBW's drain phase)
 /// of the estimate, more than a third below 55 % loss.
 pub const BBR_OVERESTIMATE_FACTOR: f64 = 3.0;
+/// How long the rate the link delivered when the sender last filled it
+/// stays the starting point of a seek (see `Bbr::on_new_transfer`). A link
+/// rarely loses two thirds of its rate within this long, and short of that
+/// pacing at the remembered rate overshoots less than startup does.
+pub const BBR_LINK_RATE_LIFETIME: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BbrMode {
@@ -267,6 +272,15 @@ pub struct Bbr {
     last_round_min_rtt: Option<Duration>,
     /// The estimate when ProbeBW's up-phase began.
     probe_base_bw: Option<f64>,
+    /// The rate the link delivered when the sender last filled it (the
+    /// estimate on a busy ACK in ProbeBW), and when: playback at the
+    /// media's rate lets the estimate decay, a seek wants this.
+    link_rate: Option<(f64, Instant)>,
+    /// The estimate was found at the link's limit: startup ended on a
+    /// plateau or a growing queue, or a ProbeBW up-phase found no room.
+    /// A startup cut short by a lossy round (random loss can do that)
+    /// leaves the estimate below the link, and a seek probes again.
+    link_rate_confirmed: bool,
 }
 
 impl Bbr {
@@ -294,12 +308,37 @@ impl Bbr {
             round_rtt_samples: 0,
             last_round_min_rtt: None,
             probe_base_bw: None,
+            link_rate: None,
+            link_rate_confirmed: false,
+        }
+    }
+
+    /// The remembered link rate, if recent enough to start from.
+    fn fresh_link_rate(&self, now: Instant) -> Option<f64> {
+        self.link_rate
+            .filter(|(_, at)| now.saturating_duration_since(*at) <= BBR_LINK_RATE_LIFETIME)
+            .map(|(rate, _)| rate)
+    }
+
+    /// On a busy ACK in ProbeBW the estimate is the link's: remember it,
+    /// unless it is lower than a recent one. Pacing at a decayed estimate
+    /// (after playback held the sender at the media's rate) also fills
+    /// no receive window, and delivers no more than it paces; only loss
+    /// lowers the remembered rate (see `on_round_start`).
+    fn remember_link_rate(&mut self, ack: &AckEvent) {
+        if self.mode != BbrMode::ProbeBw || ack.app_limited {
+            return;
+        }
+        let estimate = self.bottleneck_bw();
+        if self.fresh_link_rate(ack.now).is_none_or(|r| estimate >= r) {
+            self.link_rate = Some((estimate, ack.now));
         }
     }
 
     /// Probes for the link again from the current estimate, as at the start.
     fn restart_startup(&mut self) {
         self.mode = BbrMode::Startup;
+        self.link_rate_confirmed = false;
         self.full_bw = 0.0;
         self.full_bw_rounds = 0;
         self.last_round_min_rtt = None;
@@ -323,6 +362,8 @@ impl Bbr {
                         self.bw_cap = None;
                         self.heavy_loss_rounds = 0;
                         self.restart_startup();
+                    } else if !ack.app_limited {
+                        self.link_rate_confirmed = true;
                     }
                 }
             }
@@ -467,6 +508,7 @@ impl Bbr {
         // leave before the queue overflows.
         if self.round_delay_increased() && self.mode == BbrMode::Startup && !ack.app_limited {
             self.mode = BbrMode::Drain;
+            self.link_rate_confirmed = true;
         }
         let total = self.round_lost + self.round_delivered;
         let judged = total >= BBR_LOSS_MIN_PACKETS * self.max_datagram;
@@ -477,7 +519,24 @@ impl Bbr {
         if heavy {
             let floor = BBR_MIN_WINDOW_PACKETS as f64 * self.max_datagram as f64
                 / self.min_rtt().as_secs_f64().max(0.001);
-            self.bw_cap = Some((self.bottleneck_bw() * BBR_LOSS_BETA).max(floor));
+            let before = self.bottleneck_bw();
+            let cap = (before * BBR_LOSS_BETA).max(floor);
+            self.bw_cap = Some(cap);
+            // Only a busy round sent at about the remembered rate says the
+            // link lost it. While playback holds the sender below the link
+            // the estimate decays toward the media's rate, and at 10 %
+            // random loss one round in a few dozen loses a fifth: cutting
+            // the remembered rate to 0.7x a decayed estimate sent seeks
+            // off at a third of the link.
+            if let Some((rate, at)) = self
+                .link_rate
+                .as_mut()
+                .filter(|(rate, _)| !ack.app_limited && before >= *rate / BBR_FULL_BW_GROWTH)
+            {
+                if *rate > cap {
+                    (*rate, *at) = (cap, ack.now);
+                }
+            }
             if self.mode == BbrMode::Startup {
                 self.mode = BbrMode::Drain;
             }
@@ -509,6 +568,7 @@ impl Bbr {
                 self.full_bw_rounds += 1;
                 if self.full_bw_rounds >= BBR_FULL_BW_ROUNDS {
                     self.mode = BbrMode::Drain;
+                    self.link_rate_confirmed = true;
                 }
             }
         }
@@ -589,6 +649,7 @@ impl CongestionController for Bbr {
             }
             _ => {}
         }
+        self.remember_link_rate(ack);
         let target = self.target_window();
         if self.mode == BbrMode::Startup || self.window < target {
             // Grow by what was acknowledged, as slow start does, up to the target.
@@ -603,17 +664,39 @@ impl CongestionController for Bbr {
         self.round_lost += lost_bytes;
     }
 
-    fn on_new_transfer(&mut self) {
+    fn on_new_transfer(&mut self, now: Instant) {
         // Playback keeps the sender window-limited, so the estimate only
         // knows the media's bitrate (app-limited samples never raise it
         // past what was sent); ProbeBW would take seconds to find the link
-        // for the burst a seek needs. Startup finds it in a few rounds.
-        if self.mode == BbrMode::ProbeBw {
-            self.restart_startup();
+        // for the burst a seek needs. When the link's rate is known from
+        // the last time the sender filled it, the seek cruises at it:
+        // startup's 2.9x overshoot filled a 256 KB bottleneck queue in two
+        // rounds, and each resend of the seek's lost datagrams waited
+        // 60-100 ms behind it (seeks at 10 % loss took 2-3x the clean
+        // time). Otherwise (no recent busy spell, or an estimate never
+        // found at the link's limit) startup finds the rate in a few rounds.
+        if self.mode != BbrMode::ProbeBw {
+            return;
+        }
+        match self
+            .fresh_link_rate(now)
+            .filter(|_| self.link_rate_confirmed)
+        {
+            Some(rate) if rate > self.bottleneck_bw() => {
+                self.bw_samples.clear();
+                self.bw_samples.push_back((self.round, rate));
+                self.bw_cap = None;
+                self.cycle_index = 2;
+                self.cycle_start = None;
+                self.window = self.target_window().max(self.window);
+            }
+            Some(_) => {}
+            None => self.restart_startup(),
         }
     }
 
     fn on_persistent_congestion(&mut self) {
+        self.link_rate_confirmed = false;
         self.window = self.min_window();
         self.bw_samples.clear();
         self.full_bw = 0.0;
@@ -818,6 +901,41 @@ mod tests {
             Duration::from_millis(if round >= 4 { 95 } else { 80 })
         });
         assert_ne!(cc.mode(), BbrMode::Startup);
+    }
+
+    #[test]
+    fn bbr_seek_starts_at_the_link_rate_it_knew_not_at_a_decayed_estimate() {
+        let rtt = Duration::from_millis(50);
+        let t0 = Instant::now();
+        let mut cc = Bbr::new(1400);
+        let now = steady(&mut cc, t0, 20, 2_500_000.0, 0.0);
+        assert_eq!(cc.mode(), BbrMode::ProbeBw);
+        // Playback: the sender delivers the media's rate and the estimate
+        // follows it down; then a round at that rate loses two fifths.
+        let now = steady_at(&mut cc, now, 15, 800_000.0, 0.0, rtt);
+        let now = steady_at(&mut cc, now, 2, 800_000.0, 0.4, rtt);
+        assert!(cc.bottleneck_bw() < 800_000.0, "{}", cc.bottleneck_bw());
+        cc.on_new_transfer(now);
+        assert_eq!(cc.mode(), BbrMode::ProbeBw);
+        assert!(
+            (cc.bottleneck_bw() - 2_500_000.0).abs() < 1.0,
+            "{}",
+            cc.bottleneck_bw()
+        );
+        let pacing = cc.pacing_rate().expect("paces");
+        assert!(pacing <= 2_500_000.0 * 1.01, "{pacing}");
+        // Heavy loss at the link's own rate lowers what the next seek
+        // starts at.
+        let now = steady_at(&mut cc, now, 2, 2_500_000.0, 0.4, rtt);
+        cc.on_new_transfer(now);
+        assert!(
+            cc.bottleneck_bw() <= 2_500_000.0 * BBR_LOSS_BETA + 1.0,
+            "{}",
+            cc.bottleneck_bw()
+        );
+        // Long after the last busy spell, a seek probes as at the start.
+        cc.on_new_transfer(now + BBR_LINK_RATE_LIFETIME + Duration::from_secs(1));
+        assert_eq!(cc.mode(), BbrMode::Startup);
     }
 
     #[test]

@@ -449,8 +449,8 @@ impl LossRecovery {
 
     /// Forgets every in-flight packet of transfers other than `keep`: after a
     /// seek their data is useless, and they must not hold the window.
-    pub fn discard_other_transfers(&mut self, keep: u32) {
-        self.cc.on_new_transfer();
+    pub fn discard_other_transfers(&mut self, now: Instant, keep: u32) {
+        self.cc.on_new_transfer(now);
         let before = self.sent.len();
         self.sent.retain(|_, p| p.transfer_id == keep);
         if self.sent.len() != before {

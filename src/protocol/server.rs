@@ -620,7 +620,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
         }
         let id = session.id;
         match packet.body {
-            Body::Open(request) => self.handle_open(id, request),
+            Body::Open(request) => self.handle_open(now, id, request),
             Body::Ack {
                 transfer_id,
                 window,
@@ -686,7 +686,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
                     },
                 ) = (early_open, &s.welcome)
                 {
-                    self.handle_open(id, o);
+                    self.handle_open(now, id, o);
                 }
                 return;
             }
@@ -801,7 +801,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
         self.events
             .push_back(ServerEvent::SessionOpened { id, addr: from });
         if let Some(o) = early_open {
-            self.handle_open(id, o);
+            self.handle_open(now, id, o);
         }
         self.wake(id);
     }
@@ -864,7 +864,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             || unvalidated >= (admission.max_sessions() / 8).max(4)
     }
 
-    fn handle_open(&mut self, id: ConnectionId, request: OpenRequest) {
+    fn handle_open(&mut self, now: Instant, id: ConnectionId, request: OpenRequest) {
         let OpenRequest {
             transfer_id,
             kind,
@@ -896,7 +896,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
         };
         // Whatever happens, the previous transfer's bytes are no longer wanted.
         session.transfer = None;
-        session.recovery.discard_other_transfers(transfer_id);
+        session.recovery.discard_other_transfers(now, transfer_id);
         match opened {
             Ok(content) => {
                 let size = content.size();

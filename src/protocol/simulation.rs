@@ -978,6 +978,49 @@ fn a_seek_after_playback_gets_the_link_rate() {
     assert!(took < Duration::from_millis(1300), "took {took:?}");
 }
 
+/// A seek after playback, on a 20 Mbit/s path with a 256 KB bottleneck
+/// queue: the server knows the link's rate from filling the read-ahead,
+/// and cruises at it. Restarting startup (2.9x the estimate, growing per
+/// round) filled the queue within two rounds of every seek, and each
+/// resend of a lost datagram then waited behind up to 100 ms of it.
+#[test]
+fn a_seek_cruises_at_the_link_rate_it_knew_instead_of_flooding_the_queue() {
+    for seed in 1..5u64 {
+        let data = file(8_000_000, seed);
+        let mut sim = Sim::new(
+            seed,
+            data.clone(),
+            1 << 20,
+            clean(40),
+            bottleneck(20, 40, 256),
+        );
+        sim.client.open_file(sim.now, "movie.mp4", 0);
+        sim.play_for(Duration::from_secs(3));
+        let dropped_before = sim.down.imp.stats().dropped_queue;
+        let asked = sim.seek(5_000_000);
+        let mut deepest = 0;
+        while sim.delivered.len() < 600_000 && sim.now - asked < Duration::from_secs(10) {
+            let next = sim.now + Duration::from_millis(1);
+            sim.run_until(Consumer::Greedy, Duration::from_secs(1), |s| {
+                s.now >= next || s.delivered.len() >= 600_000
+            });
+            let now = sim.now;
+            deepest = deepest.max(sim.down.imp.queued_bytes(now));
+        }
+        let took = sim.now - asked;
+        assert!(sim.delivered[..] == data[5_000_000..5_000_000 + sim.delivered.len()]);
+        let dropped = sim.down.imp.stats().dropped_queue - dropped_before;
+        assert_eq!(dropped, 0, "seed {seed}: the seek overflowed the queue");
+        // At most a quarter of the queue (26 ms at 20 Mbit/s).
+        assert!(deepest < 64 * 1024, "seed {seed}: {deepest} bytes queued");
+        // 600 KB at 20 Mbit/s is 240 ms, plus the round trip.
+        assert!(
+            took < Duration::from_millis(400),
+            "seed {seed}: took {took:?}"
+        );
+    }
+}
+
 /// Several clients of one server: the server serves them round-robin, a
 /// batch of datagrams per turn (one GSO send each), fairly, and starves
 /// none.
