@@ -320,11 +320,11 @@ impl Bbr {
             .map(|(rate, _)| rate)
     }
 
-    /// On a busy ACK in ProbeBW the estimate is the link's: remember it,
-    /// unless it is lower than a recent one. Pacing at a decayed estimate
-    /// (after playback held the sender at the media's rate) also fills
-    /// no receive window, and delivers no more than it paces; only loss
-    /// lowers the remembered rate (see `on_round_start`).
+    /// On a busy ACK in ProbeBW the estimate is the link's: remember it.
+    /// A lower estimate does not replace a recent one: once playback let
+    /// the estimate decay, the sender paces at it and delivers no more, so
+    /// a busy ACK then shows the pacing, not the link. Only heavy loss at
+    /// about the remembered rate lowers it (see `on_round_start`).
     fn remember_link_rate(&mut self, ack: &AckEvent) {
         if self.mode != BbrMode::ProbeBw || ack.app_limited {
             return;
