@@ -422,14 +422,14 @@ impl ClientConnection {
         Some(self.transfer.as_mut().filter(|t| !t.opened)?.open_request())
     }
 
-    /// How long an Open waits for its answer before it is sent again: a
-    /// probe timeout of the measured path, at most the fixed interval used
-    /// before any RTT sample. At 80 ms RTT and 10 % loss a seek whose Open
-    /// was lost waited 250 ms; the path's own timeout is about 130 ms.
+    /// How long an Open waits for its answer before it is sent again:
+    /// 1.5 smoothed RTTs, at most the fixed interval used before any RTT
+    /// sample. An Open is two tiny idempotent datagrams, so a spurious
+    /// repeat costs nothing, while the probe timeout (which counts four
+    /// RTT variances) reached 250 ms at 80 ms RTT and 10 % loss: a seek
+    /// whose two Opens were both lost waited that long.
     fn open_retry_interval(&self) -> Duration {
-        self.rtt
-            .probe_timeout()
-            .clamp(MIN_OPEN_RETRY_INTERVAL, INITIAL_RETRY_INTERVAL)
+        (self.rtt.smoothed() * 3 / 2).clamp(MIN_OPEN_RETRY_INTERVAL, INITIAL_RETRY_INTERVAL)
     }
 
     fn queue_open(&mut self, now: Instant) {

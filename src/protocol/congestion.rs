@@ -231,6 +231,13 @@ pub const BBR_OVERESTIMATE_FACTOR: f64 = 3.0;
 /// rarely loses two thirds of its rate within this long, and short of that
 /// pacing at the remembered rate overshoots less than startup does.
 pub const BBR_LINK_RATE_LIFETIME: Duration = Duration::from_secs(30);
+/// A heavy-loss round lowers the remembered link rate only when the
+/// estimate stood at least at this share of it: sent at a lower rate, the
+/// round says nothing about the link, and random loss trips a round in a
+/// few dozen, so a looser test ratcheted the rate down round after round
+/// while playback let the estimate decay (a simulated seek then started
+/// at a quarter of the link).
+pub const BBR_LINK_RATE_LOSS_SHARE: f64 = 0.95;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BbrMode {
@@ -277,9 +284,11 @@ pub struct Bbr {
     /// media's rate lets the estimate decay, a seek wants this.
     link_rate: Option<(f64, Instant)>,
     /// The estimate was found at the link's limit: startup ended on a
-    /// plateau or a growing queue, or a ProbeBW up-phase found no room.
-    /// A startup cut short by a lossy round (random loss can do that)
-    /// leaves the estimate below the link, and a seek probes again.
+    /// plateau or a growing queue. A startup cut short by a lossy round
+    /// (random loss can do that) leaves the estimate below the link, and a
+    /// seek probes again. A ProbeBW up-phase that found no room does not
+    /// confirm it: during playback its ACKs are a short burst's, after the
+    /// window opened, and a simulated seek cruised at a quarter of the link.
     link_rate_confirmed: bool,
 }
 
@@ -362,8 +371,6 @@ impl Bbr {
                         self.bw_cap = None;
                         self.heavy_loss_rounds = 0;
                         self.restart_startup();
-                    } else if !ack.app_limited {
-                        self.link_rate_confirmed = true;
                     }
                 }
             }
@@ -531,7 +538,7 @@ impl Bbr {
             if let Some((rate, at)) = self
                 .link_rate
                 .as_mut()
-                .filter(|(rate, _)| !ack.app_limited && before >= *rate / BBR_FULL_BW_GROWTH)
+                .filter(|(rate, _)| !ack.app_limited && before >= *rate * BBR_LINK_RATE_LOSS_SHARE)
             {
                 if *rate > cap {
                     (*rate, *at) = (cap, ack.now);
