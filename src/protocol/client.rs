@@ -133,6 +133,17 @@ impl RetryTimer {
     }
 }
 
+/// Every Open leaves twice, first or repeated: a seek waits on this one
+/// small datagram, and at 10 % loss (80 ms RTT) one Open in ten was lost
+/// and cost the seek a timeout, and a single repeat, or the single answer
+/// it drew, was lost as often and waited a doubled timeout (650 ms where
+/// 250 is usual). Two copies are lost together one time in a hundred, for
+/// a hundred bytes; the server answers a repeat with the answer alone.
+fn push_open_twice(out: &mut VecDeque<Body>, request: OpenRequest) {
+    out.push_back(Body::Open(request.clone()));
+    out.push_back(Body::Open(request));
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum Phase {
     Handshake { cookie: Vec<u8> },
@@ -438,14 +449,7 @@ impl ClientConnection {
             return;
         };
         t.open_timer.start_with(now, interval);
-        let request = t.open_request();
-        // Twice: a seek waits on this one small datagram, and on a lossy
-        // link (10 % at 80 ms RTT) one Open in ten was lost and cost the
-        // seek a timeout. Two copies are lost together one time in a
-        // hundred, for a hundred bytes; the server answers a repeat as a
-        // lost answer, with the answer alone.
-        self.out.push_back(Body::Open(request.clone()));
-        self.out.push_back(Body::Open(request));
+        push_open_twice(&mut self.out, t.open_request());
     }
 
     pub fn set_read_ahead(&mut self, now: Instant, read_ahead: ReadAhead) {
@@ -921,11 +925,7 @@ impl ClientConnection {
         // the element waits for the answer before it reads.
         if !t.opened && !t.open_reasked {
             t.open_reasked = true;
-            // Twice, as every Open: at 10 % loss a single copy or its
-            // single answer was lost one time in five.
-            let request = t.open_request();
-            self.out.push_back(Body::Open(request.clone()));
-            self.out.push_back(Body::Open(request));
+            push_open_twice(&mut self.out, t.open_request());
         }
         let mut gap_recorded = false;
         // A long silence while the window was open is a stall the
@@ -1218,13 +1218,7 @@ impl ClientConnection {
                 }
                 if resend_open {
                     if let Some(t) = self.transfer.as_mut() {
-                        // Twice, as the first time: the path just lost both
-                        // copies, and at 10 % loss one retry in ten lost its
-                        // single copy too and waited a doubled timeout
-                        // (a seek of 650 ms where 250 is usual).
-                        let request = t.open_request();
-                        self.out.push_back(Body::Open(request.clone()));
-                        self.out.push_back(Body::Open(request));
+                        push_open_twice(&mut self.out, t.open_request());
                     }
                 }
                 if probe {

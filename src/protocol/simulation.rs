@@ -952,21 +952,28 @@ fn first_four_kib_arrive_one_round_trip_after_the_hello() {
     assert!(sim.delivered == data);
 }
 
-#[test]
-fn a_seek_after_playback_gets_the_link_rate() {
-    // Real-time playback of a 4 Mbit/s stream on a 20 Mbit/s, 80 ms path
-    // keeps the sender at the read-ahead: its rate estimate only knows the
-    // bitrate. The seek then wants as much as the link gives.
-    let data = file(12_000_000, 51);
+/// A file of `size` bytes played in real time for `play` on a 20 Mbit/s,
+/// 80 ms path with a 256 KB bottleneck queue, read-ahead 1 MiB.
+fn playing_behind_a_bottleneck(seed: u64, size: usize, play: Duration) -> (Sim, Vec<u8>) {
+    let data = file(size, seed);
     let mut sim = Sim::new(
-        51,
+        seed,
         data.clone(),
         1 << 20,
         clean(40),
         bottleneck(20, 40, 256),
     );
     sim.client.open_file(sim.now, "movie.mp4", 0);
-    sim.play_for(Duration::from_secs(8));
+    sim.play_for(play);
+    (sim, data)
+}
+
+#[test]
+fn a_seek_after_playback_gets_the_link_rate() {
+    // Real-time playback of a 4 Mbit/s stream on a 20 Mbit/s, 80 ms path
+    // keeps the sender at the read-ahead: its rate estimate only knows the
+    // bitrate. The seek then wants as much as the link gives.
+    let (mut sim, data) = playing_behind_a_bottleneck(51, 12_000_000, Duration::from_secs(8));
     let asked = sim.seek(6_000_000);
     sim.run_until(Consumer::Greedy, Duration::from_secs(10), |s| {
         s.delivered.len() >= 1_500_000
@@ -986,16 +993,7 @@ fn a_seek_after_playback_gets_the_link_rate() {
 #[test]
 fn a_seek_cruises_at_the_link_rate_it_knew_instead_of_flooding_the_queue() {
     for seed in 1..5u64 {
-        let data = file(8_000_000, seed);
-        let mut sim = Sim::new(
-            seed,
-            data.clone(),
-            1 << 20,
-            clean(40),
-            bottleneck(20, 40, 256),
-        );
-        sim.client.open_file(sim.now, "movie.mp4", 0);
-        sim.play_for(Duration::from_secs(3));
+        let (mut sim, data) = playing_behind_a_bottleneck(seed, 8_000_000, Duration::from_secs(3));
         let dropped_before = sim.down.imp.stats().dropped_queue;
         let asked = sim.seek(5_000_000);
         let mut deepest = 0;
