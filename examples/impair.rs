@@ -15,7 +15,7 @@
 //! is `impair listening on ADDR`; on exit (Ctrl-C, SIGTERM or `--duration`)
 //! it prints what it did per direction, and every `--report` seconds too.
 //! `--trace FILE` writes one line per datagram: when it came (µs from the
-//! start), its direction, what it carries (decoded when it is a plaintext
+//! start), its direction, its connection id, what it carries (decoded when it is a plaintext
 //! udpvid datagram) and its fate (the delay of each copy, or `lost`), so a
 //! slow seek or a stall can be read datagram by datagram.
 
@@ -202,9 +202,10 @@ impl Trace {
                 .join(",")
         };
         let line = format!(
-            "{} {} {} {fate}\n",
+            "{} {} cid={:016x} {} {fate}\n",
             now.saturating_duration_since(self.started).as_micros(),
             if up { "up" } else { "down" },
+            Packet::header_connection_id(bytes).unwrap_or(0),
             describe(bytes)
         );
         let _ = self

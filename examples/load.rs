@@ -730,6 +730,13 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
             "--down-queue-kb",
             "512",
         ])
+        // LOAD_PROXY_TRACE=FILE: the proxy's datagram-by-datagram trace, to
+        // read why a starving session hears nothing.
+        .args(
+            std::env::var("LOAD_PROXY_TRACE")
+                .map(|f| vec!["--trace".to_string(), f])
+                .unwrap_or_default(),
+        )
         .stdout(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", proxy_bin.display()));

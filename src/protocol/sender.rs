@@ -631,6 +631,14 @@ impl LossRecovery {
         // The probe timer restarts from now, not from the last send, so a
         // peer that is gone is not probed in a tight loop.
         self.last_sent = Some(now);
+        // The probes start a new delivery interval, as a send after idle
+        // does: nothing arrived since the last ACK, and a probe's rate
+        // sample measured over that silence (seconds, after a few timeouts)
+        // gave a few hundred bytes per second. After a persistent
+        // congestion that was the whole estimate, and pacing at it kept a
+        // sender with nothing in flight quiet for tens of seconds.
+        self.first_sent_time = Some(now);
+        self.delivered_time = Some(now);
         outcome
     }
 }
@@ -778,6 +786,92 @@ mod tests {
         );
         assert!(out.acked.is_empty() && out.lost.is_empty());
         assert_eq!(r.bytes_in_flight(), 1000);
+    }
+
+    /// Drives `r` over a path of `rate` bytes/s and 20 ms round trip that
+    /// loses everything sent while `dark(t)` holds; returns the bytes
+    /// acknowledged at each ACK.
+    fn run_path(
+        r: &mut LossRecovery,
+        t0: Instant,
+        until: Duration,
+        rate: f64,
+        dark: impl Fn(Duration) -> bool,
+    ) -> Vec<(Duration, u64)> {
+        let mut now = t0;
+        let mut pn = 0;
+        let mut link_free = t0;
+        let mut acks: BTreeMap<Instant, u64> = BTreeMap::new();
+        let mut delivered = Vec::new();
+        let mut total = 0;
+        while now < t0 + until {
+            while r.can_send(now, 1000) {
+                send(r, pn, now);
+                if !dark(now - t0) {
+                    link_free = link_free.max(now) + Duration::from_secs_f64(1000.0 / rate);
+                    acks.insert(link_free + Duration::from_millis(20), pn);
+                }
+                pn += 1;
+            }
+            let next = [
+                acks.keys().next().copied(),
+                r.timeout(),
+                r.pacing_deadline(),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .expect("something to wait for");
+            now = next.max(now);
+            while let Some(entry) = acks.first_entry().filter(|e| *e.key() <= now) {
+                let acked = entry.remove();
+                let out = r.on_ack_received(
+                    now,
+                    &[AckRange {
+                        largest: acked,
+                        smallest: acked,
+                    }],
+                    Duration::ZERO,
+                );
+                total += out.acked.iter().map(|p| p.size).sum::<u64>();
+                delivered.push((now - t0, total));
+            }
+            if r.timeout().is_some_and(|t| t <= now) {
+                r.on_timeout(now);
+            }
+        }
+        delivered
+    }
+
+    #[test]
+    fn after_a_blackout_the_first_answered_probe_brings_the_rate_back() {
+        // 200 transfers through one bottleneck whose queue held less than
+        // their windows' floors: some lost everything for seconds, and the
+        // probe that finally got through measured its bytes over the whole
+        // silence (a few hundred bytes per second). Paced at that, the
+        // sender waited tens of seconds between bursts with nothing in
+        // flight, and its client gave up after 20 s of silence.
+        let t0 = Instant::now();
+        let rate = 2_500_000.0;
+        let mut r = LossRecovery::new(1000);
+        let dark = |t: Duration| t >= Duration::from_secs(2) && t < Duration::from_secs(7);
+        let delivered = run_path(&mut r, t0, Duration::from_secs(12), rate, dark);
+        let back = delivered
+            .iter()
+            .find(|(t, _)| *t > Duration::from_secs(7))
+            .copied()
+            .expect("an ACK after the blackout");
+        let second_later = delivered
+            .iter()
+            .take_while(|(t, _)| *t <= back.0 + Duration::from_secs(1))
+            .last()
+            .map_or(back.1, |d| d.1);
+        let got = (second_later - back.1) as f64;
+        assert!(
+            got > rate * 0.5,
+            "{got:.0} bytes in the second after the first ACK at {:?} (link {rate} B/s)",
+            back.0
+        );
     }
 
     #[test]
