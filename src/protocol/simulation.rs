@@ -1254,3 +1254,122 @@ fn seeks_at_ten_percent_loss_stay_near_the_clean_time() {
         "clean {clean:?}, at 10 % loss {lossy:?}: the slowest {slowest:?}"
     );
 }
+
+/// Many transfers through one bottleneck whose drop-tail queue holds less
+/// than their windows' floor, so it is full all the time and loses about
+/// half of what reaches it (200 pulls through one 200 Mbit/s proxy, scaled
+/// down). The server's sessions woken by one timer tick leave in one
+/// burst, of which the queue takes the head: a session sent to the tail
+/// tick after tick hears nothing. Every transfer must finish, and none may
+/// go silent for long (the element gives up after 20 s without data).
+#[test]
+fn transfers_sharing_a_full_bottleneck_all_finish_and_none_goes_silent() {
+    const CLIENTS: usize = 40;
+    const SIZE: usize = 150_000;
+    let start = Instant::now();
+    let mut now = start;
+    let data = file(SIZE, 17);
+    let mut server = ServerEndpoint::new(
+        ServerConfig::default(),
+        MemoryStore {
+            files: vec![("movie.mp4".into(), data.clone())],
+        },
+        [9; 32],
+        now,
+    );
+    // 8 Mbit/s and a queue of 40 KB: 28 datagrams, against 160 at the
+    // floor of four each.
+    let mut bottleneck = Impairment::new(
+        ImpairmentConfig {
+            delay: Duration::from_millis(5),
+            rate_bps: Some(8_000_000),
+            queue_bytes: 40_000,
+            ..Default::default()
+        },
+        17,
+    );
+    let addrs: Vec<SocketAddr> = (0..CLIENTS)
+        .map(|i| SocketAddr::from(([10, 0, 1, 2], 4000 + i as u16)))
+        .collect();
+    let mut clients: Vec<ClientConnection> = (0..CLIENTS)
+        .map(|i| {
+            let mut c = ClientConnection::new(
+                ClientConfig {
+                    read_ahead: ReadAhead::Fixed(1 << 20),
+                    ..Default::default()
+                },
+                300 + i as u64,
+                now,
+            );
+            c.open_file(now, "movie.mp4", 0);
+            c
+        })
+        .collect();
+    let mut delivered = vec![Vec::new(); CLIENTS];
+    let mut last_progress = vec![start; CLIENTS];
+    let mut longest_silence = vec![Duration::ZERO; CLIENTS];
+    let mut up: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+    let mut down: BinaryHeap<Reverse<(Instant, u64, usize, Vec<u8>)>> = BinaryHeap::new();
+    let mut seq = 0;
+    let mut buf = Vec::new();
+    while delivered.iter().any(|d| d.len() < SIZE) {
+        assert!(
+            now - start < Duration::from_secs(120),
+            "transfers stalled: {:?} bytes",
+            delivered.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        for (from, d) in up.drain(..) {
+            server.handle_datagram(now, from, &d);
+        }
+        while let Some(Reverse((at, _, to, d))) = down.peek().cloned() {
+            if at > now {
+                break;
+            }
+            down.pop();
+            clients[to].handle_datagram(now, &d);
+        }
+        // The driver's timer ticks in milliseconds: whatever is due leaves
+        // together, in the order the server picks.
+        if server.poll_timeout().is_some_and(|t| t <= now) {
+            server.handle_timeout(now);
+        }
+        while let Some(to) = server.poll_transmit(now, &mut buf) {
+            let i = addrs.iter().position(|a| *a == to).expect("known client");
+            for at in bottleneck.process(now, buf.len()) {
+                seq += 1;
+                down.push(Reverse((at, seq, i, buf.clone())));
+            }
+        }
+        for (i, c) in clients.iter_mut().enumerate() {
+            if c.poll_timeout().is_some_and(|t| t <= now) {
+                c.handle_timeout(now);
+            }
+            let before = delivered[i].len();
+            while let Some(chunk) = c.read(now, 1 << 20) {
+                delivered[i].extend(chunk);
+            }
+            if delivered[i].len() > before || delivered[i].len() == SIZE {
+                last_progress[i] = now;
+            }
+            longest_silence[i] = longest_silence[i].max(now - last_progress[i]);
+            while let Some(d) = c.poll_transmit(now) {
+                up.push((addrs[i], d));
+            }
+        }
+        now += Duration::from_millis(1);
+    }
+    for d in &delivered {
+        assert!(*d == data, "a client's bytes differ");
+    }
+    let dropped = bottleneck.stats().dropped_queue as f64 / bottleneck.stats().packets as f64;
+    assert!(
+        dropped > 0.2,
+        "the queue was not the limit ({dropped:.2} dropped)"
+    );
+    let worst = longest_silence.iter().max().copied().unwrap_or_default();
+    assert!(
+        worst < Duration::from_secs(8),
+        "a transfer heard nothing new for {worst:?} (all took {:?})",
+        now - start
+    );
+}
