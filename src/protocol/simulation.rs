@@ -1309,7 +1309,9 @@ fn transfers_sharing_a_full_bottleneck_all_finish_and_none_goes_silent() {
     let mut last_progress = vec![start; CLIENTS];
     let mut longest_silence = vec![Duration::ZERO; CLIENTS];
     let mut up: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
-    let mut down: BinaryHeap<Reverse<(Instant, u64, usize, Vec<u8>)>> = BinaryHeap::new();
+    // (arrival, sequence, client, datagram), earliest first.
+    type InFlight = Reverse<(Instant, u64, usize, Vec<u8>)>;
+    let mut down: BinaryHeap<InFlight> = BinaryHeap::new();
     let mut seq = 0;
     let mut buf = Vec::new();
     while delivered.iter().any(|d| d.len() < SIZE) {
