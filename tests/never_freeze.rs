@@ -227,6 +227,76 @@ fn sixteen_concurrent_gst_launch_copies_on_loopback_are_byte_exact() {
     assert_eq!(server.log_text().matches("session opened").count(), 16);
 }
 
+/// Many copies at once through one bottleneck whose queue is smaller than
+/// their congestion windows' floor (24 x 4 datagrams against 32 KB): the
+/// queue is full all the time and drops about half of what the server
+/// sends. Sessions that lost everything for a while came back paced at
+/// a few hundred bytes per second, or had their probes dropped tick after
+/// tick, and their gst-launch gave up after its timeout.
+#[test]
+fn twenty_four_gst_launch_copies_through_a_bottleneck_smaller_than_their_windows() {
+    init();
+    let dir = media_dir();
+    let server = Server::start(&dir, &[]);
+    let proxy = Proxy::start(
+        server.port,
+        &[
+            "--down-rate-mbit",
+            "10",
+            "--down-queue-kb",
+            "32",
+            "--delay-ms",
+            "10",
+        ],
+    );
+    let file = "movie.mp4";
+    let original = sha256_file(&dir.join(file));
+    let started = Instant::now();
+    let children: Vec<(Child, PathBuf)> = (0..24)
+        .map(|i| {
+            let out = temp_out(&format!("narrow-{i}"));
+            let mut c = gst_launch_copy("127.0.0.1", proxy.port, file, &out);
+            c.stdout(Stdio::null()).stderr(Stdio::null());
+            (c.spawn().expect("gst-launch runs"), out)
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for (i, (mut child, out)) in children.into_iter().enumerate() {
+        let left = Duration::from_secs(150).saturating_sub(started.elapsed());
+        let copied = |out: &Path| out.metadata().map_or(0, |m| m.len());
+        match wait_bounded(&mut child, left) {
+            None => failures.push(format!("copy {i} froze at {} bytes", copied(&out))),
+            Some(s) if !s.success() => {
+                failures.push(format!("copy {i} failed at {} bytes: {s}", copied(&out)))
+            }
+            Some(_) if sha256_file(&out) != original => {
+                failures.push(format!("copy {i}: differs ({} bytes)", copied(&out)))
+            }
+            Some(_) => {}
+        }
+        let _ = std::fs::remove_file(out);
+    }
+    let took = started.elapsed();
+    let report = proxy.finish();
+    assert!(failures.is_empty(), "{failures:?}\nproxy: {report}");
+    // The premise: the queue, not the senders, was the limit.
+    let down = report
+        .lines()
+        .find(|l| l.starts_with("down"))
+        .unwrap_or_default();
+    let queue_full: u64 = down
+        .split(" queue full")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(queue_full > 1000, "the queue hardly overflowed: {report}");
+    eprintln!(
+        "24 x {file} through 10 Mbit/s and a 32 KB queue: {:.1} s; {down}",
+        took.as_secs_f64()
+    );
+}
+
 /// A veth pair into a namespace the test makes, with `tc tbf` capping
 /// what leaves the namespace; removed on drop.
 struct ShapedNamespace {
