@@ -607,7 +607,48 @@ impl LossRecovery {
             .map(|t| t + self.rtt.probe_timeout() * backoff)
     }
 
-    pub fn on_timeout(&mut self, now: Instant) -> RecoveryOutcome {
+    /// The peer says it is still waiting (a ping) while the probe timer is
+    /// backing off: one probe of the oldest data still `needed` leaves now,
+    /// without backing off further. The ping proves the peer and the path
+    /// towards us alive, so the silence is loss on the way down; at a
+    /// bottleneck shared by more sessions than its queue holds at their
+    /// windows' floor, timers backed off to seconds left transfers silent
+    /// past the player's timeout. At most one probe per ping and per
+    /// smoothed RTT, whatever the client sends (an honest one pings at
+    /// most every 200 ms); the probe timer keeps its schedule.
+    pub fn on_peer_waiting(
+        &mut self,
+        now: Instant,
+        needed: impl Fn(&SentPacket) -> bool,
+    ) -> RecoveryOutcome {
+        let mut outcome = RecoveryOutcome::default();
+        let recent = self
+            .last_sent
+            .is_some_and(|t| now.saturating_duration_since(t) < self.rtt.smoothed());
+        if self.pto_count == 0 || self.loss_time.is_some() || recent {
+            return outcome;
+        }
+        let Some(oldest) = self.sent.values().find(|p| needed(p)) else {
+            return outcome;
+        };
+        outcome.probe.push(oldest.clone());
+        self.probe_credit = self.probe_credit.max(1);
+        self.first_sent_time = Some(now);
+        self.delivered_time = Some(now);
+        outcome
+    }
+
+    /// A loss or probe timer fired. The probes resend the oldest packets
+    /// whose data is still `needed`: the oldest in flight may carry bytes
+    /// acknowledged by another copy (resends leave twice on a lossy path),
+    /// and probing those, timeout after timeout, never reached the packet
+    /// that carried the missing bytes (a transfer stalled for good 900
+    /// bytes before its end in the simulation).
+    pub fn on_timeout(
+        &mut self,
+        now: Instant,
+        needed: impl Fn(&SentPacket) -> bool,
+    ) -> RecoveryOutcome {
         let mut outcome = RecoveryOutcome::default();
         if self.loss_time.is_some_and(|t| t <= now) {
             outcome.lost = self.detect_lost(now);
@@ -625,6 +666,7 @@ impl LossRecovery {
         outcome.probe = self
             .sent
             .values()
+            .filter(|p| needed(p))
             .take(PROBE_PACKETS as usize)
             .cloned()
             .collect();
@@ -766,7 +808,7 @@ mod tests {
         assert_eq!(lost, vec![0, 1]);
         // Packet 2 is only one behind: lost later by time.
         let t = r.timeout().expect("loss timer armed");
-        let out = r.on_timeout(t);
+        let out = r.on_timeout(t, |_| true);
         assert_eq!(out.lost.len(), 1);
         assert_eq!(r.bytes_in_flight(), 0);
     }
@@ -837,7 +879,7 @@ mod tests {
                 delivered.push((now - t0, total));
             }
             if r.timeout().is_some_and(|t| t <= now) {
-                r.on_timeout(now);
+                r.on_timeout(now, |_| true);
             }
         }
         delivered
@@ -875,12 +917,36 @@ mod tests {
     }
 
     #[test]
+    fn probes_skip_packets_whose_bytes_another_copy_delivered() {
+        let t0 = Instant::now();
+        let mut r = LossRecovery::new(1000);
+        for pn in 0..3 {
+            send(&mut r, pn, t0);
+        }
+        // Packet 0's bytes arrived in another copy; 1 and 2 still matter.
+        let needed = |p: &SentPacket| p.packet_number != 0;
+        let first = r.timeout().expect("pto armed");
+        let out = r.on_timeout(first, needed);
+        let probed: Vec<u64> = out.probe.iter().map(|p| p.packet_number).collect();
+        assert_eq!(probed, vec![1, 2]);
+        // A ping while backing off earns one probe of the oldest needed,
+        // once per smoothed RTT.
+        let later = first + Duration::from_secs(1);
+        let out = r.on_peer_waiting(later, needed);
+        let probed: Vec<u64> = out.probe.iter().map(|p| p.packet_number).collect();
+        assert_eq!(probed, vec![1]);
+        assert!(r.can_send(later, 1000));
+        send(&mut r, 3, later);
+        assert!(r.on_peer_waiting(later, needed).probe.is_empty());
+    }
+
+    #[test]
     fn probe_timeout_backs_off() {
         let t0 = Instant::now();
         let mut r = LossRecovery::new(1000);
         send(&mut r, 0, t0);
         let first = r.timeout().expect("pto armed");
-        let out = r.on_timeout(first);
+        let out = r.on_timeout(first, |_| true);
         assert_eq!(out.probe.len(), 1);
         assert!(r.can_send(first, u64::MAX / 2));
         let second = r.timeout().expect("pto armed");

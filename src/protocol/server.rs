@@ -17,7 +17,7 @@ use super::catalog::{self, CatalogEntry};
 use super::cookie::AddressValidator;
 use super::crypto::{Psk, SessionKeys, TAG_LEN};
 use super::media_index::{self, MediaIndex};
-use super::sender::{DataSent, LossRecovery, RecoveryOutcome, StreamSender};
+use super::sender::{DataSent, LossRecovery, RecoveryOutcome, SentPacket, StreamSender};
 use super::wire::{
     Body, CloseReason, ConnectionId, DATA_OVERHEAD, DEFAULT_MAX_PAYLOAD, DecodeError, HEADER_LEN,
     MAX_DATAGRAM_SIZE, MIN_HELLO_SIZE, OpenErrorKind, OpenRequest, Packet, TransferKind, VERSION,
@@ -647,6 +647,10 @@ impl<S: ContentStore> ServerEndpoint<S> {
             Body::Ping => {
                 if let Some(s) = self.sessions.get_mut(&id) {
                     s.control.push_back(Body::Pong);
+                    let outcome = s
+                        .recovery
+                        .on_peer_waiting(now, |p| Self::still_needed(&s.transfer, p));
+                    Self::apply_recovery(s, outcome);
                 }
             }
             Body::Close { .. } => self.end_session(id, CloseReason::Normal),
@@ -987,6 +991,13 @@ impl<S: ContentStore> ServerEndpoint<S> {
         }
     }
 
+    /// Whether a packet in flight carries bytes the client still lacks.
+    fn still_needed(transfer: &Option<Transfer>, p: &SentPacket) -> bool {
+        transfer.as_ref().is_some_and(|t| {
+            p.transfer_id == t.id && (p.ahead || !t.stream.is_acked(p.range.clone()))
+        })
+    }
+
     fn apply_recovery(session: &mut Session, outcome: RecoveryOutcome) {
         let Some(t) = session.transfer.as_mut() else {
             return;
@@ -1266,7 +1277,9 @@ impl<S: ContentStore> ServerEndpoint<S> {
             }
             let mut probe = false;
             if session.recovery.timeout().is_some_and(|t| t <= now) {
-                let outcome = session.recovery.on_timeout(now);
+                let outcome = session
+                    .recovery
+                    .on_timeout(now, |p| Self::still_needed(&session.transfer, p));
                 self.packets_lost += outcome.lost.len() as u64;
                 probe = !outcome.probe.is_empty();
                 Self::apply_recovery(session, outcome);
