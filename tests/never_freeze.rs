@@ -191,17 +191,16 @@ fn gst_launch_copies_through_a_rate_capped_proxy_below_and_above_the_media_rate(
     }
 }
 
-#[test]
-fn sixteen_concurrent_gst_launch_copies_on_loopback_are_byte_exact() {
-    init();
-    let dir = media_dir();
-    let server = Server::start(&dir, &[]);
-    let file = "big.bin";
+/// `n` gst-launch copies of `file` (in `dir`) at once from `port`, each
+/// waited for until `limit` after the start and checked against the
+/// original; returns what went wrong with each copy that did not finish
+/// byte-exact.
+fn copies_at_once(n: usize, port: u16, dir: &Path, file: &str, limit: Duration) -> Vec<String> {
     let started = Instant::now();
-    let children: Vec<(Child, PathBuf)> = (0..16)
+    let children: Vec<(Child, PathBuf)> = (0..n)
         .map(|i| {
-            let out = temp_out(&format!("conc-{i}"));
-            let mut c = gst_launch_copy("127.0.0.1", server.port, file, &out);
+            let out = temp_out(&format!("conc-{port}-{i}"));
+            let mut c = gst_launch_copy("127.0.0.1", port, file, &out);
             c.stdout(Stdio::null()).stderr(Stdio::null());
             (c.spawn().expect("gst-launch runs"), out)
         })
@@ -209,18 +208,31 @@ fn sixteen_concurrent_gst_launch_copies_on_loopback_are_byte_exact() {
     let mut failures = Vec::new();
     let original = sha256_file(&dir.join(file));
     for (i, (mut child, out)) in children.into_iter().enumerate() {
-        let left = Duration::from_secs(180).saturating_sub(started.elapsed());
+        let left = limit.saturating_sub(started.elapsed());
         let copied = |out: &Path| out.metadata().map_or(0, |m| m.len());
         match wait_bounded(&mut child, left) {
-            None => failures.push(format!("pull {i} froze at {} bytes", copied(&out))),
-            Some(s) if !s.success() => failures.push(format!("pull {i} failed: {s}")),
+            None => failures.push(format!("copy {i} froze at {} bytes", copied(&out))),
+            Some(s) if !s.success() => {
+                failures.push(format!("copy {i} failed at {} bytes: {s}", copied(&out)))
+            }
             Some(_) if sha256_file(&out) != original => {
-                failures.push(format!("pull {i}: copy differs ({} bytes)", copied(&out)))
+                failures.push(format!("copy {i}: differs ({} bytes)", copied(&out)))
             }
             Some(_) => {}
         }
         let _ = std::fs::remove_file(out);
     }
+    failures
+}
+
+#[test]
+fn sixteen_concurrent_gst_launch_copies_on_loopback_are_byte_exact() {
+    init();
+    let dir = media_dir();
+    let server = Server::start(&dir, &[]);
+    let file = "big.bin";
+    let started = Instant::now();
+    let failures = copies_at_once(16, server.port, &dir, file, Duration::from_secs(180));
     assert!(failures.is_empty(), "{failures:?}\n{}", server.log_text());
     eprintln!("16 x {file}: {:.1} s", started.elapsed().as_secs_f64());
     // One session per viewer: no catalog sessions beside the copies.
@@ -250,32 +262,8 @@ fn twenty_four_gst_launch_copies_through_a_bottleneck_smaller_than_their_windows
         ],
     );
     let file = "movie.mp4";
-    let original = sha256_file(&dir.join(file));
     let started = Instant::now();
-    let children: Vec<(Child, PathBuf)> = (0..24)
-        .map(|i| {
-            let out = temp_out(&format!("narrow-{i}"));
-            let mut c = gst_launch_copy("127.0.0.1", proxy.port, file, &out);
-            c.stdout(Stdio::null()).stderr(Stdio::null());
-            (c.spawn().expect("gst-launch runs"), out)
-        })
-        .collect();
-    let mut failures = Vec::new();
-    for (i, (mut child, out)) in children.into_iter().enumerate() {
-        let left = Duration::from_secs(150).saturating_sub(started.elapsed());
-        let copied = |out: &Path| out.metadata().map_or(0, |m| m.len());
-        match wait_bounded(&mut child, left) {
-            None => failures.push(format!("copy {i} froze at {} bytes", copied(&out))),
-            Some(s) if !s.success() => {
-                failures.push(format!("copy {i} failed at {} bytes: {s}", copied(&out)))
-            }
-            Some(_) if sha256_file(&out) != original => {
-                failures.push(format!("copy {i}: differs ({} bytes)", copied(&out)))
-            }
-            Some(_) => {}
-        }
-        let _ = std::fs::remove_file(out);
-    }
+    let failures = copies_at_once(24, proxy.port, &dir, file, Duration::from_secs(150));
     let took = started.elapsed();
     let report = proxy.finish();
     assert!(failures.is_empty(), "{failures:?}\nproxy: {report}");

@@ -628,14 +628,35 @@ impl LossRecovery {
         if self.pto_count == 0 || self.loss_time.is_some() || recent {
             return outcome;
         }
-        let Some(oldest) = self.sent.values().find(|p| needed(p)) else {
-            return outcome;
-        };
-        outcome.probe.push(oldest.clone());
-        self.probe_credit = self.probe_credit.max(1);
+        if self.sent.values().any(&needed) {
+            outcome.probe = self.start_probes(now, 1, needed);
+        }
+        outcome
+    }
+
+    /// Lets `count` probes leave regardless of the window and pacing, and
+    /// returns the oldest packets whose data is still `needed`, for them
+    /// to resend. The probes start a new delivery interval, as a send
+    /// after idle does: nothing arrived since the last ACK, and a probe's
+    /// rate sample measured over that silence (seconds, after a few
+    /// timeouts) gave a few hundred bytes per second. After a persistent
+    /// congestion that was the whole estimate, and pacing at it kept a
+    /// sender with nothing in flight quiet for tens of seconds.
+    fn start_probes(
+        &mut self,
+        now: Instant,
+        count: u32,
+        needed: impl Fn(&SentPacket) -> bool,
+    ) -> Vec<SentPacket> {
+        self.probe_credit = self.probe_credit.max(count);
         self.first_sent_time = Some(now);
         self.delivered_time = Some(now);
-        outcome
+        self.sent
+            .values()
+            .filter(|p| needed(p))
+            .take(count as usize)
+            .cloned()
+            .collect()
     }
 
     /// A loss or probe timer fired. The probes resend the oldest packets
@@ -662,25 +683,10 @@ impl LossRecovery {
         if self.pto_count == PERSISTENT_CONGESTION_PTOS {
             self.cc.on_persistent_congestion();
         }
-        self.probe_credit = PROBE_PACKETS;
-        outcome.probe = self
-            .sent
-            .values()
-            .filter(|p| needed(p))
-            .take(PROBE_PACKETS as usize)
-            .cloned()
-            .collect();
+        outcome.probe = self.start_probes(now, PROBE_PACKETS, needed);
         // The probe timer restarts from now, not from the last send, so a
         // peer that is gone is not probed in a tight loop.
         self.last_sent = Some(now);
-        // The probes start a new delivery interval, as a send after idle
-        // does: nothing arrived since the last ACK, and a probe's rate
-        // sample measured over that silence (seconds, after a few timeouts)
-        // gave a few hundred bytes per second. After a persistent
-        // congestion that was the whole estimate, and pacing at it kept a
-        // sender with nothing in flight quiet for tens of seconds.
-        self.first_sent_time = Some(now);
-        self.delivered_time = Some(now);
         outcome
     }
 }

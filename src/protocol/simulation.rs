@@ -1019,6 +1019,50 @@ fn a_seek_cruises_at_the_link_rate_it_knew_instead_of_flooding_the_queue() {
     }
 }
 
+/// One server whose random numbers come from `seed`, holding `data` as
+/// `movie.mp4`, and `n` clients at 10.0.`subnet`.2 (ports from 4000,
+/// nonces from `first_nonce`), each opening it with a fixed read-ahead.
+fn server_and_clients(
+    now: Instant,
+    data: &[u8],
+    seed: [u8; 32],
+    n: usize,
+    subnet: u8,
+    read_ahead: u64,
+    first_nonce: u64,
+) -> (
+    ServerEndpoint<MemoryStore>,
+    Vec<SocketAddr>,
+    Vec<ClientConnection>,
+) {
+    let server = ServerEndpoint::new(
+        ServerConfig::default(),
+        MemoryStore {
+            files: vec![("movie.mp4".into(), data.to_vec())],
+        },
+        seed,
+        now,
+    );
+    let addrs = (0..n)
+        .map(|i| SocketAddr::from(([10, 0, subnet, 2], 4000 + i as u16)))
+        .collect();
+    let clients = (0..n)
+        .map(|i| {
+            let mut c = ClientConnection::new(
+                ClientConfig {
+                    read_ahead: ReadAhead::Fixed(read_ahead),
+                    ..Default::default()
+                },
+                first_nonce + i as u64,
+                now,
+            );
+            c.open_file(now, "movie.mp4", 0);
+            c
+        })
+        .collect();
+    (server, addrs, clients)
+}
+
 /// Several clients of one server: the server serves them round-robin, a
 /// batch of datagrams per turn (one GSO send each), fairly, and starves
 /// none.
@@ -1029,31 +1073,8 @@ fn sessions_take_turns_in_batches_fairly_and_none_starves() {
     let start = Instant::now();
     let mut now = start;
     let data = file(1_500_000, 11);
-    let mut server = ServerEndpoint::new(
-        ServerConfig::default(),
-        MemoryStore {
-            files: vec![("movie.mp4".into(), data.clone())],
-        },
-        [7; 32],
-        now,
-    );
-    let addrs: Vec<SocketAddr> = (0..CLIENTS)
-        .map(|i| SocketAddr::from(([10, 0, 0, 2], 4000 + i as u16)))
-        .collect();
-    let mut clients: Vec<ClientConnection> = (0..CLIENTS)
-        .map(|i| {
-            let mut c = ClientConnection::new(
-                ClientConfig {
-                    read_ahead: ReadAhead::Fixed(4 << 20),
-                    ..Default::default()
-                },
-                100 + i as u64,
-                now,
-            );
-            c.open_file(now, "movie.mp4", 0);
-            c
-        })
-        .collect();
+    let (mut server, addrs, mut clients) =
+        server_and_clients(now, &data, [7; 32], CLIENTS, 0, 4 << 20, 100);
     let mut delivered = vec![Vec::new(); CLIENTS];
     // Datagrams on their way, delivered one step (1 ms) later.
     let mut up: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
@@ -1273,14 +1294,8 @@ fn through_a_full_bottleneck(
     let start = Instant::now();
     let mut now = start;
     let data = file(size, 17);
-    let mut server = ServerEndpoint::new(
-        ServerConfig::default(),
-        MemoryStore {
-            files: vec![("movie.mp4".into(), data.clone())],
-        },
-        [9; 32],
-        now,
-    );
+    let (mut server, addrs, mut conns) =
+        server_and_clients(now, &data, [9; 32], clients, 1, 1 << 20, 300);
     let mut bottleneck = Impairment::new(
         ImpairmentConfig {
             delay: Duration::from_millis(5),
@@ -1290,23 +1305,6 @@ fn through_a_full_bottleneck(
         },
         17,
     );
-    let addrs: Vec<SocketAddr> = (0..clients)
-        .map(|i| SocketAddr::from(([10, 0, 1, 2], 4000 + i as u16)))
-        .collect();
-    let mut conns: Vec<ClientConnection> = (0..clients)
-        .map(|i| {
-            let mut c = ClientConnection::new(
-                ClientConfig {
-                    read_ahead: ReadAhead::Fixed(1 << 20),
-                    ..Default::default()
-                },
-                300 + i as u64,
-                now,
-            );
-            c.open_file(now, "movie.mp4", 0);
-            c
-        })
-        .collect();
     let mut delivered = vec![Vec::new(); clients];
     let mut last_progress = vec![start; clients];
     let mut longest_silence = vec![Duration::ZERO; clients];
