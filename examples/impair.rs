@@ -303,6 +303,54 @@ impl Direction {
     }
 }
 
+/// Carries the server's datagrams for `client` back through the down
+/// direction's model. The socket takes GRO trains: a server's GSO send
+/// then crosses loopback as one packet, as it leaves a NIC that segments
+/// in hardware, instead of being cut up in the sender's system call and
+/// charged to the server's CPU.
+async fn forward_answers(
+    socket: Arc<UdpSocket>,
+    client: SocketAddr,
+    front: Arc<UdpSocket>,
+    down: Arc<Direction>,
+) {
+    let state = match quinn_udp::UdpSocketState::new((&*socket).into()) {
+        Ok(s) => s,
+        Err(_) => {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, _)) = socket.recv_from(&mut buf).await {
+                down.forward(&buf[..n], client, &front);
+            }
+            return;
+        }
+    };
+    let mut buf = vec![0u8; 65536 * 2];
+    let mut metas = [quinn_udp::RecvMeta::default(); 1];
+    loop {
+        if socket.readable().await.is_err() {
+            return;
+        }
+        loop {
+            let received = {
+                let mut iovs = [std::io::IoSliceMut::new(&mut buf)];
+                socket.try_io(tokio::io::Interest::READABLE, || {
+                    state.recv((&*socket).into(), &mut iovs, &mut metas)
+                })
+            };
+            match received {
+                Ok(_) => {
+                    let meta = &metas[0];
+                    for datagram in buf[..meta.len].chunks(meta.stride.max(1)) {
+                        down.forward(datagram, client, &front);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return,
+            }
+        }
+    }
+}
+
 fn report(up: &Direction, down: &Direction) {
     println!("up   (client -> server): {}", up.stats());
     println!("down (server -> client): {}", down.stats());
@@ -385,10 +433,7 @@ async fn run(opts: Options) -> Result<(), String> {
                         // Server → client for this client.
                         let (s2, front2, down2) = (s.clone(), front.clone(), down.clone());
                         let answers = tokio::spawn(async move {
-                            let mut buf = vec![0u8; 65536];
-                            while let Ok((n, _)) = s2.recv_from(&mut buf).await {
-                                down2.forward(&buf[..n], client, &front2);
-                            }
+                            forward_answers(s2, client, front2, down2).await;
                         });
                         clients.insert(client, (s.clone(), Instant::now(), answers));
                         s
