@@ -62,6 +62,11 @@ impl Pacer {
         self.last = Some(now);
     }
 
+    /// Bytes a burst holds at the last rate.
+    pub fn burst(&self) -> u64 {
+        self.burst as u64
+    }
+
     pub fn allows(&self, size: u64) -> bool {
         self.tokens >= size as f64
     }

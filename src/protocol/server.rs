@@ -1076,7 +1076,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
                 Some(turn) => turn,
                 None => (self.ready.pop_front()?, 0),
             };
-            if let Some(to) = self.poll_session(now, id, out) {
+            if let Some(to) = self.poll_session(now, id, out, sent == 0) {
                 if sent + 1 < SESSION_BATCH {
                     self.turn = Some((id, sent + 1));
                 } else if self.sessions.contains_key(&id) {
@@ -1094,11 +1094,14 @@ impl<S: ContentStore> ServerEndpoint<S> {
         }
     }
 
+    /// `starting`: the first datagram of the session's turn, which waits
+    /// for room for a whole burst (`LossRecovery::can_start_burst`).
     fn poll_session(
         &mut self,
         now: Instant,
         id: ConnectionId,
         out: &mut Vec<u8>,
+        starting: bool,
     ) -> Option<SocketAddr> {
         let session = self.sessions.get_mut(&id)?;
         if let Some(reason) = session.closing {
@@ -1156,7 +1159,12 @@ impl<S: ContentStore> ServerEndpoint<S> {
             return None;
         }
         let size = (max_payload + DATA_OVERHEAD) as u64;
-        if !session.recovery.can_send(now, size) {
+        let may_send = if starting {
+            session.recovery.can_start_burst(now, size)
+        } else {
+            session.recovery.can_send(now, size)
+        };
+        if !may_send {
             return None;
         }
         let nothing_in_flight = session.recovery.bytes_in_flight() == 0;
@@ -1197,7 +1205,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
                     failure.map_or_else(String::new, |f| format!(": {f}"))
                 ),
             });
-            return self.poll_session(now, id, out);
+            return self.poll_session(now, id, out, starting);
         }
         let app_limited = !t.stream.has_data_to_send() && t.stream.is_window_blocked();
         let ahead = t.stream.last_chunk_was_ahead();
