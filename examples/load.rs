@@ -10,7 +10,7 @@
 //!
 //! ```text
 //! cargo run --release --example load -- [CLIENTS] [FILE_MIB] [PIPELINES]
-//! cargo run --release --example load -- viewers [N] [MBIT] [SECONDS] [udpvid|http]
+//! cargo run --release --example load -- viewers [N] [MBIT] [SECONDS] [udpvid|udpvid-threads|http]
 //! cargo run --release --example load -- paced [N] [TOTAL_MBIT] [FILE_MIB]
 //! ```
 //!
@@ -23,7 +23,11 @@
 //! time at MBIT each (with the element's adaptive read-ahead), as people
 //! watching do, instead of pulling as fast as they can. It reports the
 //! server's CPU per GB, its wake-ups per second, its memory, and the
-//! viewers' stalls. With `http` the same viewers read from nginx (one
+//! viewers' stalls. The udpvid viewers all run on one thread
+//! (`LOAD_VIEWER_THREADS` for more; `examples/support/evented_viewers.rs`),
+//! arriving over a second (`LOAD_ARRIVAL_SECONDS`); `udpvid-threads` gives
+//! each a thread and a `BlockingClient`, which costs more than the server
+//! from 300 viewers on. With `http` the same viewers read from nginx (one
 //! worker), the peer a user would pick instead; `make bench` runs both.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -41,6 +45,8 @@ use gstudpvid::protocol::wire::{AckRange, Body, OpenRequest, Packet, TransferKin
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
+#[path = "support/evented_viewers.rs"]
+mod evented_viewers;
 #[path = "../benches/common/nginx.rs"]
 mod nginx;
 
@@ -387,9 +393,14 @@ struct ViewerReport {
 /// The server a viewer load runs against.
 #[derive(Clone, Copy, PartialEq)]
 enum ViewerPeer {
-    /// The udpvid server, viewers through `BlockingClient` (the element's
-    /// client, adaptive read-ahead).
+    /// The udpvid server, viewers all driven from one thread
+    /// (`evented_viewers`: the protocol core with the element's adaptive
+    /// read-ahead).
     Udpvid,
+    /// The udpvid server, each viewer a thread with a `BlockingClient` (the
+    /// element's client, and its network thread): the first generator,
+    /// which needs more than a core of its own from about 300 viewers.
+    UdpvidThreads,
     /// nginx with one worker, viewers reading an HTTP response in real
     /// time: what a progressive-download player does, its read-ahead being
     /// the socket buffers TCP fills.
@@ -400,6 +411,7 @@ impl ViewerPeer {
     fn name(self) -> &'static str {
         match self {
             ViewerPeer::Udpvid => "udpvid",
+            ViewerPeer::UdpvidThreads => "udpvid-threads",
             ViewerPeer::Http => "http",
         }
     }
@@ -420,7 +432,9 @@ fn view(
 ) -> ViewerReport {
     let mut report = ViewerReport::default();
     let result = match peer {
-        ViewerPeer::Udpvid => (|| -> Result<(), String> {
+        // Driven from one thread by `evented_viewers::run` instead.
+        ViewerPeer::Udpvid => Err("not a thread-per-viewer peer".into()),
+        ViewerPeer::UdpvidThreads => (|| -> Result<(), String> {
             let client = BlockingClient::connect_and_open(
                 "127.0.0.1",
                 port,
@@ -552,9 +566,10 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
     let seconds: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(20);
     let peer = match args.next().as_deref() {
         None | Some("udpvid") => ViewerPeer::Udpvid,
+        Some("udpvid-threads") => ViewerPeer::UdpvidThreads,
         Some("http") => ViewerPeer::Http,
         Some(other) => {
-            eprintln!("unknown peer {other:?}: udpvid or http");
+            eprintln!("unknown peer {other:?}: udpvid, udpvid-threads or http");
             return ExitCode::FAILURE;
         }
     };
@@ -575,7 +590,7 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
             .collect(),
     );
     let (mut server, port) = match peer {
-        ViewerPeer::Udpvid => {
+        ViewerPeer::Udpvid | ViewerPeer::UdpvidThreads => {
             let (server, _, port) = start_server(&dir);
             (server, port)
         }
@@ -587,18 +602,35 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
     let before = ServerCost::sample(pid);
     let client_before = cpu_seconds(std::process::id());
     let started = Instant::now();
-    let handles: Vec<_> = (0..n)
-        .map(|i| {
-            let files = files.clone();
-            let h = std::thread::spawn(move || {
-                let file = format!("f{}.bin", i % FILES);
-                view(peer, port, &file, &files[i % FILES], rate, length)
-            });
-            // Arrivals spread over a second.
-            std::thread::sleep(Duration::from_millis(1000 / n.max(1) as u64));
-            h
-        })
-        .collect();
+    // The evented generator's longest timer lag, once it is done.
+    let lag = Arc::new(AtomicU64::new(u64::MAX));
+    let handles: Vec<std::thread::JoinHandle<Vec<ViewerReport>>> = if peer == ViewerPeer::Udpvid {
+        let files = files.clone();
+        let server_addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let lag = lag.clone();
+        vec![std::thread::spawn(move || {
+            let threads = std::env::var("LOAD_VIEWER_THREADS")
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(1);
+            let run = evented_viewers::run(n, threads, server_addr, files, rate, length);
+            lag.store(run.longest_lag.as_millis() as u64, Ordering::Relaxed);
+            run.reports
+        })]
+    } else {
+        (0..n)
+            .map(|i| {
+                let files = files.clone();
+                let h = std::thread::spawn(move || {
+                    let file = format!("f{}.bin", i % FILES);
+                    vec![view(peer, port, &file, &files[i % FILES], rate, length)]
+                });
+                // Arrivals spread over a second.
+                std::thread::sleep(Duration::from_millis(1000 / n.max(1) as u64));
+                h
+            })
+            .collect()
+    };
     let mut peak_rss = 0;
     while !handles.iter().all(|h| h.is_finished()) && started.elapsed() < LIMIT {
         peak_rss = peak_rss.max(proc_value(pid, "status", "VmRSS:").unwrap_or(0));
@@ -613,7 +645,7 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
     let client_cpu = cpu_seconds(std::process::id()) - client_before;
     let reports: Vec<ViewerReport> = handles
         .into_iter()
-        .map(|h| h.join().unwrap_or_default())
+        .flat_map(|h| h.join().unwrap_or_default())
         .collect();
     let _ = server.kill();
     let _ = server.wait();
@@ -630,7 +662,8 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
     println!(
         "| viewers | {n} at {mbit} Mbit/s for {seconds} s from {} (real time, every byte checked) |",
         match peer {
-            ViewerPeer::Udpvid => "udpvid (adaptive read-ahead)",
+            ViewerPeer::Udpvid => "udpvid (adaptive read-ahead, all viewers on one thread)",
+            ViewerPeer::UdpvidThreads => "udpvid (adaptive read-ahead, a thread per viewer)",
             ViewerPeer::Http => "nginx, one worker (TCP's socket buffers as read-ahead)",
         }
     );
@@ -653,16 +686,27 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
         "| viewers' CPU (this process) | {client_cpu:.2} s ({:.2} s per GB) |",
         client_cpu / gb.max(1e-9)
     );
+    let lag_ms = lag.load(Ordering::Relaxed);
+    if lag_ms != u64::MAX {
+        println!(
+            "| the viewers' threads' longest timer lag | {lag_ms} ms (stalls while it is near a tick, 100 ms, are the generator's) |"
+        );
+    }
     // One line for the benchmark to read.
     println!(
         "viewers-result peer={} n={n} finished={} stalls={stalls} stalled_viewers={stalled_viewers} \
          server_cpu_per_gb={:.3} wakeups_per_s={:.0} kib_per_session={per_session_kib:.0} \
-         client_cpu_per_gb={:.3}",
+         client_cpu_per_gb={:.3} generator_lag_ms={}",
         peer.name(),
         n - failed.len(),
         cpu / gb.max(1e-9),
         wake as f64 / elapsed.as_secs_f64(),
         client_cpu / gb.max(1e-9),
+        if lag_ms == u64::MAX {
+            "-".to_string()
+        } else {
+            lag_ms.to_string()
+        },
     );
     for e in failed.iter().take(10) {
         eprintln!("{e}");
