@@ -261,7 +261,10 @@ async fn shutdown_signal() {
 
 /// Datagrams the endpoint queued, gathered into GSO batches: runs of
 /// equal-size datagrams to one address (the last may be shorter) leave in
-/// one `sendmsg`, which the kernel (or the NIC) cuts into datagrams.
+/// one `sendmsg`, which the kernel (or the NIC) cuts into datagrams. The
+/// endpoint appends each datagram to `buf` itself
+/// ([`ServerEndpoint::poll_transmit_append`]); one that cannot join the
+/// run before it starts the next batch.
 struct SendBatcher {
     buf: Vec<u8>,
     to: Option<SocketAddr>,
@@ -274,7 +277,8 @@ struct SendBatcher {
 impl SendBatcher {
     fn new() -> Self {
         SendBatcher {
-            buf: Vec::with_capacity(GSO_BATCH_BYTES),
+            // Room for a full batch and the datagram that does not fit it.
+            buf: Vec::with_capacity(GSO_BATCH_BYTES + MAX_DATAGRAM_SIZE),
             to: None,
             segment: 0,
             count: 0,
@@ -282,39 +286,54 @@ impl SendBatcher {
         }
     }
 
-    /// Whether `datagram` to `to` can join the current batch.
-    fn fits(&self, to: SocketAddr, datagram: &[u8], max_segments: usize) -> bool {
+    /// Whether the datagram to `to` just appended at `buf[start..]` can
+    /// join the batch before it.
+    fn fits(&self, start: usize, to: SocketAddr, max_segments: usize) -> bool {
         self.to == Some(to)
             && !self.closed
-            && datagram.len() <= self.segment
+            && self.buf.len() - start <= self.segment
             && self.count < max_segments
-            && self.buf.len() + datagram.len() <= GSO_BATCH_BYTES
+            && self.buf.len() <= GSO_BATCH_BYTES
     }
 
-    fn push(&mut self, to: SocketAddr, datagram: &[u8]) {
+    /// Counts the datagram at `buf[start..]` in, as the batch's next.
+    fn take(&mut self, start: usize, to: SocketAddr) {
+        let len = self.buf.len() - start;
         if self.to.is_none() {
             self.to = Some(to);
-            self.segment = datagram.len();
+            self.segment = len;
         }
-        self.closed = datagram.len() < self.segment;
-        self.buf.extend_from_slice(datagram);
+        self.closed = len < self.segment;
         self.count += 1;
     }
 
+    /// Sends the batch, all of `buf`.
     async fn flush(&mut self, socket: &UdpSocket, state: &UdpSocketState, counters: &LoopCounters) {
+        self.flush_before(self.buf.len(), socket, state, counters)
+            .await;
+    }
+
+    /// Sends the batch, `buf[..end]`; what follows (a datagram that did not
+    /// fit) moves to the front, to start the next one.
+    async fn flush_before(
+        &mut self,
+        end: usize,
+        socket: &UdpSocket,
+        state: &UdpSocketState,
+        counters: &LoopCounters,
+    ) {
         let Some(destination) = self.to.take() else {
+            self.buf.drain(..end);
             return;
         };
         counters
             .datagrams_sent
             .fetch_add(self.count as u64, Ordering::Relaxed);
-        counters
-            .bytes_sent
-            .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
+        counters.bytes_sent.fetch_add(end as u64, Ordering::Relaxed);
         let transmit = Transmit {
             destination,
             ecn: None,
-            contents: &self.buf,
+            contents: &self.buf[..end],
             segment_size: (self.count > 1).then_some(self.segment),
             src_ip: None,
         };
@@ -327,7 +346,7 @@ impl SendBatcher {
             // The same as losing the datagrams: recovery resends them.
             debug!(to = %destination, error = %e, datagrams = self.count, "send failed");
         }
-        self.buf.clear();
+        self.buf.drain(..end);
         self.count = 0;
         self.closed = false;
     }
@@ -393,11 +412,17 @@ async fn serve(
     let mut lost_reported = 0;
     loop {
         let now = Instant::now();
-        while let Some(to) = endpoint.poll_transmit(now, &mut out) {
-            if !batch.fits(to, &out, state.max_gso_segments()) {
-                batch.flush(&socket, &state, &counters).await;
+        loop {
+            let start = batch.buf.len();
+            let Some(to) = endpoint.poll_transmit_append(now, &mut batch.buf) else {
+                break;
+            };
+            if start > 0 && !batch.fits(start, to, state.max_gso_segments()) {
+                batch.flush_before(start, &socket, &state, &counters).await;
+                batch.take(0, to);
+            } else {
+                batch.take(start, to);
             }
-            batch.push(to, &out);
         }
         batch.flush(&socket, &state, &counters).await;
         while let Some(event) = endpoint.poll_event() {

@@ -148,17 +148,23 @@ impl SessionKeys {
     /// Encrypts an encoded datagram in place: header in clear, body
     /// encrypted, tag appended.
     pub fn seal(&self, datagram: &mut Vec<u8>) {
-        if datagram.len() < HEADER_LEN {
+        self.seal_from(datagram, 0);
+    }
+
+    /// Seals the datagram that starts at `start` in `buf` and runs to its
+    /// end (datagrams before it, in a send batch, are left alone).
+    pub fn seal_from(&self, buf: &mut Vec<u8>, start: usize) {
+        if buf.len() < start + HEADER_LEN {
             return;
         }
-        let (header, body) = datagram.split_at_mut(HEADER_LEN);
+        let (header, body) = buf[start..].split_at_mut(HEADER_LEN);
         let n = nonce(&header[12..20]);
         // Encryption fails only for bodies over 256 GiB.
         let tag = self
             .seal
             .encrypt_in_place_detached(&n, header, body)
             .unwrap_or_else(|_| unreachable!());
-        datagram.extend_from_slice(&tag);
+        buf.extend_from_slice(&tag);
     }
 
     /// Checks and decrypts a sealed datagram; `None` if it was not sealed

@@ -19,7 +19,7 @@ use super::crypto::{Psk, SessionKeys, TAG_LEN};
 use super::media_index::{self, MediaIndex};
 use super::sender::{DataSent, LossRecovery, RecoveryOutcome, SentPacket, StreamSender};
 use super::wire::{
-    Body, CloseReason, ConnectionId, DATA_OVERHEAD, DEFAULT_MAX_PAYLOAD, DecodeError, HEADER_LEN,
+    Body, CloseReason, ConnectionId, DATA_OVERHEAD, DEFAULT_MAX_PAYLOAD, DecodeError,
     MAX_DATAGRAM_SIZE, MIN_HELLO_SIZE, OpenErrorKind, OpenRequest, Packet, TransferKind, VERSION,
 };
 
@@ -281,7 +281,44 @@ impl BlockReader {
                 (_, true) => Err(std::io::ErrorKind::WouldBlock.into()),
             };
         }
-        let end = offset + out.len() as u64;
+        let (from, n) = self.fill(content, offset, out.len())?;
+        out[..n].copy_from_slice(&self.buf[from..from + n]);
+        Ok(n)
+    }
+
+    /// As [`Self::read`], appending up to `len` bytes to `out` straight
+    /// from the block: the server writes payloads into its send batch in
+    /// place, where a copy through a read buffer and another out of the
+    /// datagram were two of the three copies of every payload.
+    fn append(
+        &mut self,
+        content: &dyn Content,
+        offset: u64,
+        len: usize,
+        out: &mut Vec<u8>,
+    ) -> std::io::Result<usize> {
+        if offset < self.start {
+            let at = out.len();
+            out.resize(at + len, 0);
+            let read = self.read(content, offset, &mut out[at..]);
+            out.truncate(at + *read.as_ref().unwrap_or(&0));
+            return read;
+        }
+        let (from, n) = self.fill(content, offset, len)?;
+        out.extend_from_slice(&self.buf[from..from + n]);
+        Ok(n)
+    }
+
+    /// Makes the block hold `len` bytes from `offset` (`offset` at or
+    /// after its start), or what there is up to the end of the file;
+    /// returns where they start in `buf` and how many there are.
+    fn fill(
+        &mut self,
+        content: &dyn Content,
+        offset: u64,
+        len: usize,
+    ) -> std::io::Result<(usize, usize)> {
+        let end = offset + len as u64;
         let mut block_end = self.start + self.len as u64;
         if offset > block_end {
             self.start = offset;
@@ -296,21 +333,19 @@ impl BlockReader {
             self.buf.copy_within(keep_from..self.len, 0);
             self.len -= keep_from;
             self.start = offset;
-            let size = READ_BLOCK_BYTES.max(out.len());
+            let size = READ_BLOCK_BYTES.max(len);
             if self.buf.len() < size {
                 self.buf.resize(size, 0);
             }
             let have = self.len;
             let (n, would_block) = read_full(content, offset + have as u64, &mut self.buf[have..])?;
             self.len = have + n;
-            if would_block && self.len < out.len() {
+            if would_block && self.len < len {
                 return Err(std::io::ErrorKind::WouldBlock.into());
             }
         }
         let from = (offset - self.start) as usize;
-        let n = out.len().min(self.len.saturating_sub(from));
-        out[..n].copy_from_slice(&self.buf[from..from + n]);
-        Ok(n)
+        Ok((from, len.min(self.len.saturating_sub(from))))
     }
 }
 
@@ -470,7 +505,6 @@ pub struct ServerEndpoint<S: ContentStore> {
     /// Replies to unvalidated addresses (Retry, VersionNegotiation, Close).
     stateless: VecDeque<(SocketAddr, Vec<u8>)>,
     events: VecDeque<ServerEvent>,
-    read_buf: Vec<u8>,
     /// Data packets declared lost (each one's bytes are sent again).
     packets_lost: u64,
     /// This endpoint's share of the server's connection ids, and the
@@ -506,7 +540,6 @@ impl<S: ContentStore> ServerEndpoint<S> {
         };
         ServerEndpoint {
             validator: AddressValidator::new(now, key),
-            read_buf: vec![0; max_payload],
             config,
             store,
             rng,
@@ -1066,8 +1099,16 @@ impl<S: ContentStore> ServerEndpoint<S> {
 
     /// Writes the next datagram into `out` and returns where it goes.
     pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<u8>) -> Option<SocketAddr> {
+        out.clear();
+        self.poll_transmit_append(now, out)
+    }
+
+    /// Appends the next datagram to `out` (what is there already stays)
+    /// and returns where it goes; `out` is unchanged when there is none. A
+    /// driver batching sends passes its batch, and the payload is copied
+    /// once, from the file's block into it.
+    pub fn poll_transmit_append(&mut self, now: Instant, out: &mut Vec<u8>) -> Option<SocketAddr> {
         if let Some((to, bytes)) = self.stateless.pop_front() {
-            out.clear();
             out.extend_from_slice(&bytes);
             return Some(to);
         }
@@ -1103,6 +1144,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
         out: &mut Vec<u8>,
         starting: bool,
     ) -> Option<SocketAddr> {
+        let start = out.len();
         let session = self.sessions.get_mut(&id)?;
         if let Some(reason) = session.closing {
             let pn = session.next_pn();
@@ -1114,9 +1156,9 @@ impl<S: ContentStore> ServerEndpoint<S> {
                     message: reason.to_string(),
                 },
             )
-            .encode_into(out);
+            .encode_append(out);
             if let Some(keys) = &session.keys {
-                keys.seal(out);
+                keys.seal_from(out, start);
             }
             let addr = session.addr;
             self.end_session(id, reason);
@@ -1129,21 +1171,21 @@ impl<S: ContentStore> ServerEndpoint<S> {
             // The Welcome is authenticated by its tag; the client has no
             // keys before it.
             let seal = !matches!(body, Body::Welcome { .. });
-            Packet::new(id, session.next_packet_number, body.clone()).encode_into(out);
+            Packet::new(id, session.next_packet_number, body.clone()).encode_append(out);
             if let (true, Some(keys)) = (seal, &session.keys) {
-                keys.seal(out);
+                keys.seal_from(out, start);
             }
             if session
                 .amplification_budget()
-                .is_some_and(|b| out.len() > b)
+                .is_some_and(|b| out.len() - start > b)
             {
                 // It waits for the client's proof of address.
                 session.control.push_front(body);
-                out.clear();
+                out.truncate(start);
                 return None;
             }
             session.next_pn();
-            session.bytes_sent += out.len() as u64;
+            session.bytes_sent += (out.len() - start) as u64;
             return Some(session.addr);
         }
         let tag_len = if session.keys.is_some() { TAG_LEN } else { 0 };
@@ -1170,11 +1212,16 @@ impl<S: ContentStore> ServerEndpoint<S> {
         let nothing_in_flight = session.recovery.bytes_in_flight() == 0;
         let range = t.stream.next_chunk(max_payload as u64, nothing_in_flight)?;
         let len = (range.end - range.start) as usize;
-        let buf = &mut self.read_buf[..len];
+        let app_limited = !t.stream.has_data_to_send() && t.stream.is_window_blocked();
+        let ahead = t.stream.last_chunk_was_ahead();
+        let transfer_id = t.id;
+        let pn = session.next_packet_number;
+        encode_data_header(out, id, pn, transfer_id, range.start);
         let mut failure = None;
-        let filled = match t.blocks.read(t.content.as_ref(), range.start, buf) {
+        let filled = match t.blocks.append(t.content.as_ref(), range.start, len, out) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                out.truncate(start);
                 t.stream.unsend(range);
                 t.waiting_for_content = true;
                 self.waiting.push(id);
@@ -1193,7 +1240,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
         if filled < len {
             // The file shrank or failed under us: tell the client rather than
             // send bytes that are not the file's.
-            let transfer_id = t.id;
+            out.truncate(start);
             let path = t.path.clone();
             session.transfer = None;
             session.control.push_back(Body::OpenError {
@@ -1207,19 +1254,16 @@ impl<S: ContentStore> ServerEndpoint<S> {
             });
             return self.poll_session(now, id, out, starting);
         }
-        let app_limited = !t.stream.has_data_to_send() && t.stream.is_window_blocked();
-        let ahead = t.stream.last_chunk_was_ahead();
-        let transfer_id = t.id;
-        let pn = session.next_pn();
-        encode_data(out, id, pn, transfer_id, range.start, buf);
+        session.next_pn();
         if let Some(keys) = &session.keys {
-            keys.seal(out);
+            keys.seal_from(out, start);
         }
-        session.bytes_sent += out.len() as u64;
+        let size = (out.len() - start) as u64;
+        session.bytes_sent += size;
         session.recovery.on_packet_sent(
             now,
             pn,
-            out.len() as u64,
+            size,
             DataSent {
                 transfer_id,
                 range,
@@ -1356,16 +1400,10 @@ fn sealed_session_keys<'a>(sessions: &'a SessionMap, datagram: &[u8]) -> Option<
         .as_ref()
 }
 
-/// Builds a Data datagram straight from the payload slice, without the
-/// intermediate `Vec` that `Body::Data` would need.
-fn encode_data(
-    out: &mut Vec<u8>,
-    id: ConnectionId,
-    pn: u64,
-    transfer_id: u32,
-    offset: u64,
-    payload: &[u8],
-) {
+/// Appends a Data packet's header (its payload follows, appended by the
+/// caller), without the intermediate `Vec` that `Body::Data` would need.
+fn encode_data_header(out: &mut Vec<u8>, id: ConnectionId, pn: u64, transfer_id: u32, offset: u64) {
+    let start = out.len();
     Packet::new(
         id,
         pn,
@@ -1375,9 +1413,8 @@ fn encode_data(
             payload: Vec::new(),
         },
     )
-    .encode_into(out);
-    out.extend_from_slice(payload);
-    debug_assert_eq!(out.len(), HEADER_LEN + 12 + payload.len());
+    .encode_append(out);
+    debug_assert_eq!(out.len() - start, DATA_OVERHEAD);
 }
 
 #[cfg(test)]
@@ -1540,6 +1577,93 @@ mod tests {
             pump(&mut server, &mut client, now, &mut got);
         }
         assert!(got == bytes, "{} of {} bytes", got.len(), bytes.len());
+    }
+
+    #[test]
+    fn datagrams_appended_to_one_batch_buffer_reach_each_client_whole() {
+        // The driver lets the endpoint append every datagram to its send
+        // batch, behind what is already there: each must be a whole
+        // datagram of its own (sealed on its own with a passphrase), and
+        // the clients, served in turns, must get their files byte-exact.
+        use super::super::client::{ClientConfig, ClientConnection};
+        for passphrase in [None, Some(Psk::from_passphrase("batch"))] {
+            let files: Vec<(String, Vec<u8>)> = (0..2u32)
+                .map(|f| {
+                    let bytes = (0..200_000u32).map(|i| (i * 7 + f) as u8).collect();
+                    (format!("f{f}.bin"), bytes)
+                })
+                .collect();
+            let start = Instant::now();
+            let config = ServerConfig {
+                passphrase: passphrase.clone(),
+                ..ServerConfig::default()
+            };
+            let store = MemoryStore {
+                files: files.clone(),
+            };
+            let mut server = ServerEndpoint::new(config, store, [3; 32], start);
+            let mut clients: Vec<(SocketAddr, ClientConnection, Vec<u8>)> = (0..2u16)
+                .map(|i| {
+                    let config = ClientConfig {
+                        passphrase: passphrase.clone(),
+                        ..ClientConfig::default()
+                    };
+                    let mut c = ClientConnection::new(config, 40 + u64::from(i), start);
+                    c.open_file(start, &files[usize::from(i)].0, 0);
+                    let addr = SocketAddr::from(([10, 0, 0, 1], 2000 + i));
+                    (addr, c, Vec::new())
+                })
+                .collect();
+            let mut batch = vec![0xAA; 7];
+            let mut now = start;
+            for _ in 0..3000 {
+                if clients.iter().all(|(_, c, _)| c.is_finished()) {
+                    break;
+                }
+                now += Duration::from_millis(1);
+                for (addr, c, _) in clients.iter_mut() {
+                    if c.poll_timeout().is_some_and(|t| t <= now) {
+                        c.handle_timeout(now);
+                    }
+                    while let Some(d) = c.poll_transmit(now) {
+                        server.handle_datagram(now, *addr, &d);
+                    }
+                }
+                if server.poll_timeout().is_some_and(|t| t <= now) {
+                    server.handle_timeout(now);
+                }
+                let mut sent = Vec::new();
+                loop {
+                    let at = batch.len();
+                    let Some(to) = server.poll_transmit_append(now, &mut batch) else {
+                        break;
+                    };
+                    assert!(batch.len() > at, "a datagram was appended");
+                    sent.push((to, at..batch.len()));
+                }
+                assert!(
+                    batch[..7].iter().all(|&b| b == 0xAA),
+                    "bytes before untouched"
+                );
+                for (to, range) in sent {
+                    let (_, c, _) = clients
+                        .iter_mut()
+                        .find(|(a, _, _)| *a == to)
+                        .expect("a known client");
+                    c.handle_datagram(now, &batch[range]);
+                }
+                batch.truncate(7);
+                for (_, c, got) in clients.iter_mut() {
+                    while let Some(chunk) = c.read(now, usize::MAX) {
+                        got.extend(chunk);
+                    }
+                }
+            }
+            for (i, (_, c, got)) in clients.iter().enumerate() {
+                assert!(c.is_encrypted() == passphrase.is_some());
+                assert!(got == &files[i].1, "client {i}: {} bytes", got.len());
+            }
+        }
     }
 
     /// Content in two storage blocks of which only one is "cached" at a

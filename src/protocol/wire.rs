@@ -366,6 +366,12 @@ impl Packet {
 
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         out.clear();
+        self.encode_append(out);
+    }
+
+    /// Appends the encoded packet to `out`: the server writes datagrams
+    /// straight into its send batch.
+    pub fn encode_append(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&MAGIC);
         let version = match self.body {
             Body::VersionNegotiation { .. } => VERSION_NEGOTIATION,
