@@ -424,30 +424,28 @@ impl LossRecovery {
     /// burst ([`Self::burst_goal`]): the rest of the run then goes out
     /// one `can_send` at a time, in the same turn.
     pub fn can_start_burst(&mut self, now: Instant, size: u64) -> bool {
-        if self.probe_credit > 0 {
-            return true;
-        }
         let goal = self.burst_goal().max(size);
-        if self.bytes_in_flight + goal > self.cc.window() {
-            return false;
-        }
-        self.pacer
-            .refill(now, self.cc.pacing_rate(), self.max_datagram);
-        self.pacer.allows(goal)
+        self.has_room_for(now, goal)
     }
 
     /// May a packet of `size` bytes leave now? Probes ignore both the
     /// window and pacing.
     pub fn can_send(&mut self, now: Instant, size: u64) -> bool {
+        self.has_room_for(now, size)
+    }
+
+    /// Whether the window and the pacer let `bytes` leave now (probes:
+    /// always).
+    fn has_room_for(&mut self, now: Instant, bytes: u64) -> bool {
         if self.probe_credit > 0 {
             return true;
         }
-        if self.bytes_in_flight + size > self.cc.window() {
+        if self.bytes_in_flight + bytes > self.cc.window() {
             return false;
         }
         self.pacer
             .refill(now, self.cc.pacing_rate(), self.max_datagram);
-        self.pacer.allows(size)
+        self.pacer.allows(bytes)
     }
 
     /// Records a data packet that just left.
