@@ -811,22 +811,29 @@ mod tests {
         );
     }
 
+    /// Paced sends of 1000-byte packets from 0 until the window is full;
+    /// returns the time then and how many were sent.
+    fn fill_window(r: &mut LossRecovery) -> (Instant, u64) {
+        let mut now = Instant::now();
+        let mut pn = 0;
+        while r.bytes_in_flight() + 1000 <= r.congestion_window() {
+            if r.can_send(now, 1000) {
+                send(r, pn, now);
+                pn += 1;
+            } else {
+                now = r.pacing_deadline().expect("paced, not window-limited");
+            }
+        }
+        (now, pn)
+    }
+
     #[test]
     fn a_full_window_sets_no_pacing_deadline() {
         // Paced sends until the congestion window is full: then only an ACK
         // can let more out, and a (stale) pacing deadline would have the
         // driver wake for nothing, again and again.
         let mut r = LossRecovery::new(1000);
-        let mut now = Instant::now();
-        let mut pn = 0;
-        while r.bytes_in_flight() + 1000 <= r.congestion_window() {
-            if r.can_send(now, 1000) {
-                send(&mut r, pn, now);
-                pn += 1;
-            } else {
-                now = r.pacing_deadline().expect("paced, not window-limited");
-            }
-        }
+        let (now, _) = fill_window(&mut r);
         assert!(!r.can_send(now, 1000));
         assert_eq!(r.pacing_deadline(), None);
     }
@@ -838,16 +845,7 @@ mod tests {
         // make every send that short; the sender waits (no pacing
         // deadline: the next ACK wakes it) until a burst fits.
         let mut r = LossRecovery::new(1000);
-        let mut now = Instant::now();
-        let mut pn = 0;
-        while r.bytes_in_flight() + 1000 <= r.congestion_window() {
-            if r.can_send(now, 1000) {
-                send(&mut r, pn, now);
-                pn += 1;
-            } else {
-                now = r.pacing_deadline().expect("paced, not window-limited");
-            }
-        }
+        let (mut now, pn) = fill_window(&mut r);
         now += Duration::from_millis(50);
         let mut deferred = 0;
         for largest in 0..pn {
