@@ -329,6 +329,9 @@ struct Inner {
     /// Bytes ready at the read offset that a [`BlockingClient::wait_for_buffered`]
     /// waits for.
     buffered_waiter: Option<u64>,
+    /// Bytes ready at the read offset that a reader gathering a larger
+    /// chunk ([`BlockingClient::read_some_at`]'s `gather`) waits for.
+    gather_goal: Option<u64>,
 }
 
 impl Inner {
@@ -433,6 +436,10 @@ struct Shared {
     /// cost the element a third of its CPU on a link slower than the
     /// pipeline, where it buffers most of the time.
     buffered: Condvar,
+    /// Told when `Inner::gather_goal`'s level is reached (or anything but
+    /// data happened), so a gathering reader sleeps through the arrivals
+    /// before it instead of waking for each.
+    gathered: Condvar,
     cancelled: AtomicBool,
     stop: AtomicBool,
 }
@@ -706,12 +713,18 @@ fn network_loop(
         let buffered = inner
             .buffered_waiter
             .is_some_and(|w| events || inner.conn.available() >= w);
+        let gathered = inner
+            .gather_goal
+            .is_some_and(|w| events || inner.conn.available() >= w);
         drop(inner);
         if data || events {
             shared.changed.notify_all();
         }
         if buffered {
             shared.buffered.notify_all();
+        }
+        if gathered {
+            shared.gathered.notify_all();
         }
     }
 }
@@ -805,9 +818,11 @@ impl BlockingClient {
                 failover_due: false,
                 catalog_wanted: false,
                 buffered_waiter: None,
+                gather_goal: None,
             }),
             changed: Condvar::new(),
             buffered: Condvar::new(),
+            gathered: Condvar::new(),
             cancelled: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         });
@@ -842,6 +857,7 @@ impl BlockingClient {
         drop(lock(&self.shared));
         self.shared.changed.notify_all();
         self.shared.buffered.notify_all();
+        self.shared.gathered.notify_all();
     }
 
     pub fn resume(&self) {
@@ -1054,14 +1070,53 @@ impl BlockingClient {
             inner.history.push(offset, chunk.clone());
             Some(Ok(Some(chunk)))
         });
+        self.say_where_stalled(result)
+    }
+
+    /// A timeout says where the flow stopped, and whether the server still
+    /// answers at all.
+    fn say_where_stalled<R>(&self, result: Result<R, WaitError>) -> Result<R, WaitError> {
         match result {
-            // Say where the flow stopped, and whether the server still
-            // answers at all.
             Err(WaitError::Timeout { waited }) => {
                 let inner = lock(&self.shared);
                 Err(Self::stalled(&inner, Instant::now(), waited))
             }
             other => other,
+        }
+    }
+
+    /// Waits, as [`read`](Self::read) does, for a first byte at the read
+    /// offset, then up to `gather` longer for `want` bytes, the end of
+    /// the transfer, or anything but data (an answer, an error, a cancel).
+    fn gather(&self, want: u64, gather: Duration, timeout: Duration) -> Result<(), WaitError> {
+        let first = self.wait_for(timeout, |inner| {
+            (inner.conn.is_finished() || inner.conn.available() > 0).then_some(Ok(()))
+        });
+        self.say_where_stalled(first)?;
+        let until = Instant::now() + gather;
+        let mut inner = lock(&self.shared);
+        loop {
+            let now = Instant::now();
+            let ends_sooner = inner
+                .conn
+                .remaining()
+                .is_some_and(|r| r <= inner.conn.available());
+            if now >= until
+                || ends_sooner
+                || inner.conn.available() >= want
+                || inner.outcomes.fatal.is_some()
+                || self.shared.cancelled.load(Ordering::Acquire)
+            {
+                return Ok(());
+            }
+            inner.gather_goal = Some(want);
+            inner = self
+                .shared
+                .gathered
+                .wait_timeout(inner, until - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            inner.gather_goal = None;
         }
     }
 
@@ -1136,18 +1191,25 @@ impl BlockingClient {
     /// its end): from what was recently handed out, from what already
     /// arrived ahead, or else by asking the server to continue from there.
     pub fn read_at(&self, offset: u64, len: usize, timeout: Duration) -> Result<Bytes, WaitError> {
-        self.read_some_at(offset, len, len, timeout)
+        self.read_some_at(offset, len, len, Duration::ZERO, timeout)
     }
 
     /// Like [`read_at`](Self::read_at), but returns as soon as `min` bytes
     /// (at least one) are there, with as many more up to `len` as are
     /// ready: a consumer that takes any amount starts on the first
     /// datagram instead of waiting for a whole block in slow start.
+    ///
+    /// With a non-zero `gather`, reading on from the stream's read offset
+    /// waits up to that long past the first byte for all of `len`: a
+    /// consumer faster than the link otherwise wakes and takes a small
+    /// chunk for every burst that arrives (250 a second at 20 Mbit/s, each
+    /// a buffer through the whole pipeline).
     pub fn read_some_at(
         &self,
         offset: u64,
         len: usize,
         min: usize,
+        gather: Duration,
         timeout: Duration,
     ) -> Result<Bytes, WaitError> {
         let min = min.clamp(1, len.max(1));
@@ -1168,6 +1230,9 @@ impl BlockingClient {
         // The common case, reading on from where the stream is: the chunk
         // itself goes out, shared with the history, uncopied.
         if out.is_empty() {
+            if !gather.is_zero() {
+                self.gather(len as u64, gather, timeout)?;
+            }
             match self.read(len, timeout)? {
                 Some(chunk) if chunk.len() >= min => return Ok(chunk),
                 Some(chunk) => out.extend_from_slice(&chunk),

@@ -223,6 +223,52 @@ fn slow_reader(
     (pipeline, data)
 }
 
+/// A push-mode consumer faster than the link (`udpvidsrc ! fakesink`, as a
+/// `filesink` copy is) gets the bytes in blocks gathered over up to 10 ms,
+/// not in a buffer per burst that arrived: each buffer but the first is a
+/// whole block, the end of the file, or waited 10 ms past its first byte.
+#[test]
+fn a_consumer_faster_than_the_link_gets_gathered_blocks_byte_exact() {
+    init();
+    let (dir, big) = big_file_dir("gather");
+    let server = Server::start(&dir, &[]);
+    let proxy = common::Proxy::start(server.port, &["--down-rate-mbit", "40", "--delay-ms", "20"]);
+    let (pipeline, data) = slow_reader(proxy.port, "big.bin", 0, "");
+    let buffers = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    {
+        let bin = pipeline.downcast_ref::<gst::Bin>().expect("bin");
+        let sink = bin.by_name("sink").expect("sink");
+        let b = buffers.clone();
+        sink.connect("handoff", false, move |_| {
+            b.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Instant::now());
+            None
+        });
+    }
+    let outcome = run_pipeline(&pipeline, Duration::from_secs(60));
+    assert_eq!(outcome, Outcome::Eos);
+    let data = data.lock().expect("lock");
+    assert_eq!(sha256(&data), sha256(&big), "the copy differs");
+    let buffers = buffers.lock().expect("lock");
+    let spread = *buffers.last().expect("buffers") - buffers[0];
+    // Whole 64 KiB blocks, plus one per 10 ms of the transfer, plus the
+    // first; a buffer per burst would be four times as many at 40 Mbit/s.
+    let most = big.len() / 65536 + (spread.as_millis() / 10) as usize + 2;
+    eprintln!(
+        "{} buffers over {:.2} s (at most {most})",
+        buffers.len(),
+        spread.as_secs_f64()
+    );
+    assert!(
+        buffers.len() <= most,
+        "{} buffers over {:.2} s: more than {most}",
+        buffers.len(),
+        spread.as_secs_f64()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn server_restart_mid_stream_resumes_with_identical_bytes() {
     init();

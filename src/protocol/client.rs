@@ -496,11 +496,7 @@ impl ClientConnection {
     /// (the rate becoming known, an RTT sample, a gap decaying) reaches the
     /// server even while the player is paused.
     fn apply_read_ahead(&mut self, now: Instant) {
-        let remaining = self
-            .transfer
-            .as_ref()
-            .filter(|t| t.opened && t.kind == TransferKind::File)
-            .and_then(|t| Some(t.receiver.end()?.saturating_sub(t.receiver.read_offset())));
+        let remaining = self.remaining();
         self.read_ahead.set_remaining(remaining);
         let bytes = self.current_read_ahead(now);
         if let Some(t) = self.transfer.as_mut() {
@@ -638,6 +634,15 @@ impl ClientConnection {
 
     pub fn read_offset(&self) -> Option<u64> {
         self.transfer.as_ref().map(|t| t.receiver.read_offset())
+    }
+
+    /// Bytes of the open file between the read offset and the end of the
+    /// transfer, once the server said where it ends.
+    pub fn remaining(&self) -> Option<u64> {
+        self.transfer
+            .as_ref()
+            .filter(|t| t.opened && t.kind == TransferKind::File)
+            .and_then(|t| Some(t.receiver.end()?.saturating_sub(t.receiver.read_offset())))
     }
 
     /// Every byte of the current transfer has been read.

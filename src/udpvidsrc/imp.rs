@@ -37,6 +37,13 @@ const MONITOR_TICK: Duration = Duration::from_millis(100);
 /// posts 100 %, so on a fast link a coarse tick would idle the pipeline for
 /// most of each refill.
 const BUFFERING_TICK: Duration = Duration::from_millis(20);
+/// In push mode, how long a read going on through the stream may wait past
+/// its first byte to fill the block: on a link slower than the pipeline
+/// every burst that arrived was a buffer of its own (a quarter of a
+/// millisecond of the streaming thread's CPU each, 250 a second at
+/// 20 Mbit/s). Bounded so it never matters to playback; the first read
+/// after a start or a jump does not wait.
+const GATHER: Duration = Duration::from_millis(10);
 /// Values of `UdpVidSrc::buffering`.
 const NOT_BUFFERING: u8 = 0;
 const BUFFERING_START: u8 = 1;
@@ -1236,12 +1243,14 @@ impl BaseSrcImpl for UdpVidSrc {
         // with whatever is ready: the first bytes do not wait for a whole
         // block to come in slow start (at 80 ms RTT that was three round
         // trips for 64 KiB).
-        let min = if self.obj().src_pad().mode() == gst::PadMode::Push {
-            1
+        let push = self.obj().src_pad().mode() == gst::PadMode::Push;
+        let min = if push { 1 } else { want };
+        let gather = if push && offset == position && position > 0 {
+            GATHER
         } else {
-            want
+            Duration::ZERO
         };
-        let data = client.read_some_at(offset, want, min, settings.timeout());
+        let data = client.read_some_at(offset, want, min, gather, settings.timeout());
         if waiting {
             self.playback.waiting.store(false, Ordering::Release);
         }
