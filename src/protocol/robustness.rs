@@ -520,3 +520,32 @@ fn an_early_open_streams_after_the_first_ack() {
     }
     assert!(more > 0, "nothing sent after the ACK");
 }
+
+#[test]
+fn a_repeated_hello_is_answered_at_once() {
+    let now = Instant::now();
+    let mut s = server(now);
+    let from = SocketAddr::from(([192, 0, 2, 8], 4000));
+    let hello = hello_opening(78, 1 << 20).encode();
+    s.handle_datagram(now, from, &hello);
+    let mut out = Vec::new();
+    // The first flight, Welcome included, is lost on the way.
+    while s.poll_transmit(now, &mut out).is_some() {}
+    // The client repeats its Hello after its retry interval; no timer of
+    // the session is due then.
+    let now = now + Duration::from_millis(250);
+    assert!(s.poll_timeout().is_none_or(|t| t > now));
+    s.handle_datagram(now, from, &hello);
+    let mut answer = Vec::new();
+    while s.poll_transmit(now, &mut out).is_some() {
+        answer.push(Packet::decode(&out).expect("valid").body);
+    }
+    assert!(
+        matches!(answer.first(), Some(Body::Welcome { .. })),
+        "the repeated Hello got {answer:?}"
+    );
+    assert!(
+        answer.iter().any(|b| matches!(b, Body::OpenOk { .. })),
+        "the early open is answered again too: {answer:?}"
+    );
+}

@@ -725,6 +725,10 @@ impl<S: ContentStore> ServerEndpoint<S> {
                 {
                     self.handle_open(now, id, o);
                 }
+                // Answer now: queued alone, the Welcome waited for the
+                // session's next timer, a probe timeout backed off (a
+                // second at 5 % loss, where the first byte took 85 ms).
+                self.wake(id);
                 return;
             }
         }
