@@ -188,6 +188,13 @@ pub const BBR_LOSS_BETA: f64 = 0.7;
 /// datagrams in it: 3 lost of 10 is noise at 10 % random loss, 30 of 100
 /// is congestion.
 pub const BBR_LOSS_MIN_PACKETS: u64 = 20;
+/// In startup a heavy round must also have lost at least this many
+/// datagrams (BBRv2's loss-event count does the same): at 10 % random loss
+/// one early round of twenty-odd datagrams in twenty-five loses more than
+/// a fifth by chance, and ending startup there left a 20 Mbit/s link at a
+/// fifth of its rate for seconds; startup's own overshoot into a queue
+/// loses far more.
+pub const BBR_STARTUP_LOSS_MIN_PACKETS: u64 = 8;
 /// After this many heavily lossy rounds (a lossy spell, not one overshoot),
 /// the first round without any loss sends startup probing for the link
 /// again: the rate samples only know the capped rate.
@@ -522,7 +529,10 @@ impl Bbr {
         self.forget_bursts(ack, judged);
         self.round_started = Some(ack.now);
         // Heavy loss in the round that just ended: congestion.
-        let heavy = judged && self.round_lost as f64 / total as f64 > BBR_LOSS_THRESHOLD;
+        let heavy = judged
+            && self.round_lost as f64 / total as f64 > BBR_LOSS_THRESHOLD
+            && (self.mode != BbrMode::Startup
+                || self.round_lost >= BBR_STARTUP_LOSS_MIN_PACKETS * self.max_datagram);
         if heavy {
             let floor = BBR_MIN_WINDOW_PACKETS as f64 * self.max_datagram as f64
                 / self.min_rtt().as_secs_f64().max(0.001);
@@ -943,6 +953,22 @@ mod tests {
         // Long after the last busy spell, a seek probes as at the start.
         cc.on_new_transfer(now + BBR_LINK_RATE_LIFETIME + Duration::from_secs(1));
         assert_eq!(cc.mode(), BbrMode::Startup);
+    }
+
+    #[test]
+    fn bbr_startup_is_not_ended_by_chance_loss_in_a_small_round_but_is_by_an_overflow() {
+        let t0 = Instant::now();
+        let mut cc = Bbr::new(1400);
+        let small = 25.0 * 1400.0 / 0.05;
+        let now = steady(&mut cc, t0, 1, small, 0.0);
+        // 25 datagrams delivered and 7 lost (23 %): 10 % random loss does
+        // that to one round of this size in about twenty.
+        let now = steady(&mut cc, now, 1, small, 0.3);
+        assert_eq!(cc.mode(), BbrMode::Startup);
+        assert!(cc.bw_cap.is_none());
+        // 100 delivered and 40 lost: the queue startup overfilled.
+        steady(&mut cc, now, 1, 100.0 * 1400.0 / 0.05, 0.4);
+        assert_ne!(cc.mode(), BbrMode::Startup);
     }
 
     #[test]
