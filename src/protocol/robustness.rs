@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 
-use super::client::{ClientConfig, ClientConnection, ClientEvent};
+use super::client::{ClientConfig, ClientConnection};
 use super::server::{AMPLIFICATION_FACTOR, MemoryStore, ServerConfig, ServerEndpoint};
 use super::wire::{Body, CloseReason, OpenRequest, Packet, TransferKind};
 
@@ -548,48 +548,4 @@ fn a_repeated_hello_is_answered_at_once() {
         answer.iter().any(|b| matches!(b, Body::OpenOk { .. })),
         "the early open is answered again too: {answer:?}"
     );
-}
-
-#[test]
-fn every_hello_leaves_twice_and_both_copies_make_one_session() {
-    let now = Instant::now();
-    let mut s = server(now);
-    let from = SocketAddr::from(([192, 0, 2, 9], 4000));
-    let mut c = ClientConnection::new(ClientConfig::default(), 79, now);
-    c.open_file(now, "a.mp4", 0);
-    let mut hellos = Vec::new();
-    while let Some(d) = c.poll_transmit(now) {
-        if matches!(Packet::decode(&d).map(|p| p.body), Ok(Body::Hello { .. })) {
-            hellos.push(d);
-        }
-    }
-    assert_eq!(hellos.len(), 2, "copies of the Hello");
-    let mut welcomes = 0;
-    let mut out = Vec::new();
-    for h in &hellos {
-        s.handle_datagram(now, from, h);
-        while s.poll_transmit(now, &mut out).is_some() {
-            if matches!(
-                Packet::decode(&out).map(|p| p.body),
-                Ok(Body::Welcome { .. })
-            ) {
-                welcomes += 1;
-            }
-            c.handle_datagram(now, &out);
-        }
-    }
-    assert_eq!(s.admission().sessions(), 1);
-    assert_eq!(welcomes, 2, "each copy is answered");
-    assert!(c.is_established());
-    let mut events = Vec::new();
-    while let Some(e) = c.poll_event() {
-        events.push(e);
-    }
-    assert!(
-        !events
-            .iter()
-            .any(|e| matches!(e, ClientEvent::ProtocolError(_))),
-        "{events:?}"
-    );
-    assert!(c.available() > 0, "the first flight was taken");
 }
