@@ -133,12 +133,6 @@ impl RetryTimer {
     }
 }
 
-/// Copies of each Hello. Two would spare a start the 250 ms retry when a
-/// Hello or its Welcome is lost (the server answers each copy), but with
-/// two, `gst-play-1.0` on a link at 0.75x the media's rate paused 14 times
-/// in 3 runs of 5 instead of once (cause not found), so one it stays.
-const HELLO_COPIES: u8 = 1;
-
 /// Every Open leaves twice, first or repeated: a seek waits on this one
 /// small datagram, and at 10 % loss (80 ms RTT) one Open in ten was lost
 /// and cost the seek a timeout, and a single repeat, or the single answer
@@ -250,8 +244,12 @@ pub struct ClientConnection {
     connection_id: ConnectionId,
     next_packet_number: u64,
     hello_timer: RetryTimer,
-    /// Copies of the Hello still to send now.
-    hellos_due: u8,
+    /// One Hello at a time, unlike the Open (see [`push_open_twice`]): a
+    /// second copy would spare a start the 250 ms retry when a Hello or
+    /// its Welcome is lost (the server answers each copy), but with two,
+    /// `gst-play-1.0` on a link at 0.75x the media's rate paused 14 times
+    /// in 3 runs of 5 instead of once (cause not found).
+    send_hello: bool,
     transfer: Option<ClientTransfer>,
     next_transfer_id: u32,
     acks: AckTracker,
@@ -296,7 +294,7 @@ impl ClientConnection {
             connection_id: 0,
             next_packet_number: 0,
             hello_timer,
-            hellos_due: HELLO_COPIES,
+            send_hello: true,
             transfer: None,
             next_transfer_id: 1,
             acks: AckTracker::new(),
@@ -827,7 +825,7 @@ impl ClientConnection {
             ) if client_nonce == self.nonce => {
                 self.heard(now);
                 self.phase = Phase::Handshake { cookie };
-                self.hellos_due = HELLO_COPIES;
+                self.send_hello = true;
             }
             (
                 Phase::Handshake { .. },
@@ -860,7 +858,7 @@ impl ClientConnection {
                 self.connection_id = packet.connection_id;
                 self.phase = Phase::Established;
                 self.hello_timer.stop();
-                self.hellos_due = 0;
+                self.send_hello = false;
                 // Ping well inside the server's idle timeout.
                 self.idle_timeout =
                     Duration::from_millis(idle_timeout_ms as u64).max(Duration::from_millis(300));
@@ -1079,8 +1077,8 @@ impl ClientConnection {
     /// The next datagram to send, if any.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Vec<u8>> {
         if let Phase::Handshake { cookie } = &self.phase {
-            if self.hellos_due > 0 {
-                self.hellos_due -= 1;
+            if self.send_hello {
+                self.send_hello = false;
                 let body = Body::Hello {
                     client_nonce: self.nonce,
                     cookie: cookie.clone(),
@@ -1186,7 +1184,7 @@ impl ClientConnection {
                     return self.report_unresponsive(now);
                 }
                 if self.hello_timer.fire(now) {
-                    self.hellos_due = HELLO_COPIES;
+                    self.send_hello = true;
                 }
             }
             Phase::Established => {
