@@ -5,6 +5,9 @@
 //! [`gstudpvid::protocol::ServerEndpoint`]: it moves datagrams between the
 //! socket and the endpoint, sleeps until the endpoint's next timer or until
 //! content fetched from the store arrives, and logs the endpoint's events.
+//! While the next timer is near (a session pacing its data) a serving
+//! thread sleeps until it without waking for each arriving datagram, and
+//! takes them all in that turn ([`TURN_MODERATION`]).
 
 mod disk_cache;
 mod library;
@@ -19,6 +22,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use futures::FutureExt;
 use rand::RngCore;
 use std::io::IoSliceMut;
 
@@ -51,6 +55,18 @@ const MAX_RECV_BATCH: usize = 256;
 const RECV_SLOTS: usize = 16;
 /// Largest GSO batch: what one UDP send can carry.
 const GSO_BATCH_BYTES: usize = 65_000;
+/// A serving thread whose next timer is at most this far off sleeps until
+/// it without watching its socket, and takes what arrived meanwhile (ACKs)
+/// in the same turn. Each datagram that woke the thread was a turn of its
+/// own, and on a loaded server a turn costs more than the work it does:
+/// with 20 paced pulls two turns in three were one or two ACKs. The ACKs
+/// then wait at most this long, which the sessions' RTT samples include.
+const TURN_MODERATION: Duration = Duration::from_millis(5);
+/// A moderated turn ends on this tick, so the sessions' timers that fall
+/// within one tick are served by one turn (as tokio's millisecond timer
+/// does for the unmoderated ones). A pacing deadline kept up to a tick
+/// late loses no rate: the pacer's bucket holds two bursts of 2 ms.
+const TURN_TICK: Duration = Duration::from_millis(1);
 
 #[derive(Parser, Debug)]
 #[command(
@@ -395,6 +411,118 @@ struct ShardLink {
 /// would drop them): a busy thread cannot make the others hold memory.
 const HANDOFF_QUEUE: usize = 1024;
 
+/// What one serving thread reads its datagrams into.
+struct Receiver {
+    /// Bytes for one receive: a GRO train of datagrams.
+    slot: usize,
+    bufs: Vec<u8>,
+    metas: [RecvMeta; RECV_SLOTS],
+}
+
+impl Receiver {
+    fn new(state: &UdpSocketState) -> Self {
+        // Room for a batch of receives, each up to a GRO train of datagrams.
+        let slot = (MAX_DATAGRAM_SIZE * state.gro_segments()).max(MAX_DATAGRAM_SIZE);
+        Receiver {
+            slot,
+            bufs: vec![0u8; slot * RECV_SLOTS],
+            metas: [RecvMeta::default(); RECV_SLOTS],
+        }
+    }
+
+    /// Hands what the socket holds (up to [`MAX_RECV_BATCH`] datagrams) to
+    /// the endpoint, or to the thread whose session it is. `watched`: the
+    /// socket is being waited on through tokio, whose readiness a
+    /// `WouldBlock` must clear; a moderated turn reads it directly.
+    fn drain(
+        &mut self,
+        socket: &UdpSocket,
+        state: &UdpSocketState,
+        watched: bool,
+        endpoint: &mut ServerEndpoint<Arc<Store>>,
+        link: &ShardLink,
+        counters: &LoopCounters,
+    ) {
+        let shards = link.peers.len();
+        let slot = self.slot;
+        let mut handled = 0;
+        while handled < MAX_RECV_BATCH {
+            let received = {
+                let mut iovs: Vec<IoSliceMut<'_>> =
+                    self.bufs.chunks_mut(slot).map(IoSliceMut::new).collect();
+                let metas = &mut self.metas;
+                if watched {
+                    socket.try_io(Interest::READABLE, || {
+                        state.recv(socket.into(), &mut iovs, metas)
+                    })
+                } else {
+                    state.recv(socket.into(), &mut iovs, metas)
+                }
+            };
+            let count = match received {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                // ICMP errors from a vanished client surface here;
+                // its session simply idles out.
+                Err(e) => {
+                    debug!(error = %e, "receive failed");
+                    break;
+                }
+            };
+            let now = Instant::now();
+            for (meta, buf) in self.metas.iter().zip(self.bufs.chunks(slot)).take(count) {
+                let stride = meta.stride.max(1);
+                for datagram in buf[..meta.len].chunks(stride) {
+                    match shard_of(datagram, shards) {
+                        Some(owner) if owner != link.index => {
+                            counters.handoffs.fetch_add(1, Ordering::Relaxed);
+                            let _ = link.peers[owner].try_send((meta.addr, datagram.to_vec()));
+                        }
+                        _ => endpoint.handle_datagram(now, meta.addr, datagram),
+                    }
+                    handled += 1;
+                }
+            }
+        }
+    }
+}
+
+/// When a turn that finds the next timer at `wake` should be moderated:
+/// the tick at or after `wake` to sleep until, if `wake` is near.
+fn moderated_until(now: Instant, wake: Instant, epoch: Instant) -> Option<Instant> {
+    if wake <= now || wake - now > TURN_MODERATION {
+        return None;
+    }
+    let tick = TURN_TICK.as_nanos();
+    let since = wake.saturating_duration_since(epoch).as_nanos();
+    let ticks = since.div_ceil(tick);
+    Some(epoch + Duration::from_nanos(u64::try_from(ticks * tick).ok()?))
+}
+
+/// Tells every client the server is going away and sends the goodbyes.
+async fn shut_down(
+    endpoint: &mut ServerEndpoint<Arc<Store>>,
+    socket: &UdpSocket,
+    index: usize,
+    counters: &LoopCounters,
+) {
+    if index == 0 {
+        info!(
+            "shutting down: telling {} clients",
+            endpoint.admission().sessions()
+        );
+    }
+    endpoint.shutdown();
+    let now = Instant::now();
+    let mut out = Vec::with_capacity(MAX_DATAGRAM_SIZE);
+    while let Some(to) = endpoint.poll_transmit(now, &mut out) {
+        let _ = socket.send_to(&out, to).await;
+    }
+    while let Some(event) = endpoint.poll_event() {
+        log_event(event, counters);
+    }
+}
+
 async fn serve(
     socket: UdpSocket,
     state: UdpSocketState,
@@ -402,14 +530,10 @@ async fn serve(
     mut link: ShardLink,
     counters: Arc<LoopCounters>,
 ) {
-    // Room for a batch of receives, each up to a GRO train of datagrams.
-    let slot = (MAX_DATAGRAM_SIZE * state.gro_segments()).max(MAX_DATAGRAM_SIZE);
-    let mut inbufs = vec![0u8; slot * RECV_SLOTS];
-    let mut metas = [RecvMeta::default(); RECV_SLOTS];
-    let mut out = Vec::with_capacity(MAX_DATAGRAM_SIZE);
+    let mut receiver = Receiver::new(&state);
     let mut batch = SendBatcher::new();
-    let shards = link.peers.len();
     let mut lost_reported = 0;
+    let epoch = Instant::now();
     loop {
         let now = Instant::now();
         loop {
@@ -440,46 +564,34 @@ async fn serve(
         let wake = endpoint
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
+        let before = Instant::now();
+        if let Some(until) = moderated_until(before, wake, epoch) {
+            // A blocking sleep, not tokio's: the runtime would wake for
+            // every datagram arriving on the socket it watches. This
+            // thread's runtime serves only this loop and the store's
+            // fetches, and those run at the yield below, every turn.
+            std::thread::sleep(until - before);
+            tokio::task::yield_now().await;
+            if link.shutdown.has_changed().unwrap_or(true) {
+                return shut_down(&mut endpoint, &socket, link.index, &counters).await;
+            }
+            receiver.drain(&socket, &state, false, &mut endpoint, &link, &counters);
+            while let Ok((from, datagram)) = link.inbox.try_recv() {
+                endpoint.handle_datagram(Instant::now(), from, &datagram);
+            }
+            if link.content_arrived.notified().now_or_never().is_some() {
+                endpoint.content_ready();
+            }
+            endpoint.handle_timeout(Instant::now());
+            continue;
+        }
         tokio::select! {
             r = socket.readable() => {
                 if let Err(e) = r {
                     debug!(error = %e, "socket not readable");
                     continue;
                 }
-                let mut handled = 0;
-                while handled < MAX_RECV_BATCH {
-                    let received = {
-                        let mut iovs: Vec<IoSliceMut<'_>> =
-                            inbufs.chunks_mut(slot).map(IoSliceMut::new).collect();
-                        socket.try_io(Interest::READABLE, || {
-                            state.recv((&socket).into(), &mut iovs, &mut metas)
-                        })
-                    };
-                    let count = match received {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                        // ICMP errors from a vanished client surface here;
-                        // its session simply idles out.
-                        Err(e) => {
-                            debug!(error = %e, "receive failed");
-                            break;
-                        }
-                    };
-                    let now = Instant::now();
-                    for (meta, buf) in metas.iter().zip(inbufs.chunks(slot)).take(count) {
-                        let stride = meta.stride.max(1);
-                        for datagram in buf[..meta.len].chunks(stride) {
-                            match shard_of(datagram, shards) {
-                                Some(owner) if owner != link.index => {
-                                    counters.handoffs.fetch_add(1, Ordering::Relaxed);
-                                    let _ = link.peers[owner].try_send((meta.addr, datagram.to_vec()));
-                                }
-                                _ => endpoint.handle_datagram(now, meta.addr, datagram),
-                            }
-                            handled += 1;
-                        }
-                    }
-                }
+                receiver.drain(&socket, &state, true, &mut endpoint, &link, &counters);
             }
             Some((from, datagram)) = link.inbox.recv() => {
                 endpoint.handle_datagram(Instant::now(), from, &datagram);
@@ -489,18 +601,7 @@ async fn serve(
             }
             _ = link.content_arrived.notified() => endpoint.content_ready(),
             _ = link.shutdown.changed() => {
-                if link.index == 0 {
-                    info!("shutting down: telling {} clients", endpoint.admission().sessions());
-                }
-                endpoint.shutdown();
-                let now = Instant::now();
-                while let Some(to) = endpoint.poll_transmit(now, &mut out) {
-                    let _ = socket.send_to(&out, to).await;
-                }
-                while let Some(event) = endpoint.poll_event() {
-                    log_event(event, &counters);
-                }
-                return;
+                return shut_down(&mut endpoint, &socket, link.index, &counters).await;
             }
         }
     }
@@ -757,7 +858,11 @@ fn main() -> std::process::ExitCode {
                         .build()
                     {
                         Ok(rt) => {
-                            rt.block_on(run_shard(socket, config, store, shard, link, counters))
+                            let serving = run_shard(socket, config, store, shard, link, counters);
+                            // A spawned task, not the `block_on` future: waking
+                            // that one goes through the runtime's eventfd, a
+                            // system call and a turn of the reactor each time.
+                            let _ = rt.block_on(rt.spawn(serving));
                         }
                         Err(e) => error!(thread = index, error = %e, "cannot start the runtime"),
                     }
@@ -795,18 +900,46 @@ fn main() -> std::process::ExitCode {
         } else {
             None
         };
-        run_shard(
+        let serving = tokio::spawn(run_shard(
             main_socket,
             config,
             store,
             shard(0),
             main_link,
             metrics.counters.clone(),
-        )
-        .await;
+        ));
+        if let Err(e) = serving.await {
+            error!(error = %e, "the serving thread failed");
+        }
         for w in workers {
             let _ = w.join();
         }
         std::process::ExitCode::SUCCESS
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_near_timer_is_waited_for_on_the_tick_after_it_and_a_far_one_is_not() {
+        let epoch = Instant::now();
+        let now = epoch + Duration::from_micros(10_250);
+        // Near: the tick at or after the timer, so timers within one tick
+        // share a turn.
+        let near = now + Duration::from_micros(1_300);
+        assert_eq!(
+            moderated_until(now, near, epoch),
+            Some(epoch + Duration::from_millis(12))
+        );
+        let on_tick = epoch + Duration::from_millis(13);
+        assert_eq!(moderated_until(now, on_tick, epoch), Some(on_tick));
+        // Far (the socket is watched meanwhile), or already due.
+        assert_eq!(
+            moderated_until(now, now + TURN_MODERATION + Duration::from_micros(1), epoch),
+            None
+        );
+        assert_eq!(moderated_until(now, now, epoch), None);
+    }
 }
