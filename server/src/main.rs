@@ -62,6 +62,10 @@ const GSO_BATCH_BYTES: usize = 65_000;
 /// with 20 paced pulls two turns in three were one or two ACKs. The ACKs
 /// then wait at most this long, which the sessions' RTT samples include.
 const TURN_MODERATION: Duration = Duration::from_millis(5);
+/// The moderation while a session's window is full: its next send waits
+/// for an ACK, and with 5 ms 64 copies through a 10 Mbit/s link took 8 %
+/// longer.
+const TURN_MODERATION_AWAITING_ACKS: Duration = Duration::from_millis(1);
 /// A moderated turn ends on this tick, so the sessions' timers that fall
 /// within one tick are served by one turn (as tokio's millisecond timer
 /// does for the unmoderated ones). A pacing deadline kept up to a tick
@@ -489,8 +493,13 @@ impl Receiver {
 
 /// When a turn that finds the next timer at `wake` should be moderated:
 /// the tick at or after `wake` to sleep until, if `wake` is near.
-fn moderated_until(now: Instant, wake: Instant, epoch: Instant) -> Option<Instant> {
-    if wake <= now || wake - now > TURN_MODERATION {
+fn moderated_until(
+    now: Instant,
+    wake: Instant,
+    epoch: Instant,
+    moderation: Duration,
+) -> Option<Instant> {
+    if wake <= now || wake - now > moderation {
         return None;
     }
     let tick = TURN_TICK.as_nanos();
@@ -565,7 +574,12 @@ async fn serve(
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
         let before = Instant::now();
-        if let Some(until) = moderated_until(before, wake, epoch) {
+        let moderation = if endpoint.awaits_acks() {
+            TURN_MODERATION_AWAITING_ACKS
+        } else {
+            TURN_MODERATION
+        };
+        if let Some(until) = moderated_until(before, wake, epoch, moderation) {
             // A blocking sleep, not tokio's: the runtime would wake for
             // every datagram arriving on the socket it watches. This
             // thread's runtime serves only this loop and the store's
@@ -930,16 +944,24 @@ mod tests {
         // share a turn.
         let near = now + Duration::from_micros(1_300);
         assert_eq!(
-            moderated_until(now, near, epoch),
+            moderated_until(now, near, epoch, TURN_MODERATION),
             Some(epoch + Duration::from_millis(12))
         );
         let on_tick = epoch + Duration::from_millis(13);
-        assert_eq!(moderated_until(now, on_tick, epoch), Some(on_tick));
+        assert_eq!(
+            moderated_until(now, on_tick, epoch, TURN_MODERATION),
+            Some(on_tick)
+        );
         // Far (the socket is watched meanwhile), or already due.
         assert_eq!(
-            moderated_until(now, now + TURN_MODERATION + Duration::from_micros(1), epoch),
+            moderated_until(
+                now,
+                now + TURN_MODERATION + Duration::from_micros(1),
+                epoch,
+                TURN_MODERATION
+            ),
             None
         );
-        assert_eq!(moderated_until(now, now, epoch), None);
+        assert_eq!(moderated_until(now, now, epoch, TURN_MODERATION), None);
     }
 }

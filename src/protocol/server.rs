@@ -392,6 +392,9 @@ struct Session {
     index_sent_for: Option<String>,
     /// In the endpoint's queue of sessions that may have something to send.
     ready: bool,
+    /// Out of that queue with data to send, held back by its window (not
+    /// by pacing): only an ACK lets it send again.
+    awaits_ack: bool,
     /// This session's entry in the endpoint's timer heap; older entries
     /// there are stale and skipped.
     timer_at: Option<Instant>,
@@ -497,6 +500,8 @@ pub struct ServerEndpoint<S: ContentStore> {
     /// The session whose turn it is and the datagrams it sent in it: a
     /// batch per turn, so its datagrams leave back to back (one GSO send).
     turn: Option<(ConnectionId, usize)>,
+    /// Sessions with `Session::awaits_ack` set.
+    awaiting_ack: usize,
     /// Every session's next deadline (see `Session::timer_at`), earliest
     /// first, so the next wake-up is found without walking the sessions.
     timers: BinaryHeap<Reverse<(Instant, ConnectionId)>>,
@@ -547,6 +552,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             by_nonce: HashMap::new(),
             ready: VecDeque::new(),
             turn: None,
+            awaiting_ack: 0,
             timers: BinaryHeap::new(),
             waiting: Vec::new(),
             stateless: VecDeque::new(),
@@ -834,6 +840,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             received_unvalidated: received,
             index_sent_for: None,
             ready: false,
+            awaits_ack: false,
             timer_at: None,
         };
         session.control.push_back(welcome);
@@ -856,6 +863,10 @@ impl<S: ContentStore> ServerEndpoint<S> {
         if !s.ready {
             s.ready = true;
             self.ready.push_back(id);
+        }
+        if s.awaits_ack {
+            s.awaits_ack = false;
+            self.awaiting_ack -= 1;
         }
         self.reschedule(id);
     }
@@ -1084,6 +1095,9 @@ impl<S: ContentStore> ServerEndpoint<S> {
 
     fn end_session(&mut self, id: ConnectionId, reason: CloseReason) {
         if let Some(s) = self.sessions.remove(&id) {
+            if s.awaits_ack {
+                self.awaiting_ack -= 1;
+            }
             self.shard.admission.release(s.addr.ip());
             self.by_nonce.remove(&(s.addr, s.client_nonce));
             // The nonce entry may be under the address the Hello came from.
@@ -1134,6 +1148,16 @@ impl<S: ContentStore> ServerEndpoint<S> {
             // to it, its pacing and loss timers in the heap.
             if let Some(s) = self.sessions.get_mut(&id) {
                 s.ready = false;
+                let window_bound = s
+                    .transfer
+                    .as_ref()
+                    .is_some_and(|t| !t.waiting_for_content && t.stream.has_data_to_send())
+                    && !s.amplification_blocked()
+                    && s.recovery.pacing_deadline().is_none();
+                if window_bound && !s.awaits_ack {
+                    s.awaits_ack = true;
+                    self.awaiting_ack += 1;
+                }
                 self.reschedule(id);
             }
         }
@@ -1288,6 +1312,13 @@ impl<S: ContentStore> ServerEndpoint<S> {
             t.waiting_for_content = false;
             self.wake(id);
         }
+    }
+
+    /// Some session has data that only an ACK can let out (its window is
+    /// full): a driver that holds arriving datagrams back until its next
+    /// timer would hold that session back too.
+    pub fn awaits_acks(&self) -> bool {
+        self.awaiting_ack > 0
     }
 
     /// When `handle_timeout` must be called next.
