@@ -581,9 +581,10 @@ async fn serve(
         };
         if let Some(until) = moderated_until(before, wake, epoch, moderation) {
             // A blocking sleep, not tokio's: the runtime would wake for
-            // every datagram arriving on the socket it watches. This
-            // thread's runtime serves only this loop and the store's
-            // fetches, and those run at the yield below, every turn.
+            // every datagram arriving on the socket it watches. The other
+            // tasks of this thread's runtime (the store's fetches; on the
+            // first thread also the metrics page and the signal handler)
+            // run at the yield below, every turn.
             std::thread::sleep(until - before);
             tokio::task::yield_now().await;
             if link.shutdown.has_changed().unwrap_or(true) {
