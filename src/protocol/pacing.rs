@@ -27,6 +27,10 @@ pub struct Pacer {
     last: Option<Instant>,
     rate: f64,
     burst: f64,
+    /// The floor of a burst in datagrams: [`MIN_BURST_PACKETS`] unless
+    /// the sender shares the link with many others (see
+    /// [`Self::set_min_burst_packets`]).
+    min_burst_packets: f64,
 }
 
 impl Pacer {
@@ -37,7 +41,16 @@ impl Pacer {
             last: None,
             rate: 0.0,
             burst,
+            min_burst_packets: MIN_BURST_PACKETS,
         }
+    }
+
+    /// Lowers (or restores) the burst's floor, taking effect at the next
+    /// refill: a server pacing many sessions whose timers fall on one tick
+    /// sends all their bursts back to back, and 200 floors of 8 datagrams
+    /// are 2.2 MB at line rate.
+    pub fn set_min_burst_packets(&mut self, packets: f64) {
+        self.min_burst_packets = packets.clamp(1.0, MIN_BURST_PACKETS);
     }
 
     /// Refills the bucket up to `now` at `rate` bytes per second (`None`:
@@ -50,7 +63,7 @@ impl Pacer {
             return;
         };
         self.burst =
-            (rate * PACING_BURST.as_secs_f64()).max(MIN_BURST_PACKETS * max_datagram as f64);
+            (rate * PACING_BURST.as_secs_f64()).max(self.min_burst_packets * max_datagram as f64);
         let capacity = self.burst * BURSTS_HELD;
         if self.rate == 0.0 {
             self.tokens = self.burst;

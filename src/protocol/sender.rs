@@ -403,6 +403,11 @@ impl LossRecovery {
             .max(self.max_datagram)
     }
 
+    /// See [`Pacer::set_min_burst_packets`].
+    pub fn set_min_burst_packets(&mut self, packets: f64) {
+        self.pacer.set_min_burst_packets(packets);
+    }
+
     pub fn rtt(&self) -> &RttEstimator {
         &self.rtt
     }

@@ -30,6 +30,15 @@ use super::wire::{
 /// full datagrams (23 KiB) keep sessions' turns short (fairness) and a
 /// system call's cost spread over many datagrams.
 pub const SESSION_BATCH: usize = 16;
+
+/// What the burst floors of all busy sessions add up to at most, in
+/// datagrams: each session's floor is this shared out, between 2 and the
+/// pacer's 8. Sessions whose timers fall on one tick leave back to back,
+/// and with 200 sessions through one 512 KB queue (`load paced 200 200
+/// 4`) 8 each lost 56 % of the datagrams; up to 20 sessions keep 8.
+pub const AGGREGATE_BURST_PACKETS: f64 = 160.0;
+/// The smallest burst floor a session is given.
+const MIN_SHARED_BURST_PACKETS: f64 = 2.0;
 /// A session that lost more than this share of its packets sends each
 /// resend twice (see `StreamSender::set_resend_twice`)...
 const RESEND_TWICE_LOSS_SHARE: f64 = 0.03;
@@ -502,6 +511,9 @@ pub struct ServerEndpoint<S: ContentStore> {
     turn: Option<(ConnectionId, usize)>,
     /// Sessions with `Session::awaits_ack` set.
     awaiting_ack: usize,
+    /// Every session's burst floor in datagrams (see
+    /// [`AGGREGATE_BURST_PACKETS`]), counted at each timer turn.
+    burst_floor: f64,
     /// Every session's next deadline (see `Session::timer_at`), earliest
     /// first, so the next wake-up is found without walking the sessions.
     timers: BinaryHeap<Reverse<(Instant, ConnectionId)>>,
@@ -553,6 +565,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             ready: VecDeque::new(),
             turn: None,
             awaiting_ack: 0,
+            burst_floor: crate::protocol::pacing::MIN_BURST_PACKETS,
             timers: BinaryHeap::new(),
             waiting: Vec::new(),
             stateless: VecDeque::new(),
@@ -1173,7 +1186,9 @@ impl<S: ContentStore> ServerEndpoint<S> {
         starting: bool,
     ) -> Option<SocketAddr> {
         let start = out.len();
+        let burst_floor = self.burst_floor;
         let session = self.sessions.get_mut(&id)?;
+        session.recovery.set_min_burst_packets(burst_floor);
         if let Some(reason) = session.closing {
             let pn = session.next_pn();
             Packet::new(
@@ -1337,6 +1352,19 @@ impl<S: ContentStore> ServerEndpoint<S> {
             self.validator.rotate(now, key);
         }
         let idle_timeout = self.config.idle_timeout;
+        let busy = self
+            .sessions
+            .values()
+            .filter(|s| {
+                s.transfer
+                    .as_ref()
+                    .is_some_and(|t| t.stream.has_data_to_send())
+            })
+            .count();
+        self.burst_floor = (AGGREGATE_BURST_PACKETS / busy.max(1) as f64).clamp(
+            MIN_SHARED_BURST_PACKETS,
+            crate::protocol::pacing::MIN_BURST_PACKETS,
+        );
         // Due sessions first, then their work: waking one puts its next
         // deadline in the heap, which may already have passed.
         let mut due = Vec::new();
