@@ -434,6 +434,16 @@ impl Session {
         self.last_activity + limit
     }
 
+    /// Data waits to leave that only the window or pacing holds back: not
+    /// a read of its content, nor the unproven address's budget.
+    fn has_data_for_the_network(&self) -> bool {
+        !self.amplification_blocked()
+            && self
+                .transfer
+                .as_ref()
+                .is_some_and(|t| !t.waiting_for_content && t.stream.has_data_to_send())
+    }
+
     /// The session's next deadline: the idle expiry, the loss-recovery
     /// timer, and, for data held back only by pacing, when it may leave.
     fn next_deadline(&self, idle_timeout: Duration) -> Instant {
@@ -441,12 +451,7 @@ impl Session {
         if let Some(t) = self.recovery.timeout() {
             next = next.min(t);
         }
-        if !self.amplification_blocked()
-            && self
-                .transfer
-                .as_ref()
-                .is_some_and(|t| !t.waiting_for_content && t.stream.has_data_to_send())
-        {
+        if self.has_data_for_the_network() {
             if let Some(t) = self.recovery.pacing_deadline() {
                 next = next.min(t);
             }
@@ -1161,12 +1166,8 @@ impl<S: ContentStore> ServerEndpoint<S> {
             // to it, its pacing and loss timers in the heap.
             if let Some(s) = self.sessions.get_mut(&id) {
                 s.ready = false;
-                let window_bound = s
-                    .transfer
-                    .as_ref()
-                    .is_some_and(|t| !t.waiting_for_content && t.stream.has_data_to_send())
-                    && !s.amplification_blocked()
-                    && s.recovery.pacing_deadline().is_none();
+                let window_bound =
+                    s.has_data_for_the_network() && s.recovery.pacing_deadline().is_none();
                 if window_bound && !s.awaits_ack {
                     s.awaits_ack = true;
                     self.awaiting_ack += 1;
