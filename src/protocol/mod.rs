@@ -21,6 +21,7 @@ pub mod read_ahead;
 pub mod receiver;
 pub mod rtt;
 pub mod sender;
+mod sent_packets;
 pub mod server;
 pub mod wire;
 

@@ -2,7 +2,6 @@
 //! and which packets are in flight, acknowledged or lost ([`LossRecovery`],
 //! RFC 9002 loss detection with a probe timeout).
 
-use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -10,6 +9,7 @@ use super::congestion::{AckEvent, Bbr, CongestionController, RateSample};
 use super::pacing::Pacer;
 use super::ranges::RangeSet;
 use super::rtt::RttEstimator;
+use super::sent_packets::SentPackets;
 use super::wire::AckRange;
 
 /// A packet is lost once this many later packets were acknowledged
@@ -317,7 +317,7 @@ pub struct RecoveryStats {
 /// RFC 9002 loss detection and congestion control for one session.
 #[derive(Debug)]
 pub struct LossRecovery {
-    sent: BTreeMap<u64, SentPacket>,
+    sent: SentPackets,
     bytes_in_flight: u64,
     largest_acked: Option<u64>,
     largest_sent: Option<u64>,
@@ -340,7 +340,7 @@ pub struct LossRecovery {
 impl LossRecovery {
     pub fn new(max_datagram: u64) -> Self {
         LossRecovery {
-            sent: BTreeMap::new(),
+            sent: SentPackets::default(),
             bytes_in_flight: 0,
             largest_acked: None,
             largest_sent: None,
@@ -472,21 +472,18 @@ impl LossRecovery {
         self.last_sent = Some(now);
         self.largest_sent = Some(packet_number);
         self.stats.packets_sent += 1;
-        self.sent.insert(
+        self.sent.insert(SentPacket {
             packet_number,
-            SentPacket {
-                packet_number,
-                time_sent: now,
-                size,
-                transfer_id,
-                range,
-                ahead,
-                app_limited,
-                delivered: self.delivered,
-                delivered_time: self.delivered_time.unwrap_or(now),
-                first_sent_time: self.first_sent_time.unwrap_or(now),
-            },
-        );
+            time_sent: now,
+            size,
+            transfer_id,
+            range,
+            ahead,
+            app_limited,
+            delivered: self.delivered,
+            delivered_time: self.delivered_time.unwrap_or(now),
+            first_sent_time: self.first_sent_time.unwrap_or(now),
+        });
     }
 
     /// Forgets every in-flight packet of transfers other than `keep`: after a
@@ -494,9 +491,9 @@ impl LossRecovery {
     pub fn discard_other_transfers(&mut self, now: Instant, keep: u32) {
         self.cc.on_new_transfer(now);
         let before = self.sent.len();
-        self.sent.retain(|_, p| p.transfer_id == keep);
+        self.sent.retain(|p| p.transfer_id == keep);
         if self.sent.len() != before {
-            self.bytes_in_flight = self.sent.values().map(|p| p.size).sum();
+            self.bytes_in_flight = self.sent.iter().map(|p| p.size).sum();
             if self.sent.is_empty() {
                 self.loss_time = None;
                 self.pto_count = 0;
@@ -522,18 +519,11 @@ impl LossRecovery {
             return outcome;
         }
         for r in ranges {
-            let acked: Vec<u64> = self
-                .sent
-                .range(r.smallest..=r.largest)
-                .map(|(&pn, _)| pn)
-                .collect();
-            for pn in acked {
-                if let Some(p) = self.sent.remove(&pn) {
-                    self.bytes_in_flight -= p.size;
-                    outcome.acked.push(p);
-                }
-            }
+            self.sent
+                .remove_range(r.smallest, r.largest, &mut outcome.acked);
         }
+        let acked_bytes: u64 = outcome.acked.iter().map(|p| p.size).sum();
+        self.bytes_in_flight -= acked_bytes;
         if outcome.acked.is_empty() {
             return outcome;
         }
@@ -553,7 +543,6 @@ impl LossRecovery {
             self.rtt.update(sample, ack_delay);
             rtt_sample = Some(sample);
         }
-        let acked_bytes: u64 = outcome.acked.iter().map(|p| p.size).sum();
         self.delivered += acked_bytes;
         self.delivered_time = Some(now);
         // The delivery rate over the interval of the most recently sent
@@ -611,11 +600,11 @@ impl LossRecovery {
         };
         let loss_delay = self.rtt.loss_delay();
         let mut lost_pns = Vec::new();
-        for (&pn, p) in self.sent.range(..largest_acked) {
+        for p in self.sent.below(largest_acked) {
             let by_time = now.saturating_duration_since(p.time_sent) >= loss_delay;
-            let by_count = largest_acked - pn >= PACKET_THRESHOLD;
+            let by_count = largest_acked - p.packet_number >= PACKET_THRESHOLD;
             if by_time || by_count {
-                lost_pns.push(pn);
+                lost_pns.push(p.packet_number);
             } else {
                 let when = p.time_sent + loss_delay;
                 self.loss_time = Some(self.loss_time.map_or(when, |t| t.min(when)));
@@ -623,7 +612,7 @@ impl LossRecovery {
         }
         let mut lost = Vec::with_capacity(lost_pns.len());
         for pn in lost_pns {
-            if let Some(p) = self.sent.remove(&pn) {
+            if let Some(p) = self.sent.remove(pn) {
                 self.bytes_in_flight -= p.size;
                 lost.push(p);
             }
@@ -670,7 +659,7 @@ impl LossRecovery {
         if self.pto_count == 0 || self.loss_time.is_some() || recent {
             return outcome;
         }
-        if self.sent.values().any(&needed) {
+        if self.sent.iter().any(&needed) {
             outcome.probe = self.start_probes(now, 1, needed);
         }
         outcome
@@ -694,7 +683,7 @@ impl LossRecovery {
         self.first_sent_time = Some(now);
         self.delivered_time = Some(now);
         self.sent
-            .values()
+            .iter()
             .filter(|p| needed(p))
             .take(count as usize)
             .cloned()
@@ -736,6 +725,7 @@ impl LossRecovery {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn the_index_goes_after_the_head_outside_the_window_and_again_with_the_stream() {
