@@ -253,14 +253,57 @@ pub enum BbrMode {
     ProbeBw,
 }
 
+/// The best delivery rate of the last rounds: (round, best rate of that
+/// round), one entry per round, so at most the window's rounds (ACKs on a
+/// fast link come by the thousand per round). The maximum is kept, not
+/// searched for: the window, the pacing rate and the BDP read it several
+/// times per ACK and per send.
+#[derive(Debug, Clone, Default)]
+struct MaxBwFilter {
+    samples: std::collections::VecDeque<(u64, f64)>,
+    max: f64,
+}
+
+impl MaxBwFilter {
+    fn max(&self) -> f64 {
+        self.max
+    }
+
+    /// Adds `rate`, measured in `round`, and forgets rounds before `oldest`.
+    fn add(&mut self, round: u64, rate: f64, oldest: u64) {
+        match self.samples.back_mut() {
+            Some((r, best)) if *r == round => *best = best.max(rate),
+            _ => self.samples.push_back((round, rate)),
+        }
+        while self.samples.front().is_some_and(|&(r, _)| r < oldest) {
+            self.samples.pop_front();
+        }
+        self.refresh();
+    }
+
+    /// Lowers every sample to at most `ceiling`.
+    fn cap(&mut self, ceiling: f64) {
+        for (_, rate) in self.samples.iter_mut() {
+            *rate = rate.min(ceiling);
+        }
+        self.refresh();
+    }
+
+    fn clear(&mut self) {
+        self.samples.clear();
+        self.max = 0.0;
+    }
+
+    fn refresh(&mut self) {
+        self.max = self.samples.iter().map(|&(_, r)| r).fold(0.0, f64::max);
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Bbr {
     max_datagram: u64,
     mode: BbrMode,
-    /// (round, best rate of that round); the estimate is the max of the
-    /// window. One entry per round, so at most the window's rounds: ACKs
-    /// on a fast link come by the thousand per round.
-    bw_samples: std::collections::VecDeque<(u64, f64)>,
+    bw_samples: MaxBwFilter,
     min_rtt: Option<(Duration, Instant)>,
     round: u64,
     next_round_delivered: u64,
@@ -416,7 +459,7 @@ impl Bbr {
 
     /// The best delivery rate of the window, ignoring any loss cap.
     fn max_bw_sample(&self) -> f64 {
-        self.bw_samples.iter().map(|&(_, r)| r).fold(0.0, f64::max)
+        self.bw_samples.max()
     }
 
     /// The path's minimum RTT, never below one datagram's time at the
@@ -479,14 +522,11 @@ impl Bbr {
         if rate.app_limited && rate.delivery_rate <= current {
             return;
         }
-        match self.bw_samples.back_mut() {
-            Some((round, best)) if *round == self.round => *best = best.max(rate.delivery_rate),
-            _ => self.bw_samples.push_back((self.round, rate.delivery_rate)),
-        }
-        let oldest = self.round.saturating_sub(BBR_BW_WINDOW_ROUNDS);
-        while self.bw_samples.front().is_some_and(|&(r, _)| r < oldest) {
-            self.bw_samples.pop_front();
-        }
+        self.bw_samples.add(
+            self.round,
+            rate.delivery_rate,
+            self.round.saturating_sub(BBR_BW_WINDOW_ROUNDS),
+        );
     }
 
     /// Behind a token-bucket shaper (tc tbf, an ISP's policer) the first
@@ -510,9 +550,7 @@ impl Bbr {
             return;
         }
         let ceiling = self.round_delivered as f64 / elapsed * BBR_OVERESTIMATE_FACTOR;
-        for (_, rate) in self.bw_samples.iter_mut() {
-            *rate = rate.min(ceiling);
-        }
+        self.bw_samples.cap(ceiling);
     }
 
     fn on_round_start(&mut self, ack: &AckEvent) {
@@ -701,7 +739,7 @@ impl CongestionController for Bbr {
         {
             Some(rate) if rate > self.bottleneck_bw() => {
                 self.bw_samples.clear();
-                self.bw_samples.push_back((self.round, rate));
+                self.bw_samples.add(self.round, rate, self.round);
                 self.bw_cap = None;
                 self.cycle_index = 2;
                 self.cycle_start = None;
