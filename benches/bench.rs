@@ -1189,6 +1189,37 @@ fn load_viewers(
         .collect())
 }
 
+/// The CPU per GB a sender with no protocol spends on loopback sending N
+/// receivers 4 Mbit/s each in GSO bursts of `burst` datagrams
+/// (`examples/udp_floor`): the floor under the server's figure.
+fn udp_floor(n: usize, burst: usize) -> Result<String, String> {
+    let output = Command::new(profile_dir().join("examples").join("udp_floor"))
+        .args([
+            n.to_string(),
+            (4 * n).to_string(),
+            "10".to_string(),
+            burst.to_string(),
+        ])
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| format!("udp_floor: {e}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .find(|l| l.starts_with("floor-result "))
+        .and_then(|l| {
+            l.split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(k, _)| *k == "cpu_per_gb")
+                .map(|(_, v)| v.to_string())
+        })
+        .ok_or_else(|| "no result".to_string())
+}
+
+/// Datagrams per GSO send the server makes to 4 Mbit/s viewers (measured
+/// with `perf stat` on `sendmsg` at 200 viewers: 11.5).
+const VIEWER_BURST_DATAGRAMS: usize = 11;
+
 /// Real-time viewers at 4 Mbit/s, N of them at once, udpvid against nginx
 /// (issue "hundreds of viewers per core"). `BENCH_VIEWERS=10,100` picks
 /// the Ns. The viewers run on this machine's other core, so past a few
@@ -1216,12 +1247,22 @@ fn viewers_table(out: &mut String) {
     for &n in &counts {
         runs.push((n, "http", 1));
         runs.push((n, "udpvid", 1));
+        runs.push((n, "floor", 1));
     }
     // 1 -> 2 serving threads at the largest N.
     if largest > 0 {
         runs.push((largest, "udpvid", 2));
     }
     for (n, peer, threads) in runs {
+        if peer == "floor" {
+            let cell =
+                udp_floor(n, VIEWER_BURST_DATAGRAMS).unwrap_or_else(|e| format!("failed: {e}"));
+            let _ = writeln!(
+                out,
+                "| {n} | UDP sends alone, bursts of {VIEWER_BURST_DATAGRAMS} (no protocol: the kernel's floor) | – | – | {cell} | – | – | – | – |"
+            );
+            continue;
+        }
         let name = match (peer, threads) {
             ("http", _) => "HTTP (nginx, 1 worker)".to_string(),
             (_, 1) => "udpvid".to_string(),
