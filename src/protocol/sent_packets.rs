@@ -66,7 +66,10 @@ impl SentPackets {
     }
 
     /// Moves the packets numbered `smallest..=largest` into `out`, oldest
-    /// first.
+    /// first. The walk is clamped to the ring, and an ACK's ranges are
+    /// disjoint (the decoder refuses others), so one ACK, however hostile,
+    /// visits at most the slots of the packets in flight and the gaps
+    /// between them.
     pub fn remove_range(&mut self, smallest: u64, largest: u64, out: &mut Vec<SentPacket>) {
         if smallest > largest || self.slots.is_empty() {
             return;
