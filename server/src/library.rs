@@ -365,6 +365,10 @@ impl FileContent {
 /// when the bytes are not cached or the file system cannot say.
 fn read_if_cached(file: &File, offset: u64, buf: &mut [u8]) -> Option<io::Result<usize>> {
     use std::os::fd::AsRawFd;
+    #[cfg(test)]
+    if tests::PAGE_CACHE_MISSES.with(|m| m.get()) {
+        return None;
+    }
     let iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -444,11 +448,68 @@ impl Content for FileContent {
 mod tests {
     use super::*;
 
+    thread_local! {
+        /// On this thread every probe of the page cache misses. The probe
+        /// that finds a page missing starts the kernel's readahead, and a
+        /// virtual disk backed by the host's cache can complete it within
+        /// the same call, so an evicted file's first read sometimes came
+        /// from the cache (in CI, and in 1 of 8 runs here even with 20
+        /// evictions in a row): the off-thread path is tested with misses
+        /// made certain.
+        pub(super) static PAGE_CACHE_MISSES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
     fn temp_dir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("udpvid-lib-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).expect("create temp dir");
         d
+    }
+
+    /// Drops `path`'s pages from the page cache, so the pool's reads go
+    /// to the disk as on a cold server. The advice does not reach pages
+    /// still in another CPU's batch of pages not yet on the kernel's
+    /// lists, so it is repeated until mincore finds none resident, for up
+    /// to a second; best effort, since the misses the test relies on are
+    /// made certain by `PAGE_CACHE_MISSES`.
+    fn evict_from_page_cache(path: &std::path::Path, len: u64) {
+        use std::os::fd::AsRawFd;
+        let f = File::open(path).expect("open");
+        f.sync_all().expect("sync");
+        let len = len as usize;
+        // Residency from mincore, which (unlike a RWF_NOWAIT read, which
+        // starts the readahead of what it misses) brings nothing in.
+        let resident_pages = || -> usize {
+            // SAFETY: a fresh read-only shared mapping of an open file of
+            // `len` bytes, unmapped before returning; mincore writes one
+            // byte per page into `pages`, sized for the mapping.
+            unsafe {
+                let map = libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    f.as_raw_fd(),
+                    0,
+                );
+                assert_ne!(map, libc::MAP_FAILED, "mmap");
+                let page = usize::try_from(libc::sysconf(libc::_SC_PAGESIZE)).unwrap_or(4096);
+                let mut pages = vec![0u8; len.div_ceil(page)];
+                let r = libc::mincore(map, len, pages.as_mut_ptr());
+                libc::munmap(map, len);
+                assert_eq!(r, 0, "mincore");
+                pages.iter().filter(|p| **p & 1 == 1).count()
+            }
+        };
+        for _ in 0..50 {
+            // SAFETY: a plain advice call on an open descriptor.
+            let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            assert_eq!(r, 0);
+            if resident_pages() == 0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     #[test]
@@ -458,15 +519,6 @@ mod tests {
             .map(|i| (i * 7 % 251) as u8)
             .collect();
         std::fs::write(dir.join("f.bin"), &data).expect("write");
-        // As on a disk that has not been read yet: out of the page cache.
-        {
-            use std::os::fd::AsRawFd;
-            let f = File::open(dir.join("f.bin")).expect("open");
-            f.sync_all().expect("sync");
-            // SAFETY: a plain advice call on an open descriptor.
-            let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-            assert_eq!(r, 0);
-        }
         let library = Library::new(&dir).expect("library");
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -475,8 +527,12 @@ mod tests {
         runtime.block_on(async {
             let ready = Arc::new(Notify::new());
             CONTENT_READY.with(|r| *r.borrow_mut() = Some(ready.clone()));
-            let content = library.open("f.bin").map_err(|e| e.message).expect("open");
             let mut buf = vec![0u8; 1400];
+            // As on a disk that has not been read yet: out of the page
+            // cache, and the probes told so (see `PAGE_CACHE_MISSES`).
+            evict_from_page_cache(&dir.join("f.bin"), data.len() as u64);
+            PAGE_CACHE_MISSES.with(|m| m.set(true));
+            let content = library.open("f.bin").map_err(|e| e.message).expect("open");
             // Nothing read yet: the serving thread is not made to wait.
             let first = content.read_at(0, &mut buf).map(|_| ());
             assert_eq!(first.map_err(|e| e.kind()), Err(io::ErrorKind::WouldBlock));
@@ -523,6 +579,7 @@ mod tests {
             assert_eq!(got, data);
             assert_eq!(waits, 0, "sending waited for a block read ahead");
             // Now cached: read at once, on the thread, without a block.
+            PAGE_CACHE_MISSES.with(|m| m.set(false));
             let again = library.open("f.bin").map_err(|e| e.message).expect("open");
             assert_eq!(again.read_at(10, &mut buf).ok(), Some(1400));
             assert_eq!(buf[..], data[10..1410]);
