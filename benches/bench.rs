@@ -27,6 +27,8 @@ use gst::prelude::*;
 
 #[path = "common/nginx.rs"]
 mod nginx;
+#[path = "common/proc_stat.rs"]
+mod proc_stat;
 
 const CLIP_SECONDS: u64 = 60;
 /// Length of each real-time viewers run.
@@ -62,10 +64,7 @@ fn free_port() -> u16 {
 
 /// CPU seconds (user + system) of a process, from /proc.
 fn cpu_seconds(pid: &str) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    stat_cpu_seconds(&stat)
+    proc_stat::cpu_seconds_of(format!("/proc/{pid}/stat"))
 }
 
 /// Name of the bench's TCP relay threads (HTTP's impairment), whose CPU
@@ -84,11 +83,8 @@ fn relay_threads_cpu() -> std::collections::HashMap<String, f64> {
         if comm.trim() != RELAY_THREAD {
             continue;
         }
-        if let Ok(stat) = std::fs::read_to_string(dir.join("stat")) {
-            out.insert(
-                task.file_name().to_string_lossy().into_owned(),
-                stat_cpu_seconds(&stat),
-            );
+        if let Some(cpu) = proc_stat::try_cpu_seconds_of(dir.join("stat")) {
+            out.insert(task.file_name().to_string_lossy().into_owned(), cpu);
         }
     }
     out
@@ -101,15 +97,6 @@ fn relay_cpu_since(before: &std::collections::HashMap<String, f64>) -> f64 {
         .iter()
         .map(|(tid, cpu)| cpu - before.get(tid).copied().unwrap_or(0.0))
         .sum()
-}
-
-fn stat_cpu_seconds(stat: &str) -> f64 {
-    // Fields after the command name, which is in parentheses.
-    let rest = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15; 12 and 13 after ") state".
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Runs per file and peer in the first-frame table.

@@ -49,6 +49,9 @@ use sha2::{Digest, Sha256};
 mod evented_viewers;
 #[path = "../benches/common/nginx.rs"]
 mod nginx;
+#[path = "../benches/common/proc_stat.rs"]
+mod proc_stat;
+use proc_stat::cpu_seconds_of;
 
 const FILES: usize = 4;
 const NEVER_ACK: usize = 20;
@@ -69,22 +72,7 @@ fn proc_value(pid: u32, file: &str, key: &str) -> Option<u64> {
 }
 
 fn cpu_seconds(pid: u32) -> f64 {
-    cpu_seconds_of(&format!("/proc/{pid}/stat"))
-}
-
-/// User and system CPU seconds from a `/proc/…/stat` file.
-fn cpu_seconds_of(path: &str) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(path) else {
-        return 0.0;
-    };
-    let f: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (t(11) + t(12)) / 100.0
+    cpu_seconds_of(format!("/proc/{pid}/stat"))
 }
 
 /// Handshake on a raw socket; returns the connection id.
@@ -332,7 +320,7 @@ fn serving_thread_cpu(pid: u32) -> Vec<(String, f64)> {
             let name = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/comm")).ok()?;
             let name = name.trim().to_string();
             (name == "server" || name.starts_with("serve-"))
-                .then(|| (name, cpu_seconds_of(&format!("/proc/{pid}/task/{t}/stat"))))
+                .then(|| (name, cpu_seconds_of(format!("/proc/{pid}/task/{t}/stat"))))
         })
         .collect();
     cpu.sort_by(|a, b| a.0.cmp(&b.0));

@@ -29,20 +29,12 @@ const BLOCK: usize = 128 * 1024;
 const TICK: Duration = Duration::from_millis(1);
 const FILE_BYTES: usize = 64 << 20;
 
+#[path = "../benches/common/proc_stat.rs"]
+mod proc_stat;
+
 /// User and system CPU seconds of one thread of this process.
 fn thread_cpu(tid: i32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command's closing parenthesis: utime is the 12th.
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-        return 0.0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (ticks(11) + ticks(12)) / hz
+    proc_stat::cpu_seconds_of(format!("/proc/self/task/{tid}/stat"))
 }
 
 fn main() {
