@@ -954,15 +954,24 @@ impl ClientConnection {
             self.last_new_data = Some(now);
         }
         let new = t.receiver.insert(offset, payload);
+        // Everything up to the window the server was told of is here: it
+        // waits for us until our next window update reaches it.
+        let sender_blocked = t.receiver.received_up_to() >= t.receiver.advertised();
         if new > 0 && t.kind == TransferKind::File {
             self.last_new_data = Some(now);
             if window_open {
                 self.read_ahead.on_arrival(now, new);
             }
+            if sender_blocked {
+                self.read_ahead.on_window_filled();
+            }
         }
         t.last_data = Some(now);
-        t.expecting_more =
-            !t.receiver.is_fully_received() && t.receiver.window() > t.receiver.highest_received();
+        // More is expected only if the server may send it: the window moved
+        // here but not yet told is ours to send, and the silence until then
+        // is no stall of the link (it grew the read-ahead by the time to
+        // consume an eighth of it, 0.25 s at 4 Mbit/s).
+        t.expecting_more = !t.receiver.is_fully_received() && !sender_blocked;
         t.probe_timer.start_with(now, probe_interval);
         self.deliver_catalog();
         if gap_recorded {

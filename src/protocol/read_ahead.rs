@@ -47,7 +47,8 @@
 //! the bytes that must be in hand when playback resumes so that the rest
 //! arrives before it is played, with a [`SLOW_LINK_MARGIN`]. `link_rate`
 //! is measured only while the server was free to send (the window open),
-//! so a full buffer does not read as a slow link. On a link faster than the
+//! and the time it waited for a window update does not count, so a full
+//! buffer does not read as a slow link. On a link faster than the
 //! media the goal is zero and nothing changes. On a slower one the goal is
 //! what buffering waits for, and the read-ahead (the window) is its
 //! maximum: every byte such a link brings is played before the player
@@ -104,6 +105,16 @@ pub const SLOW_LINK_THRESHOLD: f64 = 0.95;
 /// read-ahead paused once near the end.)
 pub const SLOW_LINK_MARGIN: f64 = 0.02;
 
+/// New bytes that arrived within [`ARRIVAL_BUCKET`] of `at`.
+#[derive(Debug, Clone, Copy)]
+struct Arrival {
+    at: Instant,
+    bytes: u64,
+    /// The window closed between the previous sample and this one (or
+    /// there is none): the time since the previous one is not the link's.
+    after_pause: bool,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ReadAhead {
     /// Exactly this many bytes.
@@ -142,9 +153,16 @@ pub struct ReadAheadPolicy {
     worst_gap_at: Option<Instant>,
     /// (when, bytes) the pipeline had taken but not yet played.
     held_downstream: Option<(Instant, u64)>,
-    /// (time, bytes) of new data that arrived while the window was open.
-    arrivals: std::collections::VecDeque<(Instant, u64)>,
-    arrived_in_window: u64,
+    /// New data that arrived while the window was open, within
+    /// [`LINK_RATE_WINDOW`].
+    arrivals: std::collections::VecDeque<Arrival>,
+    /// The arrivals' bytes, and the time they took: between samples that
+    /// followed each other without the window closing in between (the
+    /// link's own pace), and a bucket for each sample that starts a run.
+    flowing_bytes: u64,
+    flowing_time: Duration,
+    /// The sender used all the window it had since the last arrival.
+    window_filled: bool,
     /// Bytes of the file not yet handed to the player.
     remaining: Option<u64>,
     /// The media's own rate (file size / duration), when the player knows
@@ -163,7 +181,9 @@ impl ReadAheadPolicy {
             worst_gap_at: None,
             held_downstream: None,
             arrivals: Default::default(),
-            arrived_in_window: 0,
+            flowing_bytes: 0,
+            flowing_time: Duration::ZERO,
+            window_filled: false,
             remaining: None,
             media_rate: None,
         }
@@ -186,25 +206,64 @@ impl ReadAheadPolicy {
         // datagram kept three seconds of them, thousands per stream (a GRO
         // train alone brings dozens at the same instant), and walking them
         // cost the load generator's 500 viewers 3 % of their CPU.
+        self.flowing_bytes += bytes;
         match self.arrivals.back_mut() {
-            Some((t, b)) if now.saturating_duration_since(*t) < ARRIVAL_BUCKET => *b += bytes,
-            _ => self.arrivals.push_back((now, bytes)),
+            Some(last) if now.saturating_duration_since(last.at) < ARRIVAL_BUCKET => {
+                last.bytes += bytes;
+            }
+            last => {
+                let previous = last.map(|l| l.at);
+                let after_pause = previous.is_none() || std::mem::take(&mut self.window_filled);
+                self.flowing_time += match previous {
+                    Some(previous) if !after_pause => now.saturating_duration_since(previous),
+                    // A sample's bytes came within a bucket of its time.
+                    _ => ARRIVAL_BUCKET,
+                };
+                self.arrivals.push_back(Arrival {
+                    at: now,
+                    bytes,
+                    after_pause,
+                });
+            }
         }
-        self.arrived_in_window += bytes;
-        while let Some(&(t, old)) = self.arrivals.front() {
-            if now.saturating_duration_since(t) <= LINK_RATE_WINDOW {
+        while let Some(&first) = self.arrivals.front() {
+            if now.saturating_duration_since(first.at) <= LINK_RATE_WINDOW {
                 break;
             }
             self.arrivals.pop_front();
-            self.arrived_in_window -= old;
+            // The first sample always starts a run (counted a bucket).
+            self.flowing_bytes -= first.bytes;
+            self.flowing_time = self.flowing_time.saturating_sub(ARRIVAL_BUCKET);
+            if let Some(next) = self.arrivals.front_mut() {
+                if !next.after_pause {
+                    next.after_pause = true;
+                    self.flowing_time = self
+                        .flowing_time
+                        .saturating_sub(next.at.saturating_duration_since(first.at))
+                        + ARRIVAL_BUCKET;
+                }
+            }
         }
+    }
+
+    /// The sender has sent up to the window it was given: until a larger
+    /// one reaches it, the time before the next arrival is the receiver's
+    /// doing, not the link's. Without this, a player that kept its window
+    /// full measured the link at its own consumption rate, 5 % of noise
+    /// (a second of preroll in the rate window, one tick more or less in
+    /// it) read as a link slower than the media, and the read-ahead jumped
+    /// to its maximum: 16 MiB windows for 4 Mbit/s viewers on loopback.
+    pub fn on_window_filled(&mut self) {
+        self.window_filled = true;
     }
 
     /// A new transfer (a seek) starts: the samples of the old one say
     /// nothing about the ramp-up of the new one.
     pub fn on_new_transfer(&mut self) {
         self.arrivals.clear();
-        self.arrived_in_window = 0;
+        self.flowing_bytes = 0;
+        self.flowing_time = Duration::ZERO;
+        self.window_filled = false;
     }
 
     /// The bytes of the file not yet handed to the player.
@@ -213,18 +272,19 @@ impl ReadAheadPolicy {
     }
 
     /// Bytes per second the link delivered recently while the window was
-    /// open, once seen for long enough.
+    /// open, once seen for long enough: the time the server waited for a
+    /// window update does not count.
     pub fn link_rate(&self, now: Instant) -> Option<f64> {
-        let first = self.arrivals.front()?.0;
-        let last = self.arrivals.back()?.0;
+        let first = self.arrivals.front()?.at;
+        let last = self.arrivals.back()?.at;
         if now.saturating_duration_since(last) > LINK_RATE_WINDOW {
             return None;
         }
         let span = last.saturating_duration_since(first);
-        if span < MIN_LINK_RATE_SPAN {
+        if span < MIN_LINK_RATE_SPAN || self.flowing_time.is_zero() {
             return None;
         }
-        Some(self.arrived_in_window as f64 / span.as_secs_f64())
+        Some(self.flowing_bytes as f64 / self.flowing_time.as_secs_f64())
     }
 
     /// Bytes per second over the last `span`, once arrivals were seen for
@@ -233,8 +293,8 @@ impl ReadAheadPolicy {
     /// samples is more than the whole wait. Only ever as high as the
     /// bottleneck lets through, so a slow link is never taken for a fast one.
     pub fn recent_link_rate(&self, now: Instant, span: Duration) -> Option<f64> {
-        let first = self.arrivals.front()?.0;
-        let last = self.arrivals.back()?.0;
+        let first = self.arrivals.front()?.at;
+        let last = self.arrivals.back()?.at;
         let since = now.checked_sub(span)?;
         if first > since || now.saturating_duration_since(last) > span / 4 {
             return None;
@@ -243,8 +303,8 @@ impl ReadAheadPolicy {
             .arrivals
             .iter()
             .rev()
-            .take_while(|(t, _)| *t > since)
-            .map(|(_, b)| b)
+            .take_while(|a| a.at > since)
+            .map(|a| a.bytes)
             .sum();
         Some(bytes as f64 / span.as_secs_f64())
     }
@@ -402,6 +462,65 @@ mod tests {
         assert_eq!(p.arrivals.len(), 224, "one sample per train");
         let rate = p.link_rate(now).expect("two seconds of samples");
         assert!((rate - 2.5e6).abs() < 0.02 * 2.5e6, "{rate}");
+    }
+
+    #[test]
+    fn the_wait_for_a_window_update_is_not_link_time() {
+        // A player keeping its window full on a 20 MB/s link: every 250 ms
+        // the window moves by 125 kB, which arrives as four trains 2 ms
+        // apart, and the server waits for the next move.
+        let t0 = Instant::now();
+        let mut p = adaptive();
+        let mut now = t0;
+        for _ in 0..40 {
+            for _ in 0..4 {
+                p.on_arrival(now, 31_250);
+                now += Duration::from_millis(2);
+            }
+            p.on_window_filled();
+            now += Duration::from_millis(242);
+            p.on_consumed(now, 125_000);
+        }
+        // Three trains of each move are paced by the link, the first by
+        // the window update: 125 kB per 7 ms (6 ms apart, plus a bucket).
+        let rate = p.link_rate(now).expect("three seconds of samples");
+        assert!((rate - 125_000.0 / 0.007).abs() < 0.01 * rate, "{rate}");
+        p.set_remaining(Some(12_000_000));
+        assert_eq!(p.slow_link_goal(now), 0);
+        // Samples older than the window leave their share of both sums.
+        let sums = |p: &ReadAheadPolicy| {
+            let mut time = Duration::ZERO;
+            let mut previous = None;
+            for a in &p.arrivals {
+                time += match previous {
+                    Some(at) if !a.after_pause => a.at - at,
+                    _ => ARRIVAL_BUCKET,
+                };
+                previous = Some(a.at);
+            }
+            let bytes: u64 = p.arrivals.iter().map(|a| a.bytes).sum();
+            (bytes, time)
+        };
+        assert_eq!(sums(&p), (p.flowing_bytes, p.flowing_time));
+        for late in [2600, 2750, 2900, 3100] {
+            p.on_arrival(now + Duration::from_millis(late), 1_000);
+            assert!(p.arrivals.front().is_some_and(|a| a.after_pause));
+            assert_eq!(sums(&p), (p.flowing_bytes, p.flowing_time), "{late}");
+        }
+        // Without the waits the same arrivals read as the player's own
+        // rate, 500 kB/s: no faster than the media.
+        let mut q = adaptive();
+        let mut now = t0;
+        for _ in 0..40 {
+            for _ in 0..4 {
+                q.on_arrival(now, 31_250);
+                now += Duration::from_millis(2);
+            }
+            now += Duration::from_millis(242);
+            q.on_consumed(now, 125_000);
+        }
+        let rate = q.link_rate(now).expect("three seconds of samples");
+        assert!(rate < 550_000.0, "{rate}");
     }
 
     /// A player consuming `rate` bytes/s for `secs`, in 10 reads a second.

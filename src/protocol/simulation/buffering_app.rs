@@ -189,6 +189,9 @@ struct Scenario {
     limit: Duration,
     /// The viewer closes the player after this much playback.
     stop_after: Option<Duration>,
+    /// The element tells the media's rate (it knows the duration); without
+    /// it the read-ahead goes by what the player consumed.
+    tells_media_rate: bool,
 }
 
 fn play(scenario: Scenario) -> Outcome {
@@ -202,6 +205,7 @@ fn play(scenario: Scenario) -> Outcome {
         pattern,
         limit,
         stop_after,
+        tells_media_rate,
     } = scenario;
     let data = file(size, seed);
     let mut sim = Sim::with_configs(
@@ -221,7 +225,9 @@ fn play(scenario: Scenario) -> Outcome {
     sim.client.open_file(start, "movie.mp4", 0);
     // The element tells the media rate once the pipeline knows the
     // duration (at preroll).
-    sim.client.set_media_rate(start, Some(media_rate as f64));
+    if tells_media_rate {
+        sim.client.set_media_rate(start, Some(media_rate as f64));
+    }
     let mut app = BufferingApp::new(pattern, media_rate, start);
     let mut next_app_step = start;
     let deadline = start + limit;
@@ -326,6 +332,7 @@ fn every_buffering_application_reaches_the_end_at_every_link_rate() {
                 pattern,
                 limit: Duration::from_secs(300),
                 stop_after: None,
+                tells_media_rate: true,
             });
             assert!(
                 out.finished,
@@ -357,6 +364,7 @@ fn a_greedy_copy_over_a_slow_link_is_paced_by_the_link_not_by_pauses() {
         pattern: Pattern::Greedy,
         limit: Duration::from_secs(120),
         stop_after: None,
+        tells_media_rate: true,
     });
     assert!(out.finished, "stopped after {:?}", out.took);
     let mbit = size as f64 * 8.0 / out.took.as_secs_f64() / 1e6;
@@ -414,6 +422,7 @@ proptest! {
             pattern,
             limit: Duration::from_secs(600),
             stop_after: None,
+            tells_media_rate: true,
         });
         // The slowest link brings 1 MB in 8 s; the goal is at most half
         // the read-ahead (at most 16 MiB, reached gradually as it grows).
@@ -445,6 +454,7 @@ fn a_slow_link_waits_once_then_plays_to_the_end() {
                 pattern: Pattern::RealTime,
                 limit: Duration::from_secs(300),
                 stop_after: None,
+                tells_media_rate: true,
             });
             assert!(
                 out.finished,
@@ -494,10 +504,44 @@ fn a_viewer_who_stops_early_on_a_fast_link_costs_no_more_than_before() {
             pattern: Pattern::RealTime,
             limit: Duration::from_secs(60),
             stop_after: Some(Duration::from_secs(5)),
+            tells_media_rate: true,
         });
         assert!(
             out.waste <= 2_500_000,
             "{factor}x: {} bytes sent beyond what was played",
+            out.waste
+        );
+    }
+}
+
+#[test]
+fn a_viewer_whose_window_stays_full_is_not_taken_for_a_slow_link() {
+    // A player that keeps up with a fast link holds its window full: the
+    // server sends an eighth of the read-ahead each time the window moves
+    // that much, and waits in between. Those waits are the player's, not
+    // the link's; counted as link time they measured the link at the
+    // consumption rate itself, noise made it "slower than the media", and
+    // the window opened to its maximum (16 MiB, a 4 Mbit/s viewer's whole
+    // 30 s file on loopback). Without a known media rate (a stream without
+    // a duration, or the load generator's viewers) and with it, 15 s of
+    // playback and a stop must cost no more than the usual read-ahead.
+    // (Before: 7.6 MB sent beyond what was played at 4x, either way.)
+    for (factor, tells_media_rate) in [(4.0, true), (4.0, false), (20.0, true), (20.0, false)] {
+        let out = play(Scenario {
+            seed: 7,
+            size: 15_000_000,
+            media_rate: MEDIA_RATE,
+            down: link(Some((factor * MEDIA_RATE as f64 * 8.0) as u64), 20),
+            up: clean(20),
+            read_ahead: ReadAhead::default(),
+            pattern: Pattern::RealTime,
+            limit: Duration::from_secs(60),
+            stop_after: Some(Duration::from_secs(15)),
+            tells_media_rate,
+        });
+        assert!(
+            out.waste <= 2_500_000,
+            "{factor}x, media rate told: {tells_media_rate}: {} bytes sent beyond what was played",
             out.waste
         );
     }
@@ -525,6 +569,7 @@ fn a_token_bucket_shaper_costs_neither_loss_nor_link_time() {
             pattern,
             limit: Duration::from_secs(120),
             stop_after: None,
+            tells_media_rate: true,
         });
         assert!(out.finished, "{pattern:?}: stopped after {:?}", out.took);
         assert!(
