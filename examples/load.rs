@@ -29,6 +29,10 @@
 //! each a thread and a `BlockingClient`, which costs more than the server
 //! from 300 viewers on. With `http` the same viewers read from nginx (one
 //! worker), the peer a user would pick instead; `make bench` runs both.
+//!
+//! `LOAD_SERVER_CPUS` and `LOAD_VIEWER_CPUS` (core lists, `0` or `0,1`)
+//! pin the server (or nginx) and this process: "one server core" is then
+//! one core, and the generator's work never lands on it.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::UdpSocket;
@@ -45,6 +49,8 @@ use gstudpvid::protocol::wire::{AckRange, Body, OpenRequest, Packet, TransferKin
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
+#[path = "../benches/common/cpu_affinity.rs"]
+mod cpu_affinity;
 #[path = "support/evented_viewers.rs"]
 mod evented_viewers;
 #[path = "../benches/common/nginx.rs"]
@@ -218,7 +224,11 @@ fn start_server(dir: &Path) -> (Child, std::path::PathBuf, u16) {
         .and_then(|p| p.parent())
         .expect("profile dir")
         .join("server");
-    let mut server = Command::new(&server_bin)
+    let mut command = Command::new(&server_bin);
+    if let Some(cpus) = cpu_affinity::cpus_from_env("LOAD_SERVER_CPUS") {
+        cpu_affinity::pin_command(&mut command, cpus);
+    }
+    let mut server = command
         .arg("--dir")
         .arg(dir)
         .args([
@@ -583,7 +593,12 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
             (server, port)
         }
         // A connection per viewer, and some to spare.
-        ViewerPeer::Http => nginx::start(&dir, &dir.join("nginx"), n + 16),
+        ViewerPeer::Http => nginx::start(
+            &dir,
+            &dir.join("nginx"),
+            n + 16,
+            cpu_affinity::cpus_from_env("LOAD_SERVER_CPUS"),
+        ),
     };
     let pid = server.id();
     let rss0 = proc_value(pid, "status", "VmRSS:").unwrap_or(0);
@@ -826,6 +841,13 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts, so that all of them inherit it.
+    if let Some(cpus) = cpu_affinity::cpus_from_env("LOAD_VIEWER_CPUS") {
+        if let Err(e) = cpu_affinity::pin_this_thread(&cpus) {
+            eprintln!("LOAD_VIEWER_CPUS={cpus:?}: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let mut args = std::env::args().skip(1).peekable();
     match args.peek().map(String::as_str) {
         Some("viewers") => {

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use super::cpu_affinity;
+
 /// Writes `work/nginx.conf` serving `root` on `listen` (`host:port`) for up
 /// to `connections` clients, and returns its path. Run it with
 /// `nginx -c CONF -p WORK`.
@@ -39,20 +41,30 @@ pub fn write_conf(
 /// Starts nginx on a free port of loopback serving `root` for up to
 /// `connections` clients (its files under `work`), and waits until it
 /// accepts. Returns the process and its port.
-pub fn start(root: &Path, work: &Path, connections: usize) -> (Child, u16) {
+pub fn start(
+    root: &Path,
+    work: &Path,
+    connections: usize,
+    cpus: Option<Vec<usize>>,
+) -> (Child, u16) {
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port");
     let conf =
         write_conf(work, root, &format!("127.0.0.1:{port}"), connections).expect("nginx.conf");
-    let child = Command::new("nginx")
+    let mut command = Command::new("nginx");
+    command
         .arg("-c")
         .arg(&conf)
         .arg("-p")
         .arg(work)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(cpus) = cpus {
+        cpu_affinity::pin_command(&mut command, cpus);
+    }
+    let child = command
         .spawn()
         .expect("nginx starts (apt-get install nginx)");
     for _ in 0..100 {
