@@ -12,6 +12,7 @@
 //! cargo run --release --example load -- [CLIENTS] [FILE_MIB] [PIPELINES]
 //! cargo run --release --example load -- viewers [N] [MBIT] [SECONDS] [udpvid|udpvid-threads|http]
 //! cargo run --release --example load -- paced [N] [TOTAL_MBIT] [FILE_MIB]
+//! cargo run --release --example load -- paused [N] [SECONDS]
 //! ```
 //!
 //! `paced`: N pulls as fast as they can through one bottleneck of
@@ -29,6 +30,9 @@
 //! each a thread and a `BlockingClient`, which costs more than the server
 //! from 300 viewers on. With `http` the same viewers read from nginx (one
 //! worker), the peer a user would pick instead; `make bench` runs both.
+//!
+//! `paused`: N viewers preroll and then pause; what thousands of paused
+//! sessions cost the server (CPU, wake-ups, memory, datagrams each).
 //!
 //! `LOAD_SERVER_CPUS` and `LOAD_VIEWER_CPUS` (core lists, `0` or `0,1`)
 //! pin the server (or nginx) and this process: "one server core" is then
@@ -217,7 +221,10 @@ impl ElementPull {
 
 /// The release server next to this example, on a free loopback port,
 /// with limits out of the way; returns it, its path and its port.
-fn start_server(dir: &Path) -> (Child, std::path::PathBuf, u16) {
+/// Starts the release server on `dir` for up to `max_sessions` sessions (all
+/// from this one address).
+fn start_server(dir: &Path, max_sessions: usize) -> (Child, std::path::PathBuf, u16) {
+    let max_sessions = max_sessions.to_string();
     let exe = std::env::current_exe().expect("exe");
     let server_bin = exe
         .parent()
@@ -237,9 +244,9 @@ fn start_server(dir: &Path) -> (Child, std::path::PathBuf, u16) {
             "--port",
             "0",
             "--max-sessions",
-            "2000",
+            &max_sessions,
             "--max-sessions-per-address",
-            "2000",
+            &max_sessions,
             "--threads",
             &server_threads(),
         ])
@@ -386,6 +393,10 @@ struct ViewerReport {
     stalls: u32,
     stalled: Duration,
     error: Option<String>,
+    /// `load paused`: how long the viewer stayed paused, and the datagrams
+    /// it sent and received meanwhile.
+    paused_for: Duration,
+    paused_packets: (u64, u64),
 }
 
 /// The server a viewer load runs against.
@@ -589,7 +600,7 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
     );
     let (mut server, port) = match peer {
         ViewerPeer::Udpvid | ViewerPeer::UdpvidThreads => {
-            let (server, _, port) = start_server(&dir);
+            let (server, _, port) = start_server(&dir, 2000);
             (server, port)
         }
         // A connection per viewer, and some to spare.
@@ -616,7 +627,15 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
                 .ok()
                 .and_then(|t| t.parse().ok())
                 .unwrap_or(1);
-            let run = evented_viewers::run(n, threads, server_addr, files, rate, length);
+            let run = evented_viewers::run(
+                n,
+                threads,
+                server_addr,
+                files,
+                rate,
+                length,
+                evented_viewers::Mode::Play,
+            );
             lag.store(run.longest_lag.as_millis() as u64, Ordering::Relaxed);
             run.reports
         })]
@@ -721,6 +740,139 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
     }
 }
 
+/// `load paused N SECONDS`: N viewers preroll a second of a 4 Mbit/s file
+/// and then pause for SECONDS, as a user who pressed pause does. Measures
+/// what the paused sessions cost the server while all of them are paused
+/// and their windows are full (the second half of the pause: 2000 windows
+/// of 1 MB take the server seconds to fill): CPU, wake-ups, memory, and
+/// the datagrams each exchanges (its keepalives and RTT pings, and their
+/// answers).
+fn paused(mut args: impl Iterator<Item = String>) -> ExitCode {
+    let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1000);
+    let seconds: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(30);
+    let arrivals = evented_viewers::arrivals_over();
+    let length = Duration::from_secs(seconds);
+    let settle = length / 2;
+    if settle < arrivals + Duration::from_secs(3) {
+        eprintln!("SECONDS must be at least twice the arrivals ({arrivals:?}) and 3 s");
+        return ExitCode::FAILURE;
+    }
+    let rate = 4e6 / 8.0;
+    let dir = std::env::temp_dir().join(format!("udpvid-paused-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("paused dir");
+    // Larger than the preroll and the first read-ahead (1.5 MB), so that
+    // every paused session holds a full window.
+    let size = 4 << 20;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let files: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..FILES)
+            .map(|i| {
+                let data: Vec<u8> = (0..size).map(|_| rng.r#gen()).collect();
+                std::fs::write(dir.join(format!("f{i}.bin")), &data).expect("write");
+                data
+            })
+            .collect(),
+    );
+    let (mut server, _, port) = start_server(&dir, n + 16);
+    let pid = server.id();
+    let rss_idle = proc_value(pid, "status", "VmRSS:").unwrap_or(0);
+    let started = Instant::now();
+    let server_addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let viewers = {
+        let files = files.clone();
+        std::thread::spawn(move || {
+            evented_viewers::run(
+                n,
+                1,
+                server_addr,
+                files,
+                rate,
+                length,
+                evented_viewers::Mode::Pause { settle },
+            )
+        })
+    };
+    // Everyone arrived, prerolled, paused and has a full window...
+    std::thread::sleep((started + arrivals + settle).saturating_duration_since(Instant::now()));
+    let before = ServerCost::sample(pid);
+    let measured_from = Instant::now();
+    let rss = proc_value(pid, "status", "VmRSS:").unwrap_or(0);
+    // ...until the first of them resumes (its pause began after it arrived).
+    std::thread::sleep(
+        (started + length - Duration::from_millis(500)).saturating_duration_since(Instant::now()),
+    );
+    let cost = ServerCost::sample(pid).since(&before);
+    let measured = measured_from.elapsed();
+    let run = viewers.join().unwrap_or_else(|_| evented_viewers::Run {
+        reports: Vec::new(),
+        longest_lag: Duration::ZERO,
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let failed: Vec<&String> = run
+        .reports
+        .iter()
+        .filter_map(|r| r.error.as_ref())
+        .collect();
+    let paused: Vec<&ViewerReport> = run
+        .reports
+        .iter()
+        .filter(|r| r.error.is_none() && !r.paused_for.is_zero())
+        .collect();
+    let packets: u64 = paused
+        .iter()
+        .map(|r| r.paused_packets.0 + r.paused_packets.1)
+        .sum();
+    let paused_seconds: f64 = paused.iter().map(|r| r.paused_for.as_secs_f64()).sum();
+    let core_share = cost.cpu / measured.as_secs_f64();
+    let per_session_kib = rss.saturating_sub(rss_idle) as f64 / n.max(1) as f64;
+    let datagrams_per_session_s = packets as f64 / paused_seconds.max(1e-9);
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!(
+        "| paused viewers | {n}, each paused after a second of a 4 Mbit/s file, for {seconds} s |"
+    );
+    println!("| paused to the end | {} |", paused.len());
+    println!(
+        "| server CPU while all were paused | {:.3} s in {:.1} s: {:.2} % of a core ({:.3} % per 1000 sessions) |",
+        cost.cpu,
+        measured.as_secs_f64(),
+        core_share * 100.0,
+        core_share * 100.0 * 1000.0 / n.max(1) as f64,
+    );
+    println!(
+        "| server wake-ups | {:.0} per second |",
+        cost.wakeups as f64 / measured.as_secs_f64()
+    );
+    println!(
+        "| server memory | RSS {:.1} MiB, {per_session_kib:.0} KiB per paused session above idle |",
+        rss as f64 / 1024.0
+    );
+    let sent: u64 = paused.iter().map(|r| r.paused_packets.0).sum();
+    println!(
+        "| datagrams per paused session | {datagrams_per_session_s:.2} per second, both ways ({:.2} from the viewer) |",
+        sent as f64 / paused_seconds.max(1e-9)
+    );
+    println!(
+        "paused-result n={n} paused={} core_percent={:.3} core_percent_per_1000={:.3} \
+         wakeups_per_s={:.0} kib_per_session={per_session_kib:.0} datagrams_per_session_s={datagrams_per_session_s:.3}",
+        paused.len(),
+        core_share * 100.0,
+        core_share * 100.0 * 1000.0 / n.max(1) as f64,
+        cost.wakeups as f64 / measured.as_secs_f64(),
+    );
+    for e in failed.iter().take(10) {
+        eprintln!("{e}");
+    }
+    if failed.is_empty() && paused.len() == n {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 /// Pulls `file` whole through `port`; returns the bytes and their SHA-256.
 fn pull(port: u16, file: &str, read_ahead: ReadAhead) -> Result<(u64, Vec<u8>), String> {
     let config = ClientConfig {
@@ -758,7 +910,7 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
     let data: Vec<u8> = (0..file_mib << 20).map(|_| rng.r#gen()).collect();
     let digest = Sha256::digest(&data).to_vec();
     std::fs::write(dir.join("f.bin"), &data).expect("write");
-    let (mut server, server_bin, port) = start_server(&dir);
+    let (mut server, server_bin, port) = start_server(&dir, 2000);
     let proxy_bin = server_bin
         .parent()
         .expect("profile dir")
@@ -858,6 +1010,10 @@ fn main() -> ExitCode {
             args.next();
             return paced(args);
         }
+        Some("paused") => {
+            args.next();
+            return paused(args);
+        }
         _ => {}
     }
     let clients: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200);
@@ -873,7 +1029,7 @@ fn main() -> ExitCode {
         digests.push(Sha256::digest(&data).to_vec());
         std::fs::write(dir.join(format!("f{i}.bin")), &data).expect("write");
     }
-    let (mut server, server_bin, port) = start_server(&dir);
+    let (mut server, server_bin, port) = start_server(&dir, 2000);
     let addr = format!("127.0.0.1:{port}");
     let pid = server.id();
     let cpu0 = cpu_seconds(pid);

@@ -39,6 +39,20 @@ enum Player {
     /// The bytes of the tick due at `scheduled` are not all there yet;
     /// asked for at `asked`.
     Waiting { scheduled: Instant, asked: Instant },
+    /// The user paused after the preroll (`load paused`): nothing is read
+    /// until the end, and the session lives on its keepalives. Its
+    /// datagrams are counted from `since` + the mode's `settle` (`counting`).
+    Paused { since: Instant, counting: bool },
+}
+
+/// What the viewers do once they have prerolled.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Mode {
+    /// Play in real time for the length.
+    Play,
+    /// Pause for the length; count the datagrams from `settle` after the
+    /// pause (the window fills after it).
+    Pause { settle: Duration },
 }
 
 /// What the viewers saw, and how far behind its timers the thread that
@@ -50,9 +64,10 @@ pub struct Run {
 }
 
 /// Runs `n` viewers of `files` (viewer `i` plays file `i % files.len()`,
-/// named `f{i}.bin`) at `rate` bytes/s for `length` against the server at
-/// `server`, arriving over a second, spread over `threads` threads (one
-/// current-thread runtime each). Blocks the calling thread.
+/// named `f{i}.bin`) at `rate` bytes/s for `length` (or pausing for it
+/// after the preroll) against the server at `server`, arriving over
+/// [`arrivals_over`], spread over `threads` threads (one current-thread
+/// runtime each). Blocks the calling thread.
 pub fn run(
     n: usize,
     threads: usize,
@@ -60,6 +75,7 @@ pub fn run(
     files: Arc<Vec<Vec<u8>>>,
     rate: f64,
     length: Duration,
+    mode: Mode,
 ) -> Run {
     let threads = threads.clamp(1, n.max(1));
     let handles: Vec<_> = (0..threads)
@@ -67,7 +83,9 @@ pub fn run(
             let files = files.clone();
             // Viewer i goes to thread i % threads, so arrivals interleave.
             let viewers: Vec<usize> = (t..n).step_by(threads).collect();
-            std::thread::spawn(move || run_on_this_thread(&viewers, n, server, files, rate, length))
+            std::thread::spawn(move || {
+                run_on_this_thread(&viewers, n, server, files, rate, length, mode)
+            })
         })
         .collect();
     let mut reports: Vec<(usize, ViewerReport)> = Vec::with_capacity(n);
@@ -103,6 +121,7 @@ fn run_on_this_thread(
     files: Arc<Vec<Vec<u8>>>,
     rate: f64,
     length: Duration,
+    mode: Mode,
 ) -> (Vec<(usize, ViewerReport)>, Duration) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -147,8 +166,16 @@ fn run_on_this_thread(
                     let index = i % files.len();
                     let file = format!("f{index}.bin");
                     let mut report = ViewerReport::default();
-                    if let Err(e) =
-                        view(server, &file, &files[index], rate, length, &mut report).await
+                    if let Err(e) = view(
+                        server,
+                        &file,
+                        &files[index],
+                        rate,
+                        length,
+                        mode,
+                        &mut report,
+                    )
+                    .await
                     {
                         report.error = Some(e);
                     }
@@ -177,6 +204,7 @@ async fn view(
     data: &[u8],
     rate: f64,
     length: Duration,
+    mode: Mode,
     report: &mut ViewerReport,
 ) -> Result<(), String> {
     let socket = bind().map_err(|e| e.to_string())?;
@@ -185,7 +213,7 @@ async fn view(
     let mut conn = ClientConnection::new(ClientConfig::default(), rand::random(), start);
     conn.open_file(start, file, 0);
     let result = play(
-        &mut conn, &socket, &state, server, data, rate, length, report,
+        &mut conn, &socket, &state, server, data, rate, length, mode, report,
     )
     .await;
     conn.close();
@@ -219,6 +247,7 @@ async fn play(
     data: &[u8],
     rate: f64,
     length: Duration,
+    mode: Mode,
     report: &mut ViewerReport,
 ) -> Result<(), String> {
     let mut buf = vec![0u8; u16::MAX as usize];
@@ -230,6 +259,10 @@ async fn play(
     let mut played = Duration::ZERO;
     let mut player = Player::Preroll;
     let mut progress = Instant::now();
+    let settle = match mode {
+        Mode::Pause { settle } => settle,
+        Mode::Play => Duration::ZERO,
+    };
     loop {
         let now = Instant::now();
         while let Some(event) = conn.poll_event() {
@@ -259,6 +292,23 @@ async fn play(
                 progress = now;
             }
             match player {
+                Player::Preroll if offset >= target && matches!(mode, Mode::Pause { .. }) => {
+                    player = Player::Paused {
+                        since: now,
+                        counting: false,
+                    };
+                }
+                Player::Paused {
+                    since,
+                    counting: false,
+                } if now >= since + settle => {
+                    player = Player::Paused {
+                        since,
+                        counting: true,
+                    };
+                    let stats = conn.stats();
+                    report.paused_packets = (stats.packets_sent, stats.packets_received);
+                }
                 Player::Preroll if offset >= target => {
                     player = Player::Playing {
                         next_tick: now + TICK,
@@ -292,6 +342,20 @@ async fn play(
         if matches!(player, Player::Playing { .. }) && (played >= length || offset >= size) {
             return Ok(());
         }
+        if let Player::Paused {
+            since,
+            counting: true,
+        } = player
+        {
+            if now.saturating_duration_since(since) >= length {
+                let stats = conn.stats();
+                let (sent, received) = report.paused_packets;
+                report.paused_packets =
+                    (stats.packets_sent - sent, stats.packets_received - received);
+                report.paused_for = now.saturating_duration_since(since + settle);
+                return Ok(());
+            }
+        }
         if offset < target && now.saturating_duration_since(progress) > CLIENT_TIMEOUT {
             return Err(format!(
                 "no data for {CLIENT_TIMEOUT:?} at {offset} of {size}"
@@ -305,8 +369,16 @@ async fn play(
             .poll_timeout()
             .unwrap_or(now + CLIENT_TIMEOUT)
             .min(progress + CLIENT_TIMEOUT + TICK);
-        if let Player::Playing { next_tick } = player {
-            wake = wake.min(next_tick);
+        match player {
+            Player::Playing { next_tick } => wake = wake.min(next_tick),
+            Player::Paused { since, counting } => {
+                wake = wake.min(if counting {
+                    since + length
+                } else {
+                    since + settle
+                });
+            }
+            _ => {}
         }
         tokio::select! {
             r = socket.readable() => {
@@ -343,7 +415,7 @@ async fn play(
 
 /// How long the viewers take to arrive (`LOAD_ARRIVAL_SECONDS`, default
 /// one second: a flash crowd).
-fn arrivals_over() -> Duration {
+pub fn arrivals_over() -> Duration {
     std::env::var("LOAD_ARRIVAL_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -489,11 +489,17 @@ fn paused_reader_stops_the_sender_at_the_read_ahead() {
         "server allowed {highest} with {consumed} consumed and {read_ahead} read-ahead"
     );
     let sent_while_paused = sim.data_packets_sent;
-    sim.run_until(paused, Duration::from_secs(5), |_| false);
+    let client_datagrams = sim.up.imp.stats().packets;
+    sim.run_until(paused, Duration::from_secs(20), |_| false);
     assert_eq!(
         sim.data_packets_sent, sent_while_paused,
         "server kept sending while paused"
     );
+    // A paused client only keeps the session alive: a ping per keepalive
+    // interval (a third of the server's 30 s idle timeout), not an RTT
+    // ping a second.
+    let pings = sim.up.imp.stats().packets - client_datagrams;
+    assert!(pings <= 3, "{pings} datagrams from a paused client in 20 s");
     // Resume: everything arrives.
     sim.run_until(Consumer::Greedy, Duration::from_secs(60), |s| {
         s.client.is_finished()
