@@ -1309,6 +1309,62 @@ fn viewers_table(out: &mut String) {
         eprint!(".");
     }
     let _ = writeln!(out);
+    paused_sessions(out);
+}
+
+/// Paused viewers kept by one server core (`load paused`): they preroll,
+/// pause for 60 s, and are measured once all are paused with full windows.
+const PAUSED_SESSIONS: usize = 2000;
+
+fn paused_sessions(out: &mut String) {
+    let mut command = Command::new(profile_dir().join("examples").join("load"));
+    command
+        .args(["paused", &PAUSED_SESSIONS.to_string(), "60"])
+        .env("LOAD_ARRIVAL_SECONDS", "20");
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
+        command
+            .env("LOAD_SERVER_CPUS", "0")
+            .env("LOAD_VIEWER_CPUS", "1");
+    }
+    let row = match command.stderr(Stdio::piped()).output() {
+        Ok(output) => {
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            match stdout.lines().find(|l| l.starts_with("paused-result ")) {
+                Some(line) => {
+                    let kv: Vec<(&str, &str)> = line
+                        .split_whitespace()
+                        .skip(1)
+                        .filter_map(|kv| kv.split_once('='))
+                        .collect();
+                    let get = |k: &str| {
+                        kv.iter()
+                            .find(|(key, _)| *key == k)
+                            .map_or("?", |(_, v)| *v)
+                    };
+                    format!(
+                        "| {} of {PAUSED_SESSIONS} | {} | {} | {} | {} |",
+                        get("paused"),
+                        get("core_percent"),
+                        get("wakeups_per_s"),
+                        get("kib_per_session"),
+                        get("datagrams_per_session_s"),
+                    )
+                }
+                None => "| failed: no result | | | | |".to_string(),
+            }
+        }
+        Err(e) => format!("| failed: {e} | | | | |"),
+    };
+    let _ = writeln!(
+        out,
+        "### Paused viewers\n\n{PAUSED_SESSIONS} viewers arriving over 20 s preroll a second of a 4 Mbit/s file and pause for 60 s; measured over the last 10 s, all paused with full windows (`load paused`, server on core 0).\n"
+    );
+    let _ = writeln!(
+        out,
+        "| paused to the end | server % of a core | server wake-ups/s | server KiB per session | datagrams per session per s |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    let _ = writeln!(out, "{row}\n");
 }
 
 /// Issue "beyond one machine": the object store against `--dir`, what ten
