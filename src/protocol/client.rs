@@ -170,7 +170,8 @@ struct ClientTransfer {
     receiver: StreamReceiver,
     catalog_delivered: bool,
     last_data: Option<Instant>,
-    /// After the last data, the window allowed the server to send more.
+    /// After the last data, the server could send more: not everything up
+    /// to the window it was told of had arrived.
     expecting_more: bool,
     /// The file's index, when the server sends it ahead of the stream.
     index: Option<IndexSentAhead>,
