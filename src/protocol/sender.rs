@@ -420,6 +420,19 @@ impl LossRecovery {
         self.bytes_in_flight
     }
 
+    /// Nothing in flight, and nothing sent for `idle`.
+    pub fn is_idle_for(&self, now: Instant, idle: Duration) -> bool {
+        self.sent.is_empty()
+            && self
+                .last_sent
+                .is_none_or(|t| now.saturating_duration_since(t) >= idle)
+    }
+
+    /// Gives back the memory kept for packets in flight while idle.
+    pub fn release_memory(&mut self) {
+        self.sent.shrink_to_fit();
+    }
+
     pub fn stats(&self) -> RecoveryStats {
         self.stats
     }

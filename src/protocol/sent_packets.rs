@@ -99,6 +99,12 @@ impl SentPackets {
         self.slots.range(..end).flatten()
     }
 
+    /// Gives back the slots' memory (the ring keeps its largest size
+    /// otherwise: a window's worth of packets).
+    pub fn shrink_to_fit(&mut self) {
+        self.slots.shrink_to_fit();
+    }
+
     pub fn retain(&mut self, mut keep: impl FnMut(&SentPacket) -> bool) {
         for slot in self.slots.iter_mut() {
             if slot.as_ref().is_some_and(|p| !keep(p)) {

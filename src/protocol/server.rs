@@ -253,6 +253,11 @@ struct Transfer {
 
 /// Bytes read from a file in one go for the datagrams that follow.
 pub const READ_BLOCK_BYTES: usize = 64 * 1024;
+/// A session that sent nothing for this long, with nothing in flight and
+/// its transfer at the client's window, belongs to a paused player: when
+/// its keepalive comes, it gives back its read block and its in-flight
+/// ring (110 KiB of a paused session's 111 before).
+const PAUSED_SESSION_IDLE: Duration = Duration::from_secs(2);
 
 /// Reads a transfer's file a block at a time: new data leaves in file
 /// order, so one read serves the next ~45 datagrams instead of one read
@@ -316,6 +321,11 @@ impl BlockReader {
         let (from, n) = self.fill(content, offset, len)?;
         out.extend_from_slice(&self.buf[from..from + n]);
         Ok(n)
+    }
+
+    /// Gives back the block's memory; the next read fills a new one.
+    fn release(&mut self) {
+        *self = BlockReader::default();
     }
 
     /// Makes the block hold `len` bytes from `offset` (`offset` at or
@@ -704,6 +714,14 @@ impl<S: ContentStore> ServerEndpoint<S> {
             Body::Ping => {
                 if let Some(s) = self.sessions.get_mut(&id) {
                     s.control.push_back(Body::Pong);
+                    if s.recovery.is_idle_for(now, PAUSED_SESSION_IDLE) {
+                        if let Some(t) =
+                            s.transfer.as_mut().filter(|t| t.stream.is_window_blocked())
+                        {
+                            t.blocks.release();
+                            s.recovery.release_memory();
+                        }
+                    }
                     let outcome = s
                         .recovery
                         .on_peer_waiting(now, |p| Self::still_needed(&s.transfer, p));
@@ -1533,6 +1551,16 @@ mod tests {
         let n = blocks.read(&content, 1000, &mut out).expect("read");
         assert_eq!((n, &out[..]), (1400, &bytes[1000..2400]));
         assert_eq!(content.1.load(Ordering::Relaxed), reads + 1);
+        // Released (a paused session's), it reads anew, ahead or behind.
+        blocks.release();
+        assert!(blocks.buf.is_empty());
+        for at in [150_000u64, 3000, 150_500] {
+            let n = blocks.read(&content, at, &mut out).expect("read");
+            assert_eq!(
+                (n, &out[..]),
+                (1400, &bytes[at as usize..at as usize + 1400])
+            );
+        }
         // At the end only what is left.
         let n = blocks
             .read(&content, bytes.len() as u64 - 10, &mut out)
