@@ -1169,23 +1169,33 @@ fn load_viewers(
         ])
         .env("LOAD_SERVER_THREADS", server_threads.to_string())
         .env("LOAD_ARRIVAL_SECONDS", arrival_seconds.to_string());
-    // One server core means one: the server (or nginx) on core 0, the
-    // viewers on core 1, when the server has one thread and there are two
-    // cores to give.
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if server_threads == 1 && cores >= 2 {
+    if server_threads == 1 {
+        pin_server_and_load(&mut command);
+    }
+    result_pairs(&mut command, "viewers-result ")
+}
+
+/// One server core means one: the server (or nginx) `load` starts on core
+/// 0, `load` itself on core 1, when there are two cores to give.
+fn pin_server_and_load(command: &mut Command) {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
         command
             .env("LOAD_SERVER_CPUS", "0")
             .env("LOAD_VIEWER_CPUS", "1");
     }
+}
+
+/// Runs `command` (`load` or `udp_floor`) and returns the `key=value`
+/// pairs of the line of its output that starts with `prefix`.
+fn result_pairs(command: &mut Command, prefix: &str) -> Result<Vec<(String, String)>, String> {
     let output = command
         .stderr(Stdio::piped())
         .output()
-        .map_err(|e| format!("load: {e}"))?;
+        .map_err(|e| format!("{}: {e}", command.get_program().to_string_lossy()))?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let line = stdout
         .lines()
-        .find(|l| l.starts_with("viewers-result "))
+        .find(|l| l.starts_with(prefix))
         .ok_or_else(|| {
             let stderr = String::from_utf8_lossy(&output.stderr);
             format!("no result ({})", stderr.lines().last().unwrap_or("").trim())
@@ -1198,30 +1208,30 @@ fn load_viewers(
         .collect())
 }
 
+/// The value of `key` in `pairs`, or "?".
+fn pair_value<'a>(pairs: &'a [(String, String)], key: &str) -> &'a str {
+    pairs
+        .iter()
+        .find(|(k, _)| k == key)
+        .map_or("?", |(_, v)| v.as_str())
+}
+
 /// The CPU per GB a sender with no protocol spends on loopback sending N
 /// receivers 4 Mbit/s each in GSO bursts of `burst` datagrams
 /// (`examples/udp_floor`): the floor under the server's figure.
 fn udp_floor(n: usize, burst: usize) -> Result<String, String> {
-    let output = Command::new(profile_dir().join("examples").join("udp_floor"))
-        .args([
-            n.to_string(),
-            (4 * n).to_string(),
-            "10".to_string(),
-            burst.to_string(),
-        ])
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|e| format!("udp_floor: {e}"))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    stdout
-        .lines()
-        .find(|l| l.starts_with("floor-result "))
-        .and_then(|l| {
-            l.split_whitespace()
-                .filter_map(|kv| kv.split_once('='))
-                .find(|(k, _)| *k == "cpu_per_gb")
-                .map(|(_, v)| v.to_string())
-        })
+    let mut command = Command::new(profile_dir().join("examples").join("udp_floor"));
+    command.args([
+        n.to_string(),
+        (4 * n).to_string(),
+        "10".to_string(),
+        burst.to_string(),
+    ]);
+    let pairs = result_pairs(&mut command, "floor-result ")?;
+    pairs
+        .into_iter()
+        .find(|(k, _)| k == "cpu_per_gb")
+        .map(|(_, v)| v)
         .ok_or_else(|| "no result".to_string())
 }
 
@@ -1283,12 +1293,7 @@ fn viewers_table(out: &mut String) {
         };
         match load_viewers(n, peer, threads, arrival) {
             Ok(kv) => {
-                let get = |k: &str| {
-                    kv.iter()
-                        .find(|(key, _)| key == k)
-                        .map_or("?", |(_, v)| v.as_str())
-                        .to_string()
-                };
+                let get = |k: &str| pair_value(&kv, k);
                 let _ = writeln!(
                     out,
                     "| {n} | {name} | {} | {} ({}) | {} | {} | {} | {} | {} |",
@@ -1321,37 +1326,18 @@ fn paused_sessions(out: &mut String) {
     command
         .args(["paused", &PAUSED_SESSIONS.to_string(), "60"])
         .env("LOAD_ARRIVAL_SECONDS", "20");
-    if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
-        command
-            .env("LOAD_SERVER_CPUS", "0")
-            .env("LOAD_VIEWER_CPUS", "1");
-    }
-    let row = match command.stderr(Stdio::piped()).output() {
-        Ok(output) => {
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            match stdout.lines().find(|l| l.starts_with("paused-result ")) {
-                Some(line) => {
-                    let kv: Vec<(&str, &str)> = line
-                        .split_whitespace()
-                        .skip(1)
-                        .filter_map(|kv| kv.split_once('='))
-                        .collect();
-                    let get = |k: &str| {
-                        kv.iter()
-                            .find(|(key, _)| *key == k)
-                            .map_or("?", |(_, v)| *v)
-                    };
-                    format!(
-                        "| {} of {PAUSED_SESSIONS} | {} | {} | {} | {} |",
-                        get("paused"),
-                        get("core_percent"),
-                        get("wakeups_per_s"),
-                        get("kib_per_session"),
-                        get("datagrams_per_session_s"),
-                    )
-                }
-                None => "| failed: no result | | | | |".to_string(),
-            }
+    pin_server_and_load(&mut command);
+    let row = match result_pairs(&mut command, "paused-result ") {
+        Ok(kv) => {
+            let get = |k: &str| pair_value(&kv, k);
+            format!(
+                "| {} of {PAUSED_SESSIONS} | {} | {} | {} | {} |",
+                get("paused"),
+                get("core_percent"),
+                get("wakeups_per_s"),
+                get("kib_per_session"),
+                get("datagrams_per_session_s"),
+            )
         }
         Err(e) => format!("| failed: {e} | | | | |"),
     };

@@ -569,6 +569,24 @@ fn http_get(port: u16, file: &str) -> Result<std::net::TcpStream, String> {
     Ok(stream)
 }
 
+/// A fresh directory `udpvid-{name}-PID` holding [`FILES`] files of `size`
+/// random bytes (seeded), `f{i}.bin`, and their bytes, which the viewers
+/// check what they receive against.
+fn viewers_files(name: &str, size: usize, seed: u64) -> (std::path::PathBuf, Arc<Vec<Vec<u8>>>) {
+    let dir = std::env::temp_dir().join(format!("udpvid-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("viewers dir");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let files = (0..FILES)
+        .map(|i| {
+            let data: Vec<u8> = (0..size).map(|_| rng.r#gen()).collect();
+            std::fs::write(dir.join(format!("f{i}.bin")), &data).expect("write");
+            data
+        })
+        .collect();
+    (dir, Arc::new(files))
+}
+
 fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(50);
     let mbit: f64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(4.0);
@@ -584,20 +602,8 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
     };
     let rate = mbit * 1e6 / 8.0;
     let length = Duration::from_secs(seconds);
-    let dir = std::env::temp_dir().join(format!("udpvid-viewers-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("viewers dir");
     let size = (rate * (seconds as f64 + 5.0)) as usize;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
-    let files: Arc<Vec<Vec<u8>>> = Arc::new(
-        (0..FILES)
-            .map(|i| {
-                let data: Vec<u8> = (0..size).map(|_| rng.r#gen()).collect();
-                std::fs::write(dir.join(format!("f{i}.bin")), &data).expect("write");
-                data
-            })
-            .collect(),
-    );
+    let (dir, files) = viewers_files("viewers", size, 2);
     let (mut server, port) = match peer {
         ViewerPeer::Udpvid | ViewerPeer::UdpvidThreads => {
             let (server, _, port) = start_server(&dir, 2000);
@@ -758,22 +764,9 @@ fn paused(mut args: impl Iterator<Item = String>) -> ExitCode {
         return ExitCode::FAILURE;
     }
     let rate = 4e6 / 8.0;
-    let dir = std::env::temp_dir().join(format!("udpvid-paused-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("paused dir");
     // Larger than the preroll and the first read-ahead (1.5 MB), so that
     // every paused session holds a full window.
-    let size = 4 << 20;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-    let files: Arc<Vec<Vec<u8>>> = Arc::new(
-        (0..FILES)
-            .map(|i| {
-                let data: Vec<u8> = (0..size).map(|_| rng.r#gen()).collect();
-                std::fs::write(dir.join(format!("f{i}.bin")), &data).expect("write");
-                data
-            })
-            .collect(),
-    );
+    let (dir, files) = viewers_files("paused", 4 << 20, 3);
     let (mut server, _, port) = start_server(&dir, n + 16);
     let pid = server.id();
     let rss_idle = proc_value(pid, "status", "VmRSS:").unwrap_or(0);

@@ -968,9 +968,7 @@ impl ClientConnection {
             self.last_new_data = Some(now);
         }
         let new = t.receiver.insert(offset, payload);
-        // Everything up to the window the server was told of is here: it
-        // waits for us until our next window update reaches it.
-        let sender_blocked = t.receiver.received_up_to() >= t.receiver.advertised();
+        let sender_blocked = t.receiver.window_used_up();
         if new > 0 && t.kind == TransferKind::File {
             self.last_new_data = Some(now);
             if window_open {
@@ -1173,9 +1171,7 @@ impl ClientConnection {
             .last_read
             .is_some_and(|t| now.saturating_duration_since(t) < PAUSED_AFTER);
         let data_coming = self.transfer.as_ref().is_some_and(|t| {
-            !t.opened
-                || (!t.receiver.is_fully_received()
-                    && t.receiver.received_up_to() < t.receiver.advertised())
+            !t.opened || (!t.receiver.is_fully_received() && !t.receiver.window_used_up())
         });
         !reading && !data_coming
     }

@@ -464,23 +464,31 @@ mod tests {
         assert!((rate - 2.5e6).abs() < 0.02 * 2.5e6, "{rate}");
     }
 
-    #[test]
-    fn the_wait_for_a_window_update_is_not_link_time() {
-        // A player keeping its window full on a 20 MB/s link: every 250 ms
-        // the window moves by 125 kB, which arrives as four trains 2 ms
-        // apart, and the server waits for the next move.
-        let t0 = Instant::now();
-        let mut p = adaptive();
+    /// A player keeping its window full on a 20 MB/s link for 10 s: every
+    /// 250 ms the window moves by 125 kB, which arrives as four trains 2 ms
+    /// apart, and the server waits for the next move (told to `p` when
+    /// `marks_waits`). Returns the time at the end.
+    fn keep_window_full(p: &mut ReadAheadPolicy, t0: Instant, marks_waits: bool) -> Instant {
         let mut now = t0;
         for _ in 0..40 {
             for _ in 0..4 {
                 p.on_arrival(now, 31_250);
                 now += Duration::from_millis(2);
             }
-            p.on_window_filled();
+            if marks_waits {
+                p.on_window_filled();
+            }
             now += Duration::from_millis(242);
             p.on_consumed(now, 125_000);
         }
+        now
+    }
+
+    #[test]
+    fn the_wait_for_a_window_update_is_not_link_time() {
+        let t0 = Instant::now();
+        let mut p = adaptive();
+        let now = keep_window_full(&mut p, t0, true);
         // Three trains of each move are paced by the link, the first by
         // the window update: 125 kB per 7 ms (6 ms apart, plus a bucket).
         let rate = p.link_rate(now).expect("three seconds of samples");
@@ -510,15 +518,7 @@ mod tests {
         // Without the waits the same arrivals read as the player's own
         // rate, 500 kB/s: no faster than the media.
         let mut q = adaptive();
-        let mut now = t0;
-        for _ in 0..40 {
-            for _ in 0..4 {
-                q.on_arrival(now, 31_250);
-                now += Duration::from_millis(2);
-            }
-            now += Duration::from_millis(242);
-            q.on_consumed(now, 125_000);
-        }
+        let now = keep_window_full(&mut q, t0, false);
         let rate = q.link_rate(now).expect("three seconds of samples");
         assert!(rate < 550_000.0, "{rate}");
     }

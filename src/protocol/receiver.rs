@@ -194,6 +194,12 @@ impl StreamReceiver {
             .max(self.read_offset)
     }
 
+    /// Everything up to the window the sender was told of is here: it
+    /// waits for our next window update before it sends more.
+    pub fn window_used_up(&self) -> bool {
+        self.received_up_to() >= self.advertised
+    }
+
     /// Highest offset received so far.
     pub fn highest_received(&self) -> u64 {
         self.received.last().map_or(self.read_offset, |r| r.end)

@@ -256,7 +256,7 @@ pub const READ_BLOCK_BYTES: usize = 64 * 1024;
 /// A session that sent nothing for this long, with nothing in flight and
 /// its transfer at the client's window, belongs to a paused player: when
 /// its keepalive comes, it gives back its read block and its in-flight
-/// ring (110 KiB of a paused session's 111 before).
+/// ring (`load paused 2000 60`: 111 -> 43 KiB of RSS per paused session).
 const PAUSED_SESSION_IDLE: Duration = Duration::from_secs(2);
 
 /// Reads a transfer's file a block at a time: new data leaves in file
