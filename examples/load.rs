@@ -392,6 +392,10 @@ struct ViewerReport {
     bytes: u64,
     stalls: u32,
     stalled: Duration,
+    /// When each stall ended.
+    stall_ends: Vec<Instant>,
+    /// The largest read-ahead the viewer's client chose, and when.
+    peak_read_ahead: (u64, Option<Instant>),
     error: Option<String>,
     /// `load paused`: how long the viewer stayed paused, and the datagrams
     /// it sent and received meanwhile.
@@ -517,6 +521,7 @@ fn play_in_real_time(
         if waited > TICK {
             report.stalls += 1;
             report.stalled += waited;
+            report.stall_ends.push(Instant::now());
             next = Instant::now() + TICK;
         } else {
             next += TICK;
@@ -524,6 +529,26 @@ fn play_in_real_time(
     }
     report.bytes = offset;
     Ok(())
+}
+
+/// The stalls counted in each 5 s since the load `started`: whether the
+/// viewers stalled only while they arrived, or the server never caught up.
+fn stalls_over_time(reports: &[ViewerReport], started: Instant) -> String {
+    const SPAN: u64 = 5;
+    let mut counts: Vec<u32> = Vec::new();
+    for end in reports.iter().flat_map(|r| &r.stall_ends) {
+        let k = (end.saturating_duration_since(started).as_secs() / SPAN) as usize;
+        if counts.len() <= k {
+            counts.resize(k + 1, 0);
+        }
+        counts[k] += 1;
+    }
+    counts
+        .iter()
+        .enumerate()
+        .map(|(k, c)| format!("{}-{} s: {c}", k as u64 * SPAN, (k as u64 + 1) * SPAN))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `chunk`'s length if it is the file's bytes at `offset`.
@@ -705,6 +730,30 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
         bytes as f64 / 1e6,
         elapsed.as_secs_f64()
     );
+    if stalls > 0 {
+        println!(
+            "| stalls over time | {} |",
+            stalls_over_time(&reports, started)
+        );
+    }
+    if peer == ViewerPeer::Udpvid {
+        let mut peaks: Vec<(u64, Option<Instant>)> =
+            reports.iter().map(|r| r.peak_read_ahead).collect();
+        peaks.sort_by_key(|p| p.0);
+        let mib = |k: usize| peaks.get(k).map_or(0.0, |p| p.0 as f64 / 1048576.0);
+        println!(
+            "| viewers' largest read-ahead | median {:.1} MiB, 90th percentile {:.1}, largest {:.1} |",
+            mib(peaks.len() / 2),
+            mib(peaks.len() * 9 / 10),
+            mib(peaks.len().saturating_sub(1)),
+        );
+        if std::env::var_os("LOAD_DEBUG").is_some() {
+            for (bytes, at) in &peaks {
+                let at = at.map_or(0.0, |t| t.saturating_duration_since(started).as_secs_f64());
+                eprintln!("peak {bytes} at {at:.1}");
+            }
+        }
+    }
     print_server_cost(cpu, gb, wake, elapsed, &per_thread);
     println!(
         "| server memory | peak RSS {:.1} MiB, {per_session_kib:.0} KiB per session above idle |",

@@ -328,6 +328,7 @@ async fn play(
                     let next_tick = if waited > TICK {
                         report.stalls += 1;
                         report.stalled += waited;
+                        report.stall_ends.push(now);
                         now + TICK
                     } else {
                         scheduled + TICK
@@ -339,6 +340,10 @@ async fn play(
             }
         }
         report.bytes = offset;
+        let read_ahead = conn.read_ahead();
+        if read_ahead > report.peak_read_ahead.0 {
+            report.peak_read_ahead = (read_ahead, Some(now));
+        }
         if matches!(player, Player::Playing { .. }) && (played >= length || offset >= size) {
             return Ok(());
         }

@@ -335,6 +335,8 @@ pub struct LossRecovery {
     delivered_time: Option<Instant>,
     /// Send time of the packet that started the current delivery interval.
     first_sent_time: Option<Instant>,
+    /// When packets were last declared lost.
+    last_loss: Option<Instant>,
 }
 
 impl LossRecovery {
@@ -356,6 +358,7 @@ impl LossRecovery {
             delivered: 0,
             delivered_time: None,
             first_sent_time: None,
+            last_loss: None,
         }
     }
 
@@ -418,6 +421,12 @@ impl LossRecovery {
 
     pub fn bytes_in_flight(&self) -> u64 {
         self.bytes_in_flight
+    }
+
+    /// Packets were declared lost within `period` of `now`.
+    pub fn lost_within(&self, now: Instant, period: Duration) -> bool {
+        self.last_loss
+            .is_some_and(|t| now.saturating_duration_since(t) <= period)
     }
 
     /// Nothing in flight, and nothing sent for `idle`.
@@ -632,6 +641,7 @@ impl LossRecovery {
         }
         if let Some(newest) = lost.iter().map(|p| p.time_sent).max() {
             self.stats.packets_lost += lost.len() as u64;
+            self.last_loss = Some(now);
             let bytes = lost.iter().map(|p| p.size).sum();
             self.cc.on_loss(now, bytes, newest);
         }
