@@ -394,8 +394,9 @@ struct ViewerReport {
     stalled: Duration,
     /// When each stall ended.
     stall_ends: Vec<Instant>,
-    /// The largest read-ahead the viewer's client chose, and when.
-    peak_read_ahead: (u64, Option<Instant>),
+    /// The largest read-ahead the viewer's client chose: a viewer that
+    /// took its link for slower than the media opened it to the maximum.
+    peak_read_ahead: u64,
     error: Option<String>,
     /// `load paused`: how long the viewer stayed paused, and the datagrams
     /// it sent and received meanwhile.
@@ -737,22 +738,15 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
         );
     }
     if peer == ViewerPeer::Udpvid {
-        let mut peaks: Vec<(u64, Option<Instant>)> =
-            reports.iter().map(|r| r.peak_read_ahead).collect();
-        peaks.sort_by_key(|p| p.0);
-        let mib = |k: usize| peaks.get(k).map_or(0.0, |p| p.0 as f64 / 1048576.0);
+        let mut peaks: Vec<u64> = reports.iter().map(|r| r.peak_read_ahead).collect();
+        peaks.sort_unstable();
+        let mib = |k: usize| peaks.get(k).map_or(0.0, |&p| p as f64 / 1048576.0);
         println!(
             "| viewers' largest read-ahead | median {:.1} MiB, 90th percentile {:.1}, largest {:.1} |",
             mib(peaks.len() / 2),
             mib(peaks.len() * 9 / 10),
             mib(peaks.len().saturating_sub(1)),
         );
-        if std::env::var_os("LOAD_DEBUG").is_some() {
-            for (bytes, at) in &peaks {
-                let at = at.map_or(0.0, |t| t.saturating_duration_since(started).as_secs_f64());
-                eprintln!("peak {bytes} at {at:.1}");
-            }
-        }
     }
     print_server_cost(cpu, gb, wake, elapsed, &per_thread);
     println!(

@@ -340,10 +340,7 @@ async fn play(
             }
         }
         report.bytes = offset;
-        let read_ahead = conn.read_ahead();
-        if read_ahead > report.peak_read_ahead.0 {
-            report.peak_read_ahead = (read_ahead, Some(now));
-        }
+        report.peak_read_ahead = report.peak_read_ahead.max(conn.read_ahead());
         if matches!(player, Player::Playing { .. }) && (played >= length || offset >= size) {
             return Ok(());
         }
