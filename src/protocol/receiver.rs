@@ -200,6 +200,13 @@ impl StreamReceiver {
         self.received_up_to() >= self.advertised
     }
 
+    /// The sender has sent up to the window it was told of: whatever it
+    /// sends next is a resend of a hole or waits for our next window
+    /// update. (Unlike [`Self::window_used_up`], holes may remain.)
+    pub fn sender_reached_window(&self) -> bool {
+        self.highest_received() >= self.advertised
+    }
+
     /// Highest offset received so far.
     pub fn highest_received(&self) -> u64 {
         self.received.last().map_or(self.read_offset, |r| r.end)
