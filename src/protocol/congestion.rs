@@ -459,10 +459,6 @@ impl Bbr {
 
     /// The window's allowance for ACKs that come in bunches (none while
     /// the path loses, see [`BBR_EXTRA_ACKED_MAX_LOSS`]).
-    fn extra_acked(&self) -> u64 {
-        self.aggregation_allowance
-    }
-
     fn compute_aggregation_allowance(&self, now: Instant) -> u64 {
         let lossy_lately = self
             .lossy_half_at
@@ -616,7 +612,7 @@ impl Bbr {
         // Startup grows the window by what is acknowledged anyway.
         let aggregation = match self.mode {
             BbrMode::Startup => 0,
-            _ => self.extra_acked(),
+            _ => self.aggregation_allowance,
         };
         ((self.bdp() as f64 * gain) as u64 + feedback + aggregation)
             .clamp(self.min_window(), MAXIMUM_WINDOW_BYTES)

@@ -648,19 +648,27 @@ mod tests {
         q.read_ahead(now, rtt, Duration::ZERO)
     }
 
+    /// Five seconds of a player taking 500 kB/s while the link brings
+    /// `arrived` bytes per 100 ms, 12 MB of the file to go. Returns the time
+    /// at the end.
+    fn play_with_link(p: &mut ReadAheadPolicy, t0: Instant, arrived: u64) -> Instant {
+        let mut now = t0;
+        for _ in 0..50 {
+            now += Duration::from_millis(100);
+            p.on_consumed(now, 50_000);
+            p.on_arrival(now, arrived);
+        }
+        p.set_remaining(Some(12_000_000));
+        now
+    }
+
     #[test]
     fn a_link_slower_than_the_media_holds_what_it_takes_to_wait_once() {
         let t0 = Instant::now();
         let mut p = adaptive();
         let rtt = Duration::from_millis(40);
         // Playing 500 kB/s while the link brings 250 kB/s, 12 MB to go.
-        let mut now = t0;
-        for _ in 0..50 {
-            now += Duration::from_millis(100);
-            p.on_consumed(now, 50_000);
-            p.on_arrival(now, 25_000);
-        }
-        p.set_remaining(Some(12_000_000));
+        let now = play_with_link(&mut p, t0, 25_000);
         // Half the rest must be in hand first, plus the margin.
         let goal = p.slow_link_goal(now);
         assert!((6_070_000..6_170_000).contains(&goal), "{goal}");
@@ -674,13 +682,7 @@ mod tests {
         assert!(p.slow_link_goal(now) < goal - 500_000);
         // A link as fast as the media needs no wait.
         let mut fast = adaptive();
-        let mut now = t0;
-        for _ in 0..50 {
-            now += Duration::from_millis(100);
-            fast.on_consumed(now, 50_000);
-            fast.on_arrival(now, 50_000);
-        }
-        fast.set_remaining(Some(12_000_000));
+        let now = play_with_link(&mut fast, t0, 50_000);
         assert_eq!(fast.slow_link_goal(now), 0);
         // The cap still holds.
         let mut capped = ReadAheadPolicy::new(ReadAhead::Adaptive {
@@ -688,25 +690,13 @@ mod tests {
             min: DEFAULT_MIN_READ_AHEAD,
             max: 4 << 20,
         });
-        let mut now = t0;
-        for _ in 0..50 {
-            now += Duration::from_millis(100);
-            capped.on_consumed(now, 50_000);
-            capped.on_arrival(now, 25_000);
-        }
-        capped.set_remaining(Some(12_000_000));
+        let now = play_with_link(&mut capped, t0, 25_000);
         assert_eq!(capped.read_ahead(now, rtt, Duration::ZERO), 4 << 20);
         // A link just below the media's rate (or one misjudged so for a
         // moment) opens the window by twice a small goal, not to the
         // maximum the window would then hold for good.
         let mut near = adaptive();
-        let mut now = t0;
-        for _ in 0..50 {
-            now += Duration::from_millis(100);
-            near.on_consumed(now, 50_000);
-            near.on_arrival(now, 46_000);
-        }
-        near.set_remaining(Some(12_000_000));
+        let now = play_with_link(&mut near, t0, 46_000);
         let goal = near.slow_link_goal(now);
         assert!((900_000..1_100_000).contains(&goal), "{goal}");
         assert!(near.read_ahead(now, rtt, Duration::ZERO) <= 2_200_000);

@@ -180,37 +180,36 @@ impl Sim {
         }
     }
 
-    /// When a timer due at `t` really fires.
-    fn fires_at(&self, t: Instant) -> Instant {
-        if self.timer_tick.is_zero() {
+    /// `t` moved to a multiple of `tick` since the start: the next one
+    /// (`up`) or the last one; `t` itself when `tick` is zero.
+    fn on_tick(&self, t: Instant, tick: Duration, up: bool) -> Instant {
+        if tick.is_zero() {
             return t;
         }
-        let tick = self.timer_tick.as_nanos();
+        let tick = tick.as_nanos();
         let since = t.saturating_duration_since(self.start).as_nanos();
-        let ticks = since.div_ceil(tick);
+        let ticks = if up {
+            since.div_ceil(tick)
+        } else {
+            since / tick
+        };
         self.start + Duration::from_nanos((ticks * tick) as u64)
+    }
+
+    /// When a timer due at `t` really fires.
+    fn fires_at(&self, t: Instant) -> Instant {
+        self.on_tick(t, self.timer_tick, true)
     }
 
     /// When the client sees something due at `t` (a datagram's arrival,
     /// a timer's deadline).
     fn client_sees_at(&self, t: Instant) -> Instant {
-        let t = self.fires_at(t);
-        if self.client_tick.is_zero() {
-            return t;
-        }
-        let tick = self.client_tick.as_nanos();
-        let since = t.saturating_duration_since(self.start).as_nanos();
-        self.start + Duration::from_nanos((since.div_ceil(tick) * tick) as u64)
+        self.on_tick(self.fires_at(t), self.client_tick, true)
     }
 
     /// The last time the client ran, up to now: what arrived by then is in.
     fn client_ran_at(&self) -> Instant {
-        if self.client_tick.is_zero() {
-            return self.now;
-        }
-        let tick = self.client_tick.as_nanos();
-        let since = self.now.saturating_duration_since(self.start).as_nanos();
-        self.start + Duration::from_nanos((since / tick * tick) as u64)
+        self.on_tick(self.now, self.client_tick, false)
     }
 
     fn flush(&mut self) {

@@ -527,22 +527,11 @@ fn a_viewer_whose_window_stays_full_is_not_taken_for_a_slow_link() {
     // playback and a stop must cost no more than the usual read-ahead.
     // (Before: 7.6 MB sent beyond what was played at 4x, either way.)
     for (factor, tells_media_rate) in [(4.0, true), (4.0, false), (20.0, true), (20.0, false)] {
-        let out = play(Scenario {
-            seed: 7,
-            size: 15_000_000,
-            media_rate: MEDIA_RATE,
-            down: link(Some((factor * MEDIA_RATE as f64 * 8.0) as u64), 20),
-            up: clean(20),
-            read_ahead: ReadAhead::default(),
-            pattern: Pattern::RealTime,
-            limit: Duration::from_secs(60),
-            stop_after: Some(Duration::from_secs(15)),
-            tells_media_rate,
-        });
+        let down = link(Some((factor * MEDIA_RATE as f64 * 8.0) as u64), 20);
+        let waste = waste_of_a_stop_after_15_s(7, down, clean(20), tells_media_rate);
         assert!(
-            out.waste <= 2_500_000,
-            "{factor}x, media rate told: {tells_media_rate}: {} bytes sent beyond what was played",
-            out.waste
+            waste <= 2_500_000,
+            "{factor}x, media rate told: {tells_media_rate}: {waste} bytes sent beyond what was played"
         );
     }
 }
@@ -562,24 +551,35 @@ fn a_viewer_on_a_lossy_link_is_not_taken_for_a_slow_one() {
         down.loss = loss;
         let mut up = clean(40);
         up.loss = loss;
-        let out = play(Scenario {
-            seed: 11,
-            size: 15_000_000,
-            media_rate: MEDIA_RATE,
-            down,
-            up,
-            read_ahead: ReadAhead::default(),
-            pattern: Pattern::RealTime,
-            limit: Duration::from_secs(60),
-            stop_after: Some(Duration::from_secs(15)),
-            tells_media_rate,
-        });
+        let waste = waste_of_a_stop_after_15_s(11, down, up, tells_media_rate);
         assert!(
-            out.waste <= 3_000_000,
-            "{loss} loss, media rate told: {tells_media_rate}: {} bytes sent beyond what was played",
-            out.waste
+            waste <= 3_000_000,
+            "{loss} loss, media rate told: {tells_media_rate}: {waste} bytes sent beyond what was played"
         );
     }
+}
+
+/// Bytes sent beyond what was played when a real-time viewer of a 15 MB
+/// file with the default read-ahead stops after 15 s.
+fn waste_of_a_stop_after_15_s(
+    seed: u64,
+    down: ImpairmentConfig,
+    up: ImpairmentConfig,
+    tells_media_rate: bool,
+) -> u64 {
+    play(Scenario {
+        seed,
+        size: 15_000_000,
+        media_rate: MEDIA_RATE,
+        down,
+        up,
+        read_ahead: ReadAhead::default(),
+        pattern: Pattern::RealTime,
+        limit: Duration::from_secs(60),
+        stop_after: Some(Duration::from_secs(15)),
+        tells_media_rate,
+    })
+    .waste
 }
 
 #[test]
