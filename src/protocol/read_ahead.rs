@@ -53,7 +53,10 @@
 //! what buffering waits for, and the read-ahead (the window) is its
 //! maximum: every byte such a link brings is played before the player
 //! catches up with it, so an open window costs no waste, and one that
-//! tracked the goal closed now and then and idled the link. With a cap
+//! tracked the goal closed now and then and idled the link. Because that
+//! window never moves back, a link counts as slow only after it measured
+//! slow for [`SLOW_LINK_CONFIRMATION`] without a break (at once while the
+//! player is still starting). With a cap
 //! too small for the whole wait, the player waits more than once, but
 //! never for nothing.
 
@@ -104,6 +107,15 @@ pub const SLOW_LINK_THRESHOLD: f64 = 0.95;
 /// the slow-link target allows. (When this share was 10 % an older
 /// read-ahead paused once near the end.)
 pub const SLOW_LINK_MARGIN: f64 = 0.02;
+/// A link is taken for one slower than the media only once it measured so
+/// for this long without a break. A window-limited viewer's arrivals come
+/// at its own consumption rate, so the link rate sits near the media's,
+/// and a moment's noise (a startup loss repaired, a late tick) dipped it
+/// below the threshold for 0.1-0.2 s: playbin at 20 Mbit/s without loss
+/// then opened its window to 1.8-6.4 MB in 6 runs of 14, and a window never
+/// moves back. A truly slow link reads slow every time it is measured.
+/// Not while the player starts (see [`ReadAheadPolicy::slow_link_goal`]).
+pub const SLOW_LINK_CONFIRMATION: Duration = Duration::from_secs(1);
 
 /// New bytes that arrived within [`ARRIVAL_BUCKET`] of `at`.
 #[derive(Debug, Clone, Copy)]
@@ -168,6 +180,9 @@ pub struct ReadAheadPolicy {
     /// The media's own rate (file size / duration), when the player knows
     /// its duration.
     media_rate: Option<f64>,
+    /// Since when the link has measured slower than the media, every time
+    /// it was measured (see [`SLOW_LINK_CONFIRMATION`]).
+    slow_since: Option<Instant>,
 }
 
 impl ReadAheadPolicy {
@@ -186,6 +201,7 @@ impl ReadAheadPolicy {
             window_filled: false,
             remaining: None,
             media_rate: None,
+            slow_since: None,
         }
     }
 
@@ -224,6 +240,7 @@ impl ReadAheadPolicy {
                     bytes,
                     after_pause,
                 });
+                self.note_link_judgement(now);
             }
         }
         while let Some(&first) = self.arrivals.front() {
@@ -313,24 +330,58 @@ impl ReadAheadPolicy {
         Some(bytes as f64 / span.as_secs_f64())
     }
 
+    /// The link's rate and the media's, when both are known. The media's
+    /// own rate when known: what the player took recently is diluted by
+    /// the very pauses the slow-link goal is to avoid.
+    fn link_and_media_rates(&self, now: Instant) -> Option<(f64, f64)> {
+        let link = self.link_rate(now)?;
+        let consumption = self.media_rate.or_else(|| self.consumption_rate(now))?;
+        (consumption > 0.0).then_some((link, consumption))
+    }
+
+    /// Whether the link measures slower than the media now (`None` while
+    /// either rate is unknown).
+    fn measures_slow(&self, now: Instant) -> Option<bool> {
+        self.link_and_media_rates(now)
+            .map(|(link, consumption)| link < consumption * SLOW_LINK_THRESHOLD)
+    }
+
+    /// Keeps [`slow_since`](Self::slow_since) up to date: a measurement
+    /// that is not slow ends it; none (a seek cleared the samples, a
+    /// rate not known yet) leaves it, as the link is still the same.
+    fn note_link_judgement(&mut self, now: Instant) {
+        match self.measures_slow(now) {
+            Some(true) => {
+                self.slow_since.get_or_insert(now);
+            }
+            Some(false) => self.slow_since = None,
+            None => {}
+        }
+    }
+
     /// The bytes to hold before playing on, on a link slower than the
     /// media, so that the rest of the file arrives before it is played
-    /// (zero on a link fast enough, or while a rate is unknown).
+    /// (zero on a link fast enough, while a rate is unknown, or before the
+    /// link has measured slow for [`SLOW_LINK_CONFIRMATION`]).
     pub fn slow_link_goal(&self, now: Instant) -> u64 {
         // A fixed read-ahead is the user's word.
         if let ReadAhead::Fixed(_) = self.mode {
             return 0;
         }
-        // The media's own rate when known: what the player took recently
-        // is diluted by the very pauses this goal is to avoid.
-        let (Some(remaining), Some(link), Some(consumption)) = (
-            self.remaining,
-            self.link_rate(now),
-            self.media_rate.or_else(|| self.consumption_rate(now)),
-        ) else {
+        // Until the player has read for a rate window it is starting, and
+        // a start on a slow link must wait for the goal at once: one that
+        // began on the usual start goal ran dry and waited a second time.
+        let starting = self.consumption_rate(now).is_none();
+        let confirmed = starting
+            || self.slow_since.is_some_and(|since| {
+                now.saturating_duration_since(since) >= SLOW_LINK_CONFIRMATION
+            });
+        let (Some(remaining), Some((link, consumption)), true) =
+            (self.remaining, self.link_and_media_rates(now), confirmed)
+        else {
             return 0;
         };
-        if consumption <= 0.0 || link >= consumption * SLOW_LINK_THRESHOLD {
+        if link >= consumption * SLOW_LINK_THRESHOLD {
             return 0;
         }
         let held = self.held_downstream(now);
@@ -359,6 +410,7 @@ impl ReadAheadPolicy {
             self.consumed.pop_front();
             self.consumed_in_window -= old;
         }
+        self.note_link_judgement(now);
     }
 
     /// The pipeline holds `bytes` it took from the source but has not played.
@@ -700,6 +752,63 @@ mod tests {
         let goal = near.slow_link_goal(now);
         assert!((900_000..1_100_000).contains(&goal), "{goal}");
         assert!(near.read_ahead(now, rtt, Duration::ZERO) <= 2_200_000);
+    }
+
+    #[test]
+    fn a_moment_of_slowness_does_not_open_the_window() {
+        let t0 = Instant::now();
+        let rtt = Duration::from_millis(80);
+        // 500 kB/s played and brought: the link rate a window-limited
+        // viewer measures, its own. Told a media rate 12 % above it, the
+        // link reads slower than the media, as noise made it for 0.1-0.2 s
+        // in real runs.
+        let mut p = adaptive();
+        let now = play_with_link(&mut p, t0, 50_000);
+        assert!(p.consumption_rate(now).is_some(), "playing, not starting");
+        let usual = p.read_ahead(now, rtt, Duration::ZERO);
+        p.set_media_rate(Some(560_000.0));
+        let mut later = now;
+        for _ in 0..9 {
+            later += Duration::from_millis(100);
+            p.on_consumed(later, 50_000);
+            p.on_arrival(later, 50_000);
+            assert_eq!(p.measures_slow(later), Some(true));
+            assert_eq!(p.slow_link_goal(later), 0, "{:?}", later - now);
+            assert!(p.read_ahead(later, rtt, Duration::ZERO) <= usual + 10_000);
+        }
+        // The moment ends: the next one starts its own count.
+        p.set_media_rate(None);
+        later += Duration::from_millis(100);
+        p.on_consumed(later, 50_000);
+        assert_eq!(p.measures_slow(later), Some(false));
+        p.set_media_rate(Some(560_000.0));
+        for _ in 0..9 {
+            later += Duration::from_millis(100);
+            p.on_consumed(later, 50_000);
+            p.on_arrival(later, 50_000);
+            assert_eq!(p.slow_link_goal(later), 0, "{:?}", later - now);
+        }
+        // Slow for a second without a break: a slow link, and its goal.
+        for _ in 0..2 {
+            later += Duration::from_millis(100);
+            p.on_consumed(later, 50_000);
+            p.on_arrival(later, 50_000);
+        }
+        assert!(p.slow_link_goal(later) > 0);
+        assert!(p.read_ahead(later, rtt, Duration::ZERO) > usual * 2);
+        // A player still starting (no rate window of reads yet) waits for
+        // the goal at once: one that began on the start goal ran dry and
+        // waited again.
+        let mut starting = adaptive();
+        starting.set_media_rate(Some(500_000.0));
+        let mut now = t0;
+        for _ in 0..15 {
+            now += Duration::from_millis(100);
+            starting.on_arrival(now, 25_000);
+        }
+        starting.set_remaining(Some(12_000_000));
+        assert_eq!(starting.consumption_rate(now), None);
+        assert!(starting.slow_link_goal(now) > 0);
     }
 
     #[test]
