@@ -1254,13 +1254,13 @@ fn viewers_table(out: &mut String) {
     );
     let _ = writeln!(
         out,
-        "The viewers play in real time from one load process (`load viewers`): udpvid through the protocol core the element uses and its adaptive read-ahead, all viewers on one thread; HTTP through a socket read at the playback rate (TCP's buffers are its read-ahead), a thread per viewer. With one serving thread the server (or nginx) runs on core 0 and the viewers on core 1 (`LOAD_SERVER_CPUS`, `LOAD_VIEWER_CPUS`); with two, both share both cores. The last column is how late the udpvid viewers' thread ran its timers at worst: near a tick (100 ms), stalls are the generator's.\n"
+        "The viewers play in real time from one load process (`load viewers`): udpvid through the protocol core the element uses and its adaptive read-ahead, all viewers on one thread; HTTP through a socket read at the playback rate (TCP's buffers are its read-ahead), a thread per viewer. With one serving thread the server (or nginx) runs on core 0 and the viewers on core 1 (`LOAD_SERVER_CPUS`, `LOAD_VIEWER_CPUS`); with two, both share both cores. The busiest serving thread's share is 100 % with one thread; near 50 % with two, the sessions spread evenly over both cores, so two cores carry twice what one does at the same CPU per GB (here the second core also runs the viewers, so the doubled count itself cannot be shown). The last column is how late the udpvid viewers' thread ran its timers at worst: near a tick (100 ms), stalls are the generator's.\n"
     );
     let _ = writeln!(
         out,
-        "| viewers | peer | finished | stalls (viewers) | server CPU s/GB | server wake-ups/s | server KiB per session | viewers' CPU s/GB | viewers' thread lag ms |"
+        "| viewers | peer | finished | stalls (viewers) | server CPU s/GB | busiest serving thread % of server CPU | server wake-ups/s | server KiB per session | viewers' CPU s/GB | viewers' thread lag ms |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
     let largest = counts.iter().copied().max().unwrap_or(0);
     // (viewers, peer, serving threads, arrival seconds)
     let mut runs: Vec<(usize, &str, usize, u64)> = Vec::new();
@@ -1281,7 +1281,7 @@ fn viewers_table(out: &mut String) {
                 udp_floor(n, VIEWER_BURST_DATAGRAMS).unwrap_or_else(|e| format!("failed: {e}"));
             let _ = writeln!(
                 out,
-                "| {n} | UDP sends alone, bursts of {VIEWER_BURST_DATAGRAMS} (no protocol: the kernel's floor) | – | – | {cell} | – | – | – | – |"
+                "| {n} | UDP sends alone, bursts of {VIEWER_BURST_DATAGRAMS} (no protocol: the kernel's floor) | – | – | {cell} | – | – | – | – | – |"
             );
             continue;
         }
@@ -1296,11 +1296,12 @@ fn viewers_table(out: &mut String) {
                 let get = |k: &str| pair_value(&kv, k);
                 let _ = writeln!(
                     out,
-                    "| {n} | {name} | {} | {} ({}) | {} | {} | {} | {} | {} |",
+                    "| {n} | {name} | {} | {} ({}) | {} | {} | {} | {} | {} | {} |",
                     get("finished"),
                     get("stalls"),
                     get("stalled_viewers"),
                     get("server_cpu_per_gb"),
+                    get("busiest_thread_share"),
                     get("wakeups_per_s"),
                     get("kib_per_session"),
                     get("client_cpu_per_gb"),
@@ -1308,7 +1309,7 @@ fn viewers_table(out: &mut String) {
                 );
             }
             Err(e) => {
-                let _ = writeln!(out, "| {n} | {name} | failed: {e} | | | | | | |");
+                let _ = writeln!(out, "| {n} | {name} | failed: {e} | | | | | | | |");
             }
         }
         eprint!(".");

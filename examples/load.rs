@@ -380,6 +380,19 @@ impl ServerCost {
     }
 }
 
+/// The busiest serving thread's share of all serving threads' CPU, in
+/// percent ("-" for a server whose threads are not named as udpvid's):
+/// with N threads near 100/N, the load spread evenly, and a server of N
+/// cores carries N times what one carries at the same CPU per GB.
+fn busiest_thread_share(per_thread: &[f64]) -> String {
+    let total: f64 = per_thread.iter().sum();
+    let busiest = per_thread.iter().copied().fold(0.0, f64::max);
+    if per_thread.is_empty() || total <= 0.0 {
+        return "-".to_string();
+    }
+    format!("{:.0}", 100.0 * busiest / total)
+}
+
 /// Serving threads the load generator asks the server for
 /// (`LOAD_SERVER_THREADS`, default 1: figures per core).
 fn server_threads() -> String {
@@ -767,7 +780,7 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
     println!(
         "viewers-result peer={} n={n} finished={} stalls={stalls} stalled_viewers={stalled_viewers} \
          server_cpu_per_gb={:.3} wakeups_per_s={:.0} kib_per_session={per_session_kib:.0} \
-         client_cpu_per_gb={:.3} generator_lag_ms={}",
+         client_cpu_per_gb={:.3} generator_lag_ms={} busiest_thread_share={}",
         peer.name(),
         n - failed.len(),
         cpu / gb.max(1e-9),
@@ -778,6 +791,7 @@ fn viewers(mut args: impl Iterator<Item = String>) -> ExitCode {
         } else {
             lag_ms.to_string()
         },
+        busiest_thread_share(&per_thread),
     );
     for e in failed.iter().take(10) {
         eprintln!("{e}");
