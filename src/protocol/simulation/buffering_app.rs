@@ -559,6 +559,43 @@ fn a_viewer_on_a_lossy_link_is_not_taken_for_a_slow_one() {
     }
 }
 
+#[test]
+fn a_viewer_whose_acks_are_lost_in_a_burst_waits_seconds_not_ten() {
+    // 3 % loss in bursts of eight datagrams (the bench's bursty link) both
+    // ways, 20 Mbit/s, 80 ms RTT. A burst on the uplink lasts eight of the
+    // client's datagrams, and a starving client sends few: its window probe
+    // backed off to 2 s, so a burst of ACKs lost became seconds without an
+    // ACK, the server sat on a full window of packets the client held, and
+    // playback stopped for 3.0-10.2 s in these seeds (5.7, 10.2, 5.1, 3.0).
+    // The ACK is now repeated at the probe's first interval.
+    use crate::impairment::GilbertElliott;
+    for seed in [1, 8, 19, 20] {
+        let mut down = link(Some(20_000_000), 40);
+        down.queue_bytes = 256 * 1024;
+        down.burst = Some(GilbertElliott::with_rate(0.03, 8.0));
+        let mut up = clean(40);
+        up.burst = Some(GilbertElliott::with_rate(0.03, 8.0));
+        let out = play(Scenario {
+            seed,
+            size: 30_000_000,
+            media_rate: MEDIA_RATE,
+            down,
+            up,
+            read_ahead: ReadAhead::default(),
+            pattern: Pattern::RealTime,
+            limit: Duration::from_secs(62),
+            stop_after: Some(Duration::from_secs(59)),
+            tells_media_rate: true,
+        });
+        assert!(
+            out.longest_stall <= Duration::from_secs(3),
+            "seed {seed}: waited {:?} for a byte ({} underruns)",
+            out.longest_stall,
+            out.underruns
+        );
+    }
+}
+
 /// Bytes sent beyond what was played when a real-time viewer of a 15 MB
 /// file with the default read-ahead stops after 15 s.
 fn waste_of_a_stop_after_15_s(
