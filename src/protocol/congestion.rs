@@ -71,6 +71,12 @@ pub trait CongestionController: Send + std::fmt::Debug {
     fn on_loss(&mut self, now: Instant, lost_bytes: u64, largest_lost_sent: Instant);
     /// No ACK for several probe timeouts in a row: start over.
     fn on_persistent_congestion(&mut self);
+    /// The first ACK after a persistent congestion came. `spurious`: it
+    /// acknowledged packets sent before the silence began, so the path
+    /// carried them and only the ACKs were missing (lost in a burst on the
+    /// way back, or late): what `on_persistent_congestion` forgot may come
+    /// back.
+    fn on_persistent_congestion_ended(&mut self, _spurious: bool) {}
     /// A new transfer replaced the old one (a seek): demand jumps from
     /// what the receive window allowed to as fast as possible.
     fn on_new_transfer(&mut self, _now: Instant) {}
@@ -373,6 +379,9 @@ pub struct Bbr {
     /// confirm it: during playback its ACKs are a short burst's, after the
     /// window opened, and a simulated seek cruised at a quarter of the link.
     link_rate_confirmed: bool,
+    /// The state a persistent congestion reset, until the first ACK after
+    /// it tells whether the congestion was real.
+    before_persistent_congestion: Option<Box<Bbr>>,
 }
 
 impl Bbr {
@@ -403,6 +412,7 @@ impl Bbr {
             probe_base_bw: None,
             link_rate: None,
             link_rate_confirmed: false,
+            before_persistent_congestion: None,
             ack_epoch: None,
             extra_acked: [0; 2],
             extra_acked_half: 0,
@@ -864,6 +874,12 @@ impl CongestionController for Bbr {
     }
 
     fn on_persistent_congestion(&mut self) {
+        if self.before_persistent_congestion.is_none() {
+            self.before_persistent_congestion = Some(Box::new(Bbr {
+                before_persistent_congestion: None,
+                ..self.clone()
+            }));
+        }
         self.link_rate_confirmed = false;
         self.extra_acked = [0; 2];
         self.ack_epoch = None;
@@ -875,6 +891,16 @@ impl CongestionController for Bbr {
         self.full_bw = 0.0;
         self.full_bw_rounds = 0;
         self.mode = BbrMode::Startup;
+    }
+
+    fn on_persistent_congestion_ended(&mut self, spurious: bool) {
+        let before = self.before_persistent_congestion.take();
+        if let (true, Some(before)) = (spurious, before) {
+            *self = *before;
+            // The ACK that ends the silence acknowledges all of it at
+            // once: no measure of how ACKs bunch.
+            self.ack_epoch = None;
+        }
     }
 
     fn name(&self) -> &'static str {
@@ -922,6 +948,36 @@ mod tests {
         // App-limited ACKs do not grow the window.
         cc.on_ack(&ack(t2, 5_000, true));
         assert_eq!(cc.window(), 2_000);
+    }
+
+    #[test]
+    fn a_persistent_congestion_the_next_ack_shows_spurious_is_undone() {
+        let t0 = Instant::now();
+        let mut cc = Bbr::new(1400);
+        // 2.5 MB/s for 40 rounds: the estimate and window of a busy link.
+        let now = steady(&mut cc, t0, 40, 2_500_000.0, 0.0);
+        let (window, rate) = (cc.window(), cc.pacing_rate());
+        assert!(window > 100_000, "{window}");
+        // The ACKs stop (a burst of loss on the way back): three probe
+        // timeouts, and the controller starts over...
+        cc.on_persistent_congestion();
+        assert_eq!(cc.window(), cc.min_window());
+        // ... until the first ACK shows the packets got through.
+        let mut undone = cc.clone();
+        undone.on_persistent_congestion_ended(true);
+        assert_eq!(undone.window(), window);
+        assert_eq!(undone.pacing_rate(), rate);
+        // A real congestion keeps the reset, and a later one is judged on
+        // its own.
+        cc.on_persistent_congestion_ended(false);
+        assert_eq!(cc.window(), cc.min_window());
+        cc.on_persistent_congestion_ended(true);
+        assert_eq!(cc.window(), cc.min_window());
+        steady(&mut cc, now, 40, 1_000_000.0, 0.0);
+        let window = cc.window();
+        cc.on_persistent_congestion();
+        cc.on_persistent_congestion_ended(true);
+        assert_eq!(cc.window(), window);
     }
 
     /// Feeds BBR one ACK per 50 ms round at a steady delivery rate.

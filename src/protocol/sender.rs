@@ -337,6 +337,10 @@ pub struct LossRecovery {
     first_sent_time: Option<Instant>,
     /// When packets were last declared lost.
     last_loss: Option<Instant>,
+    /// When the current series of probe timeouts began (no ACK since).
+    silence_began: Option<Instant>,
+    /// The series became a persistent congestion: when it began.
+    persistent_congestion_since: Option<Instant>,
 }
 
 impl LossRecovery {
@@ -358,6 +362,8 @@ impl LossRecovery {
             delivered: 0,
             delivered_time: None,
             first_sent_time: None,
+            silence_began: None,
+            persistent_congestion_since: None,
             last_loss: None,
         }
     }
@@ -519,6 +525,10 @@ impl LossRecovery {
             if self.sent.is_empty() {
                 self.loss_time = None;
                 self.pto_count = 0;
+                self.silence_began = None;
+                if self.persistent_congestion_since.take().is_some() {
+                    self.cc.on_persistent_congestion_ended(false);
+                }
             }
         }
     }
@@ -597,6 +607,16 @@ impl LossRecovery {
             }
         }
         self.pto_count = 0;
+        self.silence_began = None;
+        if let Some(since) = self.persistent_congestion_since.take() {
+            // Packets in flight before the silence began arrived: the path
+            // was never down, the ACKs were lost (a burst on the way back
+            // is many of a starving receiver's few datagrams) or late. The
+            // reset to the minimum window and a new startup took seconds
+            // to climb back from in the simulation.
+            let spurious = outcome.acked.iter().any(|p| p.time_sent < since);
+            self.cc.on_persistent_congestion_ended(spurious);
+        }
         outcome.lost = self.detect_lost(now);
         if let Some(p) = newest {
             self.cc.on_ack(&AckEvent {
@@ -734,7 +754,11 @@ impl LossRecovery {
         }
         self.pto_count += 1;
         self.stats.probe_timeouts += 1;
+        if self.pto_count == 1 {
+            self.silence_began = Some(now);
+        }
         if self.pto_count == PERSISTENT_CONGESTION_PTOS {
+            self.persistent_congestion_since = self.silence_began;
             self.cc.on_persistent_congestion();
         }
         outcome.probe = self.start_probes(now, PROBE_PACKETS, needed);
