@@ -743,11 +743,20 @@ impl ClientConnection {
     /// the read-ahead, or anything at all when the sender is already at the
     /// old limit and so is waiting for us.
     fn maybe_update_window(&mut self, now: Instant) {
-        let Some(t) = self.transfer.as_ref() else {
+        let probe_interval = self.window_probe_interval();
+        let Some(t) = self.transfer.as_mut() else {
             return;
         };
         if !t.opened || self.phase != Phase::Established {
             return;
+        }
+        // Waiting for data again (the player read, the window opened past
+        // what arrived): the ACK repeat runs again if it had stopped.
+        if t.ack_repeat_timer.next.is_none()
+            && !t.receiver.is_fully_received()
+            && t.receiver.window() > t.receiver.received_up_to()
+        {
+            t.ack_repeat_timer.start_with(now, probe_interval);
         }
         let window = t.receiver.window();
         let advertised = t.receiver.advertised();
@@ -1288,16 +1297,28 @@ impl ClientConnection {
                     let waiting = t.opened
                         && !t.receiver.is_fully_received()
                         && t.receiver.window() > t.receiver.highest_received();
-                    // Both timers fire (and re-arm) whether or not the
-                    // window is open, as the probe always did.
+                    // The probe fires (and re-arms) whether or not the
+                    // window is open, as it always did. The ACK repeat
+                    // stops while nothing is missing (a paused player's
+                    // window used up): on a LAN its interval is 5 ms.
+                    // `maybe_update_window` starts it again when the window
+                    // opens past what arrived.
                     let probe_due = t.opened && !t.receiver.is_fully_received() && {
                         let p = t.probe_timer.fire(now);
-                        let a = t.ack_repeat_timer.fire(now);
-                        repeat_ack = a;
+                        repeat_ack = t.ack_repeat_timer.fire(now);
                         p
                     };
                     probe = waiting && probe_due;
-                    repeat_ack &= waiting;
+                    // Bytes of the window missing, a hole included: a hole
+                    // at the read offset stalls the player as surely, and
+                    // its resend needs the server to hear of it.
+                    let missing = t.opened
+                        && !t.receiver.is_fully_received()
+                        && t.receiver.window() > t.receiver.received_up_to();
+                    if repeat_ack && !missing {
+                        t.ack_repeat_timer.stop();
+                    }
+                    repeat_ack &= missing;
                 }
                 if resend_open {
                     if let Some(t) = self.transfer.as_mut() {
