@@ -178,8 +178,8 @@ struct ClientTransfer {
     open_reasked: bool,
     probe_timer: RetryTimer,
     /// Repeats the ACK (and window) at the window probe's first interval
-    /// for as long as data stays away, where the probe backs off: see
-    /// [`ClientConnection::handle_timeout`].
+    /// while bytes below the window are missing, where the probe backs
+    /// off: see [`ClientConnection::handle_timeout`].
     ack_repeat_timer: RetryTimer,
     receiver: StreamReceiver,
     catalog_delivered: bool,
@@ -1337,8 +1337,8 @@ impl ClientConnection {
                     // lets it send again. The probe's backoff left a viewer
                     // on a link with bursts of loss waiting up to 10 s for
                     // it (simulation, 3 % loss in bursts of 8 both ways: 7
-                    // stalls in 20 runs of 59 s, the longest 10.2 s; 2 and
-                    // 1.5 s with the ACK repeated). An ACK earns the server
+                    // stalls in 20 runs of 59 s, the longest 10.2 s; 5, the
+                    // longest 2.5 s, with the ACK repeated). An ACK earns the server
                     // nothing to send unless it acknowledges something new,
                     // so a bottleneck shared by too many is not fed more,
                     // as pings at that rate did (each earns a probe).
