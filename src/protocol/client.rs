@@ -224,6 +224,15 @@ impl IndexSentAhead {
 }
 
 impl ClientTransfer {
+    /// Bytes below the window have not arrived, a hole included: a hole
+    /// at the read offset stalls the player as surely as a window not yet
+    /// filled, and its resend needs the server to hear of it.
+    fn misses_bytes(&self) -> bool {
+        self.opened
+            && !self.receiver.is_fully_received()
+            && self.receiver.window() > self.receiver.received_up_to()
+    }
+
     /// The request that opens this transfer, in an `Open` or a `Hello`,
     /// first or repeated: the window it carries counts as told.
     fn open_request(&mut self) -> OpenRequest {
@@ -752,10 +761,7 @@ impl ClientConnection {
         }
         // Waiting for data again (the player read, the window opened past
         // what arrived): the ACK repeat runs again if it had stopped.
-        if t.ack_repeat_timer.next.is_none()
-            && !t.receiver.is_fully_received()
-            && t.receiver.window() > t.receiver.received_up_to()
-        {
+        if t.ack_repeat_timer.next.is_none() && t.misses_bytes() {
             t.ack_repeat_timer.start_with(now, probe_interval);
         }
         let window = t.receiver.window();
@@ -1294,27 +1300,21 @@ impl ClientConnection {
                     resend_open = t.open_timer.fire(now);
                     // Data stopped although the window is open: repeat the
                     // window in case the update that opened it was lost.
-                    let waiting = t.opened
-                        && !t.receiver.is_fully_received()
-                        && t.receiver.window() > t.receiver.highest_received();
+                    let streaming = t.opened && !t.receiver.is_fully_received();
+                    let waiting = streaming && t.receiver.window() > t.receiver.highest_received();
                     // The probe fires (and re-arms) whether or not the
                     // window is open, as it always did. The ACK repeat
                     // stops while nothing is missing (a paused player's
                     // window used up): on a LAN its interval is 5 ms.
                     // `maybe_update_window` starts it again when the window
                     // opens past what arrived.
-                    let probe_due = t.opened && !t.receiver.is_fully_received() && {
+                    let probe_due = streaming && {
                         let p = t.probe_timer.fire(now);
                         repeat_ack = t.ack_repeat_timer.fire(now);
                         p
                     };
                     probe = waiting && probe_due;
-                    // Bytes of the window missing, a hole included: a hole
-                    // at the read offset stalls the player as surely, and
-                    // its resend needs the server to hear of it.
-                    let missing = t.opened
-                        && !t.receiver.is_fully_received()
-                        && t.receiver.window() > t.receiver.received_up_to();
+                    let missing = t.misses_bytes();
                     if repeat_ack && !missing {
                         t.ack_repeat_timer.stop();
                     }
@@ -1338,10 +1338,11 @@ impl ClientConnection {
                     // on a link with bursts of loss waiting up to 10 s for
                     // it (simulation, 3 % loss in bursts of 8 both ways: 7
                     // stalls in 20 runs of 59 s, the longest 10.2 s; 5, the
-                    // longest 2.5 s, with the ACK repeated). An ACK earns the server
-                    // nothing to send unless it acknowledges something new,
-                    // so a bottleneck shared by too many is not fed more,
-                    // as pings at that rate did (each earns a probe).
+                    // longest 2.5 s, with the ACK repeated). An ACK earns
+                    // the server nothing to send unless it acknowledges
+                    // something new, so a bottleneck shared by too many is
+                    // not fed more, as pings at that rate did (each earns a
+                    // probe).
                     self.acks.request_immediate(now);
                 }
                 // The policy's choice moves with time alone (the rate

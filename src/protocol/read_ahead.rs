@@ -117,6 +117,12 @@ pub const SLOW_LINK_MARGIN: f64 = 0.02;
 /// Not while the player starts (see [`ReadAheadPolicy::slow_link_goal`]).
 pub const SLOW_LINK_CONFIRMATION: Duration = Duration::from_secs(1);
 
+/// A link of `link` bytes/s is slower than media of `media` bytes/s, past
+/// measurement noise ([`SLOW_LINK_THRESHOLD`]).
+fn slower_than_media(link: f64, media: f64) -> bool {
+    link < media * SLOW_LINK_THRESHOLD
+}
+
 /// New bytes that arrived within [`ARRIVAL_BUCKET`] of `at`.
 #[derive(Debug, Clone, Copy)]
 struct Arrival {
@@ -343,7 +349,7 @@ impl ReadAheadPolicy {
     /// either rate is unknown).
     fn measures_slow(&self, now: Instant) -> Option<bool> {
         self.link_and_media_rates(now)
-            .map(|(link, consumption)| link < consumption * SLOW_LINK_THRESHOLD)
+            .map(|(link, media)| slower_than_media(link, media))
     }
 
     /// Keeps [`slow_since`](Self::slow_since) up to date: a measurement
@@ -381,7 +387,7 @@ impl ReadAheadPolicy {
         else {
             return 0;
         };
-        if link >= consumption * SLOW_LINK_THRESHOLD {
+        if !slower_than_media(link, consumption) {
             return 0;
         }
         let held = self.held_downstream(now);

@@ -337,10 +337,9 @@ pub struct LossRecovery {
     first_sent_time: Option<Instant>,
     /// When packets were last declared lost.
     last_loss: Option<Instant>,
-    /// When the current series of probe timeouts began (no ACK since).
+    /// When the current series of probe timeouts began (no ACK since);
+    /// with [`PERSISTENT_CONGESTION_PTOS`] of them, a persistent congestion.
     silence_began: Option<Instant>,
-    /// The series became a persistent congestion: when it began.
-    persistent_congestion_since: Option<Instant>,
 }
 
 impl LossRecovery {
@@ -363,7 +362,6 @@ impl LossRecovery {
             delivered_time: None,
             first_sent_time: None,
             silence_began: None,
-            persistent_congestion_since: None,
             last_loss: None,
         }
     }
@@ -524,11 +522,11 @@ impl LossRecovery {
             self.bytes_in_flight = self.sent.iter().map(|p| p.size).sum();
             if self.sent.is_empty() {
                 self.loss_time = None;
-                self.pto_count = 0;
-                self.silence_began = None;
-                if self.persistent_congestion_since.take().is_some() {
+                if self.pto_count >= PERSISTENT_CONGESTION_PTOS {
                     self.cc.on_persistent_congestion_ended(false);
                 }
+                self.pto_count = 0;
+                self.silence_began = None;
             }
         }
     }
@@ -606,9 +604,10 @@ impl LossRecovery {
                 });
             }
         }
-        self.pto_count = 0;
-        self.silence_began = None;
-        if let Some(since) = self.persistent_congestion_since.take() {
+        if let (true, Some(since)) = (
+            self.pto_count >= PERSISTENT_CONGESTION_PTOS,
+            self.silence_began,
+        ) {
             // Packets in flight before the silence began arrived: the path
             // was never down, the ACKs were lost (a burst on the way back
             // is many of a starving receiver's few datagrams) or late. The
@@ -617,6 +616,8 @@ impl LossRecovery {
             let spurious = outcome.acked.iter().any(|p| p.time_sent < since);
             self.cc.on_persistent_congestion_ended(spurious);
         }
+        self.pto_count = 0;
+        self.silence_began = None;
         outcome.lost = self.detect_lost(now);
         if let Some(p) = newest {
             self.cc.on_ack(&AckEvent {
@@ -758,7 +759,6 @@ impl LossRecovery {
             self.silence_began = Some(now);
         }
         if self.pto_count == PERSISTENT_CONGESTION_PTOS {
-            self.persistent_congestion_since = self.silence_began;
             self.cc.on_persistent_congestion();
         }
         outcome.probe = self.start_probes(now, PROBE_PACKETS, needed);
