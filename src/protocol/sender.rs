@@ -238,6 +238,12 @@ impl StreamSender {
         self.last_chunk == ChunkSource::Ahead
     }
 
+    /// The chunk `next_chunk` returned last was new data, which leaves in
+    /// file order (resends and index sent ahead jump about).
+    pub fn last_chunk_was_new(&self) -> bool {
+        self.last_chunk == ChunkSource::New
+    }
+
     /// Puts back the chunk `next_chunk` just returned, unsent: its bytes
     /// could not be read yet (content still on its way from storage).
     pub fn unsend(&mut self, chunk: Range<u64>) {

@@ -272,8 +272,11 @@ const PAUSED_SESSION_IDLE: Duration = Duration::from_secs(2);
 /// Reads a transfer's file a block at a time: new data leaves in file
 /// order, so one read serves the next ~45 datagrams instead of one read
 /// each (the per-datagram read was a third of the server's system calls).
-/// Resends behind the block are read directly and leave it alone. Costs
-/// [`READ_BLOCK_BYTES`] per session with a transfer.
+/// Resends and index sent ahead that the block does not hold are read
+/// directly and leave it alone: the block stays with new data. (It once
+/// followed the first read, which for a file whose index is at its end is
+/// the index: every datagram of the file after it was read on its own.)
+/// Costs [`READ_BLOCK_BYTES`] per session with a transfer.
 ///
 /// Content that is not all there yet (object storage fetching it) is kept
 /// as far as it came, and the rest is read on the next try: a datagram
@@ -291,27 +294,18 @@ struct BlockReader {
     len: usize,
 }
 
-impl BlockReader {
-    /// Fills `out` from `offset`; fewer bytes only at the end of the file.
-    fn read(
-        &mut self,
-        content: &dyn Content,
-        offset: u64,
-        out: &mut [u8],
-    ) -> std::io::Result<usize> {
-        if offset < self.start {
-            return match read_full(content, offset, out)? {
-                (n, false) => Ok(n),
-                (_, true) => Err(std::io::ErrorKind::WouldBlock.into()),
-            };
-        }
-        let (from, n) = self.fill(content, offset, out.len())?;
-        out[..n].copy_from_slice(&self.buf[from..from + n]);
-        Ok(n)
-    }
+/// Where a read falls in a transfer's sending order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadOrder {
+    /// New data, which follows the new data before it.
+    Sequential,
+    /// A resend or index sent ahead.
+    Scattered,
+}
 
-    /// As [`Self::read`], appending up to `len` bytes to `out` straight
-    /// from the block: the server writes payloads into its send batch in
+impl BlockReader {
+    /// Appends the `len` bytes from `offset` to `out` (fewer only at the
+    /// end of the file), straight from the block: the server writes payloads into its send batch in
     /// place, where a copy through a read buffer and another out of the
     /// datagram were two of the three copies of every payload.
     fn append(
@@ -320,17 +314,50 @@ impl BlockReader {
         offset: u64,
         len: usize,
         out: &mut Vec<u8>,
+        order: ReadOrder,
     ) -> std::io::Result<usize> {
-        if offset < self.start {
+        let Some((from, n)) = self.locate(content, offset, len, order)? else {
             let at = out.len();
             out.resize(at + len, 0);
-            let read = self.read(content, offset, &mut out[at..]);
+            let read = read_alone(content, offset, &mut out[at..]);
             out.truncate(at + *read.as_ref().unwrap_or(&0));
             return read;
-        }
-        let (from, n) = self.fill(content, offset, len)?;
+        };
         out.extend_from_slice(&self.buf[from..from + n]);
         Ok(n)
+    }
+
+    /// Where in the block the `len` bytes from `offset` are (or those up
+    /// to the end of the file), reading them into it if the read is in
+    /// order; `None` for a read out of order that the block does not hold,
+    /// to be read on its own.
+    fn locate(
+        &mut self,
+        content: &dyn Content,
+        offset: u64,
+        len: usize,
+        order: ReadOrder,
+    ) -> std::io::Result<Option<(usize, usize)>> {
+        let block_end = self.start + self.len as u64;
+        let held = offset >= self.start
+            && offset <= block_end
+            && (offset + len as u64 <= block_end || (self.len > 0 && block_end >= content.size()));
+        if held {
+            let from = (offset - self.start) as usize;
+            return Ok(Some((from, len.min(self.len - from))));
+        }
+        match order {
+            ReadOrder::Scattered => Ok(None),
+            ReadOrder::Sequential => {
+                if offset < self.start {
+                    // New data went back (the index was sent ahead from the
+                    // end of the file): the block follows it.
+                    self.start = offset;
+                    self.len = 0;
+                }
+                self.fill(content, offset, len).map(Some)
+            }
+        }
     }
 
     /// Gives back the block's memory; the next read fills a new one.
@@ -375,6 +402,15 @@ impl BlockReader {
         }
         let from = (offset - self.start) as usize;
         Ok((from, len.min(self.len.saturating_sub(from))))
+    }
+}
+
+/// A read the block does not serve: all of `out`, fewer bytes only at the
+/// end of the file.
+fn read_alone(content: &dyn Content, offset: u64, out: &mut [u8]) -> std::io::Result<usize> {
+    match read_full(content, offset, out)? {
+        (n, false) => Ok(n),
+        (_, true) => Err(std::io::ErrorKind::WouldBlock.into()),
     }
 }
 
@@ -1292,11 +1328,19 @@ impl<S: ContentStore> ServerEndpoint<S> {
         let len = (range.end - range.start) as usize;
         let app_limited = !t.stream.has_data_to_send() && t.stream.is_window_blocked();
         let ahead = t.stream.last_chunk_was_ahead();
+        let order = if t.stream.last_chunk_was_new() {
+            ReadOrder::Sequential
+        } else {
+            ReadOrder::Scattered
+        };
         let transfer_id = t.id;
         let pn = session.next_packet_number;
         encode_data_header(out, id, pn, transfer_id, range.start);
         let mut failure = None;
-        let filled = match t.blocks.append(t.content.as_ref(), range.start, len, out) {
+        let filled = match t
+            .blocks
+            .append(t.content.as_ref(), range.start, len, out, order)
+        {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 out.truncate(start);
@@ -1536,6 +1580,20 @@ mod tests {
         }
     }
 
+    /// Fills `out` from `offset` through the block, as a datagram would be.
+    fn read(
+        blocks: &mut BlockReader,
+        content: &dyn Content,
+        offset: u64,
+        out: &mut [u8],
+        order: ReadOrder,
+    ) -> std::io::Result<usize> {
+        let mut appended = Vec::new();
+        let n = blocks.append(content, offset, out.len(), &mut appended, order)?;
+        out[..n].copy_from_slice(&appended);
+        Ok(n)
+    }
+
     #[test]
     fn block_reader_reads_once_per_block_and_resends_directly() {
         let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
@@ -1551,7 +1609,7 @@ mod tests {
         // In order through the whole file: one read per block.
         let mut at = 0u64;
         while at < bytes.len() as u64 {
-            let n = blocks.read(&content, at, &mut out).expect("read");
+            let n = read(&mut blocks, &content, at, &mut out, ReadOrder::Sequential).expect("read");
             assert!(n > 0);
             assert_eq!(out[..n], bytes[at as usize..at as usize + n]);
             at += n as u64;
@@ -1564,27 +1622,90 @@ mod tests {
             "{reads}"
         );
         // A resend far behind is read on its own and keeps the block.
-        let n = blocks.read(&content, 1000, &mut out).expect("read");
+        let n = read(&mut blocks, &content, 1000, &mut out, ReadOrder::Scattered).expect("read");
         assert_eq!((n, &out[..]), (1400, &bytes[1000..2400]));
         assert_eq!(content.1.load(Ordering::Relaxed), reads + 1);
         // Released (a paused session's), it reads anew, ahead or behind.
         blocks.release();
         assert!(blocks.buf.is_empty());
         for at in [150_000u64, 3000, 150_500] {
-            let n = blocks.read(&content, at, &mut out).expect("read");
+            let n = read(&mut blocks, &content, at, &mut out, ReadOrder::Sequential).expect("read");
             assert_eq!(
                 (n, &out[..]),
                 (1400, &bytes[at as usize..at as usize + 1400])
             );
         }
         // At the end only what is left.
-        let n = blocks
-            .read(&content, bytes.len() as u64 - 10, &mut out)
-            .expect("read");
+        let n = read(
+            &mut blocks,
+            &content,
+            bytes.len() as u64 - 10,
+            &mut out,
+            ReadOrder::Sequential,
+        )
+        .expect("read");
         assert_eq!(&out[..n], &bytes[bytes.len() - 10..]);
         assert_eq!(
-            blocks.read(&content, bytes.len() as u64, &mut out).ok(),
+            read(
+                &mut blocks,
+                &content,
+                bytes.len() as u64,
+                &mut out,
+                ReadOrder::Sequential
+            )
+            .ok(),
             Some(0)
+        );
+    }
+
+    #[test]
+    fn new_data_after_index_sent_ahead_is_still_read_a_block_at_a_time() {
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let content = Counted(
+            MemoryContent {
+                bytes: bytes.clone(),
+                tag: 1,
+            },
+            AtomicUsize::new(0),
+        );
+        let mut blocks = BlockReader::default();
+        let mut out = Vec::new();
+        // The index at the end of the file goes first, ahead of the data.
+        let index = bytes.len() as u64 - 5000;
+        let mut at = index;
+        while at < bytes.len() as u64 {
+            let len = 1400.min(bytes.len() - at as usize);
+            out.clear();
+            let n = blocks
+                .append(&content, at, len, &mut out, ReadOrder::Scattered)
+                .expect("read");
+            assert_eq!(out[..], bytes[at as usize..at as usize + n]);
+            at += n as u64;
+        }
+        let after_index = content.1.load(Ordering::Relaxed);
+        // Then the file from its start, with a resend now and then.
+        let mut at = 0u64;
+        while at < index {
+            let len = 1400.min((index - at) as usize);
+            out.clear();
+            let n = blocks
+                .append(&content, at, len, &mut out, ReadOrder::Sequential)
+                .expect("read");
+            assert_eq!(out[..], bytes[at as usize..at as usize + n]);
+            if at % 70_000 < 1400 && at > 2800 {
+                out.clear();
+                blocks
+                    .append(&content, at - 2800, 1400, &mut out, ReadOrder::Scattered)
+                    .expect("resend");
+                assert_eq!(out[..], bytes[at as usize - 2800..at as usize - 1400]);
+            }
+            at += n as u64;
+        }
+        let reads = content.1.load(Ordering::Relaxed) - after_index;
+        // A block read each 64 KiB, and the resends served from the block.
+        assert!(
+            reads <= (index as usize).div_ceil(READ_BLOCK_BYTES) + 2,
+            "{reads} reads for {index} bytes"
         );
     }
 
@@ -1898,7 +2019,7 @@ mod tests {
         while at < bytes.len() as u64 {
             tries += 1;
             assert!(tries < 10_000, "no progress at {at}");
-            match blocks.read(&content, at, &mut out) {
+            match read(&mut blocks, &content, at, &mut out, ReadOrder::Sequential) {
                 Ok(n) => {
                     assert!(n > 0);
                     assert_eq!(out[..n], bytes[at as usize..at as usize + n]);
