@@ -305,9 +305,10 @@ enum ReadOrder {
 
 impl BlockReader {
     /// Appends the `len` bytes from `offset` to `out` (fewer only at the
-    /// end of the file), straight from the block: the server writes payloads into its send batch in
-    /// place, where a copy through a read buffer and another out of the
-    /// datagram were two of the three copies of every payload.
+    /// end of the file), straight from the block: the server writes
+    /// payloads into its send batch in place, where a copy through a read
+    /// buffer and another out of the datagram were two of the three copies
+    /// of every payload.
     fn append(
         &mut self,
         content: &dyn Content,
@@ -350,8 +351,8 @@ impl BlockReader {
             ReadOrder::Scattered => Ok(None),
             ReadOrder::Sequential => {
                 if offset < self.start {
-                    // New data went back (the index was sent ahead from the
-                    // end of the file): the block follows it.
+                    // New data behind the block: the block starts again
+                    // there rather than leave it a read per datagram.
                     self.start = offset;
                     self.len = 0;
                 }
