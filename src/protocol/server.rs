@@ -339,26 +339,26 @@ impl BlockReader {
         len: usize,
         order: ReadOrder,
     ) -> std::io::Result<Option<(usize, usize)>> {
+        if order == ReadOrder::Scattered && !self.holds(offset, len, content.size()) {
+            return Ok(None);
+        }
+        if offset < self.start {
+            // New data behind the block: the block starts again there
+            // rather than leave it a read per datagram.
+            self.start = offset;
+            self.len = 0;
+        }
+        self.fill(content, offset, len).map(Some)
+    }
+
+    /// The block has the `len` bytes from `offset`, or all of them up to
+    /// the end of a file of `size` bytes: a block that reaches the end of
+    /// the file serves every later read.
+    fn holds(&self, offset: u64, len: usize, size: u64) -> bool {
         let block_end = self.start + self.len as u64;
-        let held = offset >= self.start
+        offset >= self.start
             && offset <= block_end
-            && (offset + len as u64 <= block_end || (self.len > 0 && block_end >= content.size()));
-        if held {
-            let from = (offset - self.start) as usize;
-            return Ok(Some((from, len.min(self.len - from))));
-        }
-        match order {
-            ReadOrder::Scattered => Ok(None),
-            ReadOrder::Sequential => {
-                if offset < self.start {
-                    // New data behind the block: the block starts again
-                    // there rather than leave it a read per datagram.
-                    self.start = offset;
-                    self.len = 0;
-                }
-                self.fill(content, offset, len).map(Some)
-            }
-        }
+            && (offset + len as u64 <= block_end || (self.len > 0 && block_end >= size))
     }
 
     /// Gives back the block's memory; the next read fills a new one.
@@ -375,16 +375,11 @@ impl BlockReader {
         offset: u64,
         len: usize,
     ) -> std::io::Result<(usize, usize)> {
-        let end = offset + len as u64;
-        let mut block_end = self.start + self.len as u64;
-        if offset > block_end {
+        if offset > self.start + self.len as u64 {
             self.start = offset;
             self.len = 0;
-            block_end = offset;
         }
-        // A block that reaches the end of the file serves every later read.
-        let at_file_end = self.len > 0 && block_end >= content.size();
-        if end > block_end && !at_file_end {
+        if !self.holds(offset, len, content.size()) {
             // Keep what is already here from `offset` on; read the rest.
             let keep_from = (offset - self.start) as usize;
             self.buf.copy_within(keep_from..self.len, 0);
@@ -1568,6 +1563,18 @@ mod tests {
     /// Memory content that counts the reads made of it.
     struct Counted(MemoryContent, AtomicUsize);
 
+    impl Counted {
+        /// `len` bytes of a repeating pattern, and content holding them.
+        fn pattern(len: u32) -> (Vec<u8>, Self) {
+            let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let content = MemoryContent {
+                bytes: bytes.clone(),
+                tag: 1,
+            };
+            (bytes, Counted(content, AtomicUsize::new(0)))
+        }
+    }
+
     impl Content for Counted {
         fn size(&self) -> u64 {
             self.0.size()
@@ -1597,14 +1604,7 @@ mod tests {
 
     #[test]
     fn block_reader_reads_once_per_block_and_resends_directly() {
-        let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-        let content = Counted(
-            MemoryContent {
-                bytes: bytes.clone(),
-                tag: 1,
-            },
-            AtomicUsize::new(0),
-        );
+        let (bytes, content) = Counted::pattern(200_000);
         let mut blocks = BlockReader::default();
         let mut out = vec![0u8; 1400];
         // In order through the whole file: one read per block.
@@ -1661,14 +1661,7 @@ mod tests {
 
     #[test]
     fn new_data_after_index_sent_ahead_is_still_read_a_block_at_a_time() {
-        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        let content = Counted(
-            MemoryContent {
-                bytes: bytes.clone(),
-                tag: 1,
-            },
-            AtomicUsize::new(0),
-        );
+        let (bytes, content) = Counted::pattern(300_000);
         let mut blocks = BlockReader::default();
         let mut out = Vec::new();
         // The index at the end of the file goes first, ahead of the data.
