@@ -14,19 +14,27 @@ DEMO_PORT ?= 50000
 .PHONY: all deps venv build test lint demo demo-clip bench fuzz load clean install uninstall \
 	install-service uninstall-service
 FUZZ_SECONDS ?= 60
+# The kernel-level tests drop packets with nftables and shape links with
+# tc in network namespaces of their own.
+TEST_PACKAGES := nftables iproute2
 BENCH_PACKAGES := nginx nftables iproute2
 
-all: build
-
-# Installs only what is missing, so a second run costs nothing.
-deps:
-	@missing=""; for p in $(APT_PACKAGES); do \
+# Installs those of the packages named in $(1) that are missing, so a
+# second run costs nothing.
+define apt_install
+	@missing=""; for p in $(1); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 		echo "Installing:$$missing"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
+endef
+
+all: build
+
+deps:
+	$(call apt_install,$(APT_PACKAGES))
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust 1.85 or newer (https://rustup.rs)"; exit 1; }
 
 build: deps
@@ -48,6 +56,7 @@ $(MOTO): | deps
 venv: $(MOTO)
 
 test: build lint venv
+	$(call apt_install,$(TEST_PACKAGES))
 	$(CARGO) test --workspace
 
 # Install: the plugin where GStreamer looks without any environment
@@ -130,10 +139,7 @@ demo: build demo-clip
 # impairments; prints a table and writes target/bench/results.md.
 # Not part of `make test`. Needs root for nftables and network namespaces.
 bench: deps venv
-	@missing=""; for p in $(BENCH_PACKAGES); do \
-		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
+	$(call apt_install,$(BENCH_PACKAGES))
 	$(CARGO) build --release --workspace --lib --bins --examples
 	$(CARGO) bench --bench bench
 
