@@ -1096,6 +1096,7 @@ impl ClientConnection {
                 if let Some(sent) = self.rtt_ping_sent.take() {
                     self.rtt
                         .update(now.saturating_duration_since(sent), Duration::ZERO);
+                    self.acks.set_max_delay(self.rtt.ack_delay());
                     // The read-ahead counts the RTT.
                     self.apply_read_ahead(now);
                 }
@@ -1220,6 +1221,14 @@ impl ClientConnection {
         } else {
             RTT_PING_INTERVAL
         }
+    }
+
+    /// Acknowledges at once what arrived and is not yet acknowledged: for
+    /// a driver that let datagrams wait in the socket for a while (the
+    /// blocking client's coalesced looks), so their ACK delay was spent
+    /// there and waiting again would take it past what the sender allows.
+    pub fn acknowledge_now(&mut self, now: Instant) {
+        self.acks.hurry(now);
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {

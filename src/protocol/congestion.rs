@@ -224,9 +224,12 @@ pub const BBR_STARTUP_DELAY_SAMPLES: u32 = 8;
 /// nothing about a queue.
 pub const BBR_STARTUP_DELAY_MIN_WINDOW_PACKETS: u64 = 16;
 /// Time beyond the path's round trip an ACK can take to come back: the
-/// receiver's largest ACK delay plus one timer tick of the drivers.
-pub const BBR_ACK_FEEDBACK_DELAY: Duration =
-    Duration::from_millis(super::rtt::MAX_ACK_DELAY.as_millis() as u64 + 1);
+/// receiver's largest ACK delay on a path of `min_rtt` (see
+/// [`super::rtt::ack_delay_allowance_for`]) plus one timer tick of the
+/// drivers.
+pub fn bbr_ack_feedback_delay(min_rtt: Duration) -> Duration {
+    super::rtt::ack_delay_allowance_for(Some(min_rtt)) + Duration::from_millis(1)
+}
 /// A ProbeBW up-phase (gain 1.25) whose delivery rate grew at least this
 /// much found a link with room: startup probes again (see `judge_probe`).
 pub const BBR_PROBE_ROOM_GROWTH: f64 = 1.2;
@@ -617,8 +620,10 @@ impl Bbr {
         // round trip is tens of microseconds, a window of gain × BDP would be
         // the four-datagram floor, every loss would wait for a probe timeout
         // and the link would idle between ACKs. The window covers the rate
-        // over that feedback delay too (at 20 Mbit/s it adds 15 KB).
-        let feedback = (self.bottleneck_bw() * BBR_ACK_FEEDBACK_DELAY.as_secs_f64()) as u64;
+        // over that feedback delay too (at 20 Mbit/s it adds 15 KB on a LAN,
+        // 52 KB on a 80 ms path).
+        let feedback =
+            (self.bottleneck_bw() * bbr_ack_feedback_delay(self.min_rtt()).as_secs_f64()) as u64;
         // Startup grows the window by what is acknowledged anyway.
         let aggregation = match self.mode {
             BbrMode::Startup => 0,
@@ -1029,7 +1034,8 @@ mod tests {
         assert_eq!(cc.mode(), BbrMode::ProbeBw);
         assert!((cc.bottleneck_bw() - 2_500_000.0).abs() < 1.0);
         let bdp = 2_500_000.0 * 0.05;
-        let feedback = 2_500_000.0 * BBR_ACK_FEEDBACK_DELAY.as_secs_f64();
+        let feedback =
+            2_500_000.0 * bbr_ack_feedback_delay(Duration::from_millis(50)).as_secs_f64();
         // One ACK a round acknowledges a whole round's bytes at once, a
         // bunch the window allows for on top of twice the BDP.
         let bunch = bdp;
@@ -1083,7 +1089,7 @@ mod tests {
         let mut cc = Bbr::new(1400);
         let rate = 100_000_000.0;
         steady_at(&mut cc, t0, 200, rate, 0.0, Duration::from_micros(60));
-        let over_feedback = rate * BBR_ACK_FEEDBACK_DELAY.as_secs_f64();
+        let over_feedback = rate * bbr_ack_feedback_delay(Duration::from_micros(60)).as_secs_f64();
         assert!(cc.window() as f64 >= over_feedback, "{}", cc.window());
     }
 

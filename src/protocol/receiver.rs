@@ -241,18 +241,40 @@ impl StreamReceiver {
 }
 
 /// Which packet numbers arrived and when an ACK is due.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AckTracker {
     received: RangeSet,
     largest: Option<(u64, Instant)>,
     unacked_eliciting: u32,
     ack_deadline: Option<Instant>,
     duplicates: u64,
+    /// How long an ACK may wait for more packets: the path's ACK delay
+    /// ([`super::rtt::RttEstimator::ack_delay`]).
+    max_delay: Duration,
+}
+
+impl Default for AckTracker {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl AckTracker {
     pub fn new() -> Self {
-        Self::default()
+        AckTracker {
+            received: RangeSet::default(),
+            largest: None,
+            unacked_eliciting: 0,
+            ack_deadline: None,
+            duplicates: 0,
+            max_delay: MAX_ACK_DELAY,
+        }
+    }
+
+    /// Sets how long later ACKs may wait, as the path's round trip becomes
+    /// known.
+    pub fn set_max_delay(&mut self, delay: Duration) {
+        self.max_delay = delay;
     }
 
     /// Records an ack-eliciting packet. Returns false for a duplicate.
@@ -278,7 +300,7 @@ impl AckTracker {
         let deadline = if out_of_order || self.unacked_eliciting >= ACK_ELICITING_THRESHOLD {
             now
         } else {
-            now + MAX_ACK_DELAY
+            now + self.max_delay
         };
         self.ack_deadline = Some(self.ack_deadline.map_or(deadline, |d| d.min(deadline)));
         true
@@ -290,6 +312,14 @@ impl AckTracker {
 
     pub fn ack_deadline(&self) -> Option<Instant> {
         self.ack_deadline
+    }
+
+    /// Makes the ACK of packets not yet acknowledged due at once, if there
+    /// are any.
+    pub fn hurry(&mut self, now: Instant) {
+        if self.unacked_eliciting > 0 {
+            self.ack_deadline = Some(now);
+        }
     }
 
     /// Asks for an ACK at once (e.g. to carry a window update).
