@@ -458,4 +458,21 @@ mod tests {
         assert!(!a.on_packet(t, 7));
         assert_eq!(a.duplicates(), 1);
     }
+
+    #[test]
+    fn a_long_path_s_ack_waits_longer_and_hurry_sends_only_what_is_owed() {
+        let t = Instant::now();
+        let mut a = AckTracker::new();
+        a.set_max_delay(Duration::from_millis(10));
+        a.on_packet(t, 1);
+        assert_eq!(a.ack_deadline(), Some(t + Duration::from_millis(10)));
+        // After a coalesced look the driver hurries the ACK it owes.
+        let later = t + Duration::from_millis(9);
+        a.hurry(later);
+        assert_eq!(a.ack_deadline(), Some(later));
+        a.build(later);
+        // With nothing unacknowledged, hurrying sends no empty ACK.
+        a.hurry(later);
+        assert_eq!(a.ack_deadline(), None);
+    }
 }
