@@ -568,15 +568,20 @@ fn a_viewer_whose_acks_are_lost_in_a_burst_waits_seconds_not_ten() {
     // ACK, the server sat on a full window of packets the client held, and
     // playback stopped for 3.0-5.7 s in these seeds (5.7, 5.1, 3.0). The
     // ACK is now repeated at the probe's first interval. (Seed 8 lost 10.2
-    // s that way before; with the repeat its loss draws fall elsewhere and
-    // it shows the mirror case, a burst on the way down stretched by the
-    // server's backed-off probes: not fixed.) Seed 38 then
+    // s that way before; with the repeat its loss draws fell elsewhere and
+    // it showed the mirror case, a burst on the way down stretched by the
+    // server's backed-off probes, 10.2 s again; since the ACK delay scales
+    // with the path its draws fall elsewhere again: 0.4 s, no underrun.
+    // Not known to be fixed, so it stays here.) Seed 38 then
     // still stopped for 10.7 s: the silence had become a persistent
     // congestion, whose reset to the smallest window and a new startup
     // stood although the first ACK after it acknowledged packets sent
     // before it (the path had carried them); that reset is now undone.
+    // Seeds 1-40 (2 Dec, evening; 441 s in a debug build, so not here):
+    // underruns in 6, the longest 1.7 s; before the ACK delay scaled with
+    // the path, in 9, the longest 10.2 s (seed 8).
     use crate::impairment::GilbertElliott;
-    for seed in [1, 19, 20, 38] {
+    for seed in [1, 8, 19, 20, 38] {
         let mut down = link(Some(20_000_000), 40);
         down.queue_bytes = 256 * 1024;
         down.burst = Some(GilbertElliott::with_rate(0.03, 8.0));
