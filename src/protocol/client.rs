@@ -966,7 +966,7 @@ impl ClientConnection {
     fn on_data(&mut self, now: Instant, pn: u64, transfer_id: u32, offset: u64, payload: &[u8]) {
         let probe_interval = self.window_probe_interval();
         self.stats.data_packets += 1;
-        self.acks.on_packet(now, pn);
+        self.acks.on_packet(now, pn, self.rtt.ack_delay());
         let Some(t) = self.transfer.as_mut().filter(|t| t.id == transfer_id) else {
             self.stats.stale_packets += 1;
             return;
@@ -1096,7 +1096,6 @@ impl ClientConnection {
                 if let Some(sent) = self.rtt_ping_sent.take() {
                     self.rtt
                         .update(now.saturating_duration_since(sent), Duration::ZERO);
-                    self.acks.set_max_delay(self.rtt.ack_delay());
                     // The read-ahead counts the RTT.
                     self.apply_read_ahead(now);
                 }

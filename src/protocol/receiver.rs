@@ -5,7 +5,6 @@
 use std::time::{Duration, Instant};
 
 use super::ranges::RangeSet;
-use super::rtt::MAX_ACK_DELAY;
 use super::wire::{AckRange, MAX_ACK_RANGES};
 
 /// Acknowledge at once after this many ack-eliciting packets (RFC 9000
@@ -241,44 +240,25 @@ impl StreamReceiver {
 }
 
 /// Which packet numbers arrived and when an ACK is due.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct AckTracker {
     received: RangeSet,
     largest: Option<(u64, Instant)>,
     unacked_eliciting: u32,
     ack_deadline: Option<Instant>,
     duplicates: u64,
-    /// How long an ACK may wait for more packets: the path's ACK delay
-    /// ([`super::rtt::RttEstimator::ack_delay`]).
-    max_delay: Duration,
-}
-
-impl Default for AckTracker {
-    fn default() -> Self {
-        Self::new()
-    }
 }
 
 impl AckTracker {
     pub fn new() -> Self {
-        AckTracker {
-            received: RangeSet::default(),
-            largest: None,
-            unacked_eliciting: 0,
-            ack_deadline: None,
-            duplicates: 0,
-            max_delay: MAX_ACK_DELAY,
-        }
+        Self::default()
     }
 
-    /// Sets how long later ACKs may wait, as the path's round trip becomes
-    /// known.
-    pub fn set_max_delay(&mut self, delay: Duration) {
-        self.max_delay = delay;
-    }
-
-    /// Records an ack-eliciting packet. Returns false for a duplicate.
-    pub fn on_packet(&mut self, now: Instant, pn: u64) -> bool {
+    /// Records an ack-eliciting packet, whose ACK may wait up to
+    /// `max_delay` for more (the path's ACK delay,
+    /// [`super::rtt::RttEstimator::ack_delay`]). Returns false for a
+    /// duplicate.
+    pub fn on_packet(&mut self, now: Instant, pn: u64, max_delay: Duration) -> bool {
         if self.received.contains(pn) {
             self.duplicates += 1;
             // The sender may have missed our ACK: acknowledge again soon.
@@ -300,7 +280,7 @@ impl AckTracker {
         let deadline = if out_of_order || self.unacked_eliciting >= ACK_ELICITING_THRESHOLD {
             now
         } else {
-            now + self.max_delay
+            now + max_delay
         };
         self.ack_deadline = Some(self.ack_deadline.map_or(deadline, |d| d.min(deadline)));
         true
@@ -351,6 +331,7 @@ impl AckTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::rtt::MAX_ACK_DELAY;
 
     #[test]
     fn reassembles_out_of_order_and_duplicates() {
@@ -437,10 +418,10 @@ mod tests {
         let t = Instant::now();
         let mut a = AckTracker::new();
         for pn in 1..ACK_ELICITING_THRESHOLD as u64 {
-            a.on_packet(t, pn);
+            a.on_packet(t, pn, MAX_ACK_DELAY);
             assert_eq!(a.ack_deadline(), Some(t + MAX_ACK_DELAY));
         }
-        a.on_packet(t, 4);
+        a.on_packet(t, 4, MAX_ACK_DELAY);
         assert_eq!(a.ack_deadline(), Some(t));
         let (ranges, _) = a.build(t);
         assert_eq!(
@@ -451,11 +432,11 @@ mod tests {
             }]
         );
         // 5 and 6 are missing: a gap is acknowledged at once.
-        a.on_packet(t, 7);
+        a.on_packet(t, 7, MAX_ACK_DELAY);
         assert_eq!(a.ack_deadline(), Some(t));
         let (ranges, _) = a.build(t);
         assert_eq!(ranges.len(), 2);
-        assert!(!a.on_packet(t, 7));
+        assert!(!a.on_packet(t, 7, MAX_ACK_DELAY));
         assert_eq!(a.duplicates(), 1);
     }
 
@@ -463,8 +444,7 @@ mod tests {
     fn a_long_path_s_ack_waits_longer_and_hurry_sends_only_what_is_owed() {
         let t = Instant::now();
         let mut a = AckTracker::new();
-        a.set_max_delay(Duration::from_millis(10));
-        a.on_packet(t, 1);
+        a.on_packet(t, 1, Duration::from_millis(10));
         assert_eq!(a.ack_deadline(), Some(t + Duration::from_millis(10)));
         // After a coalesced look the driver hurries the ACK it owes.
         let later = t + Duration::from_millis(9);
