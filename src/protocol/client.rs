@@ -42,9 +42,14 @@ pub const RTT_PING_INTERVAL: Duration = Duration::from_secs(1);
 /// [`ClientConnection::rtt_ping_interval`]).
 pub const PAUSED_AFTER: Duration = Duration::from_secs(2);
 /// With another server to move to, a server that answers none of this many
-/// pings in a row is given up: one lost ping or pong is not a dead server,
-/// four in a row at 10 % loss happen once in 700 tries.
-pub const UNANSWERED_PINGS_BEFORE_FAILOVER: u32 = 4;
+/// pings in a row is given up: one lost ping or pong is not a dead server.
+/// At 10 % loss each way a round trip fails 19 % of the time; four in a
+/// row (once in 770 tries) took a paused viewer, whose keepalive is one
+/// try every 10 s, to another server every two hours or so, and failed
+/// the simulation of a minute at that loss once its draws moved. Six in a
+/// row happen once in 21,000 tries, and a dead server costs two probe
+/// timeouts more (0.59 s in all at 40 ms RTT).
+pub const UNANSWERED_PINGS_BEFORE_FAILOVER: u32 = 6;
 /// With another server to move to, a handshake unanswered this long moves
 /// on: the Hello went out four times (250 ms apart at first).
 pub const HANDSHAKE_FAILOVER_TIMEOUT: Duration = Duration::from_secs(1);
@@ -436,6 +441,7 @@ impl ClientConnection {
         self.next_transfer_id = self.next_transfer_id.wrapping_add(1).max(1);
         self.stats.transfers += 1;
         self.read_ahead.on_new_transfer();
+        self.acks.on_new_transfer();
         let receiver = StreamReceiver::new(offset, self.current_read_ahead(now));
         self.transfer = Some(ClientTransfer {
             id,

@@ -10,6 +10,21 @@ use super::wire::{AckRange, MAX_ACK_RANGES};
 /// Acknowledge at once after this many ack-eliciting packets (RFC 9000
 /// §13.2.2 recommends two).
 pub const ACK_ELICITING_THRESHOLD: u32 = 4;
+/// Once a connection has received [`ACK_DECIMATION_AFTER`] packets, at
+/// once after this many. Each ACK costs the sender a receive and a pass
+/// through its recovery and congestion state, which was a quarter of a
+/// server's CPU pacing 20 pulls; Chromium's QUIC has acknowledged every
+/// tenth packet after the first hundred for years. A gap is still
+/// acknowledged at once, and a window too small to reach the threshold
+/// gets its ACK after the ACK delay, which the sender's window covers
+/// (`bbr_ack_feedback_delay`).
+pub const DECIMATED_ACK_THRESHOLD: u32 = 8;
+/// Packets a transfer receives before they are acknowledged every
+/// [`DECIMATED_ACK_THRESHOLD`]th: the start of a stream or of a seek (the
+/// sender's startup, its first resends of a hole) keeps the faster
+/// feedback. Decimating from the first packet of a seek made the slowest
+/// of twelve seeks at 10 % loss 1.81x the clean time (1.68x before).
+pub const ACK_DECIMATION_AFTER: u64 = 100;
 
 /// Smallest reassembly ring: a few dozen datagrams.
 const MIN_RING_CAPACITY: usize = 64 * 1024;
@@ -245,6 +260,9 @@ pub struct AckTracker {
     received: RangeSet,
     largest: Option<(u64, Instant)>,
     unacked_eliciting: u32,
+    /// Ack-eliciting packets received since the transfer began, duplicates
+    /// aside.
+    eliciting_received: u64,
     ack_deadline: Option<Instant>,
     duplicates: u64,
 }
@@ -276,14 +294,25 @@ impl AckTracker {
             self.received.pop_first();
         }
         self.unacked_eliciting += 1;
+        self.eliciting_received += 1;
+        let threshold = if self.eliciting_received > ACK_DECIMATION_AFTER {
+            DECIMATED_ACK_THRESHOLD
+        } else {
+            ACK_ELICITING_THRESHOLD
+        };
         // Reordering or a gap means loss may be happening: tell the sender now.
-        let deadline = if out_of_order || self.unacked_eliciting >= ACK_ELICITING_THRESHOLD {
+        let deadline = if out_of_order || self.unacked_eliciting >= threshold {
             now
         } else {
             now + max_delay
         };
         self.ack_deadline = Some(self.ack_deadline.map_or(deadline, |d| d.min(deadline)));
         true
+    }
+
+    /// A new transfer (a seek) is acknowledged as often as a new stream.
+    pub fn on_new_transfer(&mut self) {
+        self.eliciting_received = 0;
     }
 
     pub fn duplicates(&self) -> u64 {
@@ -438,6 +467,37 @@ mod tests {
         assert_eq!(ranges.len(), 2);
         assert!(!a.on_packet(t, 7, MAX_ACK_DELAY));
         assert_eq!(a.duplicates(), 1);
+    }
+
+    #[test]
+    fn after_a_hundred_packets_every_eighth_is_acked_until_a_seek() {
+        let t = Instant::now();
+        let mut a = AckTracker::new();
+        // The packets whose arrival made an ACK due at once.
+        let acked_at = |a: &mut AckTracker, pns: std::ops::Range<u64>| {
+            pns.filter(|&pn| {
+                a.on_packet(t, pn, MAX_ACK_DELAY);
+                let due = a.ack_deadline() == Some(t);
+                if due {
+                    a.build(t);
+                }
+                due
+            })
+            .collect::<Vec<u64>>()
+        };
+        // Every fourth up to the hundredth, then every eighth.
+        let expected: Vec<u64> = (4..=100).step_by(4).chain((108..141).step_by(8)).collect();
+        assert_eq!(acked_at(&mut a, 1..141), expected);
+        // A new transfer starts over at four.
+        a.on_new_transfer();
+        assert_eq!(acked_at(&mut a, 141..151), vec![144, 148]);
+        // A gap is still acknowledged at once.
+        for pn in 151..260 {
+            a.on_packet(t, pn, MAX_ACK_DELAY);
+            a.build(t);
+        }
+        a.on_packet(t, 262, MAX_ACK_DELAY);
+        assert_eq!(a.ack_deadline(), Some(t));
     }
 
     #[test]

@@ -1321,7 +1321,10 @@ fn seek_time(seed: u64, loss: f64) -> Duration {
 /// a hole costs one round trip, not one per loss of its resend. Over these
 /// twelve seeds the mean was 1.79x the clean time before, 1.52x with it.
 /// With a third copy in the first 256 KB no seed takes a second round trip
-/// for a hole: the slowest went from 1.94x (seed 4) to 1.68x.
+/// for a hole: the slowest went from 1.94x (seed 4) to 1.68x. The slowest
+/// of a dozen is chance as much as design: over seeds 1-60 it was 2.45x
+/// (mean 1.61x) before ACKs were decimated after a transfer's first 100
+/// packets, and 1.98x (mean 1.60x) after, when seed 2 of these took 1.98x.
 #[test]
 fn seeks_at_ten_percent_loss_stay_near_the_clean_time() {
     let clean = seek_time(1, 0.0);
@@ -1334,7 +1337,7 @@ fn seeks_at_ten_percent_loss_stay_near_the_clean_time() {
     );
     let slowest = lossy.iter().max().copied().unwrap_or_default();
     assert!(
-        slowest.as_secs_f64() < clean.as_secs_f64() * 1.8,
+        slowest.as_secs_f64() < clean.as_secs_f64() * 2.1,
         "clean {clean:?}, at 10 % loss {lossy:?}: the slowest {slowest:?}"
     );
 }
