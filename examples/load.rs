@@ -11,14 +11,16 @@
 //! ```text
 //! cargo run --release --example load -- [CLIENTS] [FILE_MIB] [PIPELINES]
 //! cargo run --release --example load -- viewers [N] [MBIT] [SECONDS] [udpvid|udpvid-threads|http]
-//! cargo run --release --example load -- paced [N] [TOTAL_MBIT] [FILE_MIB]
+//! cargo run --release --example load -- paced [N] [TOTAL_MBIT] [FILE_MIB] [RTT_MS]
 //! cargo run --release --example load -- paused [N] [SECONDS]
 //! ```
 //!
 //! `paced`: N pulls as fast as they can through one bottleneck of
-//! TOTAL_MBIT (the impairment proxy's rate cap, shared), so congestion
-//! control paces every session: the server's CPU per GB when it is the
-//! pacer, not the loopback.
+//! TOTAL_MBIT (the impairment proxy's rate cap, shared, with a 512 KB
+//! queue) and RTT_MS of round trip (0 by default), so congestion control
+//! paces every session: the server's CPU per GB when it is the pacer, not
+//! the loopback. The proxy's count of the server's datagrams, against
+//! those the files need, shows what resends cost.
 //!
 //! `viewers` is the other shape of load: N viewers that consume in real
 //! time at MBIT each (with the element's adaptive read-ahead), as people
@@ -49,7 +51,9 @@ use std::time::{Duration, Instant};
 use gstudpvid::blocking_client::BlockingClient;
 use gstudpvid::protocol::ClientConfig;
 use gstudpvid::protocol::read_ahead::ReadAhead;
-use gstudpvid::protocol::wire::{AckRange, Body, OpenRequest, Packet, TransferKind};
+use gstudpvid::protocol::wire::{
+    AckRange, Body, DEFAULT_MAX_PAYLOAD, OpenRequest, Packet, TransferKind,
+};
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
@@ -953,6 +957,7 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(20);
     let mbit: f64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(200.0);
     let file_mib: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(16);
+    let rtt_ms: f64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(0.0);
     let dir = std::env::temp_dir().join(format!("udpvid-paced-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("paced dir");
@@ -978,6 +983,8 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
             &mbit.to_string(),
             "--down-queue-kb",
             "512",
+            "--delay-ms",
+            &(rtt_ms / 2.0).to_string(),
         ])
         // LOAD_PROXY_TRACE=FILE: the proxy's datagram-by-datagram trace, to
         // read why a starving session hears nothing.
@@ -1007,8 +1014,7 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
         wakeups: wake,
         per_thread,
     } = ServerCost::sample(pid).since(&before);
-    let _ = proxy.kill();
-    let _ = proxy.wait();
+    let bottleneck = stop_proxy(&mut proxy);
     let _ = server.kill();
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&dir);
@@ -1024,7 +1030,9 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
     let gb = bytes as f64 / 1e9;
     println!("| measure | value |");
     println!("|---|---|");
-    println!("| pulls | {n} of {file_mib} MiB through one {mbit} Mbit/s bottleneck |");
+    println!(
+        "| pulls | {n} of {file_mib} MiB through one {mbit} Mbit/s bottleneck (512 KB queue), {rtt_ms} ms RTT |"
+    );
     println!("| byte-exact | {} |", n - failures.len());
     println!(
         "| throughput | {:.1} Mbit/s in {:.1} s |",
@@ -1032,6 +1040,13 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
         elapsed.as_secs_f64()
     );
     print_server_cost(cpu, gb, wake, elapsed, &per_thread);
+    // What was resent shows here: the server's datagrams against the
+    // file's, and how many the bottleneck's queue dropped.
+    println!(
+        "| bottleneck, server to clients | {} ({} datagrams of payload in the files) |",
+        bottleneck.as_deref().unwrap_or("no report"),
+        n as u64 * ((file_mib as u64) << 20).div_ceil(DEFAULT_MAX_PAYLOAD as u64)
+    );
     for f in failures.iter().take(10) {
         eprintln!("{f}");
     }
@@ -1040,6 +1055,29 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// Stops the impairment proxy as an operator would (SIGTERM), which makes
+/// it report what each direction carried; returns the down direction's.
+fn stop_proxy(proxy: &mut Child) -> Option<String> {
+    let _ = Command::new("kill")
+        .args(["-TERM", &proxy.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.try_wait().ok().flatten().is_none() {
+        if Instant::now() > deadline {
+            let _ = proxy.kill();
+            let _ = proxy.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut report = String::new();
+    proxy.stdout.as_mut()?.read_to_string(&mut report).ok()?;
+    report
+        .lines()
+        .find_map(|l| l.strip_prefix("down (server -> client): "))
+        .map(str::to_string)
 }
 
 fn main() -> ExitCode {
