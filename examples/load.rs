@@ -61,6 +61,8 @@ use sha2::{Digest, Sha256};
 mod cpu_affinity;
 #[path = "support/evented_viewers.rs"]
 mod evented_viewers;
+#[path = "../benches/common/impair_report.rs"]
+mod impair_report;
 #[path = "../benches/common/nginx.rs"]
 mod nginx;
 #[path = "../benches/common/proc_stat.rs"]
@@ -1014,7 +1016,8 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
         wakeups: wake,
         per_thread,
     } = ServerCost::sample(pid).since(&before);
-    let bottleneck = stop_proxy(&mut proxy);
+    let report = impair_report::stop_for_report(&mut proxy);
+    let bottleneck = impair_report::server_to_client(&report);
     let _ = server.kill();
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&dir);
@@ -1044,7 +1047,7 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
     // file's, and how many the bottleneck's queue dropped.
     println!(
         "| bottleneck, server to clients | {} ({} datagrams of payload in the files) |",
-        bottleneck.as_deref().unwrap_or("no report"),
+        bottleneck.unwrap_or("no report"),
         n as u64 * ((file_mib as u64) << 20).div_ceil(DEFAULT_MAX_PAYLOAD as u64)
     );
     for f in failures.iter().take(10) {
@@ -1055,29 +1058,6 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
-}
-
-/// Stops the impairment proxy as an operator would (SIGTERM), which makes
-/// it report what each direction carried; returns the down direction's.
-fn stop_proxy(proxy: &mut Child) -> Option<String> {
-    let _ = Command::new("kill")
-        .args(["-TERM", &proxy.id().to_string()])
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while proxy.try_wait().ok().flatten().is_none() {
-        if Instant::now() > deadline {
-            let _ = proxy.kill();
-            let _ = proxy.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut report = String::new();
-    proxy.stdout.as_mut()?.read_to_string(&mut report).ok()?;
-    report
-        .lines()
-        .find_map(|l| l.strip_prefix("down (server -> client): "))
-        .map(str::to_string)
 }
 
 fn main() -> ExitCode {

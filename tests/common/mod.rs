@@ -11,6 +11,9 @@ use std::sync::{Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
 use gst::prelude::*;
+
+#[path = "../../benches/common/impair_report.rs"]
+mod impair_report;
 use sha2::{Digest, Sha256};
 
 pub fn init() {
@@ -232,16 +235,7 @@ impl Proxy {
     /// Stops the proxy (SIGTERM, so it prints its report) and returns its
     /// report.
     pub fn finish(mut self) -> String {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let mut out = String::new();
-        if let Some(mut stdout) = self.child.stdout.take() {
-            use std::io::Read;
-            let _ = stdout.read_to_string(&mut out);
-        }
-        let _ = self.child.wait();
-        out
+        impair_report::stop_for_report(&mut self.child)
     }
 }
 
