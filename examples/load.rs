@@ -929,8 +929,24 @@ fn paused(mut args: impl Iterator<Item = String>) -> ExitCode {
     }
 }
 
+/// How one pull went.
+struct Pulled {
+    bytes: u64,
+    sha256: Vec<u8>,
+    /// From connecting to the first bytes read.
+    first_byte: Duration,
+    /// The longest wait for one read of the file (a starving session
+    /// shows here, not in the throughput).
+    longest_wait: Duration,
+}
+
 /// Pulls `file` whole through `port`; returns the bytes and their SHA-256.
 fn pull(port: u16, file: &str, read_ahead: ReadAhead) -> Result<(u64, Vec<u8>), String> {
+    pull_timed(port, file, read_ahead).map(|p| (p.bytes, p.sha256))
+}
+
+fn pull_timed(port: u16, file: &str, read_ahead: ReadAhead) -> Result<Pulled, String> {
+    let started = Instant::now();
     let config = ClientConfig {
         read_ahead,
         ..Default::default()
@@ -941,10 +957,15 @@ fn pull(port: u16, file: &str, read_ahead: ReadAhead) -> Result<(u64, Vec<u8>), 
         .map_err(|e| e.to_string())?;
     let mut hash = Sha256::new();
     let mut got = 0u64;
+    let mut first_byte = None;
+    let mut longest_wait = Duration::ZERO;
     while got < opened.size {
+        let asked = Instant::now();
         let chunk = client
             .read_at(got, 256 * 1024, CLIENT_TIMEOUT)
             .map_err(|e| format!("at {got}: {e}"))?;
+        longest_wait = longest_wait.max(asked.elapsed());
+        first_byte.get_or_insert_with(|| started.elapsed());
         if chunk.is_empty() {
             break;
         }
@@ -952,7 +973,12 @@ fn pull(port: u16, file: &str, read_ahead: ReadAhead) -> Result<(u64, Vec<u8>), 
         hash.update(&chunk);
     }
     client.close();
-    Ok((got, hash.finalize().to_vec()))
+    Ok(Pulled {
+        bytes: got,
+        sha256: hash.finalize().to_vec(),
+        first_byte: first_byte.unwrap_or_default(),
+        longest_wait,
+    })
 }
 
 fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
@@ -1004,9 +1030,11 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
     let before = ServerCost::sample(pid);
     let started = Instant::now();
     let handles: Vec<_> = (0..n)
-        .map(|_| std::thread::spawn(move || pull(proxy_port, "f.bin", ReadAhead::Fixed(8 << 20))))
+        .map(|_| {
+            std::thread::spawn(move || pull_timed(proxy_port, "f.bin", ReadAhead::Fixed(8 << 20)))
+        })
         .collect();
-    let results: Vec<Result<(u64, Vec<u8>), String>> = handles
+    let results: Vec<Result<Pulled, String>> = handles
         .into_iter()
         .map(|h| h.join().unwrap_or_else(|_| Err("client panicked".into())))
         .collect();
@@ -1023,13 +1051,30 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
     let _ = std::fs::remove_dir_all(&dir);
     let mut bytes = 0;
     let mut failures = Vec::new();
+    let (mut first_bytes, mut waits) = (Vec::new(), Vec::new());
     for r in &results {
         match r {
-            Ok((got, d)) if *d == digest => bytes += got,
+            Ok(p) if p.sha256 == digest => {
+                bytes += p.bytes;
+                first_bytes.push(p.first_byte);
+                waits.push(p.longest_wait);
+            }
             Ok(_) => failures.push("copy differs".to_string()),
             Err(e) => failures.push(e.clone()),
         }
     }
+    first_bytes.sort();
+    waits.sort();
+    let median_and_worst = |v: &[Duration]| {
+        format!(
+            "median {:.2} s, slowest {:.2} s",
+            v.get(v.len() / 2)
+                .copied()
+                .unwrap_or_default()
+                .as_secs_f64(),
+            v.last().copied().unwrap_or_default().as_secs_f64()
+        )
+    };
     let gb = bytes as f64 / 1e9;
     println!("| measure | value |");
     println!("|---|---|");
@@ -1041,6 +1086,11 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
         "| throughput | {:.1} Mbit/s in {:.1} s |",
         bytes as f64 * 8.0 / 1e6 / elapsed.as_secs_f64(),
         elapsed.as_secs_f64()
+    );
+    println!("| first byte | {} |", median_and_worst(&first_bytes));
+    println!(
+        "| longest wait for a read (256 KiB) | {} |",
+        median_and_worst(&waits)
     );
     print_server_cost(cpu, gb, wake, elapsed, &per_thread);
     // What was resent shows here: the server's datagrams against the

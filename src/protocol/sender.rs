@@ -332,7 +332,12 @@ pub struct LossRecovery {
     pto_count: u32,
     loss_time: Option<Instant>,
     last_sent: Option<Instant>,
+    /// What the probe timer counts from: the last send, but not a probe a
+    /// waiting peer's ping earned (see [`Self::on_peer_waiting`]).
+    probe_timer_base: Option<Instant>,
     probe_credit: u32,
+    /// Of `probe_credit`, probes a ping earned.
+    ping_probe_credit: u32,
     stats: RecoveryStats,
     max_datagram: u64,
     pacer: Pacer,
@@ -360,7 +365,9 @@ impl LossRecovery {
             pto_count: 0,
             loss_time: None,
             last_sent: None,
+            probe_timer_base: None,
             probe_credit: 0,
+            ping_probe_credit: 0,
             stats: RecoveryStats::default(),
             max_datagram,
             pacer: Pacer::new(max_datagram),
@@ -499,6 +506,11 @@ impl LossRecovery {
             self.delivered_time = Some(now);
         }
         self.probe_credit = self.probe_credit.saturating_sub(1);
+        if self.ping_probe_credit > 0 {
+            self.ping_probe_credit -= 1;
+        } else {
+            self.probe_timer_base = Some(now);
+        }
         self.pacer.on_sent(size);
         self.bytes_in_flight += size;
         self.last_sent = Some(now);
@@ -684,7 +696,7 @@ impl LossRecovery {
             return None;
         }
         let backoff = 1u32 << self.pto_count.min(MAX_PTO_BACKOFF_EXPONENT);
-        self.last_sent
+        self.probe_timer_base
             .map(|t| t + self.rtt.probe_timeout() * backoff)
     }
 
@@ -710,7 +722,15 @@ impl LossRecovery {
             return outcome;
         }
         if self.sent.iter().any(&needed) {
+            let before = self.probe_credit;
             outcome.probe = self.start_probes(now, 1, needed);
+            // Its send must not restart the probe timer, which keeps its
+            // schedule: pinged every second, a sender whose probes all met
+            // a full queue never reached its second timeout (two probes, a
+            // longer backoff, a persistent congestion); in the simulation
+            // of 200 transfers through one queue such sessions counted one
+            // probe timeout in 20 s.
+            self.ping_probe_credit = self.probe_credit - before;
         }
         outcome
     }
@@ -768,9 +788,11 @@ impl LossRecovery {
             self.cc.on_persistent_congestion();
         }
         outcome.probe = self.start_probes(now, PROBE_PACKETS, needed);
+        self.ping_probe_credit = 0;
         // The probe timer restarts from now, not from the last send, so a
         // peer that is gone is not probed in a tight loop.
         self.last_sent = Some(now);
+        self.probe_timer_base = Some(now);
         outcome
     }
 }
@@ -1071,6 +1093,25 @@ mod tests {
         assert!(r.can_send(later, 1000));
         send(&mut r, 3, later);
         assert!(r.on_peer_waiting(later, needed).probe.is_empty());
+    }
+
+    #[test]
+    fn a_probe_a_ping_earned_leaves_the_probe_timer_on_its_schedule() {
+        let t0 = Instant::now();
+        let mut r = LossRecovery::new(1000);
+        send(&mut r, 0, t0);
+        let first = r.timeout().expect("pto armed");
+        assert_eq!(r.on_timeout(first, |_| true).probe.len(), 1);
+        send(&mut r, 1, first);
+        send(&mut r, 2, first);
+        let second = r.timeout().expect("pto armed");
+        // A ping halfway earns a probe; the timer still fires when it would.
+        let ping = first + (second - first) / 2;
+        assert_eq!(r.on_peer_waiting(ping, |_| true).probe.len(), 1);
+        send(&mut r, 3, ping);
+        assert_eq!(r.timeout(), Some(second));
+        assert_eq!(r.on_timeout(second, |_| true).probe.len(), 2);
+        assert_eq!(r.stats().probe_timeouts, 2);
     }
 
     #[test]

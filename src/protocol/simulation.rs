@@ -1098,8 +1098,12 @@ fn server_and_clients(
     Vec<SocketAddr>,
     Vec<ClientConnection>,
 ) {
+    // The clients share one address, as the load generator's do.
     let server = ServerEndpoint::new(
-        ServerConfig::default(),
+        ServerConfig {
+            max_sessions_per_address: super::server::DEFAULT_MAX_SESSIONS,
+            ..Default::default()
+        },
         MemoryStore {
             files: vec![("movie.mp4".into(), data.to_vec())],
         },
@@ -1502,19 +1506,46 @@ fn assert_all_heard_through_a_full_bottleneck(
     );
 }
 
+/// 200 transfers of 2 MB through one 200 Mbit/s link and a 512 KB queue
+/// (`load paced 200 200 4` without the load's files' size): no transfer
+/// may go silent for long. The clients, started together, ping together
+/// once a second; the probes the pings earned joined the back of the
+/// server's queue of sessions, behind the paced ones, and the bottleneck
+/// dropped that tail tick after tick: 50-60 sessions had no RTT sample
+/// after 15 s, one heard nothing new for 14.8 s (34.8 s with 4 MB files),
+/// past the element's 10 s timeout. Those probes now go first (as a probe
+/// timeout's do): 3.0 s.
+#[test]
+fn two_hundred_transfers_through_one_queue_all_keep_hearing() {
+    let run = through_a_full_bottleneck(200, 2_000_000, 200_000_000, 512_000);
+    let worst = run
+        .longest_silence
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or_default();
+    assert!(
+        worst < Duration::from_secs(6),
+        "a transfer heard nothing new for {worst:?} ({:.2} dropped)",
+        run.dropped
+    );
+}
+
 /// 64 transfers of 1 MB through one 64 Mbit/s link and a 160 KB queue,
-/// the shape of `load paced 200 200 4` scaled to the 64 sessions one
-/// address may hold: the sessions' bursts that share a timer tick leave
-/// back to back. With the pacer's floor of 8 datagrams each the queue
-/// dropped 46.6 % of what came in; with the floors sharing
-/// [`super::server::AGGREGATE_BURST_PACKETS`] out, 39.7 % (the window's
-/// floor of four datagrams each is more than this queue holds, so loss
-/// stays high; in the load, 56 % fell to 22 %).
+/// the shape of `load paced 200 200 4` scaled down: the sessions' bursts
+/// that share a timer tick leave back to back. With the pacer's floor of
+/// 8 datagrams each the queue dropped 46.6 % of what came in; with the
+/// floors sharing [`super::server::AGGREGATE_BURST_PACKETS`] out, 39.7 %
+/// (the window's floor of four datagrams each is more than this queue
+/// holds, so loss stays high; in the load, 56 % fell to 22 %). Since the
+/// probes that clients' pings earn go first, the sessions that used to
+/// wait out the run silent send too, and the queue drops more: 45.4 %
+/// shared, 52.2 % with the floor of 8.
 #[test]
 fn many_sessions_sharing_one_queue_share_out_their_bursts() {
     let run = through_a_full_bottleneck(64, 1_000_000, 64_000_000, 160_000);
     assert!(
-        run.dropped < 0.43,
+        run.dropped < 0.48,
         "{:.3} of the datagrams dropped",
         run.dropped
     );
