@@ -956,10 +956,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             s.ready = true;
             self.ready.push_back(id);
         }
-        if s.awaits_ack {
-            s.awaits_ack = false;
-            self.awaiting_ack -= 1;
-        }
+        stop_awaiting_ack(s, &mut self.awaiting_ack);
         self.reschedule(id);
     }
 
@@ -982,11 +979,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             self.ready.retain(|&r| r != id);
         }
         s.ready = true;
-        // Its probe leaves whatever the window says, as `wake` knows.
-        if s.awaits_ack {
-            s.awaits_ack = false;
-            self.awaiting_ack -= 1;
-        }
+        stop_awaiting_ack(s, &mut self.awaiting_ack);
         if self.turn.is_some_and(|(t, _)| t == id) {
             // Its turn is under way already.
         } else {
@@ -1554,6 +1547,15 @@ impl<S: ContentStore> ServerEndpoint<S> {
             .get(&id)
             .and_then(|s| s.transfer.as_ref())
             .map(|t| t.stream.window())
+    }
+}
+
+/// Something happened to session `s` (see `ServerEndpoint::wake`): it is
+/// no longer held back by its window alone, whatever it was before.
+fn stop_awaiting_ack(s: &mut Session, awaiting_ack: &mut usize) {
+    if s.awaits_ack {
+        s.awaits_ack = false;
+        *awaiting_ack -= 1;
     }
 }
 
