@@ -802,7 +802,16 @@ fn an_object_replaced_mid_stream_is_a_clear_error_and_nothing_is_spliced() {
     let bus = pipeline.bus().expect("bus");
     pipeline.set_state(gst::State::Playing).expect("playing");
     std::thread::sleep(Duration::from_millis(800));
+    // Paused while the object changes: on a loaded machine the upload can
+    // outlast the whole stream, which would then end before the change.
+    // Paused, the source holds its read-ahead and the server its session.
+    pipeline.set_state(gst::State::Paused).expect("paused");
+    let (paused, _, _) = pipeline.state(gst::ClockTime::from_seconds(10));
+    paused.expect("the pipeline did not pause");
     s3.put("library", &[("film.bin", &v2)]);
+    pipeline
+        .set_state(gst::State::Playing)
+        .expect("playing again");
     let outcome =
         common::wait_bus(&bus, Duration::from_secs(60)).unwrap_or(common::Outcome::TimedOut);
     pipeline.set_state(gst::State::Null).expect("null");

@@ -43,6 +43,10 @@ fn cargo_build(args: &[&str]) {
     // source too.
     let release = target_profile_dir().ends_with("release");
     let status = Command::new(cargo)
+        // `cargo test` sets this for the test; ring's build script tracks
+        // it, so passing it on would rebuild ring and everything above it
+        // (minutes) here, and again at the next build from a shell.
+        .env_remove("CARGO_MANIFEST_DIR")
         .arg("build")
         .args(release.then_some("--release"))
         .args(args)
@@ -56,7 +60,19 @@ pub fn server_binary() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {
-            cargo_build(&["-q", "-p", "udpvid-server"]);
+            // With the plugin's package selected too, as `cargo test
+            // --workspace` and `make build` build them: the library's
+            // features are then the same in both builds, which share its
+            // fingerprint and would otherwise rebuild each other.
+            cargo_build(&[
+                "-q",
+                "-p",
+                "udpvid-server",
+                "-p",
+                "gst-plugin-udpvid",
+                "--bin",
+                "server",
+            ]);
             let path = target_profile_dir().join("server");
             assert!(path.exists(), "server binary missing at {}", path.display());
             path
