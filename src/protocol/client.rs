@@ -14,7 +14,7 @@ use super::receiver::{AckTracker, StreamReceiver};
 use super::rtt::RttEstimator;
 use super::wire::{
     Body, CloseReason, ConnectionId, DataView, DecodeError, OpenErrorKind, OpenRequest, Packet,
-    TransferKind,
+    TransferKind, VERSION,
 };
 
 /// First resend of an unanswered Hello or Open.
@@ -926,7 +926,13 @@ impl ClientConnection {
                     None => {}
                 }
             }
-            (Phase::Handshake { .. }, Body::VersionNegotiation { supported }) => {
+            // One listing this client's own version answered some other
+            // datagram: an earlier socket's on this port (the OS reuses
+            // ports), or a forged one. RFC 9000 (6.2) has clients drop
+            // such lists too.
+            (Phase::Handshake { .. }, Body::VersionNegotiation { supported })
+                if !supported.contains(&VERSION) =>
+            {
                 self.events.push_back(ClientEvent::VersionMismatch {
                     server_supports: supported,
                 });

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 
+use super::client::ClientEvent;
 use super::client::{ClientConfig, ClientConnection};
 use super::server::{AMPLIFICATION_FACTOR, MemoryStore, ServerConfig, ServerEndpoint};
-use super::wire::{Body, CloseReason, OpenRequest, Packet, TransferKind};
+use super::wire::{Body, CloseReason, OpenRequest, Packet, TransferKind, VERSION};
 
 /// One 100 kB file, `a.mp4`.
 fn one_file() -> MemoryStore {
@@ -547,5 +548,80 @@ fn a_repeated_hello_is_answered_at_once() {
     assert!(
         answer.iter().any(|b| matches!(b, Body::OpenOk { .. })),
         "the early open is answered again too: {answer:?}"
+    );
+}
+
+/// Handshakes `c` with `s` over a lossless path, delivering `stray` to the
+/// client before the server's first answer; returns the client's events.
+fn handshake_after_a_stray(stray: &[u8]) -> Vec<ClientEvent> {
+    let now = Instant::now();
+    let mut s = server(now);
+    let from = SocketAddr::from(([192, 0, 2, 9], 4000));
+    let mut c = ClientConnection::new(ClientConfig::default(), 91, now);
+    c.open_file(now, "a.mp4", 0);
+    c.handle_datagram(now, stray);
+    let mut events = Vec::new();
+    let mut out = Vec::new();
+    for _ in 0..10 {
+        while let Some(d) = c.poll_transmit(now) {
+            s.handle_datagram(now, from, &d);
+        }
+        while s.poll_transmit(now, &mut out).is_some() {
+            c.handle_datagram(now, &out);
+        }
+        while let Some(e) = c.poll_event() {
+            events.push(e);
+        }
+    }
+    events
+}
+
+#[test]
+fn a_version_list_naming_the_clients_version_is_not_a_mismatch() {
+    // The answer the server gave some earlier socket on the same port (the
+    // OS reuses ports: the load generator's 200 clients hit it once).
+    let stray = Packet::new(
+        0,
+        0,
+        Body::VersionNegotiation {
+            supported: vec![VERSION],
+        },
+    )
+    .encode();
+    let events = handshake_after_a_stray(&stray);
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, ClientEvent::VersionMismatch { .. })),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| matches!(e, ClientEvent::Connected)),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn a_version_list_without_the_clients_version_is_a_mismatch() {
+    let other = VERSION.wrapping_add(1);
+    let list = Packet::new(
+        0,
+        0,
+        Body::VersionNegotiation {
+            supported: vec![other],
+        },
+    )
+    .encode();
+    let events = handshake_after_a_stray(&list);
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            ClientEvent::VersionMismatch { server_supports } if *server_supports == vec![other]
+        )),
+        "{events:?}"
+    );
+    assert!(
+        !events.iter().any(|e| matches!(e, ClientEvent::Connected)),
+        "{events:?}"
     );
 }
