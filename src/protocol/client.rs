@@ -948,8 +948,11 @@ impl ClientConnection {
                 self.heard(now);
                 self.auth_failed("the server requires a passphrase");
             }
+            // An unknown-connection Close answers a packet with a
+            // connection id, which a handshaking client has not sent: it
+            // is meant for an earlier socket on this port.
             (Phase::Handshake { .. }, Body::Close { reason, message })
-                if packet.connection_id == 0 =>
+                if packet.connection_id == 0 && reason != CloseReason::UnknownConnection =>
             {
                 self.heard(now);
                 self.events

@@ -625,3 +625,53 @@ fn a_version_list_without_the_clients_version_is_a_mismatch() {
         "{events:?}"
     );
 }
+
+#[test]
+fn an_unknown_connection_close_does_not_end_a_handshake() {
+    // What the server answers junk carrying connection id 0; a handshaking
+    // client sends nothing of the kind, so it was some earlier socket's.
+    let stray = Packet::new(
+        0,
+        0,
+        Body::Close {
+            reason: CloseReason::UnknownConnection,
+            message: String::new(),
+        },
+    )
+    .encode();
+    let events = handshake_after_a_stray(&stray);
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, ClientEvent::Closed { .. })),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| matches!(e, ClientEvent::Connected)),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn a_busy_server_still_ends_a_handshake() {
+    let refusal = Packet::new(
+        0,
+        0,
+        Body::Close {
+            reason: CloseReason::ServerBusy,
+            message: "full".into(),
+        },
+    )
+    .encode();
+    let events = handshake_after_a_stray(&refusal);
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            ClientEvent::Closed {
+                reason: CloseReason::ServerBusy,
+                ..
+            }
+        )),
+        "{events:?}"
+    );
+}
