@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 
-use super::client::ClientEvent;
-use super::client::{ClientConfig, ClientConnection};
+use super::client::{ClientConfig, ClientConnection, ClientEvent};
 use super::server::{AMPLIFICATION_FACTOR, MemoryStore, ServerConfig, ServerEndpoint};
 use super::wire::{Body, CloseReason, OpenRequest, Packet, TransferKind, VERSION};
 
@@ -551,8 +550,8 @@ fn a_repeated_hello_is_answered_at_once() {
     );
 }
 
-/// Handshakes `c` with `s` over a lossless path, delivering `stray` to the
-/// client before the server's first answer; returns the client's events.
+/// A client's events through a handshake over a lossless path, `stray`
+/// having reached it before it sent its first Hello.
 fn handshake_after_a_stray(stray: &[u8]) -> Vec<ClientEvent> {
     let now = Instant::now();
     let mut s = server(now);
