@@ -585,6 +585,7 @@ mod tests {
             assert_eq!(buf[..], data[10..1410]);
             assert_eq!(content.read_at(data.len() as u64, &mut buf).ok(), Some(0));
         });
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
