@@ -1095,7 +1095,7 @@ impl BlockingClient {
                 return Some(Ok(None));
             }
             let offset = inner.conn.read_offset()?;
-            let chunk = Bytes::from(inner.conn.read(Instant::now(), max)?);
+            let chunk = inner.conn.read(Instant::now(), max)?;
             inner.history.push(offset, chunk.clone());
             Some(Ok(Some(chunk)))
         });
@@ -1393,7 +1393,7 @@ impl BlockingClient {
                 break;
             };
             kept += chunk.len();
-            inner.history.push(offset, Bytes::from(chunk));
+            inner.history.push(offset, chunk);
         }
     }
 

@@ -4,6 +4,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use super::buffering::{self, BufferingCause, BufferingLevel, FlowState};
 use super::catalog::{self, CatalogEntry};
 use super::crypto::{Psk, SessionKeys};
@@ -722,7 +724,7 @@ impl ClientConnection {
     }
 
     /// Takes up to `max` bytes in order from the current file transfer.
-    pub fn read(&mut self, now: Instant, max: usize) -> Option<Vec<u8>> {
+    pub fn read(&mut self, now: Instant, max: usize) -> Option<Bytes> {
         let t = self.transfer.as_mut()?;
         if t.kind != TransferKind::File {
             return None;
@@ -744,7 +746,7 @@ impl ClientConnection {
     /// as the player's consumption: the transfer is about to be replaced
     /// by a jump, and the caller keeps these bytes in case the demuxer
     /// comes back. Returns the chunk's offset too.
-    pub fn salvage(&mut self, max: usize) -> Option<(u64, Vec<u8>)> {
+    pub fn salvage(&mut self, max: usize) -> Option<(u64, Bytes)> {
         let t = self.transfer.as_mut()?;
         if t.kind != TransferKind::File {
             return None;
