@@ -65,25 +65,25 @@ impl RangeSet {
         self.map.insert(start, end);
     }
 
-    /// Removes `r` from the set.
+    /// Removes `r` from the set, the last overlapping range first, without
+    /// collecting them (a server's every ACK and a client's every read
+    /// remove a range, and the list of them was an allocation each).
     pub fn remove(&mut self, r: Range<u64>) {
         if r.start >= r.end {
             return;
         }
-        let affected: Vec<(u64, u64)> = self
-            .map
-            .range(..r.end)
-            .rev()
-            .take_while(|&(_, &e)| e > r.start)
-            .map(|(&s, &e)| (s, e))
-            .collect();
-        for (s, e) in affected {
-            self.map.remove(&s);
-            if s < r.start {
-                self.map.insert(s, r.start);
+        while let Some((&s, &e)) = self.map.range(..r.end).next_back() {
+            if e <= r.start {
+                break;
             }
+            self.map.remove(&s);
             if e > r.end {
                 self.map.insert(r.end, e);
+            }
+            if s < r.start {
+                // Every range before this one ends before it starts.
+                self.map.insert(s, r.start);
+                break;
             }
         }
     }
