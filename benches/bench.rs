@@ -1748,7 +1748,10 @@ fn main() {
         let _ = writeln!(out, "## Full-file pull (as fast as possible)\n");
         let _ = writeln!(
             out,
-            "Client CPU: this process's, less the HTTP relay's threads; the impairment proxy is a process of its own.\n"
+            "Client CPU: this process's, less the HTTP relay's threads; the impairment proxy is a process of its own. \
+             On the delayed paths HTTP's TCP ends at the relay on both sides, on loopback: its congestion control never \
+             sees the round trip, so its row has no slow start (its time is the link's time for its bytes plus one round \
+             trip), while udpvid's controller ramps up over the real round trip.\n"
         );
         let _ = writeln!(
             out,
