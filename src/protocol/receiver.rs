@@ -123,10 +123,10 @@ impl Drop for PooledBlock {
 }
 
 /// Writes `data` at `at` in a block whose length is how far into it bytes
-/// were written. Bytes mostly arrive in order, so they are appended; a
-/// block is not zeroed when it is allocated (as long as the copy into it,
-/// on the thread that also receives), only a gap that a later datagram
-/// fills.
+/// were written. Bytes mostly arrive in order, so they are appended, and
+/// only a gap (which a later datagram fills) is zeroed: zeroing each block
+/// when it was allocated cost as much as the copy into it, on the thread
+/// that also receives.
 fn fill(buf: &mut Vec<u8>, at: usize, data: &[u8]) {
     if at > buf.len() {
         buf.resize(at, 0);
