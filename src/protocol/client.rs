@@ -1136,7 +1136,7 @@ impl ClientConnection {
         t.catalog_delivered = true;
         let mut bytes = Vec::new();
         while let Some(chunk) = t.receiver.read(usize::MAX) {
-            bytes.extend(chunk);
+            bytes.extend_from_slice(&chunk);
         }
         match catalog::decode(&bytes) {
             Ok(entries) => self.events.push_back(ClientEvent::Catalog(entries)),

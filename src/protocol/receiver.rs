@@ -522,7 +522,7 @@ mod tests {
         assert_eq!(r.available(), 20);
         let mut got = Vec::new();
         while let Some(chunk) = r.read(7) {
-            got.extend(chunk);
+            got.extend_from_slice(&chunk);
         }
         let mut want = vec![0; 5];
         want.extend([1; 5]);
@@ -564,7 +564,7 @@ mod tests {
                 r.insert(at, &stream[at as usize..(at + n) as usize]);
                 if rng.gen_bool(0.3) {
                     if let Some(chunk) = r.read(rng.gen_range(1..100_000)) {
-                        out.extend(chunk);
+                        out.extend_from_slice(&chunk);
                     }
                     r.mark_advertised(r.window());
                 }

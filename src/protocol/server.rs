@@ -1800,7 +1800,7 @@ mod tests {
                 client.handle_datagram(now, &out);
             }
             while let Some(c) = client.read(now, usize::MAX) {
-                got.extend(c);
+                got.extend_from_slice(&c);
             }
         };
         let mut now = start;
@@ -1876,7 +1876,7 @@ mod tests {
                 client.handle_datagram(now, &out);
             }
             while let Some(c) = client.read(now, usize::MAX) {
-                got.extend(c);
+                got.extend_from_slice(&c);
             }
         };
         for _ in 0..200 {
@@ -1982,7 +1982,7 @@ mod tests {
                 batch.truncate(7);
                 for (_, c, got) in clients.iter_mut() {
                     while let Some(chunk) = c.read(now, usize::MAX) {
-                        got.extend(chunk);
+                        got.extend_from_slice(&chunk);
                     }
                 }
             }

@@ -273,7 +273,7 @@ impl Sim {
             match consumer {
                 Consumer::Greedy => {
                     while let Some(c) = self.client.read(self.now, 64 * 1024) {
-                        self.delivered.extend(c);
+                        self.delivered.extend_from_slice(&c);
                     }
                 }
                 Consumer::Paced {
@@ -285,7 +285,7 @@ impl Sim {
                         match self.client.read(self.now, left) {
                             Some(c) => {
                                 left -= c.len();
-                                self.delivered.extend(c);
+                                self.delivered.extend_from_slice(&c);
                             }
                             None => break,
                         }
@@ -1176,7 +1176,7 @@ fn sessions_take_turns_in_batches_fairly_and_none_starves() {
                 c.handle_timeout(now);
             }
             while let Some(chunk) = c.read(now, 1 << 20) {
-                delivered[i].extend(chunk);
+                delivered[i].extend_from_slice(&chunk);
             }
             while let Some(d) = c.poll_transmit(now) {
                 up.push((addrs[i], d));
@@ -1425,7 +1425,7 @@ fn through_a_full_bottleneck(
             }
             let before = delivered[i].len();
             while let Some(chunk) = c.read(now, 1 << 20) {
-                delivered[i].extend(chunk);
+                delivered[i].extend_from_slice(&chunk);
             }
             if delivered[i].len() > before || delivered[i].len() == size {
                 last_progress[i] = now;

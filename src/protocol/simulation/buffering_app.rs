@@ -138,7 +138,7 @@ impl BufferingApp {
             match sim.client.read(now, want) {
                 Some(chunk) => {
                     allowance -= chunk.len() as f64;
-                    sim.delivered.extend(chunk);
+                    sim.delivered.extend_from_slice(&chunk);
                 }
                 None => {
                     // Nothing ready. While the pipeline still holds a
