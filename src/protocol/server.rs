@@ -277,11 +277,18 @@ const PAUSED_SESSION_IDLE: Duration = Duration::from_secs(2);
 /// Reads a transfer's file a block at a time: new data leaves in file
 /// order, so one read serves the next ~45 datagrams instead of one read
 /// each (the per-datagram read was a third of the server's system calls).
-/// Resends and index sent ahead that the block does not hold are read
-/// directly and leave it alone: the block stays with new data. (It once
-/// followed the first read, which for a file whose index is at its end is
-/// the index: every datagram of the file after it was read on its own.)
-/// Costs [`READ_BLOCK_BYTES`] per session with a transfer.
+/// Resends and index sent ahead that the block does not hold leave it
+/// alone: the block stays with new data. (It once followed the first read,
+/// which for a file whose index is at its end is the index: every datagram
+/// of the file after it was read on its own.) They come from a small block
+/// of their own instead: on a lossy path each resend in a transfer's first
+/// MiB leaves two or three times in a row (`StreamSender::set_resend_twice`),
+/// a queue that overflows drops runs of datagrams, and the index sent ahead
+/// goes out datagram after datagram, and each of those was a read of its
+/// own (796 of the 916 reads in the first 4 s of a pull through a 20 Mbit/s
+/// proxy whose queue startup overflowed, every offset read twice). Costs
+/// [`READ_BLOCK_BYTES`] and [`RESEND_BLOCK_BYTES`] per session with a
+/// transfer.
 ///
 /// Content that is not all there yet (object storage fetching it) is kept
 /// as far as it came, and the rest is read on the next try: a datagram
@@ -290,6 +297,17 @@ const PAUSED_SESSION_IDLE: Duration = Duration::from_secs(2);
 /// promise.
 #[derive(Default)]
 struct BlockReader {
+    new_data: Block,
+    scattered: Block,
+}
+
+/// Bytes read in one go for resends and index sent ahead: a few datagrams,
+/// so a lone resend costs little more than its own bytes.
+pub const RESEND_BLOCK_BYTES: usize = 8 * 1024;
+
+/// Part of a file, read ahead of the datagrams that take it.
+#[derive(Default)]
+struct Block {
     start: u64,
     /// Zeroed once, when first needed, and refilled in place: growing a
     /// `Vec` back to a block for each refill cleared it first, and that
@@ -310,7 +328,7 @@ enum ReadOrder {
 
 impl BlockReader {
     /// Appends the `len` bytes from `offset` to `out` (fewer only at the
-    /// end of the file), straight from the block: the server writes
+    /// end of the file), straight from a block: the server writes
     /// payloads into its send batch in place, where a copy through a read
     /// buffer and another out of the datagram were two of the three copies
     /// of every payload.
@@ -322,38 +340,40 @@ impl BlockReader {
         out: &mut Vec<u8>,
         order: ReadOrder,
     ) -> std::io::Result<usize> {
-        let Some((from, n)) = self.locate(content, offset, len, order)? else {
-            let at = out.len();
-            out.resize(at + len, 0);
-            let read = read_alone(content, offset, &mut out[at..]);
-            out.truncate(at + *read.as_ref().unwrap_or(&0));
-            return read;
+        let (block, size) = match order {
+            ReadOrder::Scattered if !self.new_data.holds(offset, len, content.size()) => {
+                (&mut self.scattered, RESEND_BLOCK_BYTES)
+            }
+            _ => (&mut self.new_data, READ_BLOCK_BYTES),
         };
-        out.extend_from_slice(&self.buf[from..from + n]);
+        let (from, n) = block.locate(content, offset, len, size)?;
+        out.extend_from_slice(&block.buf[from..from + n]);
         Ok(n)
     }
 
+    /// Gives back the blocks' memory; the next read fills new ones.
+    fn release(&mut self) {
+        *self = BlockReader::default();
+    }
+}
+
+impl Block {
     /// Where in the block the `len` bytes from `offset` are (or those up
-    /// to the end of the file), reading them into it if the read is in
-    /// order; `None` for a read out of order that the block does not hold,
-    /// to be read on its own.
+    /// to the end of the file), reading them into it (`size` bytes at a
+    /// time) if it does not hold them. A read behind the block starts it
+    /// again there rather than leave it a read per datagram.
     fn locate(
         &mut self,
         content: &dyn Content,
         offset: u64,
         len: usize,
-        order: ReadOrder,
-    ) -> std::io::Result<Option<(usize, usize)>> {
-        if order == ReadOrder::Scattered && !self.holds(offset, len, content.size()) {
-            return Ok(None);
-        }
+        size: usize,
+    ) -> std::io::Result<(usize, usize)> {
         if offset < self.start {
-            // New data behind the block: the block starts again there
-            // rather than leave it a read per datagram.
             self.start = offset;
             self.len = 0;
         }
-        self.fill(content, offset, len).map(Some)
+        self.fill(content, offset, len, size)
     }
 
     /// The block has the `len` bytes from `offset`, or all of them up to
@@ -366,11 +386,6 @@ impl BlockReader {
             && (offset + len as u64 <= block_end || (self.len > 0 && block_end >= size))
     }
 
-    /// Gives back the block's memory; the next read fills a new one.
-    fn release(&mut self) {
-        *self = BlockReader::default();
-    }
-
     /// Makes the block hold `len` bytes from `offset` (`offset` at or
     /// after its start), or what there is up to the end of the file;
     /// returns where they start in `buf` and how many there are.
@@ -379,6 +394,7 @@ impl BlockReader {
         content: &dyn Content,
         offset: u64,
         len: usize,
+        size: usize,
     ) -> std::io::Result<(usize, usize)> {
         if offset > self.start + self.len as u64 {
             self.start = offset;
@@ -390,7 +406,7 @@ impl BlockReader {
             self.buf.copy_within(keep_from..self.len, 0);
             self.len -= keep_from;
             self.start = offset;
-            let size = READ_BLOCK_BYTES.max(len);
+            let size = size.max(len);
             if self.buf.len() < size {
                 self.buf.resize(size, 0);
             }
@@ -403,15 +419,6 @@ impl BlockReader {
         }
         let from = (offset - self.start) as usize;
         Ok((from, len.min(self.len.saturating_sub(from))))
-    }
-}
-
-/// A read the block does not serve: all of `out`, fewer bytes only at the
-/// end of the file.
-fn read_alone(content: &dyn Content, offset: u64, out: &mut [u8]) -> std::io::Result<usize> {
-    match read_full(content, offset, out)? {
-        (n, false) => Ok(n),
-        (_, true) => Err(std::io::ErrorKind::WouldBlock.into()),
     }
 }
 
@@ -1632,7 +1639,7 @@ mod tests {
     }
 
     #[test]
-    fn block_reader_reads_once_per_block_and_resends_directly() {
+    fn block_reader_reads_once_per_block_and_resends_apart() {
         let (bytes, content) = Counted::pattern(200_000);
         let mut blocks = BlockReader::default();
         let mut out = vec![0u8; 1400];
@@ -1651,13 +1658,14 @@ mod tests {
             reads <= bytes.len().div_ceil(READ_BLOCK_BYTES) + 2,
             "{reads}"
         );
-        // A resend far behind is read on its own and keeps the block.
+        // A resend far behind is read into a block of its own and leaves
+        // the new data's block alone.
         let n = read(&mut blocks, &content, 1000, &mut out, ReadOrder::Scattered).expect("read");
         assert_eq!((n, &out[..]), (1400, &bytes[1000..2400]));
         assert_eq!(content.1.load(Ordering::Relaxed), reads + 1);
         // Released (a paused session's), it reads anew, ahead or behind.
         blocks.release();
-        assert!(blocks.buf.is_empty());
+        assert!(blocks.new_data.buf.is_empty() && blocks.scattered.buf.is_empty());
         for at in [150_000u64, 3000, 150_500] {
             let n = read(&mut blocks, &content, at, &mut out, ReadOrder::Sequential).expect("read");
             assert_eq!(
@@ -1685,6 +1693,40 @@ mod tests {
             )
             .ok(),
             Some(0)
+        );
+    }
+
+    #[test]
+    fn resends_that_leave_again_or_in_a_run_share_one_read() {
+        let (bytes, content) = Counted::pattern(300_000);
+        let mut blocks = BlockReader::default();
+        let mut out = Vec::new();
+        let mut send = |blocks: &mut BlockReader, at: u64, order| {
+            out.clear();
+            let n = blocks
+                .append(&content, at, 1400, &mut out, order)
+                .expect("read");
+            assert_eq!(out[..], bytes[at as usize..at as usize + n]);
+            content.1.load(Ordering::Relaxed)
+        };
+        // New data far ahead of the resends below.
+        let before = send(&mut blocks, 200_000, ReadOrder::Sequential);
+        // A resend that leaves three times, then the four datagrams after
+        // it (a run the queue dropped): one read.
+        for _ in 0..3 {
+            assert_eq!(send(&mut blocks, 10_000, ReadOrder::Scattered), before + 1);
+        }
+        for at in [11_400, 12_800, 14_200, 15_600] {
+            assert_eq!(send(&mut blocks, at, ReadOrder::Scattered), before + 1);
+        }
+        // The run goes on past the small block: one more read; a resend
+        // behind it, one more again.
+        assert_eq!(send(&mut blocks, 17_000, ReadOrder::Scattered), before + 2);
+        assert_eq!(send(&mut blocks, 5_000, ReadOrder::Scattered), before + 3);
+        // New data still comes from its own block, read once.
+        assert_eq!(
+            send(&mut blocks, 201_400, ReadOrder::Sequential),
+            before + 3
         );
     }
 
