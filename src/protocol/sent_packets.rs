@@ -12,6 +12,9 @@ use std::collections::VecDeque;
 
 use super::sender::SentPacket;
 
+/// Packets [`SentPackets::remove_range`] makes room for at once.
+const ACK_RESERVE_PACKETS: usize = 64;
+
 #[derive(Debug, Default)]
 pub struct SentPackets {
     slots: VecDeque<Option<SentPacket>>,
@@ -81,9 +84,14 @@ impl SentPackets {
         }
         // One allocation for the ACK's packets, not a doubling per few of
         // them (`Vec::push` growing from empty was 2 % of a loaded
-        // server's CPU). The span is within the ring, so a hostile ACK
-        // reserves no more than the packets in flight.
-        out.reserve((to - from + 1) as usize);
+        // server's CPU). At most what one ACK of a paced session covers:
+        // behind an old hole the span reaches across slots emptied long
+        // ago, and reserving all of it would be a large allocation per ACK.
+        out.reserve(
+            ((to - from + 1) as usize)
+                .min(self.len)
+                .min(ACK_RESERVE_PACKETS),
+        );
         for index in (from - self.base) as usize..=(to - self.base) as usize {
             if let Some(p) = self.slots[index].take() {
                 self.len -= 1;
