@@ -312,27 +312,24 @@ impl StreamReceiver {
         if lo >= hi {
             return 0;
         }
-        // In order (or after a gap): nothing from `lo` on has arrived, so
-        // the walk over what is already here has nothing to skip.
-        if self.received.last().is_none_or(|last| last.end <= lo) {
-            self.ring
-                .write(lo, &data[(lo - offset) as usize..(hi - offset) as usize]);
-            self.received.insert(lo..hi);
-            self.buffered += hi - lo;
-            return hi - lo;
-        }
         let mut new_bytes = 0;
         let mut pos = lo;
         while pos < hi {
-            let have_end = self.received.contiguous_end(pos);
-            if have_end > pos {
-                pos = have_end;
-                continue;
-            }
-            let gap_end = self
-                .received
-                .next_start_after(pos)
-                .map_or(hi, |s| s.min(hi));
+            // In order (or after a gap), nothing from `pos` on has arrived:
+            // the rest is one gap, found without the two searches below.
+            let past_all = self.received.last().is_none_or(|last| last.end <= pos);
+            let gap_end = if past_all {
+                hi
+            } else {
+                let have_end = self.received.contiguous_end(pos);
+                if have_end > pos {
+                    pos = have_end;
+                    continue;
+                }
+                self.received
+                    .next_start_after(pos)
+                    .map_or(hi, |s| s.min(hi))
+            };
             let slice = &data[(pos - offset) as usize..(gap_end - offset) as usize];
             self.ring.write(pos, slice);
             self.received.insert(pos..gap_end);

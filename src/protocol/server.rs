@@ -358,24 +358,6 @@ impl BlockReader {
 }
 
 impl Block {
-    /// Where in the block the `len` bytes from `offset` are (or those up
-    /// to the end of the file), reading them into it (`size` bytes at a
-    /// time) if it does not hold them. A read behind the block starts it
-    /// again there rather than leave it a read per datagram.
-    fn locate(
-        &mut self,
-        content: &dyn Content,
-        offset: u64,
-        len: usize,
-        size: usize,
-    ) -> std::io::Result<(usize, usize)> {
-        if offset < self.start {
-            self.start = offset;
-            self.len = 0;
-        }
-        self.fill(content, offset, len, size)
-    }
-
     /// The block has the `len` bytes from `offset`, or all of them up to
     /// the end of a file of `size` bytes: a block that reaches the end of
     /// the file serves every later read.
@@ -386,17 +368,19 @@ impl Block {
             && (offset + len as u64 <= block_end || (self.len > 0 && block_end >= size))
     }
 
-    /// Makes the block hold `len` bytes from `offset` (`offset` at or
-    /// after its start), or what there is up to the end of the file;
-    /// returns where they start in `buf` and how many there are.
-    fn fill(
+    /// Where in the block the `len` bytes from `offset` are (or those up
+    /// to the end of the file): returns where they start in `buf` and how
+    /// many there are, reading them into it (`size` bytes at a time) if it
+    /// does not hold them. A read behind the block or past its end starts
+    /// it again there rather than leave it a read per datagram.
+    fn locate(
         &mut self,
         content: &dyn Content,
         offset: u64,
         len: usize,
         size: usize,
     ) -> std::io::Result<(usize, usize)> {
-        if offset > self.start + self.len as u64 {
+        if offset < self.start || offset > self.start + self.len as u64 {
             self.start = offset;
             self.len = 0;
         }
