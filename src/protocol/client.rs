@@ -1001,7 +1001,8 @@ impl ClientConnection {
         let mut gap_recorded = false;
         // A long silence while the window was open is a stall the
         // link can cause again: the read-ahead should cover it.
-        if let Some(last) = t.last_data.filter(|_| t.expecting_more) {
+        // (None within one receive: its datagrams share the instant.)
+        if let Some(last) = t.last_data.filter(|&l| t.expecting_more && l != now) {
             let gap = now.saturating_duration_since(last);
             if gap > (self.rtt.smoothed() * 2).max(Duration::from_millis(20)) {
                 self.read_ahead.on_delivery_gap(now, gap);

@@ -139,12 +139,13 @@ impl RangeSet {
             .map(|(&s, _)| s)
     }
 
+    // `first_key_value` walks one edge of the tree; `iter()` sets up both.
     pub fn first(&self) -> Option<Range<u64>> {
-        self.map.iter().next().map(|(&s, &e)| s..e)
+        self.map.first_key_value().map(|(&s, &e)| s..e)
     }
 
     pub fn last(&self) -> Option<Range<u64>> {
-        self.map.iter().next_back().map(|(&s, &e)| s..e)
+        self.map.last_key_value().map(|(&s, &e)| s..e)
     }
 
     pub fn pop_first(&mut self) -> Option<Range<u64>> {

@@ -181,6 +181,9 @@ pub struct ReadAheadPolicy {
     flowing_time: Duration,
     /// The sender used all the window it had since the last arrival.
     window_filled: bool,
+    /// When the last arrival came: the datagrams of one receive share its
+    /// instant, and only the first needs the bucket and the window's trim.
+    last_arrival: Option<Instant>,
     /// Bytes of the file not yet handed to the player.
     remaining: Option<u64>,
     /// The media's own rate (file size / duration), when the player knows
@@ -205,6 +208,7 @@ impl ReadAheadPolicy {
             flowing_bytes: 0,
             flowing_time: Duration::ZERO,
             window_filled: false,
+            last_arrival: None,
             remaining: None,
             media_rate: None,
             slow_since: None,
@@ -224,6 +228,18 @@ impl ReadAheadPolicy {
     /// `bytes` of new data arrived at `now` while the server was free to
     /// send more: a sample of the link rate.
     pub fn on_arrival(&mut self, now: Instant, bytes: u64) {
+        // A GRO train's datagrams come at one instant (dozens per receive on
+        // a fast link): the first put the instant in a sample and trimmed
+        // the window to it; the rest only add their bytes. Two clock
+        // subtractions per datagram were 9 % of a loopback pull's CPU.
+        if self.last_arrival == Some(now) {
+            if let Some(last) = self.arrivals.back_mut() {
+                last.bytes += bytes;
+                self.flowing_bytes += bytes;
+                return;
+            }
+        }
+        self.last_arrival = Some(now);
         // Arrivals within a bucket of the last sample join it: a sample per
         // datagram kept three seconds of them, thousands per stream (a GRO
         // train alone brings dozens at the same instant), and walking them
@@ -288,6 +304,7 @@ impl ReadAheadPolicy {
     /// nothing about the ramp-up of the new one.
     pub fn on_new_transfer(&mut self) {
         self.arrivals.clear();
+        self.last_arrival = None;
         self.flowing_bytes = 0;
         self.flowing_time = Duration::ZERO;
         self.window_filled = false;
@@ -530,6 +547,23 @@ mod tests {
         assert_eq!(p.arrivals.len(), 224, "one sample per train");
         let rate = p.link_rate(now).expect("two seconds of samples");
         assert!((rate - 2.5e6).abs() < 0.02 * 2.5e6, "{rate}");
+    }
+
+    #[test]
+    fn a_new_transfer_within_one_receive_starts_a_sample_of_its_own() {
+        // A seek's first datagram can come in the same receive as the old
+        // transfer's last: the old samples go, the new bytes are counted.
+        let t0 = Instant::now();
+        let mut p = adaptive();
+        p.on_arrival(t0, 1400);
+        p.on_arrival(t0, 1400);
+        p.on_new_transfer();
+        p.on_arrival(t0, 700);
+        p.on_arrival(t0, 700);
+        assert_eq!(p.arrivals.len(), 1);
+        assert_eq!(p.arrivals[0].bytes, 1400);
+        assert_eq!(p.flowing_bytes, 1400);
+        assert!(p.arrivals[0].after_pause);
     }
 
     /// A player keeping its window full on a 20 MB/s link for 10 s: every

@@ -342,7 +342,7 @@ impl StreamReceiver {
 
     /// Contiguous bytes ready at the read offset.
     pub fn available(&self) -> u64 {
-        self.received.contiguous_end(self.read_offset) - self.read_offset
+        self.received_up_to() - self.read_offset
     }
 
     /// Bytes held, in order or not.
@@ -352,9 +352,14 @@ impl StreamReceiver {
 
     /// Every byte below this offset (from the transfer's start) arrived.
     pub fn received_up_to(&self) -> u64 {
-        self.received
-            .contiguous_end(self.read_offset)
-            .max(self.read_offset)
+        // `received` holds nothing below the read offset (inserts start at
+        // it, reads remove what they take), so only its first range can
+        // reach the read offset: no search. Asked twice per datagram, the
+        // search was 11 % of a loopback pull's receiving thread.
+        match self.received.first() {
+            Some(r) if r.start <= self.read_offset => r.end.max(self.read_offset),
+            _ => self.read_offset,
+        }
     }
 
     /// Everything up to the window the sender was told of is here: it
@@ -379,7 +384,7 @@ impl StreamReceiver {
     /// there, up to the end of its block (see [`REASSEMBLY_BLOCK`]).
     pub fn read(&mut self, max: usize) -> Option<Bytes> {
         let block_end = (block_of(self.read_offset) + 1) * REASSEMBLY_BLOCK as u64;
-        let arrived_to = self.received.contiguous_end(self.read_offset);
+        let arrived_to = self.received_up_to();
         let n = (arrived_to - self.read_offset)
             .min(max as u64)
             .min(block_end - self.read_offset) as usize;
@@ -577,6 +582,12 @@ mod tests {
                 if rng.gen_bool(0.01) {
                     r.set_read_ahead(rng.gen_range(1_000..600_000));
                 }
+                // The shortcut's premise: nothing held below the read offset.
+                proptest::prop_assert_eq!(
+                    r.received_up_to(),
+                    r.received.contiguous_end(r.read_offset()).max(r.read_offset())
+                );
+                proptest::prop_assert!(r.received.first().is_none_or(|f| f.end > r.read_offset()));
             }
             proptest::prop_assert!(out == stream);
         }
