@@ -31,6 +31,9 @@ use gstudpvid::protocol::wire::{Body, DataView, Packet};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
+/// Ethernet's MTU: what the proxy carries unless told otherwise.
+const ETHERNET_MTU: usize = 1500;
+
 struct Options {
     listen: SocketAddr,
     upstream: SocketAddr,
@@ -49,6 +52,7 @@ const USAGE: &str = "usage: impair --upstream HOST:PORT [--listen ADDR:PORT] [--
   [--delay-ms MS] [--up-delay-ms ..] [--down-delay-ms ..]  one-way delay
   [--jitter-ms MS] [--reorder P] [--reorder-ms MS] [--duplicate P]   (also with up-/down- prefixes)
   [--rate-mbit R] [--queue-kb KB]                      bottleneck rate and queue (also with up-/down-)
+  [--mtu BYTES]    largest IP packet carried, 1500 unless told (0: any); larger ones are dropped
   [--rebind-every SECONDS]   each client's upstream port changes this often (a NAT rebinding)
   [--duration SECONDS] [--report SECONDS] [--trace FILE]";
 
@@ -60,6 +64,9 @@ fn parse_args() -> Result<Options, String> {
         up: ImpairmentConfig {
             queue_bytes: 64 * 1024,
             reorder_delay: Duration::from_millis(10),
+            // An Ethernet path, as a network between two hosts has: on
+            // loopback a client would otherwise see large datagrams pass.
+            mtu: Some(ETHERNET_MTU),
             ..Default::default()
         },
         down: ImpairmentConfig::default(),
@@ -121,6 +128,7 @@ fn parse_args() -> Result<Options, String> {
                         "duplicate" => c.duplicate = num(&value)?,
                         "rate-mbit" => c.rate_bps = Some((num(&value)? * 1e6) as u64),
                         "queue-kb" => c.queue_bytes = (num(&value)? * 1024.0) as usize,
+                        "mtu" => c.mtu = Some(num(&value)? as usize).filter(|&m| m > 0),
                         _ => return Err(format!("unknown option {flag}")),
                     }
                 }

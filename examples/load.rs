@@ -105,6 +105,7 @@ fn raw_connect(sock: &UdpSocket, server: &str, nonce: u64) -> Option<u64> {
                 cookie: cookie.clone(),
                 wants_auth: false,
                 early_open: None,
+                max_datagram: None,
             },
         )
         .encode();

@@ -348,12 +348,60 @@ impl Inner {
     }
 }
 
-/// A new session to `servers`' current entry; with alternatives to move
-/// to, a silent server is given up quickly.
-fn new_connection(config: &ClientConfig, alternatives: bool, now: Instant) -> ClientConnection {
-    let mut conn = ClientConnection::new(config.clone(), rand::random(), now);
+/// A new session to `server`; with alternatives to move to, a silent
+/// server is given up quickly.
+fn new_connection(
+    config: &ClientConfig,
+    server: SocketAddr,
+    alternatives: bool,
+    now: Instant,
+) -> ClientConnection {
+    let config = ClientConfig {
+        path_max_datagram: path_max_datagram(server),
+        ..config.clone()
+    };
+    let mut conn = ClientConnection::new(config, rand::random(), now);
     conn.set_fast_failover(alternatives);
     conn
+}
+
+/// The largest UDP payload the route to `server` carries as far as this
+/// host knows: its interface's MTU (65,536 on loopback, 9,000 with jumbo
+/// frames) less the IP and UDP headers. `None` if the kernel cannot say.
+fn path_max_datagram(server: SocketAddr) -> Option<usize> {
+    use std::os::fd::AsRawFd;
+    let server = canonical(server);
+    let (bind, level, option, headers) = match server {
+        SocketAddr::V4(_) => (
+            SocketAddr::from(([0, 0, 0, 0], 0)),
+            libc::IPPROTO_IP,
+            libc::IP_MTU,
+            28,
+        ),
+        SocketAddr::V6(_) => (
+            SocketAddr::from(([0u16; 8], 0)),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU,
+            48,
+        ),
+    };
+    // Connecting a UDP socket sends nothing; it only looks up the route.
+    let probe = UdpSocket::bind(bind).ok()?;
+    probe.connect(server).ok()?;
+    let mut mtu: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid descriptor owned by `probe`, which outlives the call,
+    // and an int-sized output with its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            probe.as_raw_fd(),
+            level,
+            option,
+            (&mut mtu as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && mtu > headers).then(|| (mtu - headers) as usize)
 }
 
 /// The same address whether it came from an IPv4 or a dual-stack socket.
@@ -818,7 +866,7 @@ impl BlockingClient {
             UdpSocket::from(s)
         };
         let now = Instant::now();
-        let mut conn = new_connection(&config, servers.len() > 1, now);
+        let mut conn = new_connection(&config, servers[0], servers.len() > 1, now);
         // Before the network thread sends the Hello, so it carries the open.
         let awaited_open = initial_open.map(|(path, offset)| {
             let id = conn.open_file(now, path, offset);
@@ -992,7 +1040,7 @@ impl BlockingClient {
     fn replace_session(inner: &mut Inner) {
         let target = Self::resume_target(inner);
         let now = Instant::now();
-        inner.conn = new_connection(&inner.config, inner.has_alternatives(), now);
+        inner.conn = new_connection(&inner.config, inner.server(), inner.has_alternatives(), now);
         inner.data_seen = None;
         inner.outcomes = Outcomes::default();
         let media_rate = inner.media_rate;

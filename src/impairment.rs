@@ -67,6 +67,10 @@ pub struct ImpairmentConfig {
     /// bytes of burst: after an idle spell that much leaves at once, as on
     /// the shaped links of ISPs and tests; 0 is a plain rate.
     pub bucket_bytes: usize,
+    /// Largest IP packet the path carries (`None`: any): a larger datagram
+    /// is dropped, as a router drops a packet it may not fragment. What
+    /// keeps a server's trial of a large datagram honest on loopback.
+    pub mtu: Option<usize>,
 }
 
 impl ImpairmentConfig {
@@ -83,13 +87,15 @@ pub struct ImpairmentStats {
     pub dropped_random: u64,
     pub dropped_burst: u64,
     pub dropped_queue: u64,
+    /// Larger than the path's MTU.
+    pub dropped_too_large: u64,
     pub duplicated: u64,
     pub reordered: u64,
 }
 
 impl ImpairmentStats {
     pub fn dropped(&self) -> u64 {
-        self.dropped_random + self.dropped_burst + self.dropped_queue
+        self.dropped_random + self.dropped_burst + self.dropped_queue + self.dropped_too_large
     }
 }
 
@@ -97,13 +103,14 @@ impl std::fmt::Display for ImpairmentStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} packets: {} passed, {} dropped ({} random, {} burst, {} queue full), {} duplicated, {} reordered",
+            "{} packets: {} passed, {} dropped ({} random, {} burst, {} queue full, {} too large), {} duplicated, {} reordered",
             self.packets,
             self.passed,
             self.dropped(),
             self.dropped_random,
             self.dropped_burst,
             self.dropped_queue,
+            self.dropped_too_large,
             self.duplicated,
             self.reordered
         )
@@ -172,6 +179,14 @@ impl Impairment {
     /// of each copy, none if it was lost.
     pub fn process(&mut self, now: Instant, len: usize) -> Vec<Instant> {
         self.stats.packets += 1;
+        if self
+            .config
+            .mtu
+            .is_some_and(|mtu| len + IP_UDP_HEADERS > mtu)
+        {
+            self.stats.dropped_too_large += 1;
+            return Vec::new();
+        }
         if let Some(ge) = self.config.burst {
             let flip: f64 = self.rng.r#gen();
             self.in_bad_state = if self.in_bad_state {

@@ -35,7 +35,10 @@ use gstudpvid::protocol::admission::{Admission, Shard, shard_of};
 use gstudpvid::protocol::catalog::CatalogEntry;
 use gstudpvid::protocol::crypto::Psk;
 use gstudpvid::protocol::server::{DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS};
-use gstudpvid::protocol::wire::{DATA_OVERHEAD, DEFAULT_MAX_PAYLOAD, MAX_DATAGRAM_SIZE};
+use gstudpvid::protocol::wire::{
+    DATA_OVERHEAD, DEFAULT_LARGE_DATAGRAM_SIZE, DEFAULT_MAX_PAYLOAD, MAX_DATAGRAM_SIZE,
+    MAX_UDP_PAYLOAD,
+};
 use gstudpvid::protocol::{
     Content, ContentStore, OpenFailure, ServerConfig, ServerEndpoint, ServerEvent,
 };
@@ -152,6 +155,12 @@ struct Args {
     /// Largest data payload per datagram in bytes (the default fits 1500-byte Ethernet)
     #[arg(long, default_value_t = DEFAULT_MAX_PAYLOAD)]
     max_payload: usize,
+    /// Largest datagram in bytes for a client whose route to the server
+    /// carries more than Ethernet's (the same host, jumbo frames), once one
+    /// that large got through; 1452 or less sends every client
+    /// Ethernet-sized datagrams
+    #[arg(long, default_value_t = DEFAULT_LARGE_DATAGRAM_SIZE)]
+    max_datagram: usize,
     /// Announce the server on the LAN with DNS-SD over multicast DNS
     /// (_udpvid._udp), so `player udpvid:///` and `catalog` find it
     #[arg(long)]
@@ -736,6 +745,10 @@ fn main() -> std::process::ExitCode {
         eprintln!("server: --max-payload must be between 64 and {max_payload_limit}");
         return std::process::ExitCode::from(2);
     }
+    if args.max_datagram > MAX_UDP_PAYLOAD {
+        eprintln!("server: --max-datagram must be at most {MAX_UDP_PAYLOAD}");
+        return std::process::ExitCode::from(2);
+    }
     let passphrase = match &args.passphrase_file {
         None => None,
         Some(path) => match std::fs::read_to_string(path) {
@@ -804,6 +817,7 @@ fn main() -> std::process::ExitCode {
             .max_sessions_per_address
             .unwrap_or((args.max_sessions / 4).max(1)),
         max_payload: args.max_payload,
+        max_datagram: args.max_datagram,
         passphrase,
     };
     let admission = Arc::new(Admission::new(

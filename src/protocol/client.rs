@@ -15,8 +15,8 @@ use super::read_ahead::{self, ReadAhead, ReadAheadPolicy};
 use super::receiver::{AckTracker, StreamReceiver};
 use super::rtt::RttEstimator;
 use super::wire::{
-    Body, CloseReason, ConnectionId, DataView, DecodeError, OpenErrorKind, OpenRequest, Packet,
-    TransferKind, VERSION,
+    Body, CloseReason, ConnectionId, DataView, DecodeError, MAX_DATAGRAM_SIZE, MAX_UDP_PAYLOAD,
+    OpenErrorKind, OpenRequest, Packet, TransferKind, VERSION,
 };
 
 /// First resend of an unanswered Hello or Open.
@@ -67,6 +67,12 @@ pub struct ClientConfig {
     /// With a passphrase, the session is authenticated and encrypted, and a
     /// server without the same passphrase is refused.
     pub passphrase: Option<Psk>,
+    /// The largest datagram the route to the server carries, as the
+    /// driver found it (`None`: not known). Offered to the server when it
+    /// is more than [`MAX_DATAGRAM_SIZE`]; the server tries one that large
+    /// before it uses it, so a router further on that carries less costs
+    /// one datagram.
+    pub path_max_datagram: Option<usize>,
 }
 
 /// What happened, for the element to act on.
@@ -1147,6 +1153,15 @@ impl ClientConnection {
         }
     }
 
+    /// What the Hello offers: the path's datagram size when it is worth a
+    /// trial (twice Ethernet's at least).
+    fn large_datagram_offer(&self) -> Option<u16> {
+        self.config
+            .path_max_datagram
+            .filter(|&m| m >= 2 * MAX_DATAGRAM_SIZE)
+            .map(|m| m.min(MAX_UDP_PAYLOAD).min(u16::MAX as usize) as u16)
+    }
+
     /// The next datagram to send, if any.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Vec<u8>> {
         if let Phase::Handshake { cookie } = &self.phase {
@@ -1157,6 +1172,7 @@ impl ClientConnection {
                     cookie: cookie.clone(),
                     wants_auth: self.config.passphrase.is_some(),
                     early_open: self.early_open(),
+                    max_datagram: self.large_datagram_offer(),
                 };
                 return Some(self.emit(now, body));
             }

@@ -80,6 +80,9 @@ pub trait CongestionController: Send + std::fmt::Debug {
     /// A new transfer replaced the old one (a seek): demand jumps from
     /// what the receive window allowed to as fast as possible.
     fn on_new_transfer(&mut self, _now: Instant) {}
+    /// The path carries datagrams this large: what is counted in datagrams
+    /// (the floors of the window) is counted in these.
+    fn set_max_datagram(&mut self, max_datagram: u64);
     /// Short name for logs and stats.
     fn name(&self) -> &'static str;
 }
@@ -164,6 +167,11 @@ impl CongestionController for NewReno {
     fn on_persistent_congestion(&mut self) {
         self.window = self.minimum_window();
         self.recovery_start = None;
+    }
+
+    fn set_max_datagram(&mut self, max_datagram: u64) {
+        self.max_datagram = max_datagram;
+        self.window = self.window.max(self.minimum_window());
     }
 
     fn name(&self) -> &'static str {
@@ -945,6 +953,12 @@ impl CongestionController for Bbr {
 
     fn on_persistent_congestion_ended(&mut self, spurious: bool) {
         self.react_to_persistent_congestion_ended(spurious);
+        self.pacing_rate = self.compute_pacing_rate();
+    }
+
+    fn set_max_datagram(&mut self, max_datagram: u64) {
+        self.max_datagram = max_datagram;
+        self.window = self.window.max(self.min_window());
         self.pacing_rate = self.compute_pacing_rate();
     }
 

@@ -41,6 +41,7 @@ fn hello_opening(client_nonce: u64, window: u64) -> Packet {
                 window,
                 path: "a.mp4".into(),
             }),
+            max_datagram: None,
         },
     )
 }
@@ -56,6 +57,7 @@ fn seeds() -> Vec<Vec<u8>> {
                 cookie: vec![],
                 wants_auth: false,
                 early_open: None,
+                max_datagram: None,
             },
         )
         .encode(),
@@ -218,6 +220,7 @@ fn connect(
                 cookie,
                 wants_auth: false,
                 early_open: None,
+                max_datagram: None,
             },
         )
         .encode()
@@ -418,6 +421,7 @@ fn an_unvalidated_flood_creates_no_state() {
                 cookie: vec![0; 20],
                 wants_auth: false,
                 early_open: None,
+                max_datagram: None,
             },
         );
         s.handle_datagram(now, from, &hello.encode());

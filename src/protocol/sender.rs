@@ -212,6 +212,16 @@ impl StreamSender {
         None
     }
 
+    /// Whether the next chunk is new data, `len` bytes of it at least:
+    /// nothing to resend or to send ahead, and the window open that far.
+    pub fn has_new_data_run(&self, len: u64) -> bool {
+        self.resend_again.is_empty()
+            && self.resend_third.is_empty()
+            && self.to_resend.is_empty()
+            && self.ahead.is_empty()
+            && self.end.min(self.window).saturating_sub(self.next_new) >= len
+    }
+
     pub fn has_data_to_send(&self) -> bool {
         !self.to_resend.is_empty()
             || !self.resend_again.is_empty()
@@ -280,6 +290,8 @@ pub struct DataSent {
     pub ahead: bool,
     /// See [`SentPacket::app_limited`].
     pub app_limited: bool,
+    /// See [`SentPacket::trial`].
+    pub trial: bool,
 }
 
 /// A packet that carries data and waits for its acknowledgement.
@@ -295,6 +307,9 @@ pub struct SentPacket {
     /// The sender had more to send but the receiver's window stopped it:
     /// such ACKs say nothing about the path's capacity.
     pub app_limited: bool,
+    /// A trial of a larger datagram than the path was known to carry: its
+    /// loss says the path cannot, not that it is congested.
+    pub trial: bool,
     /// Delivery-rate bookkeeping at send time
     /// (draft-cheng-iccrg-delivery-rate-estimation).
     pub delivered: u64,
@@ -377,6 +392,13 @@ impl LossRecovery {
             silence_began: None,
             last_loss: None,
         }
+    }
+
+    /// The path carries datagrams this large (a trial of one came back):
+    /// the windows counted in datagrams grow with it.
+    pub fn set_max_datagram(&mut self, max_datagram: u64) {
+        self.max_datagram = max_datagram;
+        self.cc.set_max_datagram(max_datagram);
     }
 
     /// Replaces the congestion controller (before anything was sent).
@@ -499,6 +521,7 @@ impl LossRecovery {
             range,
             ahead,
             app_limited,
+            trial,
         } = data;
         if self.sent.is_empty() {
             // A new delivery interval starts with the first packet after idle.
@@ -524,6 +547,7 @@ impl LossRecovery {
             range,
             ahead,
             app_limited,
+            trial,
             delivered: self.delivered,
             delivered_time: self.delivered_time.unwrap_or(now),
             first_sent_time: self.first_sent_time.unwrap_or(now),
@@ -678,10 +702,10 @@ impl LossRecovery {
                 lost.push(p);
             }
         }
-        if let Some(newest) = lost.iter().map(|p| p.time_sent).max() {
-            self.stats.packets_lost += lost.len() as u64;
+        self.stats.packets_lost += lost.len() as u64;
+        if let Some(newest) = lost.iter().filter(|p| !p.trial).map(|p| p.time_sent).max() {
             self.last_loss = Some(now);
-            let bytes = lost.iter().map(|p| p.size).sum();
+            let bytes = lost.iter().filter(|p| !p.trial).map(|p| p.size).sum();
             self.cc.on_loss(now, bytes, newest);
         }
         lost
@@ -877,8 +901,56 @@ mod tests {
                 range: pn * 1000..(pn + 1) * 1000,
                 ahead: false,
                 app_limited: false,
+                trial: false,
             },
         );
+    }
+
+    #[test]
+    fn a_lost_trial_of_a_larger_datagram_is_no_congestion() {
+        // Packets 0-9 leave, packet 3 a trial; 4-9 are acknowledged, so 3
+        // is lost by the packet threshold. Told of it as a trial, the
+        // controller keeps its state; as any packet, it is a loss.
+        let outcome = |trial: bool| {
+            let mut r = LossRecovery::new(1000);
+            let t0 = Instant::now();
+            for pn in 0..10 {
+                r.on_packet_sent(
+                    t0,
+                    pn,
+                    if pn == 3 && trial { 16_000 } else { 1000 },
+                    DataSent {
+                        transfer_id: 1,
+                        range: pn * 1000..(pn + 1) * 1000,
+                        ahead: false,
+                        app_limited: false,
+                        trial: pn == 3 && trial,
+                    },
+                );
+            }
+            let now = t0 + Duration::from_millis(20);
+            let acks = [
+                AckRange {
+                    largest: 9,
+                    smallest: 4,
+                },
+                AckRange {
+                    largest: 2,
+                    smallest: 0,
+                },
+            ];
+            let lost = r.on_ack_received(now, &acks, Duration::ZERO).lost;
+            assert_eq!(
+                lost.iter().map(|p| p.packet_number).collect::<Vec<_>>(),
+                [3]
+            );
+            (
+                r.lost_within(now, Duration::from_secs(1)),
+                r.stats().packets_lost,
+            )
+        };
+        assert_eq!(outcome(true), (false, 1));
+        assert_eq!(outcome(false), (true, 1));
     }
 
     /// Paced sends of 1000-byte packets from 0 until the window is full;

@@ -158,6 +158,7 @@ mod tests {
             range: pn * 1000..pn * 1000 + 1000,
             ahead: false,
             app_limited: false,
+            trial: false,
             delivered: 0,
             delivered_time: now,
             first_sent_time: now,

@@ -19,8 +19,9 @@ use super::crypto::{Psk, SessionKeys, TAG_LEN};
 use super::media_index::{self, MediaIndex};
 use super::sender::{DataSent, LossRecovery, RecoveryOutcome, SentPacket, StreamSender};
 use super::wire::{
-    Body, CloseReason, ConnectionId, DATA_OVERHEAD, DEFAULT_MAX_PAYLOAD, DecodeError,
-    MAX_DATAGRAM_SIZE, MIN_HELLO_SIZE, OpenErrorKind, OpenRequest, Packet, TransferKind, VERSION,
+    Body, CloseReason, ConnectionId, DATA_OVERHEAD, DEFAULT_LARGE_DATAGRAM_SIZE,
+    DEFAULT_MAX_PAYLOAD, DecodeError, MAX_DATAGRAM_SIZE, MAX_UDP_PAYLOAD, MIN_HELLO_SIZE,
+    OpenErrorKind, OpenRequest, Packet, TransferKind, VERSION,
 };
 
 /// Datagrams one session may send in a row before the next session's turn.
@@ -189,6 +190,10 @@ pub struct ServerConfig {
     pub max_sessions: usize,
     pub max_sessions_per_address: usize,
     pub max_payload: usize,
+    /// Largest datagram for a client whose path carries more than
+    /// [`MAX_DATAGRAM_SIZE`] (see [`LargeDatagrams`]); at most
+    /// [`MAX_DATAGRAM_SIZE`] turns them off.
+    pub max_datagram: usize,
     /// With a passphrase, sessions are authenticated and encrypted.
     pub passphrase: Option<Psk>,
 }
@@ -201,6 +206,7 @@ impl Default for ServerConfig {
             max_sessions_per_address: DEFAULT_MAX_SESSIONS_PER_ADDRESS,
             passphrase: None,
             max_payload: DEFAULT_MAX_PAYLOAD,
+            max_datagram: DEFAULT_LARGE_DATAGRAM_SIZE,
         }
     }
 }
@@ -455,6 +461,27 @@ struct Session {
     /// This session's entry in the endpoint's timer heap; older entries
     /// there are stale and skipped.
     timer_at: Option<Instant>,
+    large: LargeDatagrams,
+}
+
+/// Datagrams larger than Ethernet's, for a client that says its route to
+/// the server carries them (loopback, jumbo frames): per datagram, the
+/// work of both ends is most of a fast transfer's cost. The client knows
+/// only its own interface, so one datagram of that size goes first, new
+/// data and nothing else; once acknowledged every datagram may be that
+/// large, and once lost (a router further on carries less) none is. Its
+/// loss is not the path's congestion, as RFC 8899 §4.2 has it for
+/// probes: the controller is not told of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LargeDatagrams {
+    /// Not offered, not allowed, or the trial was lost.
+    Off,
+    /// The next datagram that can be this large is the trial.
+    Untried(usize),
+    /// The trial left as this packet.
+    Trying { packet_number: u64, size: usize },
+    /// The path carries them.
+    InUse(usize),
 }
 
 impl Session {
@@ -609,6 +636,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             .clamp(64, MAX_DATAGRAM_SIZE - DATA_OVERHEAD);
         let config = ServerConfig {
             max_payload,
+            max_datagram: config.max_datagram.min(MAX_UDP_PAYLOAD),
             ..config
         };
         ServerEndpoint {
@@ -788,6 +816,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             cookie,
             wants_auth,
             early_open,
+            max_datagram,
         } = hello
         else {
             return;
@@ -925,6 +954,14 @@ impl<S: ContentStore> ServerEndpoint<S> {
             ready: false,
             awaits_ack: false,
             timer_at: None,
+            large: match max_datagram.map(usize::from) {
+                Some(m)
+                    if m > MAX_DATAGRAM_SIZE && self.config.max_datagram > MAX_DATAGRAM_SIZE =>
+                {
+                    LargeDatagrams::Untried(m.min(self.config.max_datagram))
+                }
+                _ => LargeDatagrams::Off,
+            },
         };
         session.control.push_back(welcome);
         self.sessions.insert(id, session);
@@ -1057,6 +1094,11 @@ impl<S: ContentStore> ServerEndpoint<S> {
         // Whatever happens, the previous transfer's bytes are no longer wanted.
         session.transfer = None;
         session.recovery.discard_other_transfers(now, transfer_id);
+        // A trial of the old transfer is forgotten with it, neither acked
+        // nor lost: the new one tries again.
+        if let LargeDatagrams::Trying { size, .. } = session.large {
+            session.large = LargeDatagrams::Untried(size);
+        }
         match opened {
             Ok(content) => {
                 let size = content.size();
@@ -1130,6 +1172,24 @@ impl<S: ContentStore> ServerEndpoint<S> {
     }
 
     fn apply_recovery(session: &mut Session, outcome: RecoveryOutcome) {
+        if let LargeDatagrams::Trying {
+            packet_number,
+            size,
+        } = session.large
+        {
+            let is_trial = |p: &SentPacket| p.packet_number == packet_number;
+            if outcome.acked.iter().any(is_trial) {
+                session.large = LargeDatagrams::InUse(size);
+                session.recovery.set_max_datagram(size as u64);
+            } else if outcome
+                .lost
+                .iter()
+                .chain(outcome.probe.iter())
+                .any(is_trial)
+            {
+                session.large = LargeDatagrams::Off;
+            }
+        }
         let Some(t) = session.transfer.as_mut() else {
             return;
         };
@@ -1304,7 +1364,10 @@ impl<S: ContentStore> ServerEndpoint<S> {
             return Some(session.addr);
         }
         let tag_len = if session.keys.is_some() { TAG_LEN } else { 0 };
-        let mut max_payload = self.config.max_payload - tag_len;
+        let mut max_payload = match session.large {
+            LargeDatagrams::InUse(size) => size - DATA_OVERHEAD,
+            _ => self.config.max_payload,
+        } - tag_len;
         if let Some(budget) = session.amplification_budget() {
             max_payload = max_payload.min(budget.saturating_sub(DATA_OVERHEAD + tag_len));
             if max_payload < MIN_UNVALIDATED_PAYLOAD {
@@ -1315,13 +1378,28 @@ impl<S: ContentStore> ServerEndpoint<S> {
         if t.waiting_for_content || !t.stream.has_data_to_send() {
             return None;
         }
-        let size = (max_payload + DATA_OVERHEAD) as u64;
-        let may_send = if starting {
-            session.recovery.can_start_burst(now, size)
-        } else {
-            session.recovery.can_send(now, size)
+        let may_send = |recovery: &mut LossRecovery, payload: usize| {
+            let size = (payload + DATA_OVERHEAD) as u64;
+            if starting {
+                recovery.can_start_burst(now, size)
+            } else {
+                recovery.can_send(now, size)
+            }
         };
-        if !may_send {
+        // The trial needs a whole datagram of new data and room for it;
+        // until both come, datagrams stay small.
+        let mut trial = None;
+        if let LargeDatagrams::Untried(size) = session.large {
+            let payload = size - DATA_OVERHEAD - tag_len;
+            if session.validated
+                && t.stream.has_new_data_run(payload as u64)
+                && may_send(&mut session.recovery, payload)
+            {
+                trial = Some(size);
+                max_payload = payload;
+            }
+        }
+        if trial.is_none() && !may_send(&mut session.recovery, max_payload) {
             return None;
         }
         let nothing_in_flight = session.recovery.bytes_in_flight() == 0;
@@ -1383,6 +1461,12 @@ impl<S: ContentStore> ServerEndpoint<S> {
         }
         let size = (out.len() - start) as u64;
         session.bytes_sent += size;
+        if let Some(size) = trial {
+            session.large = LargeDatagrams::Trying {
+                packet_number: pn,
+                size,
+            };
+        }
         session.recovery.on_packet_sent(
             now,
             pn,
@@ -1392,6 +1476,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
                 range,
                 ahead,
                 app_limited,
+                trial: trial.is_some(),
             },
         );
         Some(session.addr)

@@ -16,7 +16,10 @@ use super::catalog::CatalogEntry;
 use super::client::{ClientConfig, ClientConnection, ClientEvent};
 use super::read_ahead::ReadAhead;
 use super::server::{MemoryStore, ServerConfig, ServerEndpoint};
-use super::wire::{Body, OpenErrorKind, OpenRequest, Packet};
+use super::wire::{
+    Body, DEFAULT_LARGE_DATAGRAM_SIZE, MAX_DATAGRAM_SIZE, MAX_UDP_PAYLOAD, OpenErrorKind,
+    OpenRequest, Packet,
+};
 use crate::impairment::{GilbertElliott, Impairment, ImpairmentConfig};
 
 mod buffering_app;
@@ -107,6 +110,10 @@ struct Sim {
     max_window_advertised: u64,
     data_packets_sent: u64,
     data_bytes_sent: u64,
+    /// Datagrams the server sent larger than [`MAX_DATAGRAM_SIZE`], and
+    /// the largest.
+    large_datagrams_sent: u64,
+    largest_datagram_sent: usize,
     events: Vec<ClientEvent>,
     next_read: Instant,
     /// Timers fire only on multiples of this since the start, as the
@@ -170,6 +177,8 @@ impl Sim {
             max_window_advertised: 0,
             data_packets_sent: 0,
             data_bytes_sent: 0,
+            large_datagrams_sent: 0,
+            largest_datagram_sent: 0,
             lose_open_answers: 0,
             events: Vec::new(),
             next_read: now,
@@ -322,6 +331,10 @@ impl Sim {
         // Server first, so the acked-state check sees the state at send time.
         while let Some(to) = self.server.poll_transmit(self.now, &mut buf) {
             assert_eq!(to, self.client_addr);
+            if buf.len() > MAX_DATAGRAM_SIZE {
+                self.large_datagrams_sent += 1;
+            }
+            self.largest_datagram_sent = self.largest_datagram_sent.max(buf.len());
             if let (
                 true,
                 Ok(Packet {
@@ -887,6 +900,7 @@ fn with_passphrases(seed: u64, data: Vec<u8>, server: Option<&str>, client: Opti
     let client_config = ClientConfig {
         read_ahead: ReadAhead::Fixed(256 * 1024),
         passphrase: client.map(Psk::from_passphrase),
+        ..Default::default()
     };
     let mut sim = Sim::with_configs(
         seed,
@@ -899,6 +913,93 @@ fn with_passphrases(seed: u64, data: Vec<u8>, server: Option<&str>, client: Opti
     let now = sim.now;
     sim.client.open_catalog(now);
     sim
+}
+
+/// A 3 MB transfer for a client whose route to the server carries
+/// datagrams of any size (as on one host), through `down`.
+fn offering_large_datagrams(seed: u64, down: ImpairmentConfig, passphrase: Option<&str>) -> Sim {
+    use super::crypto::Psk;
+    let data = file(3_000_000, seed);
+    let server_config = ServerConfig {
+        passphrase: passphrase.map(Psk::from_passphrase),
+        ..ServerConfig::default()
+    };
+    let client_config = ClientConfig {
+        read_ahead: ReadAhead::Fixed(1 << 20),
+        passphrase: passphrase.map(Psk::from_passphrase),
+        path_max_datagram: Some(MAX_UDP_PAYLOAD),
+    };
+    let mut sim = Sim::with_configs(
+        seed,
+        data.clone(),
+        server_config,
+        client_config,
+        clean(1),
+        down,
+    );
+    let now = sim.now;
+    sim.client.open_file(now, "movie.mp4", 0);
+    sim.run_until(Consumer::Greedy, Duration::from_secs(60), |s| {
+        s.client.is_finished()
+    });
+    assert!(sim.client.is_finished(), "seed {seed}: {:?}", sim.events);
+    assert!(sim.delivered == data, "seed {seed}: bytes differ");
+    sim
+}
+
+#[test]
+fn a_route_that_carries_large_datagrams_gets_them_after_one_trial() {
+    for passphrase in [None, Some("s3cret")] {
+        let sim = offering_large_datagrams(31, clean(1), passphrase);
+        // All but the first flights in datagrams of the server's size.
+        assert_eq!(
+            sim.largest_datagram_sent, DEFAULT_LARGE_DATAGRAM_SIZE,
+            "{passphrase:?}"
+        );
+        assert!(
+            sim.large_datagrams_sent >= 3_000_000 / DEFAULT_LARGE_DATAGRAM_SIZE as u64 * 3 / 4,
+            "{passphrase:?}: {} large datagrams",
+            sim.large_datagrams_sent
+        );
+        assert_eq!(sim.down.imp.stats().dropped(), 0);
+    }
+}
+
+#[test]
+fn a_trial_the_path_drops_costs_one_datagram_and_no_speed() {
+    // A router on the way carries 1,500 bytes, though the client's own
+    // interface carries more (a LAN with jumbo frames behind it).
+    let ethernet = ImpairmentConfig {
+        mtu: Some(1500),
+        ..clean(1)
+    };
+    for seed in [41, 42, 43] {
+        let sim = offering_large_datagrams(seed, ethernet.clone(), None);
+        let stats = sim.down.imp.stats();
+        assert_eq!(stats.dropped_too_large, 1, "seed {seed}: {stats}");
+        assert_eq!(stats.dropped(), 1, "seed {seed}: {stats}");
+        assert_eq!(sim.large_datagrams_sent, 1, "seed {seed}");
+        // The controller was not told of the trial's loss: the transfer
+        // takes as long as one that never tried.
+        let mut plain = Sim::new(
+            seed,
+            file(3_000_000, seed),
+            1 << 20,
+            clean(1),
+            ethernet.clone(),
+        );
+        let now = plain.now;
+        plain.client.open_file(now, "movie.mp4", 0);
+        plain.run_until(Consumer::Greedy, Duration::from_secs(60), |s| {
+            s.client.is_finished()
+        });
+        assert!(plain.client.is_finished());
+        let (tried, never) = (sim.now - sim.start, plain.now - plain.start);
+        assert!(
+            tried.as_secs_f64() <= never.as_secs_f64() * 1.1 + 0.01,
+            "seed {seed}: {tried:?} with the trial, {never:?} without"
+        );
+    }
 }
 
 #[test]

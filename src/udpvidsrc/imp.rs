@@ -589,6 +589,8 @@ impl UdpVidSrc {
         let config = ClientConfig {
             read_ahead: settings.read_ahead(),
             passphrase: settings.passphrase.as_deref().map(Psk::from_passphrase),
+            // The network thread finds it per server.
+            ..Default::default()
         };
         let port = u16::try_from(settings.port).unwrap_or(DEFAULT_PORT);
         let entries = BlockingClient::connect(&settings.host, port, config)
@@ -1061,6 +1063,7 @@ impl BaseSrcImpl for UdpVidSrc {
             ClientConfig {
                 read_ahead: settings.read_ahead(),
                 passphrase: settings.passphrase.as_deref().map(Psk::from_passphrase),
+                ..Default::default()
             },
             &location.path,
             0,
