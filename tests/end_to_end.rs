@@ -75,6 +75,58 @@ fn filesink_copy_is_byte_identical_for_every_container() {
     }
 }
 
+/// `udpvidsrc ! filesink` of `name` from `port`: whether the copy is the
+/// file, and the mean payload of the datagrams that brought it.
+fn copy_and_mean_payload(port: u16, dir: &std::path::Path, name: &str) -> (bool, f64) {
+    let out = std::env::temp_dir().join(format!("udpvid-large-{}-{port}", std::process::id()));
+    let pipeline = gst::parse::launch(&format!(
+        "udpvidsrc name=src port={port} file={name} ! filesink location={}",
+        out.display()
+    ))
+    .expect("pipeline");
+    // Not `run_pipeline`: the stats go with the session at NULL.
+    pipeline.set_state(gst::State::Playing).expect("playing");
+    let outcome = common::wait_bus(&pipeline.bus().expect("bus"), Duration::from_secs(60));
+    let stats = pipeline
+        .downcast_ref::<gst::Bin>()
+        .and_then(|b| b.by_name("src"))
+        .expect("src")
+        .property::<gst::Structure>("stats");
+    pipeline.set_state(gst::State::Null).expect("null");
+    assert_eq!(outcome, Some(Outcome::Eos), "{name} from {port}");
+    let same = sha256_file(&out) == sha256_file(&dir.join(name));
+    let _ = std::fs::remove_file(out);
+    let bytes = stats.get::<u64>("bytes-received").expect("bytes-received");
+    let packets = stats.get::<u64>("data-packets").expect("data-packets");
+    (same, bytes as f64 / packets.max(1) as f64)
+}
+
+#[test]
+fn the_same_host_gets_large_datagrams_and_an_ethernet_path_does_not() {
+    init();
+    let clips = clips();
+    let name = "movie.mp4";
+    // On loopback the route carries 64 KB: after one trial, 16,000-byte
+    // datagrams.
+    let server = Server::start(&clips.dir, &[]);
+    let (same, mean) = copy_and_mean_payload(server.port, &clips.dir, name);
+    assert!(same, "copy differs");
+    assert!(mean > 2_000.0, "mean payload {mean:.0} bytes on loopback");
+    // Through a path of 1,500-byte packets the trial is lost, and the rest
+    // comes in Ethernet-sized datagrams, whole.
+    let proxy = common::Proxy::start(server.port, &[]);
+    let (same, mean) = copy_and_mean_payload(proxy.port, &clips.dir, name);
+    let report = proxy.finish();
+    assert!(same, "copy through the proxy differs: {report}");
+    assert!(mean <= 1420.0, "mean payload {mean:.0} bytes: {report}");
+    assert!(report.contains("0 queue full, 1 too large"), "{report}");
+    // An operator who wants none: --max-datagram 1452.
+    let small = Server::start(&clips.dir, &["--max-datagram", "1452"]);
+    let (same, mean) = copy_and_mean_payload(small.port, &clips.dir, name);
+    assert!(same, "copy differs");
+    assert!(mean <= 1420.0, "mean payload {mean:.0} bytes");
+}
+
 #[test]
 fn small_read_ahead_still_delivers_every_byte_in_order() {
     init();
