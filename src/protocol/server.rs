@@ -478,8 +478,8 @@ enum LargeDatagrams {
     Off,
     /// The next datagram that can be this large is the trial.
     Untried(usize),
-    /// The trial left as this packet.
-    Trying { packet_number: u64, size: usize },
+    /// The trial is in flight (its `SentPacket` says `trial`).
+    Trying(usize),
     /// The path carries them.
     InUse(usize),
 }
@@ -1096,7 +1096,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
         session.recovery.discard_other_transfers(now, transfer_id);
         // A trial of the old transfer is forgotten with it, neither acked
         // nor lost: the new one tries again.
-        if let LargeDatagrams::Trying { size, .. } = session.large {
+        if let LargeDatagrams::Trying(size) = session.large {
             session.large = LargeDatagrams::Untried(size);
         }
         match opened {
@@ -1172,12 +1172,8 @@ impl<S: ContentStore> ServerEndpoint<S> {
     }
 
     fn apply_recovery(session: &mut Session, outcome: RecoveryOutcome) {
-        if let LargeDatagrams::Trying {
-            packet_number,
-            size,
-        } = session.large
-        {
-            let is_trial = |p: &SentPacket| p.packet_number == packet_number;
+        if let LargeDatagrams::Trying(size) = session.large {
+            let is_trial = |p: &SentPacket| p.trial;
             if outcome.acked.iter().any(is_trial) {
                 session.large = LargeDatagrams::InUse(size);
                 session.recovery.set_max_datagram(size as u64);
@@ -1462,10 +1458,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
         let size = (out.len() - start) as u64;
         session.bytes_sent += size;
         if let Some(size) = trial {
-            session.large = LargeDatagrams::Trying {
-                packet_number: pn,
-                size,
-            };
+            session.large = LargeDatagrams::Trying(size);
         }
         session.recovery.on_packet_sent(
             now,
