@@ -50,7 +50,8 @@ pub struct AckEvent {
     pub bytes_in_flight: u64,
     /// The RTT of the newest acknowledged packet, if it gave a sample.
     pub rtt_sample: Option<Duration>,
-    pub smoothed_rtt: Duration,
+    /// The round trip now ([`super::rtt::RttEstimator::current`]).
+    pub current_rtt: Duration,
     pub rate: Option<RateSample>,
     /// The newest acknowledged packet was sent while window-limited.
     pub app_limited: bool,
@@ -349,7 +350,7 @@ pub struct Bbr {
     full_bw_rounds: u32,
     cycle_index: usize,
     cycle_start: Option<Instant>,
-    smoothed_rtt: Duration,
+    current_rtt: Duration,
     window: u64,
     /// Upper bound on the rate after a heavily lossy round.
     bw_cap: Option<f64>,
@@ -414,7 +415,7 @@ impl Bbr {
             full_bw_rounds: 0,
             cycle_index: 0,
             cycle_start: None,
-            smoothed_rtt: super::rtt::INITIAL_RTT,
+            current_rtt: super::rtt::INITIAL_RTT,
             window: INITIAL_WINDOW_PACKETS * max_datagram,
             bw_cap: None,
             heavy_loss_rounds: 0,
@@ -589,7 +590,7 @@ impl Bbr {
     /// 2 Mbit/s link takes 6 ms). Below it the BDP, ProbeBW's phases and
     /// the standing-queue test would all read a shaper as an empty LAN.
     fn min_rtt(&self) -> Duration {
-        let measured = self.min_rtt.map_or(self.smoothed_rtt, |(r, _)| r);
+        let measured = self.min_rtt.map_or(self.current_rtt, |(r, _)| r);
         let bw = self.bottleneck_bw();
         if bw <= 0.0 {
             return measured;
@@ -774,7 +775,7 @@ impl Bbr {
         // TCP's and QUIC's do (RFC 9002 §7.7): spread over the 333 ms RTT
         // guess it took four times the real 80 ms round trip.
         self.min_rtt?;
-        let rtt = self.smoothed_rtt.as_secs_f64().max(0.001);
+        let rtt = self.current_rtt.as_secs_f64().max(0.001);
         let bw = self.bottleneck_bw();
         if self.mode == BbrMode::Startup {
             // Startup never paces below the initial window per round trip
@@ -789,11 +790,22 @@ impl Bbr {
         if bw <= 0.0 {
             return Some(BBR_HIGH_GAIN * self.window as f64 / rtt);
         }
-        Some(self.pacing_gain() * bw)
+        // Never slower than the window's floor per round trip: below that
+        // the floor, not the pacer, bounds what waits in a queue (it adds
+        // at most the floor to one, as a window-limited sender would), and
+        // a slower pacer starves the estimate of what would correct it.
+        // Paced at a rate measured while a flood of junk held the server's
+        // socket 250 ms behind, each datagram left alone and came back
+        // within a fraction of that stale round-trip average: too short a
+        // sample to count (`LossRecovery::on_ack_received`), one sample
+        // per datagram to bring the average down, so the rate never rose
+        // (2 MB at 3 KB/s over a loopback for five minutes).
+        let floor = self.min_window() as f64 / rtt;
+        Some((self.pacing_gain() * bw).max(floor))
     }
 
     fn react_to_ack(&mut self, ack: &AckEvent) {
-        self.smoothed_rtt = ack.smoothed_rtt;
+        self.current_rtt = ack.current_rtt;
         if let Some(sample) = ack.rtt_sample {
             let expired = self
                 .min_rtt
@@ -818,8 +830,8 @@ impl Bbr {
         }
         let min = self.min_rtt();
         self.queue_standing = self.min_rtt.is_some_and(|_| {
-            ack.smoothed_rtt.as_secs_f64() > min.as_secs_f64() * BBR_QUEUE_RTT_FACTOR
-                && ack.smoothed_rtt > min + Duration::from_millis(5)
+            ack.current_rtt.as_secs_f64() > min.as_secs_f64() * BBR_QUEUE_RTT_FACTOR
+                && ack.current_rtt > min + Duration::from_millis(5)
         });
         match self.mode {
             BbrMode::Drain if ack.bytes_in_flight <= self.bdp() => {
@@ -978,7 +990,7 @@ mod tests {
             largest_acked_sent: now,
             bytes_in_flight: 0,
             rtt_sample: Some(Duration::from_millis(50)),
-            smoothed_rtt: Duration::from_millis(50),
+            current_rtt: Duration::from_millis(50),
             rate: None,
             app_limited,
             delivered: 0,
@@ -1067,7 +1079,7 @@ mod tests {
                 largest_acked_sent: now - rtt,
                 bytes_in_flight: per_round,
                 rtt_sample: Some(rtt),
-                smoothed_rtt: rtt,
+                current_rtt: rtt,
                 rate: Some(RateSample {
                     delivery_rate: rate,
                     app_limited: false,
@@ -1168,7 +1180,7 @@ mod tests {
                     largest_acked_sent: now,
                     bytes_in_flight: 0,
                     rtt_sample: Some(rtt(round, i)),
-                    smoothed_rtt: Duration::from_millis(80),
+                    current_rtt: Duration::from_millis(80),
                     rate: Some(RateSample {
                         delivery_rate: 100_000.0 * 2f64.powi(round as i32),
                         app_limited: false,

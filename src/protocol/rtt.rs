@@ -47,9 +47,16 @@ pub fn ack_delay_allowance_for(min_rtt: Option<Duration>) -> Duration {
     })
 }
 
+/// How many of the latest samples [`RttEstimator::recent_max`] remembers.
+pub const RECENT_SAMPLES: usize = 4;
+
 #[derive(Debug, Clone)]
 pub struct RttEstimator {
     latest: Duration,
+    /// The latest samples less the peer's ACK delay, as the average
+    /// takes them; the oldest is overwritten first.
+    recent: [Duration; RECENT_SAMPLES],
+    recent_next: usize,
     smoothed: Duration,
     variance: Duration,
     min: Duration,
@@ -66,6 +73,8 @@ impl RttEstimator {
     pub fn new() -> Self {
         RttEstimator {
             latest: INITIAL_RTT,
+            recent: [INITIAL_RTT; RECENT_SAMPLES],
+            recent_next: 0,
             smoothed: INITIAL_RTT,
             variance: INITIAL_RTT / 2,
             min: INITIAL_RTT,
@@ -78,6 +87,7 @@ impl RttEstimator {
     pub fn update(&mut self, sample: Duration, ack_delay: Duration) {
         self.latest = sample;
         if !self.has_sample {
+            self.recent = [sample; RECENT_SAMPLES];
             self.has_sample = true;
             self.min = sample;
             self.smoothed = sample;
@@ -93,6 +103,8 @@ impl RttEstimator {
         } else {
             sample
         };
+        self.recent[self.recent_next] = adjusted;
+        self.recent_next = (self.recent_next + 1) % RECENT_SAMPLES;
         let diff = self.smoothed.abs_diff(adjusted);
         // rttvar = 3/4 rttvar + 1/4 |srtt - sample|; srtt = 7/8 srtt + 1/8 sample.
         self.variance = (self.variance * 3 + diff) / 4;
@@ -110,6 +122,18 @@ impl RttEstimator {
     }
     pub fn min(&self) -> Duration {
         self.min
+    }
+    /// The round trip the path takes now: the smoothed average, or the
+    /// longest of the last [`RECENT_SAMPLES`] samples if that is shorter.
+    /// After a spell of long round trips (a flood of junk queued on the
+    /// server's socket) the average remembers it for the few dozen
+    /// samples it takes to forget, which a sender paced at the rate it
+    /// measured then takes seconds to collect; four short samples in a
+    /// row say the spell is over. A spell of short ones does not lower it
+    /// below the average.
+    pub fn current(&self) -> Duration {
+        let recent = self.recent.iter().copied().max().unwrap_or(self.latest);
+        self.smoothed.min(recent)
     }
     pub fn has_sample(&self) -> bool {
         self.has_sample
@@ -155,6 +179,25 @@ mod tests {
             r.probe_timeout(),
             Duration::from_millis(100 + 200) + LONG_PATH_ACK_DELAY_ALLOWANCE
         );
+    }
+
+    #[test]
+    fn the_current_round_trip_forgets_a_spell_after_a_few_short_samples() {
+        let ms = Duration::from_millis;
+        let mut r = RttEstimator::new();
+        r.update(ms(250), Duration::ZERO);
+        r.update(ms(240), Duration::ZERO);
+        // One short sample is not the end of the spell.
+        r.update(ms(1), Duration::ZERO);
+        assert_eq!(r.current(), r.smoothed());
+        for _ in 1..RECENT_SAMPLES {
+            r.update(ms(1), Duration::ZERO);
+        }
+        assert!(r.smoothed() > ms(100), "{:?}", r.smoothed());
+        assert_eq!(r.current(), ms(1));
+        // Long samples again: the average, not the short past.
+        r.update(ms(300), Duration::ZERO);
+        assert_eq!(r.current(), r.smoothed());
     }
 
     #[test]

@@ -637,8 +637,13 @@ impl LossRecovery {
             // spell crossing a token-bucket shaper at line rate (tc tbf:
             // 2-3 datagrams in 100 µs on a 2 Mbit/s link, whose minimum RTT
             // they also set), which in steady flow no sample does: its
-            // interval is the round trip of its packet.
-            let shortest = self.rtt.min().max(self.rtt.smoothed() / 2);
+            // interval is the round trip of its packet. Half the current
+            // round trip, not the average: a sender paced at a rate it
+            // measured during a spell of long round trips sends each
+            // datagram alone, whose sample is its round trip, and with the
+            // average still high every sample was set aside and the rate
+            // never rose (2 MB at 3 KB/s over a loopback for minutes).
+            let shortest = self.rtt.min().max(self.rtt.current() / 2);
             if interval >= shortest && !interval.is_zero() {
                 rate = Some(RateSample {
                     delivery_rate: (self.delivered - p.delivered) as f64 / interval.as_secs_f64(),
@@ -668,7 +673,7 @@ impl LossRecovery {
                 largest_acked_sent: p.time_sent,
                 bytes_in_flight: self.bytes_in_flight,
                 rtt_sample,
-                smoothed_rtt: self.rtt.smoothed(),
+                current_rtt: self.rtt.current(),
                 rate,
                 app_limited: p.app_limited,
                 delivered: self.delivered,

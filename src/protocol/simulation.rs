@@ -1002,6 +1002,58 @@ fn a_trial_the_path_drops_costs_one_datagram_and_no_speed() {
     }
 }
 
+/// The handshake and the first round trips crossed a server busy with a
+/// flood of junk (250 ms of queue on its socket), then the path became a
+/// loopback's again. The rate measured in those rounds was tiny and the
+/// round-trip average high; paced at that rate, every datagram left
+/// alone and came back within a fraction of the old average, each such
+/// sample was set aside as too short to measure a link, and so the rate
+/// never rose: an element pipeline of `load` took 2 MB at 3 KB/s for five
+/// minutes.
+#[test]
+fn a_rate_measured_while_the_server_was_swamped_does_not_stay() {
+    for (seed, offer) in [
+        (61, None),
+        (62, Some(MAX_UDP_PAYLOAD)),
+        (63, Some(MAX_UDP_PAYLOAD)),
+    ] {
+        let data = file(3_000_000, seed);
+        let client_config = ClientConfig {
+            read_ahead: ReadAhead::Fixed(1 << 20),
+            path_max_datagram: offer,
+            ..Default::default()
+        };
+        let mut sim = Sim::with_configs(
+            seed,
+            data.clone(),
+            ServerConfig::default(),
+            client_config,
+            clean(125),
+            clean(125),
+        );
+        let now = sim.now;
+        sim.client.open_file(now, "movie.mp4", 0);
+        sim.run_until(Consumer::Greedy, Duration::from_secs(10), |s| {
+            s.delivered.len() >= 40_000
+        });
+        assert!(!sim.client.is_finished(), "seed {seed}");
+        sim.up.imp = Impairment::new(clean(0), seed);
+        sim.down.imp = Impairment::new(clean(0), seed + 1);
+        let calm = sim.now;
+        sim.run_until(Consumer::Greedy, Duration::from_secs(120), |s| {
+            s.client.is_finished()
+        });
+        assert!(sim.delivered == data, "seed {seed}: bytes differ");
+        // What is left, 3 MB, crosses a loopback in milliseconds; the
+        // round-trip average takes a few dozen samples to come down.
+        let took = sim.now - calm;
+        assert!(
+            took < Duration::from_millis(500),
+            "seed {seed} ({offer:?}): {took:?}"
+        );
+    }
+}
+
 #[test]
 fn passphrase_sessions_are_encrypted_and_byte_exact() {
     let data = file(500_000, 21);
