@@ -47,7 +47,7 @@ pub fn ack_delay_allowance_for(min_rtt: Option<Duration>) -> Duration {
     })
 }
 
-/// How many of the latest samples [`RttEstimator::recent_max`] remembers.
+/// How many of the latest samples [`RttEstimator::current`] looks at.
 pub const RECENT_SAMPLES: usize = 4;
 
 #[derive(Debug, Clone)]
