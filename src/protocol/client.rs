@@ -41,7 +41,7 @@ pub const MIN_WINDOW_PROBE_INTERVAL: Duration = Duration::from_millis(5);
 pub const RTT_PING_INTERVAL: Duration = Duration::from_secs(1);
 /// A player that read nothing for this long, with nothing on its way to
 /// it, is paused: its RTT pings wait for the keepalive (see
-/// [`ClientConnection::rtt_ping_interval`]).
+/// `ClientConnection::rtt_ping_interval`).
 pub const PAUSED_AFTER: Duration = Duration::from_secs(2);
 /// With another server to move to, a server that answers none of this many
 /// pings in a row is given up: one lost ping or pong is not a dead server.

@@ -487,7 +487,7 @@ impl LossRecovery {
 
     /// May a run of packets start with one of `size` bytes? As
     /// [`Self::can_send`], and the window and the pacer have room for a
-    /// burst ([`Self::burst_goal`]): the rest of the run then goes out
+    /// burst (`burst_goal`): the rest of the run then goes out
     /// one `can_send` at a time, in the same turn.
     pub fn can_start_burst(&mut self, now: Instant, size: u64) -> bool {
         let goal = self.burst_goal().max(size);

@@ -191,7 +191,7 @@ pub struct ServerConfig {
     pub max_sessions_per_address: usize,
     pub max_payload: usize,
     /// Largest datagram for a client whose path carries more than
-    /// [`MAX_DATAGRAM_SIZE`] (see [`LargeDatagrams`]); at most
+    /// [`MAX_DATAGRAM_SIZE`] (see `LargeDatagrams`); at most
     /// [`MAX_DATAGRAM_SIZE`] turns them off.
     pub max_datagram: usize,
     /// With a passphrase, sessions are authenticated and encrypted.
