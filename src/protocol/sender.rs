@@ -615,6 +615,8 @@ impl LossRecovery {
             self.rtt.update(sample, ack_delay);
             rtt_sample = Some(sample);
         }
+        // Read once: the rate filter and the controller both want it.
+        let current_rtt = self.rtt.current();
         self.delivered += acked_bytes;
         self.delivered_time = Some(now);
         // The delivery rate over the interval of the most recently sent
@@ -643,7 +645,7 @@ impl LossRecovery {
             // datagram alone, whose sample is its round trip, and with the
             // average still high every sample was set aside and the rate
             // never rose (2 MB at 3 KB/s over a loopback for minutes).
-            let shortest = self.rtt.min().max(self.rtt.current() / 2);
+            let shortest = self.rtt.min().max(current_rtt / 2);
             if interval >= shortest && !interval.is_zero() {
                 rate = Some(RateSample {
                     delivery_rate: (self.delivered - p.delivered) as f64 / interval.as_secs_f64(),
@@ -673,7 +675,7 @@ impl LossRecovery {
                 largest_acked_sent: p.time_sent,
                 bytes_in_flight: self.bytes_in_flight,
                 rtt_sample,
-                current_rtt: self.rtt.current(),
+                current_rtt,
                 rate,
                 app_limited: p.app_limited,
                 delivered: self.delivered,
