@@ -239,16 +239,7 @@ impl ContentStore for Library {
             _ => not_found(e.to_string()),
         })?;
         let meta = file.metadata().map_err(|e| not_found(e.to_string()))?;
-        Ok(Box::new(FileContent {
-            file: Arc::new(file),
-            size: meta.len(),
-            tag: content_tag(meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino()),
-            reads: Arc::new(FileReads {
-                blocks: Mutex::new(VecDeque::new()),
-                waiting: AtomicBool::new(false),
-                ready: CONTENT_READY.with(|r| r.borrow().clone()),
-            }),
-        }))
+        Ok(Box::new(FileContent::new(file, &meta)))
     }
 }
 
@@ -298,8 +289,16 @@ struct FileContent {
     reads: Arc<FileReads>,
 }
 
+/// A block read on the blocking pool.
+struct PoolBlock {
+    data: Vec<u8>,
+    /// The page cache held all of it when the pool read it: the disk was
+    /// not needed after all (see [`FileContent::read_at`]).
+    was_cached: bool,
+}
+
 /// Blocks by start offset; `None` while the read is running.
-type Blocks = VecDeque<(u64, Option<Result<Vec<u8>, (io::ErrorKind, String)>>)>;
+type Blocks = VecDeque<(u64, Option<Result<PoolBlock, (io::ErrorKind, String)>>)>;
 
 struct FileReads {
     blocks: Mutex<Blocks>,
@@ -307,12 +306,45 @@ struct FileReads {
     /// arrives (and only then, so read-ahead costs no wake-ups).
     waiting: AtomicBool,
     ready: Option<Arc<Notify>>,
+    /// Blocks read on the pool so far.
+    #[cfg(test)]
+    pool_reads: AtomicU64,
 }
 
 impl FileContent {
-    fn read_block(file: &File, start: u64, len: u64) -> Result<Vec<u8>, (io::ErrorKind, String)> {
+    fn new(file: File, meta: &std::fs::Metadata) -> Self {
+        FileContent {
+            file: Arc::new(file),
+            size: meta.len(),
+            tag: content_tag(meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino()),
+            reads: Arc::new(FileReads {
+                blocks: Mutex::new(VecDeque::new()),
+                waiting: AtomicBool::new(false),
+                ready: CONTENT_READY.with(|r| r.borrow().clone()),
+                #[cfg(test)]
+                pool_reads: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Reads `len` bytes at `start`, asking the page cache first (unless
+    /// `probe_cache` is false) to learn whether the disk was needed.
+    fn read_block(
+        file: &File,
+        start: u64,
+        len: u64,
+        probe_cache: bool,
+    ) -> Result<PoolBlock, (io::ErrorKind, String)> {
         let mut data = vec![0u8; len as usize];
         let mut filled = 0;
+        if probe_cache {
+            match read_if_cached(file, start, &mut data) {
+                Some(Ok(n)) => filled = n,
+                Some(Err(e)) => return Err((e.kind(), e.to_string())),
+                None => {}
+            }
+        }
+        let was_cached = filled == data.len();
         while filled < data.len() {
             match file.read_at(&mut data[filled..], start + filled as u64) {
                 Ok(0) => break,
@@ -323,7 +355,7 @@ impl FileContent {
         }
         // A file that shrank gives a short block; the server reports it.
         data.truncate(filled);
-        Ok(data)
+        Ok(PoolBlock { data, was_cached })
     }
 
     /// Starts reading the block at `start` unless it is held or on its way;
@@ -341,13 +373,16 @@ impl FileContent {
         let len = FILE_BLOCK_BYTES.min(self.size - start);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             // No runtime (a tool or a test): read here.
-            blocks.push_back((start, Some(Self::read_block(&self.file, start, len))));
+            blocks.push_back((start, Some(Self::read_block(&self.file, start, len, false))));
             return;
         };
         blocks.push_back((start, None));
         let (file, reads) = (self.file.clone(), self.reads.clone());
+        let probe_cache = !cache_probes_miss();
         runtime.spawn_blocking(move || {
-            let block = Self::read_block(&file, start, len);
+            let block = Self::read_block(&file, start, len, probe_cache);
+            #[cfg(test)]
+            reads.pool_reads.fetch_add(1, Ordering::Relaxed);
             let mut blocks = reads.blocks.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(slot) = blocks.iter_mut().find(|(s, b)| *s == start && b.is_none()) {
                 slot.1 = Some(block);
@@ -361,12 +396,21 @@ impl FileContent {
     }
 }
 
+/// Whether this thread's probes of the page cache are made to miss (a
+/// test's cold disk); the pool's probes for a block follow the thread
+/// that asked for it.
+fn cache_probes_miss() -> bool {
+    #[cfg(test)]
+    return tests::PAGE_CACHE_MISSES.with(|m| m.get());
+    #[cfg(not(test))]
+    false
+}
+
 /// Reads from the page cache only (`preadv2` with `RWF_NOWAIT`): `None`
 /// when the bytes are not cached or the file system cannot say.
 fn read_if_cached(file: &File, offset: u64, buf: &mut [u8]) -> Option<io::Result<usize>> {
     use std::os::fd::AsRawFd;
-    #[cfg(test)]
-    if tests::PAGE_CACHE_MISSES.with(|m| m.get()) {
+    if cache_probes_miss() {
         return None;
     }
     let iov = libc::iovec {
@@ -413,11 +457,19 @@ impl Content for FileContent {
             }
         }
         self.fetch(&mut blocks, start, start);
+        // Reading ahead goes on while the blocks need the disk. A block
+        // the page cache held after all ends it: the next is probed on
+        // the thread again. A probe can miss a cached page (one marked for
+        // the kernel's readahead answers EAGAIN to RWF_NOWAIT), and a file
+        // whose every block then went through the pool cost a pulling
+        // server twice the CPU, in hand-offs between threads.
+        let mut read_ahead = true;
         let got = match blocks.iter().find(|(s, _)| *s == start) {
-            Some((_, Some(Ok(data)))) => {
+            Some((_, Some(Ok(PoolBlock { data, was_cached })))) => {
                 let from = (offset - start) as usize;
                 let n = buf.len().min(data.len().saturating_sub(from));
                 buf[..n].copy_from_slice(&data[from..from + n]);
+                read_ahead = !was_cached;
                 Ok(n)
             }
             Some((_, Some(Err((kind, message))))) => {
@@ -432,7 +484,9 @@ impl Content for FileContent {
             }
         };
         // The disk is slow here: read the next block meanwhile.
-        self.fetch(&mut blocks, start + FILE_BLOCK_BYTES, start);
+        if read_ahead {
+            self.fetch(&mut blocks, start + FILE_BLOCK_BYTES, start);
+        }
         got
     }
     /// The index is found at open from a few small reads of the headers,
@@ -584,6 +638,67 @@ mod tests {
             assert_eq!(again.read_at(10, &mut buf).ok(), Some(1400));
             assert_eq!(buf[..], data[10..1410]);
             assert_eq!(content.read_at(data.len() as u64, &mut buf).ok(), Some(0));
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_cached_file_leaves_the_pool_after_a_probe_that_missed() {
+        let dir = temp_dir("backtothread");
+        let blocks = 8;
+        let data: Vec<u8> = (0..(FILE_BLOCK_BYTES * blocks) as u32)
+            .map(|i| (i * 13 % 251) as u8)
+            .collect();
+        std::fs::write(dir.join("f.bin"), &data).expect("write");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let ready = Arc::new(Notify::new());
+            CONTENT_READY.with(|r| *r.borrow_mut() = Some(ready.clone()));
+            let file = File::open(dir.join("f.bin")).expect("open");
+            let meta = file.metadata().expect("metadata");
+            let content = FileContent::new(file, &meta);
+            let mut buf = vec![0u8; 1400];
+            // The file is cached (just written), but the first probe
+            // misses, as one of a page marked for readahead does: the
+            // first block and the next go to the pool, read as from disk.
+            PAGE_CACHE_MISSES.with(|m| m.set(true));
+            let first = content.read_at(0, &mut buf).map(|_| ());
+            assert_eq!(first.map_err(|e| e.kind()), Err(io::ErrorKind::WouldBlock));
+            PAGE_CACHE_MISSES.with(|m| m.set(false));
+            let mut got = Vec::new();
+            while got.len() < data.len() {
+                // At a viewer's pace: what was read ahead has landed when
+                // sending reaches it.
+                if got.len() as u64 % FILE_BLOCK_BYTES < buf.len() as u64 {
+                    let all_landed = || {
+                        let blocks = content.reads.blocks.lock().expect("blocks");
+                        blocks.iter().all(|(_, b)| b.is_some())
+                    };
+                    for _ in 0..5000 {
+                        if all_landed() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                match content.read_at(got.len() as u64, &mut buf) {
+                    Ok(0) => panic!("end of file at {}", got.len()),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        tokio::time::timeout(Duration::from_secs(5), ready.notified())
+                            .await
+                            .expect("told when the block arrived");
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            assert_eq!(got, data);
+            // Blocks 0 and 1 as from disk; block 2, read ahead of block
+            // 1, was found cached, so block 3 on was read on the thread.
+            assert_eq!(content.reads.pool_reads.load(Ordering::Relaxed), 3);
         });
         let _ = std::fs::remove_dir_all(&dir);
     }
