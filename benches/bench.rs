@@ -167,8 +167,28 @@ fn make_clips(dir: &Path) -> (PathBuf, PathBuf) {
         assert!(status.success(), "making {}", path.display());
         std::fs::rename(&tmp, path).expect("rename");
     }
+    // The loopback pull of the clip lasts tens of milliseconds, mostly
+    // the start; a long pull measures the rate the two sides sustain.
+    let long = dir.join(LONG_PULL_FILE);
+    if !long.exists() {
+        let tmp = long.with_extension("tmp");
+        let clip = std::fs::read(&mp4).expect("read the clip");
+        let mut f = std::fs::File::create(&tmp).expect("create the long pull's file");
+        for _ in 0..LONG_PULL_COPIES {
+            f.write_all(&clip).expect("write the long pull's file");
+        }
+        drop(f);
+        std::fs::rename(&tmp, &long).expect("rename");
+    }
     (mp4, ts)
 }
+
+/// The file of the long loopback pull: the clip repeated (the pull goes
+/// to a fakesink, so only the bytes count), about half a GiB.
+const LONG_PULL_FILE: &str = "long-pull.bin";
+const LONG_PULL_COPIES: usize = 18;
+/// Pulls of the long file, per peer.
+const LONG_PULL_REPEATS: usize = 5;
 
 /// A child process killed on drop.
 struct Proc(Child);
@@ -1758,11 +1778,29 @@ fn main() {
             "| condition | peer | time s | ratio to HTTP | first byte ms | client CPU s/GB | server CPU s/GB |"
         );
         let _ = writeln!(out, "|---|---|---|---|---|---|---|");
-        for cond in &conditions {
+        // Both servers read the long file from the page cache.
+        let long = env.clips.join(LONG_PULL_FILE);
+        if let Ok(mut f) = std::fs::File::open(&long) {
+            let _ = std::io::copy(&mut f, &mut std::io::sink());
+        }
+        let long_name = format!(
+            "loopback, {:.0} MiB file",
+            std::fs::metadata(&long).map_or(0, |m| m.len()) as f64 / 1048576.0
+        );
+        let rows = conditions
+            .iter()
+            .map(|c| (*c, c.name.to_string(), "bench.mp4"))
+            .chain([(conditions[0], long_name, LONG_PULL_FILE)]);
+        for (cond, row_name, file) in rows {
+            let cond = &cond;
             let mut http_time = None;
             // On loopback a pull takes tens of milliseconds, less than this
             // machine's noise: the median of several, the peers taking turns.
-            let reps = if cond.is_clean() { PULL_REPEATS } else { 1 };
+            let reps = match (cond.is_clean(), file) {
+                (false, _) => 1,
+                (true, LONG_PULL_FILE) => LONG_PULL_REPEATS,
+                (true, _) => PULL_REPEATS,
+            };
             let peers = [Peer::Http, Peer::Udpvid];
             let mut pulls: Vec<Vec<Result<Pull, String>>> =
                 peers.iter().map(|_| Vec::new()).collect();
@@ -1772,7 +1810,8 @@ fn main() {
                         continue;
                     }
                     let path = open_path(&env, *peer, *cond, 1);
-                    pulls[i].push(pull(&path.uri, &path.server_pid));
+                    let uri = path.uri.replace("bench.mp4", file);
+                    pulls[i].push(pull(&uri, &path.server_pid));
                 }
             }
             for (peer, runs) in peers.into_iter().zip(pulls) {
@@ -1780,7 +1819,7 @@ fn main() {
                     let _ = writeln!(
                         out,
                         "| {} | {} | n/a: a TCP relay cannot drop segments (see the kernel table) | | | | |",
-                        cond.name,
+                        row_name,
                         peer.name()
                     );
                     continue;
@@ -1796,7 +1835,7 @@ fn main() {
                         let _ = writeln!(
                             out,
                             "| {} | {} | {} | {} | {} | {:.1} | {:.1} |",
-                            cond.name,
+                            row_name,
                             peer.name(),
                             if reps > 1 {
                                 format!("{:.3} (median of {reps})", p.seconds)
@@ -1813,7 +1852,7 @@ fn main() {
                         let _ = writeln!(
                             out,
                             "| {} | {} | failed: {e} | | | | |",
-                            cond.name,
+                            row_name,
                             peer.name()
                         );
                     }
