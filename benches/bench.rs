@@ -1799,7 +1799,6 @@ fn main() {
             .map(|c| (*c, c.name.to_string(), "bench.mp4"))
             .chain([(conditions[0], long_name, LONG_PULL_FILE)]);
         for (cond, row_name, file) in rows {
-            let cond = &cond;
             let mut http_time = None;
             // On loopback a pull takes tens of milliseconds, less than this
             // machine's noise: the median of several, the peers taking turns.
@@ -1819,7 +1818,7 @@ fn main() {
                     if file == LONG_PULL_FILE {
                         warm_page_cache(&long);
                     }
-                    let path = open_path(&env, *peer, *cond, 1);
+                    let path = open_path(&env, *peer, cond, 1);
                     let uri = path.uri.replace("bench.mp4", file);
                     pulls[i].push(pull(&uri, &path.server_pid));
                 }

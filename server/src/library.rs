@@ -566,6 +566,23 @@ mod tests {
         }
     }
 
+    /// Runs `test` on a serving thread as the server's: a current-thread
+    /// runtime whose content-ready wake-up (given to `test`) the files
+    /// opened on it use.
+    fn on_a_serving_thread<F: std::future::Future>(
+        test: impl FnOnce(Arc<Notify>) -> F,
+    ) -> F::Output {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let ready = Arc::new(Notify::new());
+            CONTENT_READY.with(|r| *r.borrow_mut() = Some(ready.clone()));
+            test(ready).await
+        })
+    }
+
     #[test]
     fn reads_that_need_the_disk_run_off_the_serving_thread_a_block_ahead() {
         let dir = temp_dir("offthread");
@@ -574,13 +591,9 @@ mod tests {
             .collect();
         std::fs::write(dir.join("f.bin"), &data).expect("write");
         let library = Library::new(&dir).expect("library");
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
-            let ready = Arc::new(Notify::new());
-            CONTENT_READY.with(|r| *r.borrow_mut() = Some(ready.clone()));
+        // Borrowed by the test's future, which takes only the wake-up.
+        let (dir, data) = (&dir, &data);
+        on_a_serving_thread(|ready| async move {
             let mut buf = vec![0u8; 1400];
             // As on a disk that has not been read yet: out of the page
             // cache, and the probes told so (see `PAGE_CACHE_MISSES`).
@@ -630,7 +643,7 @@ mod tests {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
-            assert_eq!(got, data);
+            assert_eq!(got, *data);
             assert_eq!(waits, 0, "sending waited for a block read ahead");
             // Now cached: read at once, on the thread, without a block.
             PAGE_CACHE_MISSES.with(|m| m.set(false));
@@ -639,7 +652,7 @@ mod tests {
             assert_eq!(buf[..], data[10..1410]);
             assert_eq!(content.read_at(data.len() as u64, &mut buf).ok(), Some(0));
         });
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
@@ -650,13 +663,9 @@ mod tests {
             .map(|i| (i * 13 % 251) as u8)
             .collect();
         std::fs::write(dir.join("f.bin"), &data).expect("write");
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
-            let ready = Arc::new(Notify::new());
-            CONTENT_READY.with(|r| *r.borrow_mut() = Some(ready.clone()));
+        // Borrowed by the test's future, which takes only the wake-up.
+        let (dir, data) = (&dir, &data);
+        on_a_serving_thread(|ready| async move {
             let file = File::open(dir.join("f.bin")).expect("open");
             let meta = file.metadata().expect("metadata");
             let content = FileContent::new(file, &meta);
@@ -695,12 +704,12 @@ mod tests {
                     Err(e) => panic!("{e}"),
                 }
             }
-            assert_eq!(got, data);
+            assert_eq!(got, *data);
             // Blocks 0 and 1 as from disk; block 2, read ahead of block
             // 1, was found cached, so block 3 on was read on the thread.
             assert_eq!(content.reads.pool_reads.load(Ordering::Relaxed), 3);
         });
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
