@@ -13,6 +13,7 @@ mod disk_cache;
 mod library;
 mod metrics;
 mod object_library;
+mod send_batch;
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -26,7 +27,7 @@ use futures::FutureExt;
 use rand::RngCore;
 use std::io::IoSliceMut;
 
-use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use quinn_udp::{RecvMeta, UdpSocketState};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tracing::{debug, error, info, warn};
@@ -47,6 +48,7 @@ use gstudpvid::discovery::Announcement;
 use library::Library;
 use metrics::{LoopCounters, Metrics};
 use object_library::ObjectLibrary;
+use send_batch::SendBatcher;
 
 /// Socket buffers we ask the kernel for: a few read-aheads' worth of
 /// datagrams, so bursts survive a busy moment in the event loop.
@@ -56,8 +58,6 @@ const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 const MAX_RECV_BATCH: usize = 256;
 /// Receive buffers filled by one `recvmmsg`.
 const RECV_SLOTS: usize = 16;
-/// Largest GSO batch: what one UDP send can carry.
-const GSO_BATCH_BYTES: usize = 65_000;
 /// A serving thread whose next timer is at most this far off sleeps until
 /// it without watching its socket, and takes what arrived meanwhile (ACKs)
 /// in the same turn. Each datagram that woke the thread was a turn of its
@@ -294,99 +294,6 @@ async fn shutdown_signal() {
     }
 }
 
-/// Datagrams the endpoint queued, gathered into GSO batches: runs of
-/// equal-size datagrams to one address (the last may be shorter) leave in
-/// one `sendmsg`, which the kernel (or the NIC) cuts into datagrams. The
-/// endpoint appends each datagram to `buf` itself
-/// ([`ServerEndpoint::poll_transmit_append`]); one that cannot join the
-/// run before it starts the next batch.
-struct SendBatcher {
-    buf: Vec<u8>,
-    to: Option<SocketAddr>,
-    segment: usize,
-    count: usize,
-    /// A shorter datagram ended the run.
-    closed: bool,
-}
-
-impl SendBatcher {
-    fn new() -> Self {
-        SendBatcher {
-            // Room for a full batch and the datagram that does not fit it.
-            buf: Vec::with_capacity(GSO_BATCH_BYTES + MAX_DATAGRAM_SIZE),
-            to: None,
-            segment: 0,
-            count: 0,
-            closed: false,
-        }
-    }
-
-    /// Whether the datagram to `to` just appended at `buf[start..]` can
-    /// join the batch before it.
-    fn fits(&self, start: usize, to: SocketAddr, max_segments: usize) -> bool {
-        self.to == Some(to)
-            && !self.closed
-            && self.buf.len() - start <= self.segment
-            && self.count < max_segments
-            && self.buf.len() <= GSO_BATCH_BYTES
-    }
-
-    /// Counts the datagram at `buf[start..]` in, as the batch's next.
-    fn take(&mut self, start: usize, to: SocketAddr) {
-        let len = self.buf.len() - start;
-        if self.to.is_none() {
-            self.to = Some(to);
-            self.segment = len;
-        }
-        self.closed = len < self.segment;
-        self.count += 1;
-    }
-
-    /// Sends the batch, all of `buf`.
-    async fn flush(&mut self, socket: &UdpSocket, state: &UdpSocketState, counters: &LoopCounters) {
-        self.flush_before(self.buf.len(), socket, state, counters)
-            .await;
-    }
-
-    /// Sends the batch, `buf[..end]`; what follows (a datagram that did not
-    /// fit) moves to the front, to start the next one.
-    async fn flush_before(
-        &mut self,
-        end: usize,
-        socket: &UdpSocket,
-        state: &UdpSocketState,
-        counters: &LoopCounters,
-    ) {
-        let Some(destination) = self.to.take() else {
-            self.buf.drain(..end);
-            return;
-        };
-        counters
-            .datagrams_sent
-            .fetch_add(self.count as u64, Ordering::Relaxed);
-        counters.bytes_sent.fetch_add(end as u64, Ordering::Relaxed);
-        let transmit = Transmit {
-            destination,
-            ecn: None,
-            contents: &self.buf[..end],
-            segment_size: (self.count > 1).then_some(self.segment),
-            src_ip: None,
-        };
-        let sent = socket
-            .async_io(Interest::WRITABLE, || {
-                state.try_send(socket.into(), &transmit)
-            })
-            .await;
-        if let Err(e) = sent {
-            // The same as losing the datagrams: recovery resends them.
-            debug!(to = %destination, error = %e, datagrams = self.count, "send failed");
-        }
-        self.buf.drain(..end);
-        self.count = 0;
-        self.closed = false;
-    }
-}
-
 /// What the server serves: one folder, or a bucket.
 enum Store {
     Folder(Library),
@@ -555,24 +462,21 @@ async fn serve(
     counters: Arc<LoopCounters>,
 ) {
     let mut receiver = Receiver::new(&state);
-    let mut batch = SendBatcher::new();
+    let mut batch = SendBatcher::new(state.max_gso_segments());
     let mut lost_reported = 0;
     let epoch = Instant::now();
     loop {
         let now = Instant::now();
         loop {
-            let start = batch.buf.len();
-            let Some(to) = endpoint.poll_transmit_append(now, &mut batch.buf) else {
+            let start = batch.mark();
+            let Some(to) =
+                endpoint.poll_transmit_vectored(now, &mut batch.buf, &mut batch.payloads)
+            else {
                 break;
             };
-            if start > 0 && !batch.fits(start, to, state.max_gso_segments()) {
-                batch.flush_before(start, &socket, &state, &counters).await;
-                batch.take(0, to);
-            } else {
-                batch.take(start, to);
-            }
+            batch.push(start, to, &socket, &counters).await;
         }
-        batch.flush(&socket, &state, &counters).await;
+        batch.flush(&socket, &counters).await;
         while let Some(event) = endpoint.poll_event() {
             log_event(event, &counters);
         }

@@ -10,6 +10,7 @@ pub mod buffering;
 pub mod catalog;
 pub mod client;
 pub mod congestion;
+pub mod content_blocks;
 pub mod cookie;
 pub mod crypto;
 #[doc(hidden)]

@@ -7,6 +7,8 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
+
+use bytes::Bytes;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -14,6 +16,7 @@ use rand::{Rng, SeedableRng};
 
 use super::admission::{Admission, Shard};
 use super::catalog::{self, CatalogEntry};
+use super::content_blocks::{BlockPool, BlockReader, ReadOrder};
 use super::cookie::AddressValidator;
 use super::crypto::{Psk, SessionKeys, TAG_LEN};
 use super::media_index::{self, MediaIndex};
@@ -272,161 +275,11 @@ struct Transfer {
     waiting_for_content: bool,
 }
 
-/// Bytes read from a file in one go for the datagrams that follow.
-pub const READ_BLOCK_BYTES: usize = 64 * 1024;
 /// A session that sent nothing for this long, with nothing in flight and
 /// its transfer at the client's window, belongs to a paused player: when
 /// its keepalive comes, it gives back its read block and its in-flight
 /// ring (`load paused 2000 60`: 111 -> 43 KiB of RSS per paused session).
 const PAUSED_SESSION_IDLE: Duration = Duration::from_secs(2);
-
-/// Reads a transfer's file a block at a time: new data leaves in file
-/// order, so one read serves the next ~45 datagrams instead of one read
-/// each (the per-datagram read was a third of the server's system calls).
-/// Resends and index sent ahead that the block does not hold leave it
-/// alone: the block stays with new data. (It once followed the first read,
-/// which for a file whose index is at its end is the index: every datagram
-/// of the file after it was read on its own.) They come from a small block
-/// of their own instead: on a lossy path each resend in a transfer's first
-/// MiB leaves two or three times in a row (`StreamSender::set_resend_twice`),
-/// a queue that overflows drops runs of datagrams, and the index sent ahead
-/// goes out datagram after datagram, and each of those was a read of its
-/// own (796 of the 916 reads in the first 4 s of a pull through a 20 Mbit/s
-/// proxy whose queue startup overflowed, every offset read twice). Costs
-/// [`READ_BLOCK_BYTES`] and [`RESEND_BLOCK_BYTES`] per session with a
-/// transfer.
-///
-/// Content that is not all there yet (object storage fetching it) is kept
-/// as far as it came, and the rest is read on the next try: a datagram
-/// that spans two storage blocks never needs both in the cache at the
-/// same moment, which a small cache shared by many sessions could not
-/// promise.
-#[derive(Default)]
-struct BlockReader {
-    new_data: Block,
-    scattered: Block,
-}
-
-/// Bytes read in one go for resends and index sent ahead: a few datagrams,
-/// so a lone resend costs little more than its own bytes.
-pub const RESEND_BLOCK_BYTES: usize = 8 * 1024;
-
-/// Part of a file, read ahead of the datagrams that take it.
-#[derive(Default)]
-struct Block {
-    start: u64,
-    /// Zeroed once, when first needed, and refilled in place: growing a
-    /// `Vec` back to a block for each refill cleared it first, and that
-    /// memset was 3 % of a loaded server's CPU.
-    buf: Vec<u8>,
-    /// Bytes of `buf` that hold the file from `start`.
-    len: usize,
-}
-
-/// Where a read falls in a transfer's sending order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ReadOrder {
-    /// New data, which follows the new data before it.
-    Sequential,
-    /// A resend or index sent ahead.
-    Scattered,
-}
-
-impl BlockReader {
-    /// Appends the `len` bytes from `offset` to `out` (fewer only at the
-    /// end of the file), straight from a block: the server writes
-    /// payloads into its send batch in place, where a copy through a read
-    /// buffer and another out of the datagram were two of the three copies
-    /// of every payload.
-    fn append(
-        &mut self,
-        content: &dyn Content,
-        offset: u64,
-        len: usize,
-        out: &mut Vec<u8>,
-        order: ReadOrder,
-    ) -> std::io::Result<usize> {
-        let (block, size) = match order {
-            ReadOrder::Scattered if !self.new_data.holds(offset, len, content.size()) => {
-                (&mut self.scattered, RESEND_BLOCK_BYTES)
-            }
-            _ => (&mut self.new_data, READ_BLOCK_BYTES),
-        };
-        let (from, n) = block.locate(content, offset, len, size)?;
-        out.extend_from_slice(&block.buf[from..from + n]);
-        Ok(n)
-    }
-
-    /// Gives back the blocks' memory; the next read fills new ones.
-    fn release(&mut self) {
-        *self = BlockReader::default();
-    }
-}
-
-impl Block {
-    /// The block has the `len` bytes from `offset`, or all of them up to
-    /// the end of a file of `size` bytes: a block that reaches the end of
-    /// the file serves every later read.
-    fn holds(&self, offset: u64, len: usize, size: u64) -> bool {
-        let block_end = self.start + self.len as u64;
-        offset >= self.start
-            && offset <= block_end
-            && (offset + len as u64 <= block_end || (self.len > 0 && block_end >= size))
-    }
-
-    /// Where in the block the `len` bytes from `offset` are (or those up
-    /// to the end of the file): returns where they start in `buf` and how
-    /// many there are, reading them into it (`size` bytes at a time) if it
-    /// does not hold them. A read behind the block or past its end starts
-    /// it again there rather than leave it a read per datagram.
-    fn locate(
-        &mut self,
-        content: &dyn Content,
-        offset: u64,
-        len: usize,
-        size: usize,
-    ) -> std::io::Result<(usize, usize)> {
-        if offset < self.start || offset > self.start + self.len as u64 {
-            self.start = offset;
-            self.len = 0;
-        }
-        if !self.holds(offset, len, content.size()) {
-            // Keep what is already here from `offset` on; read the rest.
-            let keep_from = (offset - self.start) as usize;
-            self.buf.copy_within(keep_from..self.len, 0);
-            self.len -= keep_from;
-            self.start = offset;
-            let size = size.max(len);
-            if self.buf.len() < size {
-                self.buf.resize(size, 0);
-            }
-            let have = self.len;
-            let (n, would_block) = read_full(content, offset + have as u64, &mut self.buf[have..])?;
-            self.len = have + n;
-            if would_block && self.len < len {
-                return Err(std::io::ErrorKind::WouldBlock.into());
-            }
-        }
-        let from = (offset - self.start) as usize;
-        Ok((from, len.min(self.len.saturating_sub(from))))
-    }
-}
-
-/// Reads until `out` is full, the end of the file, or content that is not
-/// there yet (then true, with what came before it).
-fn read_full(content: &dyn Content, offset: u64, out: &mut [u8]) -> std::io::Result<(usize, bool)> {
-    let mut filled = 0;
-    while filled < out.len() {
-        match content.read_at(offset + filled as u64, &mut out[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok((filled, true)),
-            Err(e) => return Err(e),
-        }
-    }
-    Ok((filled, false))
-}
 
 struct Session {
     id: ConnectionId,
@@ -607,6 +460,8 @@ pub struct ServerEndpoint<S: ContentStore> {
     events: VecDeque<ServerEvent>,
     /// Data packets declared lost (each one's bytes are sent again).
     packets_lost: u64,
+    /// The sessions' spare read blocks.
+    block_pool: BlockPool,
     /// This endpoint's share of the server's connection ids, and the
     /// session limits all shards share.
     shard: Shard,
@@ -656,6 +511,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             stateless: VecDeque::new(),
             events: VecDeque::new(),
             packets_lost: 0,
+            block_pool: BlockPool::default(),
             shard,
         }
     }
@@ -788,7 +644,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
                         if let Some(t) =
                             s.transfer.as_mut().filter(|t| t.stream.is_window_blocked())
                         {
-                            t.blocks.release();
+                            t.blocks.release(&mut self.block_pool);
                             s.recovery.release_memory();
                         }
                     }
@@ -1265,6 +1121,30 @@ impl<S: ContentStore> ServerEndpoint<S> {
     /// driver batching sends passes its batch, and the payload is copied
     /// once, from the file's block into it.
     pub fn poll_transmit_append(&mut self, now: Instant, out: &mut Vec<u8>) -> Option<SocketAddr> {
+        self.poll_transmit_into(now, out, None)
+    }
+
+    /// As [`Self::poll_transmit_append`], but a file's bytes in the
+    /// datagram are not copied into `out`: they are pushed to `payloads`
+    /// as a slice of the block they were read into, to be sent from there
+    /// (scatter-gather I/O), and `out` holds the rest of the datagram. The
+    /// datagram is `out`'s new bytes with any new payload inserted at its
+    /// `at`. Sealed sessions' payloads are encrypted in `out` as before.
+    pub fn poll_transmit_vectored(
+        &mut self,
+        now: Instant,
+        out: &mut Vec<u8>,
+        payloads: &mut Vec<SharedPayload>,
+    ) -> Option<SocketAddr> {
+        self.poll_transmit_into(now, out, Some(payloads))
+    }
+
+    fn poll_transmit_into(
+        &mut self,
+        now: Instant,
+        out: &mut Vec<u8>,
+        mut payloads: Option<&mut Vec<SharedPayload>>,
+    ) -> Option<SocketAddr> {
         if let Some((to, bytes)) = self.stateless.pop_front() {
             out.extend_from_slice(&bytes);
             return Some(to);
@@ -1274,7 +1154,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
                 Some(turn) => turn,
                 None => (self.ready.pop_front()?, 0),
             };
-            if let Some(to) = self.poll_session(now, id, out, sent == 0) {
+            if let Some(to) = self.poll_session(now, id, out, payloads.as_deref_mut(), sent == 0) {
                 if sent + 1 < SESSION_BATCH {
                     self.turn = Some((id, sent + 1));
                 } else if self.sessions.contains_key(&id) {
@@ -1305,6 +1185,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
         now: Instant,
         id: ConnectionId,
         out: &mut Vec<u8>,
+        payloads: Option<&mut Vec<SharedPayload>>,
         starting: bool,
     ) -> Option<SocketAddr> {
         let start = out.len();
@@ -1410,15 +1291,16 @@ impl<S: ContentStore> ServerEndpoint<S> {
         };
         let transfer_id = t.id;
         let pn = session.next_packet_number;
-        encode_data_header(out, id, pn, transfer_id, range.start);
         let mut failure = None;
-        let filled = match t
-            .blocks
-            .append(t.content.as_ref(), range.start, len, out, order)
-        {
-            Ok(n) => n,
+        let payload = match t.blocks.slice(
+            &mut self.block_pool,
+            t.content.as_ref(),
+            range.start,
+            len,
+            order,
+        ) {
+            Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                out.truncate(start);
                 t.stream.unsend(range);
                 t.waiting_for_content = true;
                 self.waiting.push(id);
@@ -1431,13 +1313,13 @@ impl<S: ContentStore> ServerEndpoint<S> {
                     message: e.to_string(),
                 });
                 failure = Some(e.to_string());
-                0
+                Bytes::new()
             }
         };
+        let filled = payload.len();
         if filled < len {
             // The file shrank or failed under us: tell the client rather than
             // send bytes that are not the file's.
-            out.truncate(start);
             let path = t.path.clone();
             session.transfer = None;
             session.control.push_back(Body::OpenError {
@@ -1449,13 +1331,26 @@ impl<S: ContentStore> ServerEndpoint<S> {
                     failure.map_or_else(String::new, |f| format!(": {f}"))
                 ),
             });
-            return self.poll_session(now, id, out, starting);
+            return self.poll_session(now, id, out, payloads, starting);
         }
         session.next_pn();
-        if let Some(keys) = &session.keys {
-            keys.seal_from(out, start);
-        }
-        let size = (out.len() - start) as u64;
+        encode_data_header(out, id, pn, transfer_id, range.start);
+        let size = match (payloads, &session.keys) {
+            (Some(payloads), None) => {
+                payloads.push(SharedPayload {
+                    at: out.len(),
+                    bytes: payload,
+                });
+                out.len() - start + filled
+            }
+            (_, keys) => {
+                out.extend_from_slice(&payload);
+                if let Some(keys) = keys {
+                    keys.seal_from(out, start);
+                }
+                out.len() - start
+            }
+        } as u64;
         session.bytes_sent += size;
         if let Some(size) = trial {
             session.large = LargeDatagrams::Trying(size);
@@ -1636,6 +1531,16 @@ fn sealed_session_keys<'a>(sessions: &'a SessionMap, datagram: &[u8]) -> Option<
         .as_ref()
 }
 
+/// A file's bytes in a datagram, left in the block they were read into
+/// ([`ServerEndpoint::poll_transmit_vectored`]).
+#[derive(Debug, Clone)]
+pub struct SharedPayload {
+    /// Where the bytes go in the datagrams' other bytes: after the first
+    /// `at` of them.
+    pub at: usize,
+    pub bytes: Bytes,
+}
+
 /// Appends a Data packet's header (its payload follows, appended by the
 /// caller), without the intermediate `Vec` that `Body::Data` would need.
 fn encode_data_header(out: &mut Vec<u8>, id: ConnectionId, pn: u64, transfer_id: u32, offset: u64) {
@@ -1656,185 +1561,7 @@ fn encode_data_header(out: &mut Vec<u8>, id: ConnectionId, pn: u64, transfer_id:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    /// Memory content that counts the reads made of it.
-    struct Counted(MemoryContent, AtomicUsize);
-
-    impl Counted {
-        /// `len` bytes of a repeating pattern, and content holding them.
-        fn pattern(len: u32) -> (Vec<u8>, Self) {
-            let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-            let content = MemoryContent {
-                bytes: bytes.clone(),
-                tag: 1,
-            };
-            (bytes, Counted(content, AtomicUsize::new(0)))
-        }
-    }
-
-    impl Content for Counted {
-        fn size(&self) -> u64 {
-            self.0.size()
-        }
-        fn tag(&self) -> u64 {
-            self.0.tag()
-        }
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
-            self.1.fetch_add(1, Ordering::Relaxed);
-            self.0.read_at(offset, buf)
-        }
-    }
-
-    /// Fills `out` from `offset` through the block, as a datagram would be.
-    fn read(
-        blocks: &mut BlockReader,
-        content: &dyn Content,
-        offset: u64,
-        out: &mut [u8],
-        order: ReadOrder,
-    ) -> std::io::Result<usize> {
-        let mut appended = Vec::new();
-        let n = blocks.append(content, offset, out.len(), &mut appended, order)?;
-        out[..n].copy_from_slice(&appended);
-        Ok(n)
-    }
-
-    #[test]
-    fn block_reader_reads_once_per_block_and_resends_apart() {
-        let (bytes, content) = Counted::pattern(200_000);
-        let mut blocks = BlockReader::default();
-        let mut out = vec![0u8; 1400];
-        // In order through the whole file: one read per block.
-        let mut at = 0u64;
-        while at < bytes.len() as u64 {
-            let n = read(&mut blocks, &content, at, &mut out, ReadOrder::Sequential).expect("read");
-            assert!(n > 0);
-            assert_eq!(out[..n], bytes[at as usize..at as usize + n]);
-            at += n as u64;
-        }
-        let reads = content.1.load(Ordering::Relaxed);
-        // Blocks start where a datagram did not fit the previous one, and
-        // the last read of a short block sees the end of the file.
-        assert!(
-            reads <= bytes.len().div_ceil(READ_BLOCK_BYTES) + 2,
-            "{reads}"
-        );
-        // A resend far behind is read into a block of its own and leaves
-        // the new data's block alone.
-        let n = read(&mut blocks, &content, 1000, &mut out, ReadOrder::Scattered).expect("read");
-        assert_eq!((n, &out[..]), (1400, &bytes[1000..2400]));
-        assert_eq!(content.1.load(Ordering::Relaxed), reads + 1);
-        // Released (a paused session's), it reads anew, ahead or behind.
-        blocks.release();
-        assert!(blocks.new_data.buf.is_empty() && blocks.scattered.buf.is_empty());
-        for at in [150_000u64, 3000, 150_500] {
-            let n = read(&mut blocks, &content, at, &mut out, ReadOrder::Sequential).expect("read");
-            assert_eq!(
-                (n, &out[..]),
-                (1400, &bytes[at as usize..at as usize + 1400])
-            );
-        }
-        // At the end only what is left.
-        let n = read(
-            &mut blocks,
-            &content,
-            bytes.len() as u64 - 10,
-            &mut out,
-            ReadOrder::Sequential,
-        )
-        .expect("read");
-        assert_eq!(&out[..n], &bytes[bytes.len() - 10..]);
-        assert_eq!(
-            read(
-                &mut blocks,
-                &content,
-                bytes.len() as u64,
-                &mut out,
-                ReadOrder::Sequential
-            )
-            .ok(),
-            Some(0)
-        );
-    }
-
-    #[test]
-    fn resends_that_leave_again_or_in_a_run_share_one_read() {
-        let (bytes, content) = Counted::pattern(300_000);
-        let mut blocks = BlockReader::default();
-        let mut out = Vec::new();
-        let mut send = |blocks: &mut BlockReader, at: u64, order| {
-            out.clear();
-            let n = blocks
-                .append(&content, at, 1400, &mut out, order)
-                .expect("read");
-            assert_eq!(out[..], bytes[at as usize..at as usize + n]);
-            content.1.load(Ordering::Relaxed)
-        };
-        // New data far ahead of the resends below.
-        let before = send(&mut blocks, 200_000, ReadOrder::Sequential);
-        // A resend that leaves three times, then the four datagrams after
-        // it (a run the queue dropped): one read.
-        for _ in 0..3 {
-            assert_eq!(send(&mut blocks, 10_000, ReadOrder::Scattered), before + 1);
-        }
-        for at in [11_400, 12_800, 14_200, 15_600] {
-            assert_eq!(send(&mut blocks, at, ReadOrder::Scattered), before + 1);
-        }
-        // The run goes on past the small block: one more read; a resend
-        // behind it, one more again.
-        assert_eq!(send(&mut blocks, 17_000, ReadOrder::Scattered), before + 2);
-        assert_eq!(send(&mut blocks, 5_000, ReadOrder::Scattered), before + 3);
-        // New data still comes from its own block, read once.
-        assert_eq!(
-            send(&mut blocks, 201_400, ReadOrder::Sequential),
-            before + 3
-        );
-    }
-
-    #[test]
-    fn new_data_after_index_sent_ahead_is_still_read_a_block_at_a_time() {
-        let (bytes, content) = Counted::pattern(300_000);
-        let mut blocks = BlockReader::default();
-        let mut out = Vec::new();
-        // The index at the end of the file goes first, ahead of the data.
-        let index = bytes.len() as u64 - 5000;
-        let mut at = index;
-        while at < bytes.len() as u64 {
-            let len = 1400.min(bytes.len() - at as usize);
-            out.clear();
-            let n = blocks
-                .append(&content, at, len, &mut out, ReadOrder::Scattered)
-                .expect("read");
-            assert_eq!(out[..], bytes[at as usize..at as usize + n]);
-            at += n as u64;
-        }
-        let after_index = content.1.load(Ordering::Relaxed);
-        // Then the file from its start, with a resend now and then.
-        let mut at = 0u64;
-        while at < index {
-            let len = 1400.min((index - at) as usize);
-            out.clear();
-            let n = blocks
-                .append(&content, at, len, &mut out, ReadOrder::Sequential)
-                .expect("read");
-            assert_eq!(out[..], bytes[at as usize..at as usize + n]);
-            if at % 70_000 < 1400 && at > 2800 {
-                out.clear();
-                blocks
-                    .append(&content, at - 2800, 1400, &mut out, ReadOrder::Scattered)
-                    .expect("resend");
-                assert_eq!(out[..], bytes[at as usize - 2800..at as usize - 1400]);
-            }
-            at += n as u64;
-        }
-        let reads = content.1.load(Ordering::Relaxed) - after_index;
-        // A block read each 64 KiB, and the resends served from the block.
-        assert!(
-            reads <= (index as usize).div_ceil(READ_BLOCK_BYTES) + 2,
-            "{reads} reads for {index} bytes"
-        );
-    }
+    use std::sync::atomic::Ordering;
 
     /// Content whose bytes are "in storage" until the gate opens.
     struct Late {
@@ -2016,8 +1743,14 @@ mod tests {
         // batch, behind what is already there: each must be a whole
         // datagram of its own (sealed on its own with a passphrase), and
         // the clients, served in turns, must get their files byte-exact.
+        // Vectored, the file's bytes stay in their blocks (unless sealed)
+        // and are put back in place here, as the kernel's gather does.
         use super::super::client::{ClientConfig, ClientConnection};
-        for passphrase in [None, Some(Psk::from_passphrase("batch"))] {
+        let cases = [None, Some(Psk::from_passphrase("batch"))]
+            .into_iter()
+            .flat_map(|p| [(p.clone(), false), (p, true)]);
+        for (passphrase, vectored) in cases {
+            let mut shared_bytes = 0;
             let files: Vec<(String, Vec<u8>)> = (0..2u32)
                 .map(|f| {
                     let bytes = (0..200_000u32).map(|i| (i * 7 + f) as u8).collect();
@@ -2064,24 +1797,38 @@ mod tests {
                     server.handle_timeout(now);
                 }
                 let mut sent = Vec::new();
+                let mut payloads = Vec::new();
                 loop {
-                    let at = batch.len();
-                    let Some(to) = server.poll_transmit_append(now, &mut batch) else {
+                    let (at, from) = (batch.len(), payloads.len());
+                    let to = if vectored {
+                        server.poll_transmit_vectored(now, &mut batch, &mut payloads)
+                    } else {
+                        server.poll_transmit_append(now, &mut batch)
+                    };
+                    let Some(to) = to else {
                         break;
                     };
                     assert!(batch.len() > at, "a datagram was appended");
-                    sent.push((to, at..batch.len()));
+                    assert!(payloads.len() - from <= 1, "one payload a datagram");
+                    sent.push((to, at..batch.len(), from..payloads.len()));
                 }
                 assert!(
                     batch[..7].iter().all(|&b| b == 0xAA),
                     "bytes before untouched"
                 );
-                for (to, range) in sent {
+                for (to, range, shared) in sent {
                     let (_, c, _) = clients
                         .iter_mut()
                         .find(|(a, _, _)| *a == to)
                         .expect("a known client");
-                    c.handle_datagram(now, &batch[range]);
+                    let mut datagram = batch[range.clone()].to_vec();
+                    for p in &payloads[shared] {
+                        assert!(range.contains(&p.at) || p.at == range.end);
+                        let at = p.at - range.start;
+                        datagram.splice(at..at, p.bytes.iter().copied());
+                        shared_bytes += p.bytes.len();
+                    }
+                    c.handle_datagram(now, &datagram);
                 }
                 batch.truncate(7);
                 for (_, c, got) in clients.iter_mut() {
@@ -2094,66 +1841,11 @@ mod tests {
                 assert!(c.is_encrypted() == passphrase.is_some());
                 assert!(got == &files[i].1, "client {i}: {} bytes", got.len());
             }
-        }
-    }
-
-    /// Content in two storage blocks of which only one is "cached" at a
-    /// time: each read of the other block evicts the first.
-    struct TwoBlocks {
-        bytes: Vec<u8>,
-        block: usize,
-        cached: std::sync::Mutex<usize>,
-    }
-
-    impl Content for TwoBlocks {
-        fn size(&self) -> u64 {
-            self.bytes.len() as u64
-        }
-        fn tag(&self) -> u64 {
-            1
-        }
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
-            let offset = offset as usize;
-            if offset >= self.bytes.len() {
-                return Ok(0);
-            }
-            let index = offset / self.block;
-            let mut cached = self.cached.lock().expect("lock");
-            if *cached != index {
-                // Fetched now, evicting the other; there next time.
-                *cached = index;
-                return Err(std::io::ErrorKind::WouldBlock.into());
-            }
-            let end = ((index + 1) * self.block).min(self.bytes.len());
-            let n = buf.len().min(end - offset);
-            buf[..n].copy_from_slice(&self.bytes[offset..offset + n]);
-            Ok(n)
-        }
-    }
-
-    #[test]
-    fn a_read_across_two_blocks_progresses_with_room_for_one() {
-        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
-        let content = TwoBlocks {
-            bytes: bytes.clone(),
-            block: 100_000,
-            cached: std::sync::Mutex::new(usize::MAX),
-        };
-        let mut blocks = BlockReader::default();
-        let mut out = vec![0u8; 1400];
-        let mut at = 0u64;
-        let mut tries = 0;
-        while at < bytes.len() as u64 {
-            tries += 1;
-            assert!(tries < 10_000, "no progress at {at}");
-            match read(&mut blocks, &content, at, &mut out, ReadOrder::Sequential) {
-                Ok(n) => {
-                    assert!(n > 0);
-                    assert_eq!(out[..n], bytes[at as usize..at as usize + n]);
-                    at += n as u64;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => panic!("{e}"),
+            let whole_files = files.iter().map(|f| f.1.len()).sum::<usize>();
+            if vectored && passphrase.is_none() {
+                assert!(shared_bytes >= whole_files, "{shared_bytes} shared");
+            } else {
+                assert_eq!(shared_bytes, 0);
             }
         }
     }
