@@ -360,6 +360,11 @@ impl Receiver {
     /// the endpoint, or to the thread whose session it is. `watched`: the
     /// socket is being waited on through tokio, whose readiness a
     /// `WouldBlock` must clear; a moderated turn reads it directly.
+    ///
+    /// A receive that fills fewer than all the slots found the socket
+    /// empty, and the drain ends there rather than ask the kernel again to
+    /// hear so: with 20 paced pulls that was a receive more every turn,
+    /// about 900 a second.
     fn drain(
         &mut self,
         socket: &UdpSocket,
@@ -378,9 +383,22 @@ impl Receiver {
                     self.bufs.chunks_mut(slot).map(IoSliceMut::new).collect();
                 let metas = &mut self.metas;
                 if watched {
-                    socket.try_io(Interest::READABLE, || {
-                        state.recv(socket.into(), &mut iovs, metas)
-                    })
+                    let mut emptied = 0;
+                    let received = socket.try_io(Interest::READABLE, || {
+                        let n = state.recv(socket.into(), &mut iovs, metas)?;
+                        if n < RECV_SLOTS {
+                            // Told so, tokio clears its readiness.
+                            emptied = n;
+                            return Err(std::io::ErrorKind::WouldBlock.into());
+                        }
+                        Ok(n)
+                    });
+                    match received {
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && emptied > 0 => {
+                            Ok(emptied)
+                        }
+                        other => other,
+                    }
                 } else {
                     state.recv(socket.into(), &mut iovs, metas)
                 }
@@ -408,6 +426,9 @@ impl Receiver {
                     }
                     handled += 1;
                 }
+            }
+            if count < RECV_SLOTS {
+                break;
             }
         }
     }
