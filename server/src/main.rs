@@ -58,6 +58,10 @@ const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 const MAX_RECV_BATCH: usize = 256;
 /// Receive buffers filled by one `recvmmsg`.
 const RECV_SLOTS: usize = 16;
+/// Whether a receive fills every slot it can (`recvmmsg`), so one that
+/// fills fewer found the socket empty. quinn-udp receives one datagram a
+/// call on the BSDs, macOS and Solaris.
+const RECEIVES_IN_BATCHES: bool = cfg!(any(target_os = "linux", target_os = "android"));
 /// A serving thread whose next timer is at most this far off sleeps until
 /// it without watching its socket, and takes what arrived meanwhile (ACKs)
 /// in the same turn. Each datagram that woke the thread was a turn of its
@@ -386,7 +390,7 @@ impl Receiver {
                     let mut emptied = 0;
                     let received = socket.try_io(Interest::READABLE, || {
                         let n = state.recv(socket.into(), &mut iovs, metas)?;
-                        if n < RECV_SLOTS {
+                        if RECEIVES_IN_BATCHES && n < RECV_SLOTS {
                             // Told so, tokio clears its readiness.
                             emptied = n;
                             return Err(std::io::ErrorKind::WouldBlock.into());
@@ -427,7 +431,7 @@ impl Receiver {
                     handled += 1;
                 }
             }
-            if count < RECV_SLOTS {
+            if RECEIVES_IN_BATCHES && count < RECV_SLOTS {
                 break;
             }
         }
