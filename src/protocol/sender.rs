@@ -366,6 +366,10 @@ pub struct LossRecovery {
     /// When the current series of probe timeouts began (no ACK since);
     /// with [`PERSISTENT_CONGESTION_PTOS`] of them, a persistent congestion.
     silence_began: Option<Instant>,
+    /// The most the session may pace at, whatever its controller says:
+    /// its share of a bottleneck it shares with other sessions (see
+    /// [`super::shared_bottleneck`]).
+    rate_limit: Option<f64>,
 }
 
 impl LossRecovery {
@@ -391,6 +395,26 @@ impl LossRecovery {
             first_sent_time: None,
             silence_began: None,
             last_loss: None,
+            rate_limit: None,
+        }
+    }
+
+    /// See [`Self::rate_limit`]; `None` lifts it.
+    pub fn set_rate_limit(&mut self, limit: Option<f64>) {
+        self.rate_limit = limit;
+    }
+
+    /// The most the session may pace at besides its controller's rate.
+    pub fn rate_limit(&self) -> Option<f64> {
+        self.rate_limit
+    }
+
+    /// The rate the pacer refills at: the controller's, within the limit.
+    pub fn pacing_rate(&self) -> Option<f64> {
+        let rate = self.cc.pacing_rate();
+        match (rate, self.rate_limit) {
+            (Some(r), Some(limit)) => Some(r.min(limit)),
+            _ => rate,
         }
     }
 
@@ -510,7 +534,7 @@ impl LossRecovery {
             return false;
         }
         self.pacer
-            .refill(now, self.cc.pacing_rate(), self.max_datagram);
+            .refill(now, self.pacing_rate(), self.max_datagram);
         self.pacer.allows(bytes)
     }
 

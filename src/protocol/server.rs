@@ -20,6 +20,7 @@ use super::cookie::AddressValidator;
 use super::crypto::{Psk, SessionKeys, TAG_LEN};
 use super::media_index::{self, MediaIndex};
 use super::sender::{DataSent, LossRecovery, RecoveryOutcome, SentPacket, StreamSender};
+use super::shared_bottleneck::{PeerGroups, SessionDemand};
 use super::wire::{
     Body, CloseReason, ConnectionId, DATA_OVERHEAD, DEFAULT_LARGE_DATAGRAM_SIZE,
     DEFAULT_MAX_PAYLOAD, DecodeError, MAX_DATAGRAM_SIZE, MAX_UDP_PAYLOAD, MIN_HELLO_SIZE,
@@ -449,6 +450,9 @@ pub struct ServerEndpoint<S: ContentStore> {
     burst_floor: f64,
     /// When `burst_floor` was last counted.
     burst_floor_at: Option<Instant>,
+    /// The rate each client address's sessions share (judged and shared
+    /// out with the burst floor, every [`BURST_FLOOR_REFRESH`]).
+    peer_groups: PeerGroups,
     /// Every session's next deadline (see `Session::timer_at`), earliest
     /// first, so the next wake-up is found without walking the sessions.
     timers: BinaryHeap<Reverse<(Instant, ConnectionId)>>,
@@ -505,6 +509,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             awaiting_ack: 0,
             burst_floor: crate::protocol::pacing::MIN_BURST_PACKETS,
             burst_floor_at: None,
+            peer_groups: PeerGroups::default(),
             timers: BinaryHeap::new(),
             waiting: Vec::new(),
             stateless: VecDeque::new(),
@@ -633,6 +638,9 @@ impl<S: ContentStore> ServerEndpoint<S> {
                     Duration::from_micros(ack_delay_micros as u64),
                 );
                 self.packets_lost += outcome.lost.len() as u64;
+                let rtt = (!outcome.acked.is_empty()).then(|| session.recovery.rtt().latest());
+                let datagram = (self.config.max_payload + DATA_OVERHEAD) as u64;
+                report_to_group(&mut self.peer_groups, now, session, datagram, &outcome, rtt);
                 Self::apply_recovery(session, outcome);
                 Self::check_complete(session, &mut self.events);
             }
@@ -1190,6 +1198,9 @@ impl<S: ContentStore> ServerEndpoint<S> {
         let start = out.len();
         let shared_floor = self.burst_floor;
         let session = self.sessions.get_mut(&id)?;
+        session
+            .recovery
+            .set_rate_limit(self.peer_groups.level(session.addr.ip()));
         session.recovery.set_min_burst_packets(
             if session.recovery.lost_within(now, BURST_LOSS_MEMORY) {
                 shared_floor
@@ -1422,6 +1433,18 @@ impl<S: ContentStore> ServerEndpoint<S> {
                 MIN_SHARED_BURST_PACKETS,
                 crate::protocol::pacing::MIN_BURST_PACKETS,
             );
+            self.peer_groups.refresh(
+                now,
+                self.sessions.values().map(|s| {
+                    (
+                        s.addr.ip(),
+                        SessionDemand {
+                            pacing_rate: s.recovery.controller().pacing_rate().unwrap_or(0.0),
+                            busy: s.has_data_for_the_network(),
+                        },
+                    )
+                }),
+            );
         }
         // Due sessions first, then their work: waking one puts its next
         // deadline in the heap, which may already have passed.
@@ -1454,6 +1477,15 @@ impl<S: ContentStore> ServerEndpoint<S> {
                     .recovery
                     .on_timeout(now, |p| Self::still_needed(&session.transfer, p));
                 self.packets_lost += outcome.lost.len() as u64;
+                let datagram = (self.config.max_payload + DATA_OVERHEAD) as u64;
+                report_to_group(
+                    &mut self.peer_groups,
+                    now,
+                    session,
+                    datagram,
+                    &outcome,
+                    None,
+                );
                 probe = !outcome.probe.is_empty();
                 Self::apply_recovery(session, outcome);
             }
@@ -1515,6 +1547,28 @@ impl<S: ContentStore> ServerEndpoint<S> {
 
 /// Something happened to session `s` (see `ServerEndpoint::wake`): it is
 /// no longer held back by its window alone, whatever it was before.
+/// Tells the session's address group what an ACK or a loss timer found.
+/// Losses of a datagram larger than the path was known to carry are the
+/// path's limit, not congestion (the controller is not told of them
+/// either).
+fn report_to_group(
+    groups: &mut PeerGroups,
+    now: Instant,
+    session: &Session,
+    datagram: u64,
+    outcome: &RecoveryOutcome,
+    rtt: Option<Duration>,
+) {
+    let acked = outcome.acked.iter().map(|p| p.size).sum();
+    let lost = outcome
+        .lost
+        .iter()
+        .filter(|p| !p.trial)
+        .map(|p| p.size)
+        .sum();
+    groups.on_ack(now, session.addr.ip(), datagram, acked, lost, rtt);
+}
+
 fn stop_awaiting_ack(s: &mut Session, awaiting_ack: &mut usize) {
     if s.awaits_ack {
         s.awaits_ack = false;

@@ -1242,12 +1242,22 @@ fn a_seek_cruises_at_the_link_rate_it_knew_instead_of_flooding_the_queue() {
 /// One server whose random numbers come from `seed`, holding `data` as
 /// `movie.mp4`, and `n` clients at 10.0.`subnet`.2 (ports from 4000,
 /// nonces from `first_nonce`), each opening it with a fixed read-ahead.
+/// Where a simulation's clients are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hosts {
+    /// All on one machine (10.0.0.2, a port each), as the load
+    /// generator's are and a household's players behind one NAT.
+    One,
+    /// Each on its own machine (10.0.1.2 and on).
+    Each,
+}
+
 fn server_and_clients(
     now: Instant,
     data: &[u8],
     seed: [u8; 32],
     n: usize,
-    subnet: u8,
+    hosts: Hosts,
     read_ahead: u64,
     first_nonce: u64,
 ) -> (
@@ -1255,7 +1265,6 @@ fn server_and_clients(
     Vec<SocketAddr>,
     Vec<ClientConnection>,
 ) {
-    // The clients share one address, as the load generator's do.
     let server = ServerEndpoint::new(
         ServerConfig {
             max_sessions_per_address: super::server::DEFAULT_MAX_SESSIONS,
@@ -1268,7 +1277,13 @@ fn server_and_clients(
         now,
     );
     let addrs = (0..n)
-        .map(|i| SocketAddr::from(([10, 0, subnet, 2], 4000 + i as u16)))
+        .map(|i| match hosts {
+            Hosts::One => SocketAddr::from(([10, 0, 0, 2], 4000 + i as u16)),
+            Hosts::Each => {
+                let host = u8::try_from(2 + i).expect("at most 253 hosts");
+                SocketAddr::from(([10, 0, 1, host], 4000))
+            }
+        })
         .collect();
     let clients = (0..n)
         .map(|i| {
@@ -1298,7 +1313,7 @@ fn sessions_take_turns_in_batches_fairly_and_none_starves() {
     let mut now = start;
     let data = file(1_500_000, 11);
     let (mut server, addrs, mut clients) =
-        server_and_clients(now, &data, [7; 32], CLIENTS, 0, 4 << 20, 100);
+        server_and_clients(now, &data, [7; 32], CLIENTS, Hosts::One, 4 << 20, 100);
     let mut delivered = vec![Vec::new(); CLIENTS];
     // Datagrams on their way, delivered one step (1 ms) later.
     let mut up: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
@@ -1505,14 +1520,18 @@ fn seeks_at_ten_percent_loss_stay_near_the_clean_time() {
 
 /// `clients` transfers of `size` bytes at once through one bottleneck of
 /// `rate_bps` whose drop-tail queue of `queue_bytes` holds less than their
-/// windows' floor, so it is full all the time and drops much of what
-/// reaches it (200 pulls through one 200 Mbit/s proxy, scaled down). The
-/// server's sessions woken by one timer tick leave in one burst, of which
-/// the queue takes the head. Checks every copy and returns each transfer's
-/// longest silence (time without new bytes in order), the share of the
-/// server's datagrams the queue dropped, and the mean number of datagrams
-/// the server sent to one client in a row (what one GSO send carries).
+/// windows' floor (200 pulls through one 200 Mbit/s proxy, scaled down).
+/// With a client on each of many `hosts` (a bottleneck near the server)
+/// the queue is full all the time and drops much of what reaches it; the
+/// sessions of clients on one host share one rate (see
+/// [`super::shared_bottleneck`]). The server's sessions woken by one timer
+/// tick leave in one burst, of which the queue takes the head. Checks
+/// every copy and returns each transfer's longest silence (time without
+/// new bytes in order), the share of the server's datagrams the queue
+/// dropped, the mean number of datagrams the server sent to one client in
+/// a row (what one GSO send carries), and how long the transfers took.
 fn through_a_full_bottleneck(
+    hosts: Hosts,
     clients: usize,
     size: usize,
     rate_bps: u64,
@@ -1523,7 +1542,7 @@ fn through_a_full_bottleneck(
     let mut now = start;
     let data = file(size, 17);
     let (mut server, addrs, mut conns) =
-        server_and_clients(now, &data, [9; 32], clients, 1, 1 << 20, 300);
+        server_and_clients(now, &data, [9; 32], clients, hosts, 1 << 20, 300);
     let mut bottleneck = Impairment::new(
         ImpairmentConfig {
             delay: Duration::from_millis(5),
@@ -1602,6 +1621,7 @@ fn through_a_full_bottleneck(
         longest_silence,
         dropped: stats.dropped_queue as f64 / stats.packets as f64,
         mean_run: sent as f64 / runs.max(1) as f64,
+        took: now - start,
     }
 }
 
@@ -1610,16 +1630,28 @@ struct BottleneckRun {
     longest_silence: Vec<Duration>,
     dropped: f64,
     mean_run: f64,
+    /// Until the last transfer completed.
+    took: Duration,
 }
 
-/// 40 transfers through 8 Mbit/s and a 40 KB queue (28 datagrams,
-/// against 160 at the floor of four each): every transfer must finish,
-/// and none may go silent for long. A probe that finally got through
-/// measured the whole silence (a transfer stalled for good), and a probe
-/// queued behind the paced sessions was dropped tick after tick (15 s).
+/// Time for `clients` transfers of `size` bytes through `rate_bps` if the
+/// link carried nothing but their datagrams, full.
+fn ideal_time(clients: usize, size: usize, rate_bps: u64) -> Duration {
+    let datagrams = (clients * size).div_ceil(super::wire::DEFAULT_MAX_PAYLOAD);
+    let wire = datagrams * (super::wire::DEFAULT_MAX_PAYLOAD + super::wire::DATA_OVERHEAD);
+    Duration::from_secs_f64(wire as f64 * 8.0 / rate_bps as f64)
+}
+
+/// 40 transfers, from 40 hosts, through 8 Mbit/s and a 40 KB queue (28
+/// datagrams, against 160 at the floor of four each): every transfer must
+/// finish, and none may go silent for long. A probe that finally got
+/// through measured the whole silence (a transfer stalled for good), and a
+/// probe queued behind the paced sessions was dropped tick after tick (15
+/// s).
 #[test]
 fn transfers_sharing_a_full_bottleneck_all_finish_and_none_goes_silent() {
     assert_all_heard_through_a_full_bottleneck(
+        Hosts::Each,
         40,
         150_000,
         8_000_000,
@@ -1629,13 +1661,15 @@ fn transfers_sharing_a_full_bottleneck_all_finish_and_none_goes_silent() {
     );
 }
 
-/// Harsher: 64 transfers through 10 Mbit/s and a 32 KB queue, a fair
-/// share of less than a datagram per round trip. Probe timeouts back off
-/// to seconds, and without the probe a waiting client's ping earns, one
-/// transfer heard nothing for 33 s; the element gives up after 10 s.
+/// Harsher: 64 transfers, from 64 hosts, through 10 Mbit/s and a 32 KB
+/// queue, a fair share of less than a datagram per round trip. Probe
+/// timeouts back off to seconds, and without the probe a waiting client's
+/// ping earns, one transfer heard nothing for 33 s; the element gives up
+/// after 10 s.
 #[test]
 fn a_waiting_clients_ping_earns_a_probe_at_a_bottleneck_shared_by_too_many() {
     assert_all_heard_through_a_full_bottleneck(
+        Hosts::Each,
         64,
         150_000,
         10_000_000,
@@ -1645,10 +1679,12 @@ fn a_waiting_clients_ping_earns_a_probe_at_a_bottleneck_shared_by_too_many() {
     );
 }
 
-/// `n` transfers of `size` bytes through `rate` bits/s and a `queue`-byte
-/// queue: the queue must drop more than `min_dropped` of what is sent (it
-/// is the limit), and no transfer may hear nothing new for `max_silence`.
+/// `n` transfers of `size` bytes from `hosts` through `rate` bits/s and a
+/// `queue`-byte queue: the queue must drop more than `min_dropped` of what
+/// is sent (it is the limit), and no transfer may hear nothing new for
+/// `max_silence`.
 fn assert_all_heard_through_a_full_bottleneck(
+    hosts: Hosts,
     n: usize,
     size: usize,
     rate: u64,
@@ -1660,7 +1696,7 @@ fn assert_all_heard_through_a_full_bottleneck(
         longest_silence: silences,
         dropped,
         ..
-    } = through_a_full_bottleneck(n, size, rate, queue);
+    } = through_a_full_bottleneck(hosts, n, size, rate, queue);
     assert!(
         dropped > min_dropped,
         "the queue was not the limit ({dropped:.2} dropped)"
@@ -1672,18 +1708,18 @@ fn assert_all_heard_through_a_full_bottleneck(
     );
 }
 
-/// 200 transfers of 2 MB through one 200 Mbit/s link and a 512 KB queue
-/// (`load paced 200 200 4` without the load's files' size): no transfer
-/// may go silent for long. The clients, started together, ping together
-/// once a second; the probes the pings earned joined the back of the
-/// server's queue of sessions, behind the paced ones, and the bottleneck
-/// dropped that tail tick after tick: 50-60 sessions had no RTT sample
-/// after 15 s, one heard nothing new for 14.8 s (34.8 s with 4 MB files),
-/// past the element's 10 s timeout. Those probes now go first (as a probe
-/// timeout's do): 3.0 s.
+/// 200 transfers of 2 MB, from 200 hosts, through one 200 Mbit/s link
+/// and a 512 KB queue: no transfer may go silent for long. The clients,
+/// started together, ping together once a second; the probes the pings
+/// earned joined the back of the server's queue of sessions, behind the
+/// paced ones, and the bottleneck dropped that tail tick after tick: 50-60
+/// sessions had no RTT sample after 15 s, one heard nothing new for 14.8 s
+/// (34.8 s with 4 MB files), past the element's 10 s timeout. Those probes
+/// now go first (as a probe timeout's do): 3.0 s.
 #[test]
 fn two_hundred_transfers_through_one_queue_all_keep_hearing() {
     assert_all_heard_through_a_full_bottleneck(
+        Hosts::Each,
         200,
         2_000_000,
         200_000_000,
@@ -1693,19 +1729,88 @@ fn two_hundred_transfers_through_one_queue_all_keep_hearing() {
     );
 }
 
-/// 64 transfers of 1 MB through one 64 Mbit/s link and a 160 KB queue,
-/// the shape of `load paced 200 200 4` scaled down: the sessions' bursts
-/// that share a timer tick leave back to back. With the pacer's floor of
-/// 8 datagrams each the queue dropped 46.6 % of what came in; with the
-/// floors sharing [`super::server::AGGREGATE_BURST_PACKETS`] out, 39.7 %
-/// (the window's floor of four datagrams each is more than this queue
-/// holds, so loss stays high; in the load, 56 % fell to 22 %). Since the
-/// probes that clients' pings earn go first, the sessions that used to
-/// wait out the run silent send too, and the queue drops more: 45.4 %
-/// shared, 52.2 % with the floor of 8.
+/// The sessions of one host share its bottleneck's rate. 200 transfers of
+/// 2 MB from one host (`load paced 200 200 4`, and the load generator's
+/// sessions are all on one address) through 200 Mbit/s and a 512 KB queue:
+/// each session's controller alone offered 1.7-2x the link together, and
+/// the queue dropped 41 % of what the server sent; sharing one rate, 7 %,
+/// and the transfers end in 17.2 s instead of 20.3, where a full link
+/// would take 16.4. No transfer goes silent for long (3.0 s before, 1.9 s).
+#[test]
+fn two_hundred_transfers_from_one_host_share_its_link_without_overfilling_it() {
+    let run = through_a_full_bottleneck(Hosts::One, 200, 2_000_000, 200_000_000, 512_000);
+    assert_shares_the_link(&run, ideal_time(200, 2_000_000, 200_000_000), 0.15, 1.1);
+    let worst = run
+        .longest_silence
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or_default();
+    assert!(
+        worst < Duration::from_secs(4),
+        "a transfer heard nothing new for {worst:?}"
+    );
+}
+
+/// Sixteen `gst-launch-1.0` pulls from one machine through its 20 Mbit/s
+/// link (the proxy's 64 KB queue): the queue dropped 51.5 % of the
+/// server's datagrams (35-40 % through the real proxy) and the pulls took
+/// 16.1 s; sharing one rate, 4.5 % and 13.6 s, where a full link would
+/// take 13.1.
+#[test]
+fn sixteen_pulls_from_one_host_share_its_link_without_overfilling_it() {
+    let run = through_a_full_bottleneck(Hosts::One, 16, 2_000_000, 20_000_000, 64_000);
+    assert_shares_the_link(&run, ideal_time(16, 2_000_000, 20_000_000), 0.1, 1.1);
+}
+
+/// 64 short transfers from one host through 10 Mbit/s and a 32 KB queue,
+/// a share of under a datagram per round trip each: 59.6 % dropped, a
+/// transfer silent for 7.8 s and 9.4 s in all before; 14.3 %, 4.8 s and
+/// 8.6 s sharing one rate (a full link: 7.9 s).
+#[test]
+fn many_short_transfers_from_one_host_share_a_narrow_link() {
+    let run = through_a_full_bottleneck(Hosts::One, 64, 150_000, 10_000_000, 32_000);
+    assert_shares_the_link(&run, ideal_time(64, 150_000, 10_000_000), 0.25, 1.2);
+    let worst = run
+        .longest_silence
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or_default();
+    assert!(
+        worst < Duration::from_secs(8),
+        "a transfer heard nothing new for {worst:?}"
+    );
+}
+
+/// The queue dropped at most `max_dropped` of the server's datagrams, and
+/// the transfers took at most `slack` times `ideal`.
+fn assert_shares_the_link(run: &BottleneckRun, ideal: Duration, max_dropped: f64, slack: f64) {
+    assert!(
+        run.dropped < max_dropped,
+        "{:.3} of the datagrams dropped at the queue",
+        run.dropped
+    );
+    assert!(
+        run.took.as_secs_f64() < ideal.as_secs_f64() * slack,
+        "took {:?}, a full link {ideal:?}",
+        run.took
+    );
+}
+
+/// 64 transfers of 1 MB, from 64 hosts, through one 64 Mbit/s link and a
+/// 160 KB queue, the shape of `load paced 200 200 4` scaled down: the
+/// sessions' bursts that share a timer tick leave back to back. With the
+/// pacer's floor of 8 datagrams each the queue dropped 46.6 % of what came
+/// in; with the floors sharing [`super::server::AGGREGATE_BURST_PACKETS`]
+/// out, 39.7 % (the window's floor of four datagrams each is more than
+/// this queue holds, so loss stays high; in the load, 56 % fell to 22 %).
+/// Since the probes that clients' pings earn go first, the sessions that
+/// used to wait out the run silent send too, and the queue drops more:
+/// 45.4 % shared, 52.2 % with the floor of 8.
 #[test]
 fn many_sessions_sharing_one_queue_share_out_their_bursts() {
-    let run = through_a_full_bottleneck(64, 1_000_000, 64_000_000, 160_000);
+    let run = through_a_full_bottleneck(Hosts::Each, 64, 1_000_000, 64_000_000, 160_000);
     assert!(
         run.dropped < 0.48,
         "{:.3} of the datagrams dropped",
@@ -1713,16 +1818,16 @@ fn many_sessions_sharing_one_queue_share_out_their_bursts() {
     );
 }
 
-/// The same 64 sessions with a queue deep enough to lose nothing (the
-/// shape of 500 viewers arriving within a second, where the server's core
-/// was the bottleneck): a session that loses nothing keeps the pacer's
-/// floor of 8 datagrams a burst (sends average 5.9 datagrams here, some
-/// held to a third of a small window). Shared out among all busy sessions
-/// the floors were 2.5, sends 3.1 datagrams, and in the load sends of 3-4
-/// datagrams doubled the server's cost per GB.
+/// The same 64 sessions, from one host, with a queue deep enough to lose
+/// nothing (the shape of 500 viewers arriving within a second, where the
+/// server's core was the bottleneck): a session that loses nothing keeps
+/// the pacer's floor of 8 datagrams a burst (sends average 5.9 datagrams
+/// here, some held to a third of a small window). Shared out among all
+/// busy sessions the floors were 2.5, sends 3.1 datagrams, and in the
+/// load sends of 3-4 datagrams doubled the server's cost per GB.
 #[test]
 fn sessions_that_lose_nothing_keep_whole_bursts() {
-    let run = through_a_full_bottleneck(64, 600_000, 64_000_000, 64_000_000);
+    let run = through_a_full_bottleneck(Hosts::One, 64, 600_000, 64_000_000, 64_000_000);
     assert!(
         run.dropped == 0.0,
         "{:.3} of the datagrams dropped",

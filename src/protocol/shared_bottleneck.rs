@@ -1,0 +1,496 @@
+//! Sessions to one client address share one rate: they most likely share
+//! that client's bottleneck (a household's access link, one machine's
+//! Wi-Fi, a load generator), as the streams of one QUIC connection share
+//! one controller, and the Congestion Manager (RFC 3124) shares one among
+//! a host's flows.
+//!
+//! Each session's controller alone cannot find its share of a drop-tail
+//! queue it shares with many: every session sees the queue's loss rate
+//! whatever its own rate, so congestion looks like the random loss a
+//! session must ride out on Wi-Fi; a session's fair share is one or two
+//! datagrams a round trip, too few to judge a round's loss on; and its
+//! minimum RTT is taken with the queue already full. Sixteen
+//! `gst-launch-1.0` pulls through one 20 Mbit/s link dropped 40 % of the
+//! server's datagrams at its queue, 200 pulls through 200 Mbit/s 30-50 %.
+//!
+//! Together the group has what each lacks: its loss over an interval is
+//! judged on many datagrams, its delivery rate is the bottleneck's when
+//! the queue overflows, and its minimum RTT is the smallest any of its
+//! sessions ever saw. When the group loses heavily, or loses at all while
+//! even its best round trip shows a standing queue, its sessions' pacing
+//! rates together are capped a little below what the group delivered, so
+//! the queue drains; each interval that loses nothing lets the cap grow
+//! again. The cap is shared out as a water level: a session pacing below
+//! its share keeps its rate, the others pace at the level.
+//!
+//! A group of one session is left to that session's controller.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+/// An interval lasts at least this long...
+pub const GROUP_INTERVAL_MIN: Duration = Duration::from_millis(10);
+/// ...at least this many of the group's minimum RTTs (the losses a round
+/// trip's sends cause are declared a round trip later)...
+pub const GROUP_INTERVAL_RTTS: u32 = 2;
+/// ...and is judged only once it acknowledged or lost this many
+/// datagrams' bytes: fewer say nothing about a loss rate.
+pub const GROUP_INTERVAL_MIN_PACKETS: u64 = 20;
+/// An interval that lost more than this share of its bytes overflowed a
+/// queue, whatever the delays say: random loss a link is still worth
+/// using for stays below it (the single session's
+/// [`super::congestion::BBR_LOSS_THRESHOLD`], judged here on many more
+/// datagrams).
+pub const GROUP_HEAVY_LOSS: f64 = 0.2;
+/// With a standing queue (see [`GROUP_QUEUE_DELAY`]) an interval that
+/// lost more than this share overflowed it (BBRv2's loss threshold).
+pub const GROUP_QUEUE_LOSS: f64 = 0.02;
+/// The group's best round trip of an interval exceeds its minimum by at
+/// least this much, and by half the minimum: a queue stood at the
+/// bottleneck the whole interval. Random loss on an idle path leaves the
+/// best sample near the minimum.
+pub const GROUP_QUEUE_DELAY: Duration = Duration::from_millis(5);
+/// How long the group's minimum RTT stands (as BBR's).
+pub const GROUP_MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
+/// On an overflowing interval the cap is set to this share of what the
+/// group delivered (the best of the last [`GROUP_DELIVERY_INTERVALS`]):
+/// the rate the queue drains at, less enough to drain it (BBR's
+/// standing-queue gain).
+pub const GROUP_DRAIN_GAIN: f64 = 0.85;
+/// The intervals whose best delivery rate is the bottleneck's. Losses are
+/// declared a round trip or a timeout after their sends, so an interval
+/// that delivered little can still count many: cut to its own delivery
+/// rate the cap fell round after round to half a 10 Mbit/s link, whose
+/// sessions could then not use even that.
+pub const GROUP_DELIVERY_INTERVALS: usize = 8;
+/// Each interval without overflow that used the cap lifts it this much.
+/// An overflow is seen a round trip after it began, so the cap overshoots
+/// by the growth of the intervals between: at 1.25 it swung between 0.85x
+/// and 1.4x the link, and 200 pulls through one queue lost 9 % (7 % at
+/// 1.1, at the same completion time).
+pub const GROUP_CAP_GROWTH: f64 = 1.1;
+/// The cap counts as used when the group delivered this share of it.
+const GROUP_CAP_USED: f64 = 0.8;
+
+/// One client address's shared rate.
+#[derive(Debug, Clone)]
+pub struct SharedBottleneck {
+    max_datagram: u64,
+    interval_start: Instant,
+    acked: u64,
+    lost: u64,
+    interval_min_rtt: Option<Duration>,
+    min_rtt: Option<(Duration, Instant)>,
+    /// The delivery rates of the last intervals, the oldest overwritten.
+    delivery: [f64; GROUP_DELIVERY_INTERVALS],
+    intervals: usize,
+    /// What the group's sessions may pace at together, bytes per second.
+    cap: Option<f64>,
+    /// Each session's share of the cap (the water level), if it binds.
+    level: Option<f64>,
+    /// Sessions of the group at the last [`PeerGroups::refresh`].
+    sessions: usize,
+}
+
+/// What one session wants and has: its controller's pacing rate, and
+/// whether it has data the window or pacing holds back (otherwise it is
+/// bound by its reader, the player, and wants only what it used).
+#[derive(Debug, Clone, Copy)]
+pub struct SessionDemand {
+    pub pacing_rate: f64,
+    pub busy: bool,
+}
+
+impl SharedBottleneck {
+    fn new(now: Instant, max_datagram: u64) -> Self {
+        SharedBottleneck {
+            max_datagram,
+            interval_start: now,
+            acked: 0,
+            lost: 0,
+            interval_min_rtt: None,
+            min_rtt: None,
+            delivery: [0.0; GROUP_DELIVERY_INTERVALS],
+            intervals: 0,
+            cap: None,
+            level: None,
+            sessions: 0,
+        }
+    }
+
+    fn on_ack(&mut self, now: Instant, acked: u64, lost: u64, rtt: Option<Duration>) {
+        self.acked += acked;
+        self.lost += lost;
+        if let Some(sample) = rtt {
+            self.interval_min_rtt = Some(self.interval_min_rtt.map_or(sample, |m| m.min(sample)));
+            let expired = self
+                .min_rtt
+                .is_none_or(|(_, at)| now.saturating_duration_since(at) > GROUP_MIN_RTT_WINDOW);
+            if expired || self.min_rtt.is_some_and(|(m, _)| sample <= m) {
+                self.min_rtt = Some((sample, now));
+            }
+        }
+    }
+
+    fn interval(&self) -> Duration {
+        self.min_rtt
+            .map_or(GROUP_INTERVAL_MIN, |(m, _)| m * GROUP_INTERVAL_RTTS)
+            .max(GROUP_INTERVAL_MIN)
+    }
+
+    /// The interval's best round trip was well above the group's best.
+    fn queue_standing(&self) -> bool {
+        match (self.interval_min_rtt, self.min_rtt) {
+            (Some(best), Some((min, _))) => best > min + GROUP_QUEUE_DELAY.max(min / 2),
+            _ => false,
+        }
+    }
+
+    /// Judges the interval if it is over and sets the cap for the next.
+    fn judge(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.interval_start);
+        let total = self.acked + self.lost;
+        if elapsed < self.interval() || total < GROUP_INTERVAL_MIN_PACKETS * self.max_datagram {
+            return;
+        }
+        let loss = self.lost as f64 / total as f64;
+        let delivered = self.acked as f64 / elapsed.as_secs_f64();
+        self.delivery[self.intervals % GROUP_DELIVERY_INTERVALS] = delivered;
+        self.intervals += 1;
+        let overflow = self.sessions >= 2
+            && (loss > GROUP_HEAVY_LOSS || (loss > GROUP_QUEUE_LOSS && self.queue_standing()));
+        if overflow {
+            let best = self.delivery.iter().copied().fold(0.0, f64::max);
+            self.cap = Some(best * GROUP_DRAIN_GAIN);
+        } else if let Some(cap) = self.cap {
+            if delivered >= cap * GROUP_CAP_USED {
+                self.cap = Some(cap * GROUP_CAP_GROWTH);
+            }
+        }
+        self.interval_start = now;
+        self.acked = 0;
+        self.lost = 0;
+        self.interval_min_rtt = None;
+    }
+
+    /// Shares the cap out among `demands` (the group's sessions): the
+    /// level at which the sessions' rates, each at most the level, add up
+    /// to the cap. When they want less than the cap altogether, it does not
+    /// bind. (Holding each session to 1.25x an even share of it even then,
+    /// for fairness among the pulls, left the link a sixth idle: sixteen
+    /// pulls through one 50 Mbit/s proxy ended after 91 s instead of 84.)
+    fn share_out(&mut self, demands: &mut [f64]) {
+        self.level = None;
+        let Some(cap) = self.cap else {
+            return;
+        };
+        if self.sessions < 2 {
+            return;
+        }
+        if demands.iter().sum::<f64>() <= cap {
+            // The cap stays, the bottleneck's rate as last found: dropped
+            // whenever the busy sessions wanted less (at 200 pulls' start
+            // many wait on probe timeouts), it let them all burst into the
+            // full queue again.
+            return;
+        }
+        demands.sort_by(|a, b| a.total_cmp(b));
+        let mut left = cap;
+        let mut others = demands.len();
+        for &d in demands.iter() {
+            let even = left / others as f64;
+            if d >= even {
+                self.level = Some(even);
+                return;
+            }
+            left -= d;
+            others -= 1;
+        }
+    }
+
+    /// The most one session of the group may pace at, if the cap binds.
+    pub fn level(&self) -> Option<f64> {
+        self.level
+    }
+
+    pub fn cap(&self) -> Option<f64> {
+        self.cap
+    }
+}
+
+/// The shared rates of an endpoint's client addresses.
+#[derive(Debug, Default)]
+pub struct PeerGroups {
+    groups: HashMap<IpAddr, SharedBottleneck>,
+    demands: HashMap<IpAddr, Vec<f64>>,
+}
+
+impl PeerGroups {
+    /// What one ACK (or loss timer) of a session to `ip` acknowledged and
+    /// declared lost, with its RTT sample.
+    pub fn on_ack(
+        &mut self,
+        now: Instant,
+        ip: IpAddr,
+        max_datagram: u64,
+        acked: u64,
+        lost: u64,
+        rtt: Option<Duration>,
+    ) {
+        if acked == 0 && lost == 0 {
+            return;
+        }
+        self.groups
+            .entry(ip)
+            .or_insert_with(|| SharedBottleneck::new(now, max_datagram))
+            .on_ack(now, acked, lost, rtt);
+    }
+
+    /// Judges the groups whose interval ended and shares their caps out.
+    /// `sessions`: each session's address and demand. A group none of
+    /// whose sessions remain is forgotten.
+    pub fn refresh(
+        &mut self,
+        now: Instant,
+        sessions: impl Iterator<Item = (IpAddr, SessionDemand)>,
+    ) {
+        for d in self.demands.values_mut() {
+            d.clear();
+        }
+        for (ip, demand) in sessions {
+            if !self.groups.contains_key(&ip) {
+                continue;
+            }
+            // A session its reader holds back wants no more than it has;
+            // counting its controller's rate would keep for it a share it
+            // leaves unused. Its controller's rate still bounds it.
+            let want = if demand.busy { demand.pacing_rate } else { 0.0 };
+            self.demands.entry(ip).or_default().push(want);
+        }
+        self.groups.retain(|ip, g| {
+            let Some(demands) = self.demands.get_mut(ip).filter(|d| !d.is_empty()) else {
+                return false;
+            };
+            g.sessions = demands.len();
+            g.judge(now);
+            g.share_out(demands);
+            true
+        });
+        self.demands.retain(|ip, _| self.groups.contains_key(ip));
+    }
+
+    /// The most one session to `ip` may pace at, if its group's cap binds.
+    pub fn level(&self, ip: IpAddr) -> Option<f64> {
+        self.groups.get(&ip).and_then(SharedBottleneck::level)
+    }
+
+    pub fn group(&self, ip: IpAddr) -> Option<&SharedBottleneck> {
+        self.groups.get(&ip)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MTU: u64 = 1400;
+
+    fn ip() -> IpAddr {
+        IpAddr::from([10, 0, 0, 2])
+    }
+
+    fn busy(rate: f64, n: usize) -> Vec<(IpAddr, SessionDemand)> {
+        (0..n)
+            .map(|_| {
+                (
+                    ip(),
+                    SessionDemand {
+                        pacing_rate: rate,
+                        busy: true,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// One interval of 20 ms at `rtt`: `acked` and `lost` datagrams.
+    fn interval(
+        groups: &mut PeerGroups,
+        now: &mut Instant,
+        acked: u64,
+        lost: u64,
+        rtt: Duration,
+        sessions: &[(IpAddr, SessionDemand)],
+    ) {
+        groups.on_ack(*now, ip(), MTU, acked * MTU, lost * MTU, Some(rtt));
+        *now += Duration::from_millis(20);
+        groups.refresh(*now, sessions.iter().copied());
+    }
+
+    #[test]
+    fn heavy_loss_caps_the_group_below_what_it_delivered_and_shares_it_evenly() {
+        let mut now = Instant::now();
+        let mut groups = PeerGroups::default();
+        let sessions = busy(1e6, 10);
+        // 600 datagrams delivered in 20 ms (42 MB/s), 400 lost: 40 %.
+        interval(
+            &mut groups,
+            &mut now,
+            600,
+            400,
+            Duration::from_millis(5),
+            &sessions,
+        );
+        let cap = groups.group(ip()).and_then(|g| g.cap()).expect("capped");
+        let delivered = 600.0 * MTU as f64 / 0.020;
+        assert!(
+            (cap - delivered * GROUP_DRAIN_GAIN).abs() < 1.0,
+            "cap {cap}"
+        );
+        // Ten sessions each wanting 1 MB/s want less than the cap: it does
+        // not bind, but stays.
+        assert_eq!(groups.level(ip()), None);
+        assert_eq!(groups.group(ip()).and_then(|g| g.cap()), Some(cap));
+        let sessions = busy(10e6, 10);
+        interval(
+            &mut groups,
+            &mut now,
+            600,
+            400,
+            Duration::from_millis(5),
+            &sessions,
+        );
+        let level = groups.level(ip()).expect("binds");
+        assert!((level - delivered * GROUP_DRAIN_GAIN / 10.0).abs() < 1.0);
+    }
+
+    #[test]
+    fn random_loss_on_an_idle_path_does_not_cap_the_group() {
+        let mut now = Instant::now();
+        let mut groups = PeerGroups::default();
+        let sessions = busy(10e6, 4);
+        // 10 % loss, every interval's best round trip at the path's.
+        for _ in 0..50 {
+            interval(
+                &mut groups,
+                &mut now,
+                90,
+                10,
+                Duration::from_millis(20),
+                &sessions,
+            );
+            assert_eq!(groups.group(ip()).and_then(|g| g.cap()), None);
+        }
+    }
+
+    #[test]
+    fn light_loss_behind_a_standing_queue_caps_the_group() {
+        let mut now = Instant::now();
+        let mut groups = PeerGroups::default();
+        let sessions = busy(10e6, 4);
+        interval(
+            &mut groups,
+            &mut now,
+            100,
+            0,
+            Duration::from_millis(10),
+            &sessions,
+        );
+        assert_eq!(groups.group(ip()).and_then(|g| g.cap()), None);
+        // 5 % loss with the best round trip 20 ms above the path's.
+        interval(
+            &mut groups,
+            &mut now,
+            95,
+            5,
+            Duration::from_millis(30),
+            &sessions,
+        );
+        assert!(groups.group(ip()).and_then(|g| g.cap()).is_some());
+    }
+
+    #[test]
+    fn a_lone_session_is_left_to_its_own_controller() {
+        let mut now = Instant::now();
+        let mut groups = PeerGroups::default();
+        let sessions = busy(10e6, 1);
+        interval(
+            &mut groups,
+            &mut now,
+            50,
+            50,
+            Duration::from_millis(5),
+            &sessions,
+        );
+        assert_eq!(groups.group(ip()).and_then(|g| g.cap()), None);
+        assert_eq!(groups.level(ip()), None);
+    }
+
+    #[test]
+    fn the_cap_grows_back_once_the_group_loses_nothing_and_uses_it() {
+        let mut now = Instant::now();
+        let mut groups = PeerGroups::default();
+        let sessions = busy(10e6, 10);
+        interval(
+            &mut groups,
+            &mut now,
+            600,
+            400,
+            Duration::from_millis(5),
+            &sessions,
+        );
+        let cap = groups.group(ip()).and_then(|g| g.cap()).expect("capped");
+        // The group delivers its cap without loss: the cap grows.
+        let at_cap = (cap * 0.020 / MTU as f64) as u64 + 1;
+        interval(
+            &mut groups,
+            &mut now,
+            at_cap,
+            0,
+            Duration::from_millis(5),
+            &sessions,
+        );
+        let grown = groups.group(ip()).and_then(|g| g.cap()).expect("capped");
+        assert!((grown - cap * GROUP_CAP_GROWTH).abs() < 1.0);
+        // Delivering far less than the cap (the players hold it back) is
+        // no sign the link has room: the cap stays.
+        interval(
+            &mut groups,
+            &mut now,
+            30,
+            0,
+            Duration::from_millis(5),
+            &sessions,
+        );
+        assert_eq!(groups.group(ip()).and_then(|g| g.cap()), Some(grown));
+    }
+
+    #[test]
+    fn sessions_pacing_below_their_share_keep_it_and_the_rest_share_what_is_left() {
+        let mut g = SharedBottleneck::new(Instant::now(), MTU);
+        g.cap = Some(10e6);
+        g.sessions = 4;
+        let mut demands = vec![1e6, 8e6, 0.0, 9e6];
+        g.share_out(&mut demands);
+        // 1 + 0 keep theirs; 9 MB/s left for the two busy ones.
+        assert_eq!(g.level(), Some(4.5e6));
+    }
+
+    #[test]
+    fn a_group_whose_sessions_ended_is_forgotten() {
+        let mut now = Instant::now();
+        let mut groups = PeerGroups::default();
+        interval(
+            &mut groups,
+            &mut now,
+            600,
+            400,
+            Duration::from_millis(5),
+            &busy(10e6, 3),
+        );
+        assert!(groups.group(ip()).is_some());
+        groups.refresh(now, std::iter::empty());
+        assert!(groups.group(ip()).is_none());
+    }
+}
