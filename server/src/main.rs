@@ -777,10 +777,12 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(1);
     };
     let store = Arc::new(store);
+    let groups = Arc::default();
     let shard = move |index| Shard {
         index,
         count: threads,
         admission: admission.clone(),
+        groups: Arc::clone(&groups),
     };
     runtime.block_on(async move {
         let serving = match &*store {

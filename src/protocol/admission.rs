@@ -12,6 +12,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::shared_bottleneck::PeerGroups;
 use super::wire::{ConnectionId, Packet};
 
 /// Why a new session is turned away.
@@ -133,6 +134,8 @@ pub struct Shard {
     pub index: usize,
     pub count: usize,
     pub admission: Arc<Admission>,
+    /// The rates each client address's sessions share, on every shard.
+    pub groups: Arc<PeerGroups>,
 }
 
 impl Shard {
@@ -142,6 +145,7 @@ impl Shard {
             index: 0,
             count: 1,
             admission: Arc::new(Admission::new(max_sessions, max_per_address)),
+            groups: Arc::default(),
         }
     }
 
@@ -217,6 +221,7 @@ mod tests {
                     index,
                     count,
                     admission: admission.clone(),
+                    groups: Arc::default(),
                 };
                 for random in [0, 1, 2, 12345, u64::MAX, u64::MAX - 1] {
                     if let Some(id) = shard.claim(random) {

@@ -323,12 +323,14 @@ fn shards_of_one_server_share_its_limits_and_keep_to_their_own_ids() {
         ..ServerConfig::default()
     };
     let admission = std::sync::Arc::new(super::admission::Admission::new(5, 3));
+    let groups: std::sync::Arc<super::shared_bottleneck::PeerGroups> = Default::default();
     let mut shards: Vec<ServerEndpoint<MemoryStore>> = (0..2)
         .map(|index| {
             let shard = super::admission::Shard {
                 index,
                 count: 2,
                 admission: admission.clone(),
+                groups: groups.clone(),
             };
             ServerEndpoint::new_shard(config.clone(), one_file(), [index as u8; 32], now, shard)
         })

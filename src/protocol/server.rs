@@ -20,7 +20,7 @@ use super::cookie::AddressValidator;
 use super::crypto::{Psk, SessionKeys, TAG_LEN};
 use super::media_index::{self, MediaIndex};
 use super::sender::{DataSent, LossRecovery, RecoveryOutcome, SentPacket, StreamSender};
-use super::shared_bottleneck::{PeerGroups, SessionDemand};
+use super::shared_bottleneck::{SessionDemand, ShardGroups};
 use super::wire::{
     Body, CloseReason, ConnectionId, DATA_OVERHEAD, DEFAULT_LARGE_DATAGRAM_SIZE,
     DEFAULT_MAX_PAYLOAD, DecodeError, MAX_DATAGRAM_SIZE, MAX_UDP_PAYLOAD, MIN_HELLO_SIZE,
@@ -452,7 +452,7 @@ pub struct ServerEndpoint<S: ContentStore> {
     burst_floor_at: Option<Instant>,
     /// The rate each client address's sessions share (judged and shared
     /// out with the burst floor, every [`BURST_FLOOR_REFRESH`]).
-    peer_groups: PeerGroups,
+    peer_groups: ShardGroups,
     /// Every session's next deadline (see `Session::timer_at`), earliest
     /// first, so the next wake-up is found without walking the sessions.
     timers: BinaryHeap<Reverse<(Instant, ConnectionId)>>,
@@ -509,7 +509,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             awaiting_ack: 0,
             burst_floor: crate::protocol::pacing::MIN_BURST_PACKETS,
             burst_floor_at: None,
-            peer_groups: PeerGroups::default(),
+            peer_groups: ShardGroups::new(shard.groups.clone(), shard.index),
             timers: BinaryHeap::new(),
             waiting: Vec::new(),
             stateless: VecDeque::new(),
@@ -1552,7 +1552,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
 /// path's limit, not congestion (the controller is not told of them
 /// either).
 fn report_to_group(
-    groups: &mut PeerGroups,
+    groups: &mut ShardGroups,
     now: Instant,
     session: &Session,
     datagram: u64,

@@ -24,9 +24,17 @@
 //! its share keeps its rate, the others pace at the level.
 //!
 //! A group of one session is left to that session's controller.
+//!
+//! A server's serving threads share the groups ([`PeerGroups`]): the
+//! kernel spreads one address's sessions over the threads by port, and
+//! with a group per thread two pulls of sixteen from one machine, alone
+//! on their thread, ran at three times the others' rate. Each thread
+//! tallies its ACKs apart ([`ShardGroups`]) and takes the lock only to
+//! hand its tallies over, every [`super::server::BURST_FLOOR_REFRESH`].
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// An interval lasts at least this long...
@@ -70,6 +78,9 @@ pub const GROUP_DELIVERY_INTERVALS: usize = 8;
 /// and 1.4x the link, and 200 pulls through one queue lost 9 % (7 % at
 /// 1.1, at the same completion time).
 pub const GROUP_CAP_GROWTH: f64 = 1.1;
+/// A group nothing was heard of for this long is forgotten, even if a
+/// serving thread that has gone idle still counts sessions in it.
+pub const GROUP_FORGOTTEN_AFTER: Duration = Duration::from_secs(60);
 /// The cap counts as used when the group delivered this share of it.
 const GROUP_CAP_USED: f64 = 0.8;
 
@@ -89,8 +100,13 @@ pub struct SharedBottleneck {
     cap: Option<f64>,
     /// Each session's share of the cap (the water level), if it binds.
     level: Option<f64>,
-    /// Sessions of the group at the last [`PeerGroups::refresh`].
+    /// Sessions of the group, all threads together, as of each thread's
+    /// last [`ShardGroups::refresh`].
     sessions: usize,
+    /// Each serving thread's sessions' demands (see [`SessionDemand`]),
+    /// as of its last refresh.
+    demands: Vec<Vec<f64>>,
+    last_heard: Instant,
 }
 
 /// What one session wants and has: its controller's pacing rate, and
@@ -116,10 +132,13 @@ impl SharedBottleneck {
             cap: None,
             level: None,
             sessions: 0,
+            demands: Vec::new(),
+            last_heard: now,
         }
     }
 
     fn on_ack(&mut self, now: Instant, acked: u64, lost: u64, rtt: Option<Duration>) {
+        self.last_heard = now;
         self.acked += acked;
         self.lost += lost;
         if let Some(sample) = rtt {
@@ -219,14 +238,62 @@ impl SharedBottleneck {
     }
 }
 
-/// The shared rates of an endpoint's client addresses.
+/// What one serving thread heard of one address since it last handed over.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tally {
+    /// When the first of it was heard.
+    since: Option<Instant>,
+    max_datagram: u64,
+    acked: u64,
+    lost: u64,
+    best_rtt: Option<Duration>,
+}
+
+/// The shared rates of a server's client addresses, for all its serving
+/// threads.
 #[derive(Debug, Default)]
 pub struct PeerGroups {
-    groups: HashMap<IpAddr, SharedBottleneck>,
-    demands: HashMap<IpAddr, Vec<f64>>,
+    groups: Mutex<HashMap<IpAddr, SharedBottleneck>>,
 }
 
 impl PeerGroups {
+    fn groups(&self) -> MutexGuard<'_, HashMap<IpAddr, SharedBottleneck>> {
+        // Each group is only ever changed whole by one refresh: a holder
+        // that panicked leaves nothing half-done that matters.
+        self.groups.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The group of `ip`, if one is kept.
+    pub fn group(&self, ip: IpAddr) -> Option<SharedBottleneck> {
+        self.groups().get(&ip).cloned()
+    }
+}
+
+/// One serving thread's side of the [`PeerGroups`]: its tallies since it
+/// last handed over, and the levels it read then.
+#[derive(Debug)]
+pub struct ShardGroups {
+    shared: Arc<PeerGroups>,
+    index: usize,
+    tallies: HashMap<IpAddr, Tally>,
+    demands: HashMap<IpAddr, Vec<f64>>,
+    levels: HashMap<IpAddr, f64>,
+    all_demands: Vec<f64>,
+}
+
+impl ShardGroups {
+    /// Serving thread `index`'s view of `shared`.
+    pub fn new(shared: Arc<PeerGroups>, index: usize) -> Self {
+        ShardGroups {
+            shared,
+            index,
+            tallies: HashMap::new(),
+            demands: HashMap::new(),
+            levels: HashMap::new(),
+            all_demands: Vec::new(),
+        }
+    }
+
     /// What one ACK (or loss timer) of a session to `ip` acknowledged and
     /// declared lost, with its RTT sample.
     pub fn on_ack(
@@ -241,15 +308,20 @@ impl PeerGroups {
         if acked == 0 && lost == 0 {
             return;
         }
-        self.groups
-            .entry(ip)
-            .or_insert_with(|| SharedBottleneck::new(now, max_datagram))
-            .on_ack(now, acked, lost, rtt);
+        let t = self.tallies.entry(ip).or_default();
+        t.since.get_or_insert(now);
+        t.max_datagram = max_datagram;
+        t.acked += acked;
+        t.lost += lost;
+        if let Some(sample) = rtt {
+            t.best_rtt = Some(t.best_rtt.map_or(sample, |b| b.min(sample)));
+        }
     }
 
-    /// Judges the groups whose interval ended and shares their caps out.
-    /// `sessions`: each session's address and demand. A group none of
-    /// whose sessions remain is forgotten.
+    /// Hands this thread's tallies and its sessions' demands over, judges
+    /// the groups whose interval ended and shares their caps out.
+    /// `sessions`: each of this thread's sessions' address and demand. A
+    /// group none of whose sessions remain on any thread is forgotten.
     pub fn refresh(
         &mut self,
         now: Instant,
@@ -259,34 +331,59 @@ impl PeerGroups {
             d.clear();
         }
         for (ip, demand) in sessions {
-            if !self.groups.contains_key(&ip) {
-                continue;
-            }
             // A session its reader holds back wants no more than it has;
             // counting its controller's rate would keep for it a share it
             // leaves unused. Its controller's rate still bounds it.
             let want = if demand.busy { demand.pacing_rate } else { 0.0 };
             self.demands.entry(ip).or_default().push(want);
         }
-        self.groups.retain(|ip, g| {
-            let Some(demands) = self.demands.get_mut(ip).filter(|d| !d.is_empty()) else {
+        self.demands.retain(|_, d| !d.is_empty());
+        self.levels.clear();
+        let index = self.index;
+        let mut groups = self.shared.groups();
+        for (ip, t) in self.tallies.drain() {
+            groups
+                .entry(ip)
+                .or_insert_with(|| SharedBottleneck::new(t.since.unwrap_or(now), t.max_datagram))
+                .on_ack(now, t.acked, t.lost, t.best_rtt);
+        }
+        let all = &mut self.all_demands;
+        let (demands, levels) = (&mut self.demands, &mut self.levels);
+        groups.retain(|ip, g| {
+            if g.demands.len() <= index {
+                g.demands.resize_with(index + 1, Vec::new);
+            }
+            let mine = &mut g.demands[index];
+            mine.clear();
+            if let Some(d) = demands.get(ip) {
+                mine.extend_from_slice(d);
+            }
+            all.clear();
+            for d in &g.demands {
+                all.extend_from_slice(d);
+            }
+            if all.is_empty() || now.saturating_duration_since(g.last_heard) > GROUP_FORGOTTEN_AFTER
+            {
                 return false;
-            };
-            g.sessions = demands.len();
+            }
+            g.sessions = all.len();
             g.judge(now);
-            g.share_out(demands);
+            g.share_out(all);
+            if let (Some(level), true) = (g.level, demands.contains_key(ip)) {
+                levels.insert(*ip, level);
+            }
             true
         });
-        self.demands.retain(|ip, _| self.groups.contains_key(ip));
     }
 
-    /// The most one session to `ip` may pace at, if its group's cap binds.
+    /// The most one session to `ip` may pace at, if its group's cap binds
+    /// (as of this thread's last refresh).
     pub fn level(&self, ip: IpAddr) -> Option<f64> {
-        self.groups.get(&ip).and_then(SharedBottleneck::level)
+        self.levels.get(&ip).copied()
     }
 
-    pub fn group(&self, ip: IpAddr) -> Option<&SharedBottleneck> {
-        self.groups.get(&ip)
+    pub fn shared(&self) -> &Arc<PeerGroups> {
+        &self.shared
     }
 }
 
@@ -316,7 +413,7 @@ mod tests {
 
     /// One interval of 20 ms at `rtt`: `acked` and `lost` datagrams.
     fn interval(
-        groups: &mut PeerGroups,
+        groups: &mut ShardGroups,
         now: &mut Instant,
         acked: u64,
         lost: u64,
@@ -331,7 +428,7 @@ mod tests {
     #[test]
     fn heavy_loss_caps_the_group_below_what_it_delivered_and_shares_it_evenly() {
         let mut now = Instant::now();
-        let mut groups = PeerGroups::default();
+        let mut groups = ShardGroups::new(Arc::default(), 0);
         let sessions = busy(1e6, 10);
         // 600 datagrams delivered in 20 ms (42 MB/s), 400 lost: 40 %.
         interval(
@@ -342,7 +439,11 @@ mod tests {
             Duration::from_millis(5),
             &sessions,
         );
-        let cap = groups.group(ip()).and_then(|g| g.cap()).expect("capped");
+        let cap = groups
+            .shared()
+            .group(ip())
+            .and_then(|g| g.cap())
+            .expect("capped");
         let delivered = 600.0 * MTU as f64 / 0.020;
         assert!(
             (cap - delivered * GROUP_DRAIN_GAIN).abs() < 1.0,
@@ -351,7 +452,7 @@ mod tests {
         // Ten sessions each wanting 1 MB/s want less than the cap: it does
         // not bind, but stays.
         assert_eq!(groups.level(ip()), None);
-        assert_eq!(groups.group(ip()).and_then(|g| g.cap()), Some(cap));
+        assert_eq!(groups.shared().group(ip()).and_then(|g| g.cap()), Some(cap));
         let sessions = busy(10e6, 10);
         interval(
             &mut groups,
@@ -368,7 +469,7 @@ mod tests {
     #[test]
     fn random_loss_on_an_idle_path_does_not_cap_the_group() {
         let mut now = Instant::now();
-        let mut groups = PeerGroups::default();
+        let mut groups = ShardGroups::new(Arc::default(), 0);
         let sessions = busy(10e6, 4);
         // 10 % loss, every interval's best round trip at the path's.
         for _ in 0..50 {
@@ -380,14 +481,14 @@ mod tests {
                 Duration::from_millis(20),
                 &sessions,
             );
-            assert_eq!(groups.group(ip()).and_then(|g| g.cap()), None);
+            assert_eq!(groups.shared().group(ip()).and_then(|g| g.cap()), None);
         }
     }
 
     #[test]
     fn light_loss_behind_a_standing_queue_caps_the_group() {
         let mut now = Instant::now();
-        let mut groups = PeerGroups::default();
+        let mut groups = ShardGroups::new(Arc::default(), 0);
         let sessions = busy(10e6, 4);
         interval(
             &mut groups,
@@ -397,7 +498,7 @@ mod tests {
             Duration::from_millis(10),
             &sessions,
         );
-        assert_eq!(groups.group(ip()).and_then(|g| g.cap()), None);
+        assert_eq!(groups.shared().group(ip()).and_then(|g| g.cap()), None);
         // 5 % loss with the best round trip 20 ms above the path's.
         interval(
             &mut groups,
@@ -407,13 +508,13 @@ mod tests {
             Duration::from_millis(30),
             &sessions,
         );
-        assert!(groups.group(ip()).and_then(|g| g.cap()).is_some());
+        assert!(groups.shared().group(ip()).and_then(|g| g.cap()).is_some());
     }
 
     #[test]
     fn a_lone_session_is_left_to_its_own_controller() {
         let mut now = Instant::now();
-        let mut groups = PeerGroups::default();
+        let mut groups = ShardGroups::new(Arc::default(), 0);
         let sessions = busy(10e6, 1);
         interval(
             &mut groups,
@@ -423,14 +524,14 @@ mod tests {
             Duration::from_millis(5),
             &sessions,
         );
-        assert_eq!(groups.group(ip()).and_then(|g| g.cap()), None);
+        assert_eq!(groups.shared().group(ip()).and_then(|g| g.cap()), None);
         assert_eq!(groups.level(ip()), None);
     }
 
     #[test]
     fn the_cap_grows_back_once_the_group_loses_nothing_and_uses_it() {
         let mut now = Instant::now();
-        let mut groups = PeerGroups::default();
+        let mut groups = ShardGroups::new(Arc::default(), 0);
         let sessions = busy(10e6, 10);
         interval(
             &mut groups,
@@ -440,7 +541,11 @@ mod tests {
             Duration::from_millis(5),
             &sessions,
         );
-        let cap = groups.group(ip()).and_then(|g| g.cap()).expect("capped");
+        let cap = groups
+            .shared()
+            .group(ip())
+            .and_then(|g| g.cap())
+            .expect("capped");
         // The group delivers its cap without loss: the cap grows.
         let at_cap = (cap * 0.020 / MTU as f64) as u64 + 1;
         interval(
@@ -451,7 +556,11 @@ mod tests {
             Duration::from_millis(5),
             &sessions,
         );
-        let grown = groups.group(ip()).and_then(|g| g.cap()).expect("capped");
+        let grown = groups
+            .shared()
+            .group(ip())
+            .and_then(|g| g.cap())
+            .expect("capped");
         assert!((grown - cap * GROUP_CAP_GROWTH).abs() < 1.0);
         // Delivering far less than the cap (the players hold it back) is
         // no sign the link has room: the cap stays.
@@ -463,7 +572,10 @@ mod tests {
             Duration::from_millis(5),
             &sessions,
         );
-        assert_eq!(groups.group(ip()).and_then(|g| g.cap()), Some(grown));
+        assert_eq!(
+            groups.shared().group(ip()).and_then(|g| g.cap()),
+            Some(grown)
+        );
     }
 
     #[test]
@@ -480,7 +592,7 @@ mod tests {
     #[test]
     fn a_group_whose_sessions_ended_is_forgotten() {
         let mut now = Instant::now();
-        let mut groups = PeerGroups::default();
+        let mut groups = ShardGroups::new(Arc::default(), 0);
         interval(
             &mut groups,
             &mut now,
@@ -489,8 +601,52 @@ mod tests {
             Duration::from_millis(5),
             &busy(10e6, 3),
         );
-        assert!(groups.group(ip()).is_some());
+        assert!(groups.shared().group(ip()).is_some());
         groups.refresh(now, std::iter::empty());
-        assert!(groups.group(ip()).is_none());
+        assert!(groups.shared().group(ip()).is_none());
+    }
+
+    #[test]
+    fn serving_threads_judge_and_share_one_group_together() {
+        let shared: Arc<PeerGroups> = Arc::default();
+        let mut a = ShardGroups::new(shared.clone(), 0);
+        let mut b = ShardGroups::new(shared.clone(), 1);
+        let mut now = Instant::now();
+        // Two sessions on one thread, fourteen on the other; each thread
+        // alone heard too few datagrams to judge, together 40 % lost.
+        for _ in 0..2 {
+            a.on_ack(
+                now,
+                ip(),
+                MTU,
+                4 * MTU,
+                3 * MTU,
+                Some(Duration::from_millis(5)),
+            );
+            b.on_ack(
+                now,
+                ip(),
+                MTU,
+                8 * MTU,
+                5 * MTU,
+                Some(Duration::from_millis(5)),
+            );
+            now += Duration::from_millis(10);
+            a.refresh(now, busy(10e6, 2).into_iter());
+            b.refresh(now, busy(10e6, 14).into_iter());
+        }
+        let cap = shared.group(ip()).and_then(|g| g.cap()).expect("capped");
+        a.refresh(now, busy(10e6, 2).into_iter());
+        // One level for all sixteen, whichever thread serves them.
+        let level = a.level(ip()).expect("binds");
+        assert_eq!(b.level(ip()), Some(level));
+        assert!((level - cap / 16.0).abs() < 1.0, "{level} of {cap}");
+        // The sessions of one thread end: the other's keep the group.
+        a.refresh(now, std::iter::empty());
+        b.refresh(now, busy(10e6, 14).into_iter());
+        assert!(shared.group(ip()).is_some());
+        assert_eq!(a.level(ip()), None);
+        b.refresh(now, std::iter::empty());
+        assert!(shared.group(ip()).is_none());
     }
 }
