@@ -1536,6 +1536,7 @@ fn through_a_full_bottleneck(
     size: usize,
     rate_bps: u64,
     queue_bytes: usize,
+    loss: f64,
 ) -> BottleneckRun {
     const CLIENTS_LIMIT: Duration = Duration::from_secs(120);
     let start = Instant::now();
@@ -1548,6 +1549,7 @@ fn through_a_full_bottleneck(
             delay: Duration::from_millis(5),
             rate_bps: Some(rate_bps),
             queue_bytes,
+            loss,
             ..Default::default()
         },
         17,
@@ -1696,7 +1698,7 @@ fn assert_all_heard_through_a_full_bottleneck(
         longest_silence: silences,
         dropped,
         ..
-    } = through_a_full_bottleneck(hosts, n, size, rate, queue);
+    } = through_a_full_bottleneck(hosts, n, size, rate, queue, 0.0);
     assert!(
         dropped > min_dropped,
         "the queue was not the limit ({dropped:.2} dropped)"
@@ -1738,7 +1740,7 @@ fn two_hundred_transfers_through_one_queue_all_keep_hearing() {
 /// would take 16.4. No transfer goes silent for long (3.0 s before, 1.9 s).
 #[test]
 fn two_hundred_transfers_from_one_host_share_its_link_without_overfilling_it() {
-    let run = through_a_full_bottleneck(Hosts::One, 200, 2_000_000, 200_000_000, 512_000);
+    let run = through_a_full_bottleneck(Hosts::One, 200, 2_000_000, 200_000_000, 512_000, 0.0);
     assert_shares_the_link(&run, ideal_time(200, 2_000_000, 200_000_000), 0.15, 1.1);
     let worst = run
         .longest_silence
@@ -1759,7 +1761,7 @@ fn two_hundred_transfers_from_one_host_share_its_link_without_overfilling_it() {
 /// take 13.1.
 #[test]
 fn sixteen_pulls_from_one_host_share_its_link_without_overfilling_it() {
-    let run = through_a_full_bottleneck(Hosts::One, 16, 2_000_000, 20_000_000, 64_000);
+    let run = through_a_full_bottleneck(Hosts::One, 16, 2_000_000, 20_000_000, 64_000, 0.0);
     assert_shares_the_link(&run, ideal_time(16, 2_000_000, 20_000_000), 0.1, 1.1);
 }
 
@@ -1769,7 +1771,7 @@ fn sixteen_pulls_from_one_host_share_its_link_without_overfilling_it() {
 /// 8.6 s sharing one rate (a full link: 7.9 s).
 #[test]
 fn many_short_transfers_from_one_host_share_a_narrow_link() {
-    let run = through_a_full_bottleneck(Hosts::One, 64, 150_000, 10_000_000, 32_000);
+    let run = through_a_full_bottleneck(Hosts::One, 64, 150_000, 10_000_000, 32_000, 0.0);
     assert_shares_the_link(&run, ideal_time(64, 150_000, 10_000_000), 0.25, 1.2);
     let worst = run
         .longest_silence
@@ -1810,7 +1812,7 @@ fn assert_shares_the_link(run: &BottleneckRun, ideal: Duration, max_dropped: f64
 /// 45.4 % shared, 52.2 % with the floor of 8.
 #[test]
 fn many_sessions_sharing_one_queue_share_out_their_bursts() {
-    let run = through_a_full_bottleneck(Hosts::Each, 64, 1_000_000, 64_000_000, 160_000);
+    let run = through_a_full_bottleneck(Hosts::Each, 64, 1_000_000, 64_000_000, 160_000, 0.0);
     assert!(
         run.dropped < 0.48,
         "{:.3} of the datagrams dropped",
@@ -1827,7 +1829,7 @@ fn many_sessions_sharing_one_queue_share_out_their_bursts() {
 /// load sends of 3-4 datagrams doubled the server's cost per GB.
 #[test]
 fn sessions_that_lose_nothing_keep_whole_bursts() {
-    let run = through_a_full_bottleneck(Hosts::One, 64, 600_000, 64_000_000, 64_000_000);
+    let run = through_a_full_bottleneck(Hosts::One, 64, 600_000, 64_000_000, 64_000_000, 0.0);
     assert!(
         run.dropped == 0.0,
         "{:.3} of the datagrams dropped",
@@ -1837,5 +1839,23 @@ fn sessions_that_lose_nothing_keep_whole_bursts() {
         run.mean_run >= 5.0,
         "{:.1} datagrams per send to one session",
         run.mean_run
+    );
+}
+
+/// Random loss is not a full queue: sixteen transfers from one host over
+/// a 20 Mbit/s link that drops 10 % of the datagrams at random (its
+/// queue deep enough to drop nothing more) take no longer than the same
+/// transfers from sixteen hosts, whose sessions are each left to their
+/// own controller (7.16 s against 7.12; at 2 and 5 % loss, 6.70 against
+/// 6.75 and 6.93 against 6.99).
+#[test]
+fn random_loss_does_not_hold_back_one_hosts_sessions() {
+    let run = |hosts| through_a_full_bottleneck(hosts, 16, 1_000_000, 20_000_000, 256_000, 0.1);
+    let (one, each) = (run(Hosts::One), run(Hosts::Each));
+    assert!(
+        one.took.as_secs_f64() < each.took.as_secs_f64() * 1.05,
+        "one host {:?}, a host each {:?}",
+        one.took,
+        each.took
     );
 }
