@@ -492,6 +492,12 @@ impl LossRecovery {
             .is_some_and(|t| now.saturating_duration_since(t) <= period)
     }
 
+    /// A probe timeout fired since the last ACK: what was in flight is
+    /// most likely lost, though not declared so.
+    pub fn in_probe_timeout(&self) -> bool {
+        self.pto_count > 0
+    }
+
     /// Nothing in flight, and nothing sent for `idle`.
     pub fn is_idle_for(&self, now: Instant, idle: Duration) -> bool {
         self.sent.is_empty()

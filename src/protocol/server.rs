@@ -20,7 +20,7 @@ use super::cookie::AddressValidator;
 use super::crypto::{Psk, SessionKeys, TAG_LEN};
 use super::media_index::{self, MediaIndex};
 use super::sender::{DataSent, LossRecovery, RecoveryOutcome, SentPacket, StreamSender};
-use super::shared_bottleneck::{SessionDemand, ShardGroups};
+use super::shared_bottleneck::{GROUP_LOSS_SPREAD, SessionDemand, ShardGroups};
 use super::wire::{
     Body, CloseReason, ConnectionId, DATA_OVERHEAD, DEFAULT_LARGE_DATAGRAM_SIZE,
     DEFAULT_MAX_PAYLOAD, DecodeError, MAX_DATAGRAM_SIZE, MAX_UDP_PAYLOAD, MIN_HELLO_SIZE,
@@ -1441,6 +1441,8 @@ impl<S: ContentStore> ServerEndpoint<S> {
                         SessionDemand {
                             pacing_rate: s.recovery.controller().pacing_rate().unwrap_or(0.0),
                             busy: s.has_data_for_the_network(),
+                            lossy: s.recovery.lost_within(now, GROUP_LOSS_SPREAD)
+                                || s.recovery.in_probe_timeout(),
                         },
                     )
                 }),

@@ -1536,7 +1536,7 @@ fn through_a_full_bottleneck(
     size: usize,
     rate_bps: u64,
     queue_bytes: usize,
-    loss: f64,
+    private_loss: PrivateLoss,
 ) -> BottleneckRun {
     const CLIENTS_LIMIT: Duration = Duration::from_secs(120);
     let start = Instant::now();
@@ -1549,11 +1549,12 @@ fn through_a_full_bottleneck(
             delay: Duration::from_millis(5),
             rate_bps: Some(rate_bps),
             queue_bytes,
-            loss,
             ..Default::default()
         },
         17,
     );
+    let mut last_hop = StdRng::seed_from_u64(23);
+    let mut finished = vec![None; clients];
     let mut delivered = vec![Vec::new(); clients];
     let mut last_progress = vec![start; clients];
     let mut longest_silence = vec![Duration::ZERO; clients];
@@ -1593,6 +1594,9 @@ fn through_a_full_bottleneck(
                 runs += 1;
             }
             for at in bottleneck.process(now, buf.len()) {
+                if i < private_loss.clients && last_hop.gen_bool(private_loss.share) {
+                    continue;
+                }
                 seq += 1;
                 down.push(Reverse((at, seq, i, buf.clone())));
             }
@@ -1607,6 +1611,9 @@ fn through_a_full_bottleneck(
             }
             if delivered[i].len() > before || delivered[i].len() == size {
                 last_progress[i] = now;
+            }
+            if delivered[i].len() == size {
+                finished[i].get_or_insert(now - start);
             }
             longest_silence[i] = longest_silence[i].max(now - last_progress[i]);
             while let Some(d) = c.poll_transmit(now) {
@@ -1624,6 +1631,10 @@ fn through_a_full_bottleneck(
         dropped: stats.dropped_queue as f64 / stats.packets as f64,
         mean_run: sent as f64 / runs.max(1) as f64,
         took: now - start,
+        finished: finished
+            .into_iter()
+            .map(Option::unwrap_or_default)
+            .collect(),
     }
 }
 
@@ -1634,7 +1645,23 @@ struct BottleneckRun {
     mean_run: f64,
     /// Until the last transfer completed.
     took: Duration,
+    /// Until each transfer completed.
+    finished: Vec<Duration>,
 }
+
+/// Random loss on the last hop of the first `clients` clients (a phone's
+/// Wi-Fi), after the shared bottleneck.
+#[derive(Debug, Clone, Copy)]
+struct PrivateLoss {
+    clients: usize,
+    share: f64,
+}
+
+/// No loss but the bottleneck's.
+const NO_PRIVATE_LOSS: PrivateLoss = PrivateLoss {
+    clients: 0,
+    share: 0.0,
+};
 
 /// Time for `clients` transfers of `size` bytes through `rate_bps` if the
 /// link carried nothing but their datagrams, full.
@@ -1698,7 +1725,7 @@ fn assert_all_heard_through_a_full_bottleneck(
         longest_silence: silences,
         dropped,
         ..
-    } = through_a_full_bottleneck(hosts, n, size, rate, queue, 0.0);
+    } = through_a_full_bottleneck(hosts, n, size, rate, queue, NO_PRIVATE_LOSS);
     assert!(
         dropped > min_dropped,
         "the queue was not the limit ({dropped:.2} dropped)"
@@ -1735,12 +1762,19 @@ fn two_hundred_transfers_through_one_queue_all_keep_hearing() {
 /// 2 MB from one host (`load paced 200 200 4`, and the load generator's
 /// sessions are all on one address) through 200 Mbit/s and a 512 KB queue:
 /// each session's controller alone offered 1.7-2x the link together, and
-/// the queue dropped 41 % of what the server sent; sharing one rate, 7 %,
-/// and the transfers end in 17.2 s instead of 20.3, where a full link
-/// would take 16.4. No transfer goes silent for long (3.0 s before, 1.9 s).
+/// the queue dropped 41 % of what the server sent; sharing one rate, 11 %,
+/// and the transfers end in 17.3 s instead of 20.3, where a full link
+/// would take 16.4. No transfer goes silent for long (3.0 s before, 2.2 s).
 #[test]
 fn two_hundred_transfers_from_one_host_share_its_link_without_overfilling_it() {
-    let run = through_a_full_bottleneck(Hosts::One, 200, 2_000_000, 200_000_000, 512_000, 0.0);
+    let run = through_a_full_bottleneck(
+        Hosts::One,
+        200,
+        2_000_000,
+        200_000_000,
+        512_000,
+        NO_PRIVATE_LOSS,
+    );
     assert_shares_the_link(&run, ideal_time(200, 2_000_000, 200_000_000), 0.15, 1.1);
     let worst = run
         .longest_silence
@@ -1757,21 +1791,29 @@ fn two_hundred_transfers_from_one_host_share_its_link_without_overfilling_it() {
 /// Sixteen `gst-launch-1.0` pulls from one machine through its 20 Mbit/s
 /// link (the proxy's 64 KB queue): the queue dropped 51.5 % of the
 /// server's datagrams (35-40 % through the real proxy) and the pulls took
-/// 16.1 s; sharing one rate, 4.5 % and 13.6 s, where a full link would
+/// 16.1 s; sharing one rate, 4.1 % and 13.6 s, where a full link would
 /// take 13.1.
 #[test]
 fn sixteen_pulls_from_one_host_share_its_link_without_overfilling_it() {
-    let run = through_a_full_bottleneck(Hosts::One, 16, 2_000_000, 20_000_000, 64_000, 0.0);
+    let run = through_a_full_bottleneck(
+        Hosts::One,
+        16,
+        2_000_000,
+        20_000_000,
+        64_000,
+        NO_PRIVATE_LOSS,
+    );
     assert_shares_the_link(&run, ideal_time(16, 2_000_000, 20_000_000), 0.1, 1.1);
 }
 
 /// 64 short transfers from one host through 10 Mbit/s and a 32 KB queue,
 /// a share of under a datagram per round trip each: 59.6 % dropped, a
-/// transfer silent for 7.8 s and 9.4 s in all before; 14.3 %, 4.8 s and
+/// transfer silent for 7.8 s and 9.4 s in all before; 20.7 %, 3.0 s and
 /// 8.6 s sharing one rate (a full link: 7.9 s).
 #[test]
 fn many_short_transfers_from_one_host_share_a_narrow_link() {
-    let run = through_a_full_bottleneck(Hosts::One, 64, 150_000, 10_000_000, 32_000, 0.0);
+    let run =
+        through_a_full_bottleneck(Hosts::One, 64, 150_000, 10_000_000, 32_000, NO_PRIVATE_LOSS);
     assert_shares_the_link(&run, ideal_time(64, 150_000, 10_000_000), 0.25, 1.2);
     let worst = run
         .longest_silence
@@ -1812,7 +1854,14 @@ fn assert_shares_the_link(run: &BottleneckRun, ideal: Duration, max_dropped: f64
 /// 45.4 % shared, 52.2 % with the floor of 8.
 #[test]
 fn many_sessions_sharing_one_queue_share_out_their_bursts() {
-    let run = through_a_full_bottleneck(Hosts::Each, 64, 1_000_000, 64_000_000, 160_000, 0.0);
+    let run = through_a_full_bottleneck(
+        Hosts::Each,
+        64,
+        1_000_000,
+        64_000_000,
+        160_000,
+        NO_PRIVATE_LOSS,
+    );
     assert!(
         run.dropped < 0.48,
         "{:.3} of the datagrams dropped",
@@ -1829,7 +1878,14 @@ fn many_sessions_sharing_one_queue_share_out_their_bursts() {
 /// load sends of 3-4 datagrams doubled the server's cost per GB.
 #[test]
 fn sessions_that_lose_nothing_keep_whole_bursts() {
-    let run = through_a_full_bottleneck(Hosts::One, 64, 600_000, 64_000_000, 64_000_000, 0.0);
+    let run = through_a_full_bottleneck(
+        Hosts::One,
+        64,
+        600_000,
+        64_000_000,
+        64_000_000,
+        NO_PRIVATE_LOSS,
+    );
     assert!(
         run.dropped == 0.0,
         "{:.3} of the datagrams dropped",
@@ -1850,7 +1906,11 @@ fn sessions_that_lose_nothing_keep_whole_bursts() {
 /// 6.75 and 6.93 against 6.99).
 #[test]
 fn random_loss_does_not_hold_back_one_hosts_sessions() {
-    let run = |hosts| through_a_full_bottleneck(hosts, 16, 1_000_000, 20_000_000, 256_000, 0.1);
+    let lossy = PrivateLoss {
+        clients: 16,
+        share: 0.1,
+    };
+    let run = |hosts| through_a_full_bottleneck(hosts, 16, 1_000_000, 20_000_000, 256_000, lossy);
     let (one, each) = (run(Hosts::One), run(Hosts::Each));
     assert!(
         one.took.as_secs_f64() < each.took.as_secs_f64() * 1.05,
@@ -1858,4 +1918,53 @@ fn random_loss_does_not_hold_back_one_hosts_sessions() {
         one.took,
         each.took
     );
+}
+
+/// One session's bad last hop is not its host's congestion: a phone on
+/// Wi-Fi that drops 30 % and a clean pull, behind one NAT and one 20
+/// Mbit/s link, each finish when they would from hosts of their own (5.45
+/// and 2.13 s). Judged on the group's loss alone, the clean pull was held
+/// to 0.7x its rate and the phone's to a sixth (2.99 and 33.2 s).
+#[test]
+fn one_sessions_bad_last_hop_does_not_hold_back_its_host() {
+    let lossy = PrivateLoss {
+        clients: 1,
+        share: 0.3,
+    };
+    let run = |hosts| through_a_full_bottleneck(hosts, 2, 4_000_000, 20_000_000, 256_000, lossy);
+    let (one, each) = (run(Hosts::One), run(Hosts::Each));
+    for (a, b) in one.finished.iter().zip(&each.finished) {
+        assert!(
+            a.as_secs_f64() < b.as_secs_f64() * 1.05,
+            "one host {:?}, a host each {:?}",
+            one.finished,
+            each.finished
+        );
+    }
+}
+
+/// Heavy random loss on several sessions of one host (two phones on Wi-Fi
+/// that drops 30 %, alone and beside a clean pull) is no full queue: the
+/// group cuts once on heavy loss alone, and not again while the loss stays
+/// (a cut that drains a queue brings it down). The transfers end when
+/// they would from hosts of their own (5.73 against 5.80 s, 7.27 against
+/// 7.22); cut at each heavy interval, the two phones stalled.
+#[test]
+fn heavy_random_loss_on_several_sessions_of_one_host_is_no_full_queue() {
+    let lossy = PrivateLoss {
+        clients: 2,
+        share: 0.3,
+    };
+    for clients in [2, 3] {
+        let run = |hosts| {
+            through_a_full_bottleneck(hosts, clients, 4_000_000, 20_000_000, 256_000, lossy)
+        };
+        let (one, each) = (run(Hosts::One), run(Hosts::Each));
+        assert!(
+            one.took.as_secs_f64() < each.took.as_secs_f64() * 1.05,
+            "{clients} transfers: one host {:?}, a host each {:?}",
+            one.finished,
+            each.finished
+        );
+    }
 }
