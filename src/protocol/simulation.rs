@@ -1762,7 +1762,7 @@ fn two_hundred_transfers_through_one_queue_all_keep_hearing() {
 /// 2 MB from one host (`load paced 200 200 4`, and the load generator's
 /// sessions are all on one address) through 200 Mbit/s and a 512 KB queue:
 /// each session's controller alone offered 1.7-2x the link together, and
-/// the queue dropped 41 % of what the server sent; sharing one rate, 11 %,
+/// the queue dropped 41 % of what the server sent; sharing one rate, 8 %,
 /// and the transfers end in 17.3 s instead of 20.3, where a full link
 /// would take 16.4. No transfer goes silent for long (3.0 s before, 2.2 s).
 #[test]
@@ -1808,7 +1808,7 @@ fn sixteen_pulls_from_one_host_share_its_link_without_overfilling_it() {
 
 /// 64 short transfers from one host through 10 Mbit/s and a 32 KB queue,
 /// a share of under a datagram per round trip each: 59.6 % dropped, a
-/// transfer silent for 7.8 s and 9.4 s in all before; 20.7 %, 3.0 s and
+/// transfer silent for 7.8 s and 9.4 s in all before; 20.3 %, 2.8 s and
 /// 8.6 s sharing one rate (a full link: 7.9 s).
 #[test]
 fn many_short_transfers_from_one_host_share_a_narrow_link() {
