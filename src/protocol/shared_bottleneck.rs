@@ -49,8 +49,9 @@ pub const GROUP_INTERVAL_RTTS: u32 = 2;
 /// datagrams' bytes: fewer say nothing about a loss rate.
 pub const GROUP_INTERVAL_MIN_PACKETS: u64 = 20;
 /// An interval that lost more than this share of its bytes overflowed a
-/// queue, whatever the delays say: random loss a link is still worth
-/// using for stays below it (the single session's
+/// queue, whatever the delays say (unless the last such cut did not bring
+/// the loss down, see `judge`): random loss a link is still worth using
+/// for stays below it (the single session's
 /// [`super::congestion::BBR_LOSS_THRESHOLD`], judged here on many more
 /// datagrams).
 pub const GROUP_HEAVY_LOSS: f64 = 0.2;
@@ -97,7 +98,8 @@ pub const GROUP_CAP_FLOOR: f64 = 0.5;
 /// overflow is judged only when at least two busy sessions of the group,
 /// and half of them, are.
 pub const GROUP_LOSS_SPREAD: Duration = Duration::from_secs(1);
-/// The cap counts as used when the group delivered this share of it.
+/// The cap counts as used when the group sent this share of it (lost
+/// datagrams included).
 const GROUP_CAP_USED: f64 = 0.8;
 
 /// One client address's shared rate.
