@@ -399,14 +399,10 @@ impl LossRecovery {
         }
     }
 
-    /// See [`Self::rate_limit`]; `None` lifts it.
+    /// Bounds the pacing rate at `limit`, the session's share of a
+    /// bottleneck it shares with other sessions; `None` lifts it.
     pub fn set_rate_limit(&mut self, limit: Option<f64>) {
         self.rate_limit = limit;
-    }
-
-    /// The most the session may pace at besides its controller's rate.
-    pub fn rate_limit(&self) -> Option<f64> {
-        self.rate_limit
     }
 
     /// The rate the pacer refills at: the controller's, within the limit.

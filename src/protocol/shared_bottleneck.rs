@@ -471,6 +471,11 @@ mod tests {
         IpAddr::from([10, 0, 0, 2])
     }
 
+    /// The cap of the group of `ip()`, as all threads see it.
+    fn cap(groups: &ShardGroups) -> Option<f64> {
+        groups.shared().group(ip()).and_then(|g| g.cap())
+    }
+
     fn busy(rate: f64, n: usize) -> Vec<(IpAddr, SessionDemand)> {
         (0..n)
             .map(|_| {
@@ -514,20 +519,16 @@ mod tests {
             Duration::from_millis(5),
             &sessions,
         );
-        let cap = groups
-            .shared()
-            .group(ip())
-            .and_then(|g| g.cap())
-            .expect("capped");
+        let first = cap(&groups).expect("capped");
         let delivered = 600.0 * MTU as f64 / 0.020;
         assert!(
-            (cap - delivered * GROUP_DRAIN_GAIN).abs() < 1.0,
-            "cap {cap}"
+            (first - delivered * GROUP_DRAIN_GAIN).abs() < 1.0,
+            "cap {first}"
         );
         // Ten sessions each wanting 1 MB/s want less than the cap: it does
         // not bind, but stays.
         assert_eq!(groups.level(ip()), None);
-        assert_eq!(groups.shared().group(ip()).and_then(|g| g.cap()), Some(cap));
+        assert_eq!(cap(&groups), Some(first));
         // Wanting 10 MB/s each, they share it evenly. The loss stayed as
         // heavy after the cut: random, not the group's doing, so no new
         // cut; the group sent about its cap, which grows.
@@ -541,7 +542,7 @@ mod tests {
             &sessions,
         );
         let level = groups.level(ip()).expect("binds");
-        assert!((level - cap * GROUP_CAP_GROWTH / 10.0).abs() < 1.0);
+        assert!((level - first * GROUP_CAP_GROWTH / 10.0).abs() < 1.0);
     }
 
     #[test]
@@ -549,7 +550,6 @@ mod tests {
         let mut now = Instant::now();
         let mut groups = ShardGroups::new(Arc::default(), 0);
         let sessions = busy(10e6, 10);
-        let cap = |g: &ShardGroups| g.shared().group(ip()).and_then(|g| g.cap());
         let rtt = Duration::from_millis(5);
         interval(&mut groups, &mut now, 600, 400, rtt, &sessions);
         let first = cap(&groups).expect("capped");
@@ -580,7 +580,7 @@ mod tests {
                 Duration::from_millis(5),
                 &sessions,
             );
-            assert_eq!(groups.shared().group(ip()).and_then(|g| g.cap()), None);
+            assert_eq!(cap(&groups), None);
         }
     }
 
@@ -599,7 +599,7 @@ mod tests {
                 Duration::from_millis(20),
                 &sessions,
             );
-            assert_eq!(groups.shared().group(ip()).and_then(|g| g.cap()), None);
+            assert_eq!(cap(&groups), None);
         }
     }
 
@@ -616,7 +616,7 @@ mod tests {
             Duration::from_millis(10),
             &sessions,
         );
-        assert_eq!(groups.shared().group(ip()).and_then(|g| g.cap()), None);
+        assert_eq!(cap(&groups), None);
         // 5 % loss with the best round trip 20 ms above the path's.
         interval(
             &mut groups,
@@ -626,7 +626,7 @@ mod tests {
             Duration::from_millis(30),
             &sessions,
         );
-        assert!(groups.shared().group(ip()).and_then(|g| g.cap()).is_some());
+        assert!(cap(&groups).is_some());
     }
 
     #[test]
@@ -642,7 +642,7 @@ mod tests {
             Duration::from_millis(5),
             &sessions,
         );
-        assert_eq!(groups.shared().group(ip()).and_then(|g| g.cap()), None);
+        assert_eq!(cap(&groups), None);
         assert_eq!(groups.level(ip()), None);
     }
 
@@ -659,13 +659,9 @@ mod tests {
             Duration::from_millis(5),
             &sessions,
         );
-        let cap = groups
-            .shared()
-            .group(ip())
-            .and_then(|g| g.cap())
-            .expect("capped");
+        let first = cap(&groups).expect("capped");
         // The group delivers its cap without loss: the cap grows.
-        let at_cap = (cap * 0.020 / MTU as f64) as u64 + 1;
+        let at_cap = (first * 0.020 / MTU as f64) as u64 + 1;
         interval(
             &mut groups,
             &mut now,
@@ -674,12 +670,8 @@ mod tests {
             Duration::from_millis(5),
             &sessions,
         );
-        let grown = groups
-            .shared()
-            .group(ip())
-            .and_then(|g| g.cap())
-            .expect("capped");
-        assert!((grown - cap * GROUP_CAP_GROWTH).abs() < 1.0);
+        let grown = cap(&groups).expect("capped");
+        assert!((grown - first * GROUP_CAP_GROWTH).abs() < 1.0);
         // Delivering far less than the cap (the players hold it back) is
         // no sign the link has room: the cap stays.
         interval(
@@ -690,10 +682,7 @@ mod tests {
             Duration::from_millis(5),
             &sessions,
         );
-        assert_eq!(
-            groups.shared().group(ip()).and_then(|g| g.cap()),
-            Some(grown)
-        );
+        assert_eq!(cap(&groups), Some(grown));
     }
 
     #[test]
@@ -795,12 +784,8 @@ mod tests {
                 Duration::from_millis(30),
                 &sessions,
             );
-            let cap = groups
-                .shared()
-                .group(ip())
-                .and_then(|g| g.cap())
-                .expect("capped");
-            assert!(cap >= peak / 2.0 - 1.0, "{cap} of {peak}");
+            let capped = cap(&groups).expect("capped");
+            assert!(capped >= peak / 2.0 - 1.0, "{capped} of {peak}");
         }
     }
 }

@@ -1730,6 +1730,12 @@ fn assert_all_heard_through_a_full_bottleneck(
         dropped > min_dropped,
         "the queue was not the limit ({dropped:.2} dropped)"
     );
+    assert_none_silent_for(&silences, max_silence);
+}
+
+/// No transfer of `silences` (each one's longest) heard nothing new for
+/// `max_silence`.
+fn assert_none_silent_for(silences: &[Duration], max_silence: Duration) {
     let worst = silences.iter().max().copied().unwrap_or_default();
     assert!(
         worst < max_silence,
@@ -1776,16 +1782,7 @@ fn two_hundred_transfers_from_one_host_share_its_link_without_overfilling_it() {
         NO_PRIVATE_LOSS,
     );
     assert_shares_the_link(&run, ideal_time(200, 2_000_000, 200_000_000), 0.15, 1.1);
-    let worst = run
-        .longest_silence
-        .iter()
-        .max()
-        .copied()
-        .unwrap_or_default();
-    assert!(
-        worst < Duration::from_secs(4),
-        "a transfer heard nothing new for {worst:?}"
-    );
+    assert_none_silent_for(&run.longest_silence, Duration::from_secs(4));
 }
 
 /// Sixteen `gst-launch-1.0` pulls from one machine through its 20 Mbit/s
@@ -1815,16 +1812,7 @@ fn many_short_transfers_from_one_host_share_a_narrow_link() {
     let run =
         through_a_full_bottleneck(Hosts::One, 64, 150_000, 10_000_000, 32_000, NO_PRIVATE_LOSS);
     assert_shares_the_link(&run, ideal_time(64, 150_000, 10_000_000), 0.25, 1.2);
-    let worst = run
-        .longest_silence
-        .iter()
-        .max()
-        .copied()
-        .unwrap_or_default();
-    assert!(
-        worst < Duration::from_secs(8),
-        "a transfer heard nothing new for {worst:?}"
-    );
+    assert_none_silent_for(&run.longest_silence, Duration::from_secs(8));
 }
 
 /// The queue dropped at most `max_dropped` of the server's datagrams, and
