@@ -1349,6 +1349,62 @@ fn viewers_table(out: &mut String) {
     paused_sessions(out);
 }
 
+/// Concurrent pulls through one kernel-shaped bottleneck (`load shaped`),
+/// udpvid against nginx for the same N (issue "hundreds of viewers per
+/// core": server CPU per GB with 20 and 200 paced streams). (N, file MiB.)
+const SHAPED_PULLS: [(usize, usize); 2] = [(20, 16), (200, 4)];
+/// The bottleneck's rate, Mbit/s.
+const SHAPED_MBIT: usize = 200;
+
+fn shaped_pulls_table(out: &mut String) {
+    let _ = writeln!(
+        out,
+        "## Concurrent pulls through one {SHAPED_MBIT} Mbit/s bottleneck (tc tbf, 512 KB queue; one server core)\n"
+    );
+    let _ = writeln!(
+        out,
+        "N pulls of one file as fast as they can through one `tc tbf` on a veth into a network namespace (`load shaped`): congestion control paces every session, TCP's in nginx's kernel, udpvid's in its server. The server (or nginx, one worker, sendfile) runs in the namespace on core 0, the pulls on core 1. Dropped: datagrams or TCP segments the queue dropped, of all it was handed. HTTP pulls wait up to 120 s for their next bytes (TCP flows whose first segments are lost back off for seconds); udpvid pulls 20 s.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| pulls | peer | byte-exact | Mbit/s | first 256 KiB ms (median) | server CPU s/GB | server wake-ups/s | dropped % |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    for (n, mib) in SHAPED_PULLS {
+        for (peer, name) in [("http", "HTTP (nginx, 1 worker)"), ("udpvid", "udpvid")] {
+            let mut command = Command::new(profile_dir().join("examples").join("load"));
+            command.args([
+                "shaped",
+                &n.to_string(),
+                &SHAPED_MBIT.to_string(),
+                &mib.to_string(),
+                peer,
+            ]);
+            pin_server_and_load(&mut command);
+            match result_pairs(&mut command, "shaped-result ") {
+                Ok(kv) => {
+                    let get = |k: &str| pair_value(&kv, k);
+                    let _ = writeln!(
+                        out,
+                        "| {n} of {mib} MiB | {name} | {} | {} | {} | {} | {} | {} |",
+                        get("exact"),
+                        get("mbit"),
+                        get("first_read_ms"),
+                        get("cpu_per_gb"),
+                        get("wakeups_per_s"),
+                        get("dropped_pct"),
+                    );
+                }
+                Err(e) => {
+                    let _ = writeln!(out, "| {n} of {mib} MiB | {name} | failed: {e} | | | | | |");
+                }
+            }
+            eprint!(".");
+        }
+    }
+    let _ = writeln!(out);
+}
+
 /// Paused viewers kept by one server core (`load paused`): they preroll,
 /// pause for 60 s, and are measured once all are paused with full windows.
 const PAUSED_SESSIONS: usize = 2000;
@@ -1619,7 +1675,7 @@ fn main() {
             .unwrap_or_default()
     );
 
-    // `BENCH_ONLY=seek` (or `start`, `slow`, `viewers`, `scale`, `pull`) runs just that table.
+    // `BENCH_ONLY=seek` (or `start`, `slow`, `viewers`, `shaped`, `scale`, `pull`) runs just that table.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |section: &str| only.is_empty() || only == section;
     if run("start") {
@@ -1723,6 +1779,12 @@ fn main() {
     if run("viewers") {
         viewers_table(&mut out);
         if only == "viewers" {
+            return stop_and_print(&out, env, udpvid, nginx);
+        }
+    }
+    if run("shaped") {
+        shaped_pulls_table(&mut out);
+        if only == "shaped" {
             return stop_and_print(&out, env, udpvid, nginx);
         }
     }

@@ -13,6 +13,7 @@
 //! cargo run --release --example load -- viewers [N] [MBIT] [SECONDS] [udpvid|udpvid-threads|http]
 //! cargo run --release --example load -- paced [N] [TOTAL_MBIT] [FILE_MIB] [RTT_MS]
 //! cargo run --release --example load -- paused [N] [SECONDS]
+//! cargo run --release --example load -- shaped [N] [TOTAL_MBIT] [FILE_MIB] [udpvid|http]
 //! ```
 //!
 //! `paced`: N pulls as fast as they can through one bottleneck of
@@ -32,6 +33,10 @@
 //! each a thread and a `BlockingClient`, which costs more than the server
 //! from 300 viewers on. With `http` the same viewers read from nginx (one
 //! worker), the peer a user would pick instead; `make bench` runs both.
+//!
+//! `shaped`: as `paced`, through a `tc tbf` in a network namespace instead
+//! of the proxy, so that nginx can be measured through the same queue
+//! (`examples/support/shaped_pulls.rs`; needs root).
 //!
 //! `paused`: N viewers preroll and then pause; what thousands of paused
 //! sessions cost the server (CPU, wake-ups, memory, datagrams each).
@@ -67,6 +72,8 @@ mod impair_report;
 mod nginx;
 #[path = "../benches/common/proc_stat.rs"]
 mod proc_stat;
+#[path = "support/shaped_pulls.rs"]
+mod shaped_pulls;
 use proc_stat::cpu_seconds_of;
 
 const FILES: usize = 4;
@@ -231,6 +238,17 @@ impl ElementPull {
 /// Starts the release server on `dir` for up to `max_sessions` sessions (all
 /// from this one address).
 fn start_server(dir: &Path, max_sessions: usize) -> (Child, std::path::PathBuf, u16) {
+    start_server_at(dir, max_sessions, "127.0.0.1", None)
+}
+
+/// [`start_server`] bound to `bind`, inside network namespace `netns` if
+/// given (`ip netns exec` becomes the server: its pid is the server's).
+fn start_server_at(
+    dir: &Path,
+    max_sessions: usize,
+    bind: &str,
+    netns: Option<&str>,
+) -> (Child, std::path::PathBuf, u16) {
     let max_sessions = max_sessions.to_string();
     let exe = std::env::current_exe().expect("exe");
     let server_bin = exe
@@ -238,7 +256,14 @@ fn start_server(dir: &Path, max_sessions: usize) -> (Child, std::path::PathBuf, 
         .and_then(|p| p.parent())
         .expect("profile dir")
         .join("server");
-    let mut command = Command::new(&server_bin);
+    let mut command = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(&server_bin);
+            c
+        }
+        None => Command::new(&server_bin),
+    };
     if let Some(cpus) = cpu_affinity::cpus_from_env("LOAD_SERVER_CPUS") {
         cpu_affinity::pin_command(&mut command, cpus);
     }
@@ -247,7 +272,7 @@ fn start_server(dir: &Path, max_sessions: usize) -> (Child, std::path::PathBuf, 
         .arg(dir)
         .args([
             "--bind",
-            "127.0.0.1",
+            bind,
             "--port",
             "0",
             "--max-sessions",
@@ -943,16 +968,16 @@ struct Pulled {
 
 /// Pulls `file` whole through `port`; returns the bytes and their SHA-256.
 fn pull(port: u16, file: &str, read_ahead: ReadAhead) -> Result<(u64, Vec<u8>), String> {
-    pull_timed(port, file, read_ahead).map(|p| (p.bytes, p.sha256))
+    pull_timed("127.0.0.1", port, file, read_ahead).map(|p| (p.bytes, p.sha256))
 }
 
-fn pull_timed(port: u16, file: &str, read_ahead: ReadAhead) -> Result<Pulled, String> {
+fn pull_timed(host: &str, port: u16, file: &str, read_ahead: ReadAhead) -> Result<Pulled, String> {
     let started = Instant::now();
     let config = ClientConfig {
         read_ahead,
         ..Default::default()
     };
-    let client = BlockingClient::connect("127.0.0.1", port, config).map_err(|e| e.to_string())?;
+    let client = BlockingClient::connect(host, port, config).map_err(|e| e.to_string())?;
     let opened = client
         .open(file, 0, CLIENT_TIMEOUT)
         .map_err(|e| e.to_string())?;
@@ -980,6 +1005,53 @@ fn pull_timed(port: u16, file: &str, read_ahead: ReadAhead) -> Result<Pulled, St
         first_byte: first_byte.unwrap_or_default(),
         longest_wait,
     })
+}
+
+/// What a run's pulls of one file delivered: the bytes of the byte-exact
+/// copies, their first-byte times and longest waits (sorted), and why the
+/// others failed.
+struct PullSummary {
+    bytes: u64,
+    failures: Vec<String>,
+    first_bytes: Vec<Duration>,
+    waits: Vec<Duration>,
+}
+
+impl PullSummary {
+    fn of(results: &[Result<Pulled, String>], digest: &[u8]) -> PullSummary {
+        let mut summary = PullSummary {
+            bytes: 0,
+            failures: Vec::new(),
+            first_bytes: Vec::new(),
+            waits: Vec::new(),
+        };
+        for r in results {
+            match r {
+                Ok(p) if p.sha256 == digest => {
+                    summary.bytes += p.bytes;
+                    summary.first_bytes.push(p.first_byte);
+                    summary.waits.push(p.longest_wait);
+                }
+                Ok(_) => summary.failures.push("copy differs".to_string()),
+                Err(e) => summary.failures.push(e.clone()),
+            }
+        }
+        summary.first_bytes.sort();
+        summary.waits.sort();
+        summary
+    }
+}
+
+/// "median X s, slowest Y s" of sorted durations.
+fn median_and_worst(v: &[Duration]) -> String {
+    format!(
+        "median {:.2} s, slowest {:.2} s",
+        v.get(v.len() / 2)
+            .copied()
+            .unwrap_or_default()
+            .as_secs_f64(),
+        v.last().copied().unwrap_or_default().as_secs_f64()
+    )
 }
 
 fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
@@ -1032,7 +1104,9 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
     let started = Instant::now();
     let handles: Vec<_> = (0..n)
         .map(|_| {
-            std::thread::spawn(move || pull_timed(proxy_port, "f.bin", ReadAhead::Fixed(8 << 20)))
+            std::thread::spawn(move || {
+                pull_timed("127.0.0.1", proxy_port, "f.bin", ReadAhead::Fixed(8 << 20))
+            })
         })
         .collect();
     let results: Vec<Result<Pulled, String>> = handles
@@ -1050,32 +1124,12 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
     let _ = server.kill();
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&dir);
-    let mut bytes = 0;
-    let mut failures = Vec::new();
-    let (mut first_bytes, mut waits) = (Vec::new(), Vec::new());
-    for r in &results {
-        match r {
-            Ok(p) if p.sha256 == digest => {
-                bytes += p.bytes;
-                first_bytes.push(p.first_byte);
-                waits.push(p.longest_wait);
-            }
-            Ok(_) => failures.push("copy differs".to_string()),
-            Err(e) => failures.push(e.clone()),
-        }
-    }
-    first_bytes.sort();
-    waits.sort();
-    let median_and_worst = |v: &[Duration]| {
-        format!(
-            "median {:.2} s, slowest {:.2} s",
-            v.get(v.len() / 2)
-                .copied()
-                .unwrap_or_default()
-                .as_secs_f64(),
-            v.last().copied().unwrap_or_default().as_secs_f64()
-        )
-    };
+    let PullSummary {
+        bytes,
+        failures,
+        first_bytes,
+        waits,
+    } = PullSummary::of(&results, &digest);
     let gb = bytes as f64 / 1e9;
     println!("| measure | value |");
     println!("|---|---|");
@@ -1132,6 +1186,10 @@ fn main() -> ExitCode {
         Some("paused") => {
             args.next();
             return paused(args);
+        }
+        Some("shaped") => {
+            args.next();
+            return shaped_pulls::shaped(args);
         }
         _ => {}
     }
