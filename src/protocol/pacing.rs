@@ -20,6 +20,10 @@ pub const PACING_BURST: Duration = Duration::from_millis(2);
 pub const MIN_BURST_PACKETS: f64 = 8.0;
 /// The bucket holds this many bursts: the slack for a late wake-up.
 const BURSTS_HELD: f64 = 2.0;
+/// The most a sender's lateness may be tolerated (see
+/// `LossRecovery::tolerated_lateness`): a driver serving many sessions
+/// wakes on a tick up to this long.
+pub const MAX_TOLERATED_LATENESS: Duration = Duration::from_millis(8);
 
 #[derive(Debug, Clone)]
 pub struct Pacer {
@@ -43,6 +47,14 @@ impl Pacer {
             burst,
             min_burst_packets: MIN_BURST_PACKETS,
         }
+    }
+
+    /// How late a wake-up for a burst may come without losing rate: the
+    /// time the bucket's second burst takes to earn at the last rate.
+    /// `None` when the sender does not pace (the bucket is always full).
+    pub fn slack(&self) -> Option<Duration> {
+        (self.rate > 0.0)
+            .then(|| Duration::from_secs_f64(self.burst * (BURSTS_HELD - 1.0) / self.rate))
     }
 
     /// Lowers (or restores) the burst's floor, taking effect at the next
@@ -148,5 +160,18 @@ mod tests {
         let expected = 1_000_000.0 * now.duration_since(t0).as_secs_f64();
         assert!(sent as f64 >= expected * 0.99, "{sent} of {expected}");
         assert!(sent as f64 <= expected + 16_000.0, "{sent} of {expected}");
+    }
+
+    #[test]
+    fn the_slack_is_the_second_burst() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(1000);
+        assert_eq!(p.slack(), None);
+        // 1 MB/s: bursts of the 8-datagram floor, 8 ms of the rate.
+        p.refill(t0, Some(1_000_000.0), 1000);
+        assert_eq!(p.slack(), Some(Duration::from_millis(8)));
+        // 100 MB/s: bursts of 2 ms.
+        p.refill(t0, Some(100_000_000.0), 1000);
+        assert_eq!(p.slack(), Some(PACING_BURST));
     }
 }

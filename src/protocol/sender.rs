@@ -6,7 +6,7 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use super::congestion::{AckEvent, Bbr, CongestionController, RateSample};
-use super::pacing::Pacer;
+use super::pacing::{MAX_TOLERATED_LATENESS, Pacer};
 use super::ranges::RangeSet;
 use super::rtt::RttEstimator;
 use super::sent_packets::SentPackets;
@@ -463,6 +463,22 @@ impl LossRecovery {
             .burst()
             .min(self.cc.window() / 3)
             .max(self.max_datagram)
+    }
+
+    /// How late the driver may send for this session and take its ACKs
+    /// without costing it rate: a quarter of its smoothed RTT (a
+    /// window-bound sender, whose window is about two of its path's
+    /// delivery per minimum RTT, has that slack), no more than its pacer's
+    /// bucket keeps credit for ([`Pacer::slack`]) and at most
+    /// [`MAX_TOLERATED_LATENESS`]; nothing before the first RTT sample.
+    /// A server with many sessions serves them on a tick that long rather
+    /// than at every ACK.
+    pub fn tolerated_lateness(&self) -> Duration {
+        if !self.rtt.has_sample() {
+            return Duration::ZERO;
+        }
+        let rtt_share = (self.rtt.smoothed() / 4).min(MAX_TOLERATED_LATENESS);
+        self.pacer.slack().map_or(rtt_share, |s| s.min(rtt_share))
     }
 
     /// See [`Pacer::set_min_burst_packets`].

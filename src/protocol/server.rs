@@ -450,6 +450,9 @@ pub struct ServerEndpoint<S: ContentStore> {
     burst_floor: f64,
     /// When `burst_floor` was last counted.
     burst_floor_at: Option<Instant>,
+    /// The least [`LossRecovery::tolerated_lateness`] of the sessions with
+    /// data to send, counted with the burst floor; none without them.
+    tolerated_lateness: Duration,
     /// The rate each client address's sessions share (judged and shared
     /// out with the burst floor, every [`BURST_FLOOR_REFRESH`]).
     peer_groups: ShardGroups,
@@ -509,6 +512,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             awaiting_ack: 0,
             burst_floor: crate::protocol::pacing::MIN_BURST_PACKETS,
             burst_floor_at: None,
+            tolerated_lateness: Duration::ZERO,
             peer_groups: ShardGroups::new(shard.groups.clone(), shard.index),
             timers: BinaryHeap::new(),
             waiting: Vec::new(),
@@ -1399,6 +1403,16 @@ impl<S: ContentStore> ServerEndpoint<S> {
         self.awaiting_ack > 0
     }
 
+    /// How late the driver may call `handle_timeout` and pass arriving
+    /// datagrams in without costing any session rate (see
+    /// [`LossRecovery::tolerated_lateness`]): the least of the sessions
+    /// with data to send, zero without them (a newcomer's handshake then
+    /// waits for nothing), as of the last count (every
+    /// [`BURST_FLOOR_REFRESH`]).
+    pub fn tolerated_lateness(&self) -> Duration {
+        self.tolerated_lateness
+    }
+
     /// When `handle_timeout` must be called next.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
         self.pop_stale_timers();
@@ -1420,15 +1434,19 @@ impl<S: ContentStore> ServerEndpoint<S> {
             .is_none_or(|at| now.saturating_duration_since(at) >= BURST_FLOOR_REFRESH)
         {
             self.burst_floor_at = Some(now);
-            let busy = self
-                .sessions
-                .values()
-                .filter(|s| {
-                    s.transfer
-                        .as_ref()
-                        .is_some_and(|t| t.stream.has_data_to_send())
-                })
-                .count();
+            let mut busy = 0;
+            let mut lateness = None;
+            for s in self.sessions.values() {
+                if s.transfer
+                    .as_ref()
+                    .is_some_and(|t| t.stream.has_data_to_send())
+                {
+                    busy += 1;
+                    let l = s.recovery.tolerated_lateness();
+                    lateness = Some(lateness.map_or(l, |m: Duration| m.min(l)));
+                }
+            }
+            self.tolerated_lateness = lateness.unwrap_or(Duration::ZERO);
             self.burst_floor = (AGGREGATE_BURST_PACKETS / busy.max(1) as f64).clamp(
                 MIN_SHARED_BURST_PACKETS,
                 crate::protocol::pacing::MIN_BURST_PACKETS,
