@@ -1019,6 +1019,32 @@ mod tests {
     }
 
     #[test]
+    fn the_lateness_a_session_tolerates_follows_its_rtt_within_its_pacer() {
+        let mut r = LossRecovery::new(1000);
+        assert_eq!(r.tolerated_lateness(), Duration::ZERO, "no RTT yet");
+        let (now, _) = fill_window(&mut r);
+        // One round trip of 40 ms: a quarter is 10 ms, over the most.
+        let acked = now + Duration::from_millis(40);
+        r.on_ack_received(
+            acked,
+            &[AckRange {
+                largest: 0,
+                smallest: 0,
+            }],
+            Duration::ZERO,
+        );
+        assert!(r.pacer.slack().is_none_or(|s| s > MAX_TOLERATED_LATENESS));
+        assert_eq!(r.tolerated_lateness(), MAX_TOLERATED_LATENESS);
+        // A pacer whose bucket holds less bounds it: at 100 MB/s a burst
+        // is 2 ms of the rate.
+        r.pacer.refill(acked, Some(100_000_000.0), 1000);
+        assert_eq!(
+            r.tolerated_lateness(),
+            crate::protocol::pacing::PACING_BURST
+        );
+    }
+
+    #[test]
     fn a_full_window_sets_no_pacing_deadline() {
         // Paced sends until the congestion window is full: then only an ACK
         // can let more out, and a (stale) pacing deadline would have the
