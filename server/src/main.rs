@@ -90,8 +90,11 @@ const TURN_TICK: Duration = Duration::from_millis(2);
 /// (`ServerEndpoint::tolerated_lateness`: a quarter of its smoothed RTT,
 /// within what its pacer's bucket holds): the longest power of two times
 /// [`TURN_TICK`] (so that the ticks stay aligned) within it, at most
-/// [`MAX_TOLERATED_LATENESS`]. The moderation then reaches a tick too, so
-/// ACKs wait for the next tick rather than each waking a turn. On 4 Dec
+/// [`MAX_TOLERATED_LATENESS`]. A longer tick brings the moderation to
+/// a tick at least, so ACKs wait for the next tick rather than each waking
+/// a turn (a 2 ms tick keeps [`TURN_MODERATION_AWAITING_ACKS`]: raised to
+/// 2 ms, a paused player's read-ahead on loopback once overshot by
+/// resends in the clean-clone CI). On 4 Dec
 /// (alternated runs, this noisy 2-core VM): 20 pulls through one 200
 /// Mbit/s `tc tbf` with the server alone on its core (`load shaped 20
 /// 200 16`) 944 -> 574 turns a second and 4.41 -> 2.89 s/GB; through the
@@ -542,12 +545,11 @@ async fn serve(
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
         let before = Instant::now();
         let tick = turn_tick(endpoint.tolerated_lateness());
-        let moderation = if endpoint.awaits_acks() {
-            TURN_MODERATION_AWAITING_ACKS
-        } else {
-            TURN_MODERATION
-        }
-        .max(tick);
+        let moderation = match (endpoint.awaits_acks(), tick > TURN_TICK) {
+            (true, true) => tick,
+            (true, false) => TURN_MODERATION_AWAITING_ACKS,
+            (false, _) => TURN_MODERATION.max(tick),
+        };
         if let Some(until) = moderated_until(before, wake, epoch, moderation, tick) {
             // A blocking sleep, not tokio's: the runtime would wake for
             // every datagram arriving on the socket it watches. The other
