@@ -94,14 +94,13 @@ const TURN_TICK: Duration = Duration::from_millis(2);
 /// a tick at least, so ACKs wait for the next tick rather than each waking
 /// a turn (a 2 ms tick keeps [`TURN_MODERATION_AWAITING_ACKS`]: raised to
 /// 2 ms, a paused player's read-ahead on loopback once overshot by
-/// resends in the clean-clone CI). On 4 Dec
-/// (alternated runs, this noisy 2-core VM): 20 pulls through one 200
-/// Mbit/s `tc tbf` with the server alone on its core (`load shaped 20
-/// 200 16`) 944 -> 574 turns a second and 4.41 -> 2.89 s/GB; through the
-/// proxy (`load paced 20 200 16`) 3.96 -> 2.47 s/GB; 200 pulls (`load
-/// shaped 200 200 4`) 2018 -> 1627 turns, 11.2 -> 10.0 s/GB. One pull at
-/// 100 Mbit/s and 2 ms RTT (its tick stays 2 ms) 91-94 against 95 Mbit/s,
-/// one at 20 Mbit/s and 40 ms 18.4 against 18.5.
+/// resends in the clean-clone CI). With 40 ms of RTT (`load paced 20 200
+/// 16 40`, alternated, 4 Dec) 20 paced pulls took 313-368 turns a second
+/// and 1.97-2.06 s/GB against 571-723 and 2.71-3.52 with the 2 ms tick,
+/// 200 (`load paced 200 200 4 40`) 878 turns and 4.99 s/GB against 1696
+/// and 6.13, at the same throughput. On loopback paths (RTTs of a few ms)
+/// the tick stays 2 ms; a pull at 20 Mbit/s and 40 ms RTT kept its 18.5
+/// Mbit/s.
 fn turn_tick(lateness: Duration) -> Duration {
     let mut tick = TURN_TICK;
     while tick * 2 <= lateness.min(MAX_TOLERATED_LATENESS) {
