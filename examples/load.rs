@@ -72,6 +72,8 @@ mod impair_report;
 mod nginx;
 #[path = "../benches/common/proc_stat.rs"]
 mod proc_stat;
+#[path = "../benches/common/shaped_link.rs"]
+mod shaped_link;
 #[path = "support/shaped_pulls.rs"]
 mod shaped_pulls;
 use proc_stat::cpu_seconds_of;
@@ -518,7 +520,7 @@ fn view(
             result
         })(),
         ViewerPeer::Http => (|| -> Result<(), String> {
-            let mut stream = http_get(port, file)?;
+            let mut stream = http_get("127.0.0.1", port, file, CLIENT_TIMEOUT)?;
             play_in_real_time(data, rate, length, &mut report, |offset, wanted| {
                 let mut chunk = vec![0; wanted];
                 stream
@@ -606,17 +608,22 @@ fn same_bytes(data: &[u8], offset: u64, chunk: &[u8]) -> Result<usize, String> {
     }
 }
 
-/// Sends a GET for `file` and reads the response head; the stream is left
-/// at the first byte of the body.
-fn http_get(port: u16, file: &str) -> Result<std::net::TcpStream, String> {
-    let mut stream =
-        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+/// Sends a GET for `file` to `host:port` and reads the response head; the
+/// stream is left at the first byte of the body, its reads waiting up to
+/// `timeout`.
+fn http_get(
+    host: &str,
+    port: u16,
+    file: &str,
+    timeout: Duration,
+) -> Result<std::net::TcpStream, String> {
+    let mut stream = std::net::TcpStream::connect((host, port)).map_err(|e| e.to_string())?;
     stream
-        .set_read_timeout(Some(CLIENT_TIMEOUT))
+        .set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
     write!(
         stream,
-        "GET /{file} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        "GET /{file} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     )
     .map_err(|e| e.to_string())?;
     // Byte by byte, so that nothing of the body is read into a buffer

@@ -9,6 +9,8 @@
 //! instead of hanging it.
 
 mod common;
+#[path = "../benches/common/shaped_link.rs"]
+mod shaped_link;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -20,6 +22,7 @@ use gst::prelude::*;
 use rand::{Rng, SeedableRng};
 
 use common::{Proxy, Server, clips, init, sha256_file};
+use shaped_link::ShapedLink;
 
 /// A folder with the test clips and a 24 MB file (random bytes: a copy
 /// test needs no video), made once.
@@ -285,96 +288,24 @@ fn twenty_four_gst_launch_copies_through_a_bottleneck_smaller_than_their_windows
     );
 }
 
-/// A veth pair into a namespace the test makes, with `tc tbf` capping
-/// what leaves the namespace; removed on drop.
-struct ShapedNamespace {
-    name: String,
-    host_if: String,
-}
-
-const NS_HOST_ADDR: &str = "10.213.77.1";
-const NS_SERVER_ADDR: &str = "10.213.77.2";
-
-impl ShapedNamespace {
-    fn create(rate: &str) -> ShapedNamespace {
-        let pid = std::process::id();
-        let name = format!("udpvid-tbf-{pid}");
-        let host_if = format!("uvtbf{}", pid % 100_000);
-        let peer_if = format!("{host_if}p");
-        let run = |args: &[&str]| {
-            let ok = Command::new(args[0])
-                .args(&args[1..])
-                .status()
-                .is_ok_and(|s| s.success());
-            assert!(
-                ok,
-                "{args:?} failed: the namespace tests need root and iproute2"
-            );
-        };
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        let _ = Command::new("ip").args(["link", "del", &host_if]).status();
-        run(&["ip", "netns", "add", &name]);
-        let ns = ShapedNamespace {
-            name: name.clone(),
-            host_if: host_if.clone(),
-        };
-        run(&[
-            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if,
-        ]);
-        run(&["ip", "link", "set", &peer_if, "netns", &name]);
-        run(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{NS_HOST_ADDR}/24"),
-            "dev",
-            &host_if,
-        ]);
-        run(&["ip", "link", "set", &host_if, "up"]);
-        let inside = |args: &[&str]| {
-            let mut all = vec!["ip", "netns", "exec", &name];
-            all.extend_from_slice(args);
-            run(&all);
-        };
-        inside(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{NS_SERVER_ADDR}/24"),
-            "dev",
-            &peer_if,
-        ]);
-        inside(&["ip", "link", "set", &peer_if, "up"]);
-        inside(&["ip", "link", "set", "lo", "up"]);
-        inside(&[
-            "tc", "qdisc", "add", "dev", &peer_if, "root", "tbf", "rate", rate, "burst", "32kbit",
-            "latency", "100ms",
-        ]);
-        ns
-    }
-}
-
-impl Drop for ShapedNamespace {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_if])
-            .status();
-    }
-}
-
 #[test]
 fn gst_launch_copies_over_tc_tbf_in_a_network_namespace() {
     init();
     let dir = media_dir();
-    let ns = ShapedNamespace::create("20mbit");
-    let mut server = Server::start_in_namespace(&ns.name, NS_SERVER_ADDR, &dir, 50000);
+    // A veth pair into a namespace the test makes, with `tc tbf` capping
+    // what leaves the namespace.
+    let ns = ShapedLink::create(
+        "tbf",
+        "10.213.77",
+        &["rate", "20mbit", "burst", "32kbit", "latency", "100ms"],
+    )
+    .unwrap_or_else(|e| panic!("{e}: the namespace tests need root and iproute2"));
+    let server_addr = ns.server_addr();
+    let mut server = Server::start_in_namespace(&ns.name, &server_addr, &dir, 50000);
     let out = temp_out("tbf");
     let result = std::panic::catch_unwind(|| {
         copy_must_finish(
-            gst_launch_copy(NS_SERVER_ADDR, 50000, "big.bin", &out),
+            gst_launch_copy(&server_addr, 50000, "big.bin", &out),
             &out,
             &dir.join("big.bin"),
             Duration::from_secs(90),

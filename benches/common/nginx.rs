@@ -53,10 +53,32 @@ pub fn start(
         .expect("free port");
     let conf =
         write_conf(work, root, &format!("127.0.0.1:{port}"), connections).expect("nginx.conf");
-    let mut command = Command::new("nginx");
+    let child = launch(&conf, work, None, cpus, "127.0.0.1", port);
+    (child, port)
+}
+
+/// Starts nginx with `conf` (from [`write_conf`], listening on
+/// `host:port`), inside network namespace `netns` if given, on `cpus` if
+/// given, and waits until it accepts.
+pub fn launch(
+    conf: &Path,
+    work: &Path,
+    netns: Option<&str>,
+    cpus: Option<Vec<usize>>,
+    host: &str,
+    port: u16,
+) -> Child {
+    let mut command = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "nginx"]);
+            c
+        }
+        None => Command::new("nginx"),
+    };
     command
         .arg("-c")
-        .arg(&conf)
+        .arg(conf)
         .arg("-p")
         .arg(work)
         .stdout(Stdio::null())
@@ -68,10 +90,10 @@ pub fn start(
         .spawn()
         .expect("nginx starts (apt-get install nginx)");
     for _ in 0..100 {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        if TcpStream::connect((host, port)).is_ok() {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    (child, port)
+    child
 }

@@ -1435,18 +1435,17 @@ impl<S: ContentStore> ServerEndpoint<S> {
         {
             self.burst_floor_at = Some(now);
             let mut busy = 0;
-            let mut lateness = None;
+            let mut lateness = Duration::MAX;
             for s in self.sessions.values() {
                 if s.transfer
                     .as_ref()
                     .is_some_and(|t| t.stream.has_data_to_send())
                 {
                     busy += 1;
-                    let l = s.recovery.tolerated_lateness();
-                    lateness = Some(lateness.map_or(l, |m: Duration| m.min(l)));
+                    lateness = lateness.min(s.recovery.tolerated_lateness());
                 }
             }
-            self.tolerated_lateness = lateness.unwrap_or(Duration::ZERO);
+            self.tolerated_lateness = if busy == 0 { Duration::ZERO } else { lateness };
             self.burst_floor = (AGGREGATE_BURST_PACKETS / busy.max(1) as f64).clamp(
                 MIN_SHARED_BURST_PACKETS,
                 crate::protocol::pacing::MIN_BURST_PACKETS,
