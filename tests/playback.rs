@@ -365,10 +365,25 @@ fn pause_longer_than_the_idle_timeout_resumes_and_costs_nothing() {
         received(&before),
         "server kept sending during the pause"
     );
-    // What crossed the wire beyond what the pipeline took is the read-ahead
-    // (plus at most one window update of slack).
-    let waste = received(&after) - delivered(&after);
-    assert!(waste <= read_ahead + read_ahead / 8 + 1500, "waste {waste}");
+    // What arrived new beyond what the pipeline took is the read-ahead
+    // (plus at most one window update of slack): the window held.
+    let redundant = after
+        .get::<u64>("bytes-redundant")
+        .expect("bytes-redundant");
+    let ahead = received(&after) - redundant - delivered(&after);
+    assert!(
+        ahead <= read_ahead + read_ahead / 8 + 1500,
+        "{ahead} bytes ahead: {after:?}"
+    );
+    // Bytes that came twice are probe timeouts' resends of data that had
+    // arrived: a starved client's ACKs came late. With three CPU hogs
+    // beside a debug build, 5 runs in 16 had one such timeout (two probes,
+    // 31,936 bytes); the clean-clone CI once had three. A few timeouts,
+    // not a resend storm.
+    assert!(
+        redundant <= read_ahead / 2,
+        "{redundant} bytes twice: {after:?}"
+    );
     pipeline.set_state(gst::State::Playing).expect("playing");
     let outcome = common::wait_bus(&bus, Duration::from_secs(60)).unwrap_or(Outcome::TimedOut);
     pipeline.set_state(gst::State::Null).expect("null");

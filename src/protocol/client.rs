@@ -271,6 +271,9 @@ pub struct ClientStats {
     pub stale_packets: u64,
     pub bytes_received: u64,
     pub bytes_delivered: u64,
+    /// Payload bytes that brought nothing new: they had arrived (or been
+    /// delivered) already, so the server resent what was not lost.
+    pub bytes_redundant: u64,
     /// Server packets never seen: gaps in its packet numbers.
     pub packets_lost: u64,
     pub smoothed_rtt: Duration,
@@ -1022,6 +1025,7 @@ impl ClientConnection {
             self.last_new_data = Some(now);
         }
         let new = t.receiver.insert(offset, payload);
+        self.stats.bytes_redundant += (payload.len() as u64).saturating_sub(new);
         let sender_blocked = t.receiver.window_used_up();
         if new > 0 && t.kind == TransferKind::File {
             self.last_new_data = Some(now);

@@ -443,6 +443,8 @@ fn clean_path_delivers_the_file() {
     let sim = transfer(1, 3_000_000, clean(10), clean(10));
     // No loss: every byte is sent exactly once, in full-size packets.
     assert_eq!(sim.data_bytes_sent, 3_000_000);
+    assert_eq!(sim.client.stats().bytes_received, 3_000_000);
+    assert_eq!(sim.client.stats().bytes_redundant, 0);
     let needed = 3_000_000u64.div_ceil(super::wire::DEFAULT_MAX_PAYLOAD as u64);
     assert!(
         sim.data_packets_sent <= needed + 2,
@@ -461,6 +463,10 @@ fn lossy_reordering_duplicating_path_delivers_the_file() {
         let ratio =
             stats.packets_lost as f64 / (stats.packets_lost + stats.packets_received) as f64;
         assert!((0.04..0.2).contains(&ratio), "loss estimate {ratio}");
+        // Copies the path made and resends of what had arrived brought
+        // nothing new; every other byte came once.
+        assert!(stats.bytes_redundant > 0);
+        assert_eq!(stats.bytes_received - stats.bytes_redundant, 600_000);
     }
 }
 

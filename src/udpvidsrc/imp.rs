@@ -272,6 +272,7 @@ fn stats_structure(snapshot: Option<(&ClientSnapshot, Duration)>) -> gst::Struct
         .field("data-packets", s.stats.data_packets)
         .field("bytes-received", s.stats.bytes_received)
         .field("bytes-delivered", s.stats.bytes_delivered)
+        .field("bytes-redundant", s.stats.bytes_redundant)
         .field("goodput-bps", goodput)
         .field("receive-window", s.window)
         .field("read-ahead", s.read_ahead)
@@ -877,7 +878,7 @@ impl ObjectImpl for UdpVidSrc {
                     .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
-                    .blurb("Transfer statistics: RTT, packets sent/received/lost/duplicated, bytes, goodput, windows, read-ahead level, the server in use and failovers to another one")
+                    .blurb("Transfer statistics: RTT, packets sent/received/lost/duplicated, bytes received/delivered/redundant, goodput, windows, read-ahead level, the server in use and failovers to another one")
                     .read_only()
                     .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("catalog")
