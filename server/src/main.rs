@@ -90,11 +90,17 @@ const TURN_TICK: Duration = Duration::from_millis(2);
 /// (`ServerEndpoint::tolerated_lateness`: a quarter of its smoothed RTT,
 /// within what its pacer's bucket holds): the longest power of two times
 /// [`TURN_TICK`] (so that the ticks stay aligned) within it, at most
-/// [`MAX_TOLERATED_LATENESS`]. A longer tick brings the moderation to
-/// a tick at least, so ACKs wait for the next tick rather than each waking
-/// a turn (a 2 ms tick keeps [`TURN_MODERATION_AWAITING_ACKS`]: raised to
-/// 2 ms, a paused player's read-ahead on loopback once overshot by
-/// resends in the clean-clone CI). With 40 ms of RTT (`load paced 20 200
+/// [`MAX_TOLERATED_LATENESS`]. Sessions that tolerate a tick bring the
+/// moderation to it, so ACKs wait for the next tick rather than each
+/// waking a turn; below that (a window-bound pull on loopback, whose
+/// quarter RTT is well under 2 ms) it stays
+/// [`TURN_MODERATION_AWAITING_ACKS`]. 20 pulls through one 200 Mbit/s
+/// `tc tbf` (`load shaped 20 200 16`, server alone on its core, alternated,
+/// 4 Dec): 545-661 turns a second and 2.56-2.95 s/GB against 968-1031
+/// and 3.04-3.28 with the 1 ms moderation, same throughput. (A paused
+/// player's read-ahead that overshot in the CI with a 2 ms moderation was
+/// probe timeouts' resends to a starved client, as often with 1 ms.) With
+/// 40 ms of RTT (`load paced 20 200
 /// 16 40`, alternated, 4 Dec) 20 paced pulls took 313-368 turns a second
 /// and 1.97-2.06 s/GB against 571-723 and 2.71-3.52 with the 2 ms tick,
 /// 200 (`load paced 200 200 4 40`) 878 turns and 4.99 s/GB against 1696
@@ -543,8 +549,9 @@ async fn serve(
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
         let before = Instant::now();
-        let tick = turn_tick(endpoint.tolerated_lateness());
-        let moderation = match (endpoint.awaits_acks(), tick > TURN_TICK) {
+        let lateness = endpoint.tolerated_lateness();
+        let tick = turn_tick(lateness);
+        let moderation = match (endpoint.awaits_acks(), lateness >= TURN_TICK) {
             (true, true) => tick,
             (true, false) => TURN_MODERATION_AWAITING_ACKS,
             (false, _) => TURN_MODERATION.max(tick),
