@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Notify;
 
 use gstudpvid::protocol::catalog::CatalogEntry;
+use gstudpvid::protocol::content_blocks::READ_BLOCK_BYTES;
 use gstudpvid::protocol::wire::MAX_TEXT_LEN;
 use gstudpvid::protocol::{Content, ContentStore, OpenErrorKind, OpenFailure};
 
@@ -270,6 +271,83 @@ thread_local! {
     pub static CONTENT_READY: RefCell<Option<Arc<Notify>>> = const { RefCell::new(None) };
 }
 
+thread_local! {
+    /// The blocks of files this serving thread's sessions send, shared
+    /// between them (see [`SharedBlocks`]).
+    static SHARED_BLOCKS: RefCell<SharedBlocks> = RefCell::new(SharedBlocks::default());
+}
+
+/// Blocks a serving thread keeps for its sessions to share: 4 MiB of
+/// 64 KiB blocks.
+const SHARED_BLOCKS_KEPT: usize = 64;
+
+/// Which file, and which version of it, a block was read from: sessions
+/// that opened the same file share its blocks, and a file changed since
+/// (its size or modification time) is another.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct FileIdentity {
+    device: u64,
+    inode: u64,
+    size: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+/// The blocks a serving thread read last, by file and offset, least
+/// recently used first out. Sessions sending the same file near the same
+/// place (viewers of a popular file, pulls started together) send from
+/// one read of each block instead of copying it once each: with 20 pulls
+/// of one file, `preadv2` was 9 % of the server's CPU. Payloads are slices
+/// of the blocks, so an evicted block lives on until they have left.
+#[derive(Default)]
+struct SharedBlocks {
+    blocks: Vec<SharedBlock>,
+    uses: u64,
+}
+
+struct SharedBlock {
+    file: FileIdentity,
+    start: u64,
+    bytes: bytes::Bytes,
+    last_use: u64,
+}
+
+impl SharedBlocks {
+    fn get(&mut self, file: FileIdentity, start: u64) -> Option<bytes::Bytes> {
+        self.uses += 1;
+        let block = self
+            .blocks
+            .iter_mut()
+            .find(|b| b.start == start && b.file == file)?;
+        block.last_use = self.uses;
+        Some(block.bytes.clone())
+    }
+
+    /// A buffer of `len` bytes for a block about to be read: the least
+    /// recently used block's, taken out, if the cache is full and no
+    /// payload holds it any more.
+    fn make_room(&mut self, len: usize) -> bytes::BytesMut {
+        if self.blocks.len() >= SHARED_BLOCKS_KEPT
+            && let Some(i) = (0..self.blocks.len()).min_by_key(|&i| self.blocks[i].last_use)
+            && let Ok(mut buf) = self.blocks.swap_remove(i).bytes.try_into_mut()
+        {
+            buf.resize(len, 0);
+            return buf;
+        }
+        bytes::BytesMut::zeroed(len)
+    }
+
+    fn insert(&mut self, file: FileIdentity, start: u64, bytes: bytes::Bytes) {
+        self.uses += 1;
+        self.blocks.push(SharedBlock {
+            file,
+            start,
+            bytes,
+            last_use: self.uses,
+        });
+    }
+}
+
 /// Bytes a file is read in, off the serving thread.
 const FILE_BLOCK_BYTES: u64 = 128 * 1024;
 /// Blocks an open file keeps once its reads need the disk: the one being
@@ -286,6 +364,7 @@ struct FileContent {
     file: Arc<File>,
     size: u64,
     tag: u64,
+    identity: FileIdentity,
     reads: Arc<FileReads>,
 }
 
@@ -317,6 +396,13 @@ impl FileContent {
             file: Arc::new(file),
             size: meta.len(),
             tag: content_tag(meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino()),
+            identity: FileIdentity {
+                device: meta.dev(),
+                inode: meta.ino(),
+                size: meta.len(),
+                mtime: meta.mtime(),
+                mtime_nsec: meta.mtime_nsec(),
+            },
             reads: Arc::new(FileReads {
                 blocks: Mutex::new(VecDeque::new()),
                 waiting: AtomicBool::new(false),
@@ -489,6 +575,29 @@ impl Content for FileContent {
         }
         got
     }
+    /// From the thread's shared blocks, or read into them if the page
+    /// cache holds the whole block; else `None` (the disk is needed, and
+    /// `read_at` reads off the serving thread).
+    fn shared_block(&self, start: u64) -> Option<bytes::Bytes> {
+        if start >= self.size {
+            return None;
+        }
+        SHARED_BLOCKS.with(|blocks| {
+            let mut blocks = blocks.borrow_mut();
+            if let Some(bytes) = blocks.get(self.identity, start) {
+                return Some(bytes);
+            }
+            let len = READ_BLOCK_BYTES.min(usize::try_from(self.size - start).ok()?);
+            let mut buf = blocks.make_room(len);
+            match read_if_cached(&self.file, start, &mut buf) {
+                Some(Ok(n)) if n == len => {}
+                _ => return None,
+            }
+            let bytes = buf.freeze();
+            blocks.insert(self.identity, start, bytes.clone());
+            Some(bytes)
+        })
+    }
     /// The index is found at open from a few small reads of the headers,
     /// made here: the blocks would not be there yet.
     fn media_index(&self) -> Option<gstudpvid::protocol::media_index::MediaIndex> {
@@ -653,6 +762,49 @@ mod tests {
             assert_eq!(content.read_at(data.len() as u64, &mut buf).ok(), Some(0));
         });
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn sessions_of_one_file_share_its_blocks_and_a_changed_file_does_not() {
+        let dir = temp_dir("sharedblocks");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 253) as u8).collect();
+        std::fs::write(dir.join("f.bin"), &data).expect("write");
+        let open = || {
+            let file = File::open(dir.join("f.bin")).expect("open");
+            let meta = file.metadata().expect("metadata");
+            FileContent::new(file, &meta)
+        };
+        let (a, b) = (open(), open());
+        let block = READ_BLOCK_BYTES as u64;
+        for start in [0, block, 4 * block] {
+            let (Some(x), Some(y)) = (a.shared_block(start), b.shared_block(start)) else {
+                panic!("block {start} not shared: the file was just written, so cached");
+            };
+            // One read, one buffer, for both sessions.
+            assert_eq!(x.as_ptr(), y.as_ptr());
+            let end = (start + block).min(data.len() as u64) as usize;
+            assert_eq!(x[..], data[start as usize..end]);
+        }
+        assert!(a.shared_block(data.len() as u64).is_none());
+        // Rewritten (another size), the file is another: new sessions get
+        // its bytes, not the old blocks.
+        let changed: Vec<u8> = data.iter().map(|b| b ^ 0xff).take(250_000).collect();
+        std::fs::write(dir.join("f.bin"), &changed).expect("write");
+        let c = open();
+        let x = c.shared_block(0).expect("cached");
+        assert_eq!(x[..], changed[..READ_BLOCK_BYTES]);
+        // The cache stays bounded: a walk through many blocks keeps at
+        // most SHARED_BLOCKS_KEPT.
+        let big: Vec<u8> = vec![3u8; READ_BLOCK_BYTES * (SHARED_BLOCKS_KEPT + 10)];
+        std::fs::write(dir.join("big.bin"), &big).expect("write");
+        let file = File::open(dir.join("big.bin")).expect("open");
+        let meta = file.metadata().expect("metadata");
+        let d = FileContent::new(file, &meta);
+        for i in 0..(SHARED_BLOCKS_KEPT + 10) as u64 {
+            assert!(d.shared_block(i * block).is_some());
+        }
+        SHARED_BLOCKS.with(|s| assert_eq!(s.borrow().blocks.len(), SHARED_BLOCKS_KEPT));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

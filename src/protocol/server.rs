@@ -96,6 +96,14 @@ pub trait Content: Send {
     /// fetched: the session waits, without blocking the others, until the
     /// driver calls [`ServerEndpoint::content_ready`].
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize>;
+    /// The [`READ_BLOCK_BYTES`](super::content_blocks::READ_BLOCK_BYTES)
+    /// from `start` (a multiple of it; fewer at the end), as bytes the
+    /// sessions sending this content share, when they are at hand without
+    /// waiting. `None`: the session reads its own copy with
+    /// [`Self::read_at`].
+    fn shared_block(&self, _start: u64) -> Option<bytes::Bytes> {
+        None
+    }
     /// Where the file's index lies, found from its container headers (a
     /// few small reads).
     fn media_index(&self) -> Option<MediaIndex> {
