@@ -303,6 +303,12 @@ struct FileIdentity {
 struct SharedBlocks {
     blocks: Vec<SharedBlock>,
     uses: u64,
+    /// The buffer for the next block to read: one an evicted block left
+    /// (no payload held it any more), or one a read that the page cache
+    /// could not answer gave back. A block is evicted only once its
+    /// successor was read, so a session reading from the disk does not
+    /// push the other files' blocks out.
+    spare: Option<bytes::BytesMut>,
 }
 
 struct SharedBlock {
@@ -323,21 +329,27 @@ impl SharedBlocks {
         Some(block.bytes.clone())
     }
 
-    /// A buffer of `len` bytes for a block about to be read: the least
-    /// recently used block's, taken out, if the cache is full and no
-    /// payload holds it any more.
-    fn make_room(&mut self, len: usize) -> bytes::BytesMut {
-        if self.blocks.len() >= SHARED_BLOCKS_KEPT
-            && let Some(i) = (0..self.blocks.len()).min_by_key(|&i| self.blocks[i].last_use)
-            && let Ok(mut buf) = self.blocks.swap_remove(i).bytes.try_into_mut()
-        {
-            buf.resize(len, 0);
-            return buf;
-        }
-        bytes::BytesMut::zeroed(len)
+    /// A buffer of `len` bytes for a block about to be read; give it back
+    /// with [`Self::give_back`] if the read fails.
+    fn buffer(&mut self, len: usize) -> bytes::BytesMut {
+        let mut buf = self.spare.take().unwrap_or_default();
+        buf.resize(len, 0);
+        buf
     }
 
+    fn give_back(&mut self, buf: bytes::BytesMut) {
+        self.spare = Some(buf);
+    }
+
+    /// Keeps a block just read, evicting the least recently used one if
+    /// the cache is full (its buffer becomes the spare if nothing holds it).
     fn insert(&mut self, file: FileIdentity, start: u64, bytes: bytes::Bytes) {
+        if self.blocks.len() >= SHARED_BLOCKS_KEPT
+            && let Some(i) = (0..self.blocks.len()).min_by_key(|&i| self.blocks[i].last_use)
+            && let Ok(buf) = self.blocks.swap_remove(i).bytes.try_into_mut()
+        {
+            self.spare = Some(buf);
+        }
         self.uses += 1;
         self.blocks.push(SharedBlock {
             file,
@@ -392,17 +404,23 @@ struct FileReads {
 
 impl FileContent {
     fn new(file: File, meta: &std::fs::Metadata) -> Self {
+        let identity = FileIdentity {
+            device: meta.dev(),
+            inode: meta.ino(),
+            size: meta.len(),
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+        };
         FileContent {
             file: Arc::new(file),
             size: meta.len(),
-            tag: content_tag(meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino()),
-            identity: FileIdentity {
-                device: meta.dev(),
-                inode: meta.ino(),
-                size: meta.len(),
-                mtime: meta.mtime(),
-                mtime_nsec: meta.mtime_nsec(),
-            },
+            tag: content_tag(
+                identity.size,
+                identity.mtime,
+                identity.mtime_nsec,
+                identity.inode,
+            ),
+            identity,
             reads: Arc::new(FileReads {
                 blocks: Mutex::new(VecDeque::new()),
                 waiting: AtomicBool::new(false),
@@ -588,10 +606,13 @@ impl Content for FileContent {
                 return Some(bytes);
             }
             let len = READ_BLOCK_BYTES.min(usize::try_from(self.size - start).ok()?);
-            let mut buf = blocks.make_room(len);
+            let mut buf = blocks.buffer(len);
             match read_if_cached(&self.file, start, &mut buf) {
                 Some(Ok(n)) if n == len => {}
-                _ => return None,
+                _ => {
+                    blocks.give_back(buf);
+                    return None;
+                }
             }
             let bytes = buf.freeze();
             blocks.insert(self.identity, start, bytes.clone());

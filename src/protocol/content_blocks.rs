@@ -140,8 +140,8 @@ impl Block {
             return None;
         }
         if offset + len as u64 <= first_end || first_end >= size {
-            let n = len.min(first.len().saturating_sub(from));
-            let payload = first.slice(from.min(first.len())..from.min(first.len()) + n);
+            let from = from.min(first.len());
+            let payload = first.slice(from..from + len.min(first.len() - from));
             self.replace(pool, start, first);
             return Some(payload);
         }
