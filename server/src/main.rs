@@ -86,27 +86,6 @@ const TURN_MODERATION_AWAITING_ACKS: Duration = Duration::from_millis(1);
 /// 2 ms RTT: 2.66-2.70 s either way).
 const TURN_TICK: Duration = Duration::from_millis(2);
 
-/// The tick while every session with data to send tolerates `lateness`
-/// (`ServerEndpoint::tolerated_lateness`: a quarter of its smoothed RTT,
-/// within what its pacer's bucket holds): the longest power of two times
-/// [`TURN_TICK`] (so that the ticks stay aligned) within it, at most
-/// [`MAX_TOLERATED_LATENESS`]. Sessions that tolerate a tick bring the
-/// moderation to it, so ACKs wait for the next tick rather than each
-/// waking a turn; below that (a window-bound pull on loopback, whose
-/// quarter RTT is well under 2 ms) it stays
-/// [`TURN_MODERATION_AWAITING_ACKS`]. 20 pulls through one 200 Mbit/s
-/// `tc tbf` (`load shaped 20 200 16`, server alone on its core, alternated,
-/// 4 Dec): 545-661 turns a second and 2.56-2.95 s/GB against 968-1031
-/// and 3.04-3.28 with the 1 ms moderation, same throughput. (A paused
-/// player's read-ahead that overshot in the CI with a 2 ms moderation was
-/// probe timeouts' resends to a starved client, as often with 1 ms.) With
-/// 40 ms of RTT (`load paced 20 200
-/// 16 40`, alternated, 4 Dec) 20 paced pulls took 313-368 turns a second
-/// and 1.97-2.06 s/GB against 571-723 and 2.71-3.52 with the 2 ms tick,
-/// 200 (`load paced 200 200 4 40`) 878 turns and 4.99 s/GB against 1696
-/// and 6.13, at the same throughput. On loopback paths (RTTs of a few ms)
-/// the tick stays 2 ms; a pull at 20 Mbit/s and 40 ms RTT kept its 18.5
-/// Mbit/s.
 /// How late the kernel may wake the serving threads (`PR_SET_TIMERSLACK`,
 /// inherited by every thread the process starts): a quarter of
 /// [`TURN_TICK`], which the tick's sessions tolerate (their pacers' buckets
@@ -133,6 +112,27 @@ fn relax_timer_slack() {
     }
 }
 
+/// The tick while every session with data to send tolerates `lateness`
+/// (`ServerEndpoint::tolerated_lateness`: a quarter of its smoothed RTT,
+/// within what its pacer's bucket holds): the longest power of two times
+/// [`TURN_TICK`] (so that the ticks stay aligned) within it, at most
+/// [`MAX_TOLERATED_LATENESS`]. Sessions that tolerate a tick bring the
+/// moderation to it, so ACKs wait for the next tick rather than each
+/// waking a turn; below that (a window-bound pull on loopback, whose
+/// quarter RTT is well under 2 ms) it stays
+/// [`TURN_MODERATION_AWAITING_ACKS`]. 20 pulls through one 200 Mbit/s
+/// `tc tbf` (`load shaped 20 200 16`, server alone on its core, alternated,
+/// 4 Dec): 545-661 turns a second and 2.56-2.95 s/GB against 968-1031
+/// and 3.04-3.28 with the 1 ms moderation, same throughput. (A paused
+/// player's read-ahead that overshot in the CI with a 2 ms moderation was
+/// probe timeouts' resends to a starved client, as often with 1 ms.) With
+/// 40 ms of RTT (`load paced 20 200
+/// 16 40`, alternated, 4 Dec) 20 paced pulls took 313-368 turns a second
+/// and 1.97-2.06 s/GB against 571-723 and 2.71-3.52 with the 2 ms tick,
+/// 200 (`load paced 200 200 4 40`) 878 turns and 4.99 s/GB against 1696
+/// and 6.13, at the same throughput. On loopback paths (RTTs of a few ms)
+/// the tick stays 2 ms; a pull at 20 Mbit/s and 40 ms RTT kept its 18.5
+/// Mbit/s.
 fn turn_tick(lateness: Duration) -> Duration {
     let mut tick = TURN_TICK;
     while tick * 2 <= lateness.min(MAX_TOLERATED_LATENESS) {
