@@ -369,6 +369,13 @@ impl ReadAheadPolicy {
             .map(|(link, media)| slower_than_media(link, media))
     }
 
+    /// Whether the link measured at least `factor` times the media's rate
+    /// now (not while either rate is unknown).
+    pub fn link_outpaces_media(&self, now: Instant, factor: f64) -> bool {
+        self.link_and_media_rates(now)
+            .is_some_and(|(link, media)| link >= media * factor)
+    }
+
     /// Keeps [`slow_since`](Self::slow_since) up to date: a measurement
     /// that is not slow ends it; none (a seek cleared the samples, a
     /// rate not known yet) leaves it, as the link is still the same.

@@ -108,6 +108,8 @@ struct Sim {
     client_addr: SocketAddr,
     delivered: Vec<u8>,
     max_window_advertised: u64,
+    /// Times a client datagram told a larger window than any before.
+    window_moves: u64,
     data_packets_sent: u64,
     data_bytes_sent: u64,
     /// Datagrams the server sent larger than [`MAX_DATAGRAM_SIZE`], and
@@ -175,6 +177,7 @@ impl Sim {
             client_addr: "10.0.0.2:4000".parse().expect("valid address"),
             delivered: Vec::new(),
             max_window_advertised: 0,
+            window_moves: 0,
             data_packets_sent: 0,
             data_bytes_sent: 0,
             large_datagrams_sent: 0,
@@ -234,8 +237,9 @@ impl Sim {
                     } => Some(o.window),
                     _ => None,
                 };
-                if let Some(window) = window {
-                    self.max_window_advertised = self.max_window_advertised.max(window);
+                if let Some(window) = window.filter(|&w| w > self.max_window_advertised) {
+                    self.max_window_advertised = window;
+                    self.window_moves += 1;
                 }
             }
             self.up.send(self.now, d);
