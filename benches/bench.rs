@@ -1358,6 +1358,138 @@ fn viewers_table(out: &mut String) {
     paused_sessions(out);
 }
 
+/// Real players at once (`BENCH_PLAYERS`, default 10), as `gst-launch-1.0
+/// SRC ! qtdemux ! queue ! fakesink sync=true` plays: the demuxer's own
+/// reads at the playback clock, not the load generator's. Measured over
+/// [`PLAYER_SECONDS`] after [`PLAYER_WARMUP`].
+const PLAYER_SECONDS: u64 = 20;
+const PLAYER_WARMUP: Duration = Duration::from_secs(8);
+
+/// Bytes the loopback interface carried: both peers' payloads and headers
+/// (their ACKs too), counted the same way.
+fn loopback_bytes() -> u64 {
+    std::fs::read_to_string("/sys/class/net/lo/statistics/tx_bytes")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn players_table(out: &mut String, env: &Env) {
+    let n: usize = std::env::var("BENCH_PLAYERS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(10);
+    let _ = writeln!(
+        out,
+        "## Real players ({n} at once, `! qtdemux ! queue ! fakesink sync=true` in real time, {PLAYER_SECONDS} s after {} s)\n",
+        PLAYER_WARMUP.as_secs()
+    );
+    let _ = writeln!(
+        out,
+        "GStreamer pipelines in this process play the MP4 clip in real time, each as `gst-launch-1.0` would: the demuxer reads at the playback clock, in its own sizes (the `viewers` table's generator reads every 100 ms instead). The udpvid server sends Ethernet-sized datagrams (`--max-datagram 1452`), as to a viewer across a network. Bytes are what the loopback interface carried. Datagrams per send is the server's `udpvid_datagrams_sent_total` over `udpvid_sends_total`.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| peer | Mbit/s | server CPU s/GB | server wake-ups/s | datagrams per send |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    let metrics_port = free_port();
+    let mut cmd = Command::new(profile_dir().join("server"));
+    cmd.arg("--dir").arg(&env.clips).args([
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--max-datagram",
+        "1452",
+        "--metrics",
+        &format!("127.0.0.1:{metrics_port}"),
+    ]);
+    cmd.env("UDPVID_LOG", "warn");
+    let (server, banner) = spawn_with_banner(cmd, "listening");
+    let udpvid_port = port_of(&banner, 4);
+    let peers = [
+        (
+            "HTTP (souphttpsrc, nginx)",
+            format!(
+                "souphttpsrc location=http://127.0.0.1:{}/bench.mp4",
+                env.http_port
+            ),
+            env.http_pid.clone(),
+            None,
+        ),
+        (
+            "udpvid",
+            format!("udpvidsrc host=127.0.0.1 port={udpvid_port} file=bench.mp4"),
+            server.pid(),
+            Some(metrics_port),
+        ),
+    ];
+    for (name, source, pid, metrics) in peers {
+        let description = format!(
+            "{source} ! qtdemux name=d d.video_0 ! queue ! fakesink sync=true d.audio_0 ! queue ! fakesink sync=true"
+        );
+        let pipelines: Vec<gst::Element> = (0..n)
+            .filter_map(|_| gst::parse::launch(&description).ok())
+            .collect();
+        for p in &pipelines {
+            let _ = p.set_state(gst::State::Playing);
+        }
+        std::thread::sleep(PLAYER_WARMUP);
+        let counts = |port: Option<u16>| {
+            port.map(|p| {
+                (
+                    scrape_metric(p, "udpvid_datagrams_sent_total").unwrap_or(0),
+                    scrape_metric(p, "udpvid_sends_total").unwrap_or(0),
+                    scrape_metric(p, "udpvid_wakeups_total").unwrap_or(0),
+                )
+            })
+        };
+        let before = (loopback_bytes(), cpu_seconds(&pid), counts(metrics));
+        std::thread::sleep(Duration::from_secs(PLAYER_SECONDS));
+        let after = (loopback_bytes(), cpu_seconds(&pid), counts(metrics));
+        let errors = pipelines
+            .iter()
+            .filter(|p| {
+                p.bus()
+                    .is_some_and(|b| b.pop_filtered(&[gst::MessageType::Error]).is_some())
+            })
+            .count();
+        for p in &pipelines {
+            let _ = p.set_state(gst::State::Null);
+        }
+        let bytes = after.0.saturating_sub(before.0) as f64;
+        let cpu = after.1 - before.1;
+        let (wakeups, per_send) = match (before.2, after.2) {
+            (Some(b), Some(a)) => (
+                format!(
+                    "{:.0}",
+                    a.2.saturating_sub(b.2) as f64 / PLAYER_SECONDS as f64
+                ),
+                format!(
+                    "{:.1}",
+                    a.0.saturating_sub(b.0) as f64 / a.1.saturating_sub(b.1).max(1) as f64
+                ),
+            ),
+            _ => ("–".to_string(), "–".to_string()),
+        };
+        let playing = if pipelines.len() == n && errors == 0 {
+            String::new()
+        } else {
+            format!(" ({} of {n} playing, {errors} errors)", pipelines.len())
+        };
+        let _ = writeln!(
+            out,
+            "| {name}{playing} | {:.1} | {:.2} | {wakeups} | {per_send} |",
+            bytes * 8.0 / PLAYER_SECONDS as f64 / 1e6,
+            cpu / (bytes / 1e9).max(1e-9),
+        );
+        eprint!(".");
+    }
+    drop(server);
+    let _ = writeln!(out);
+}
+
 /// Concurrent pulls through one kernel-shaped bottleneck (`load shaped`),
 /// udpvid against nginx for the same N (issue "hundreds of viewers per
 /// core": server CPU per GB with 20 and 200 paced streams). (N, file MiB.)
@@ -1684,7 +1816,7 @@ fn main() {
             .unwrap_or_default()
     );
 
-    // `BENCH_ONLY=seek` (or `start`, `slow`, `viewers`, `shaped`, `scale`, `pull`) runs just that table.
+    // `BENCH_ONLY=seek` (or `start`, `slow`, `players`, `viewers`, `shaped`, `scale`, `pull`) runs just that table.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |section: &str| only.is_empty() || only == section;
     if run("start") {
@@ -1785,6 +1917,12 @@ fn main() {
         }
     }
 
+    if run("players") {
+        players_table(&mut out, &env);
+        if only == "players" {
+            return stop_and_print(&out, env, udpvid, nginx);
+        }
+    }
     if run("viewers") {
         viewers_table(&mut out);
         if only == "viewers" {

@@ -135,6 +135,7 @@ impl SendBatcher {
             counters
                 .datagrams_sent
                 .fetch_add(self.count as u64, Ordering::Relaxed);
+            counters.sends.fetch_add(1, Ordering::Relaxed);
             counters
                 .bytes_sent
                 .fetch_add(end.total as u64, Ordering::Relaxed);
@@ -154,7 +155,7 @@ impl SendBatcher {
                 Err(e) if segment.is_some() && is_gso_refusal(&e) => {
                     info!(error = %e, "the network refused a GSO send; sending datagrams one by one");
                     self.max_segments = 1;
-                    self.send_one_by_one(&parts, self.segment, &address, socket)
+                    self.send_one_by_one(&parts, self.segment, &address, socket, counters)
                         .await;
                 }
                 // The same as losing the datagrams: recovery resends them.
@@ -180,11 +181,13 @@ impl SendBatcher {
         segment: usize,
         address: &socket2::SockAddr,
         socket: &UdpSocket,
+        counters: &LoopCounters,
     ) {
         let whole: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
         let fd = socket.as_raw_fd();
         for datagram in whole.chunks(segment.max(1)) {
             let one = [IoSlice::new(datagram)];
+            counters.sends.fetch_add(1, Ordering::Relaxed);
             let sent = socket
                 .async_io(Interest::WRITABLE, || {
                     send_segments(fd, address, &one, None)
@@ -347,6 +350,10 @@ mod tests {
             );
             assert!(batch.buf.is_empty() && batch.payloads.is_empty());
             assert_eq!(counters.datagrams_sent.load(Ordering::Relaxed), 5);
+            // Gathered: the run of three, the one that waited, the other
+            // address's; one by one, each its own.
+            let sends = if max_segments == 1 { 5 } else { 3 };
+            assert_eq!(counters.sends.load(Ordering::Relaxed), sends);
         }
     }
 }
