@@ -262,6 +262,16 @@ impl ClientTransfer {
             && self.receiver.advertised() > self.receiver.received_up_to()
     }
 
+    /// The window moved by an eighth of the read-ahead since the server
+    /// was last told: always worth telling, at once.
+    fn window_moved_an_eighth(&self) -> bool {
+        let moved = self
+            .receiver
+            .window()
+            .saturating_sub(self.receiver.advertised());
+        moved >= (self.receiver.read_ahead() / 8).max(1)
+    }
+
     /// The request that opens this transfer, in an `Open` or a `Hello`,
     /// first or repeated: the window it carries counts as told.
     fn open_request(&mut self) -> OpenRequest {
@@ -805,12 +815,10 @@ impl ClientConnection {
             return false;
         };
         let window = t.receiver.window();
-        let advertised = t.receiver.advertised();
-        if window <= advertised {
+        if window <= t.receiver.advertised() {
             return false;
         }
-        let threshold = (t.receiver.read_ahead() / 8).max(1);
-        window - advertised >= threshold
+        t.window_moved_an_eighth()
             || t.receiver.end().is_some_and(|e| window >= e)
             || t.kind != TransferKind::File
             || t.window_due
@@ -833,9 +841,7 @@ impl ClientConnection {
         if !self.window_worth_telling(now) {
             return;
         }
-        let threshold = (t.receiver.read_ahead() / 8).max(1);
-        let moved = t.receiver.window() - t.receiver.advertised();
-        if sender_waiting || moved >= threshold {
+        if sender_waiting || t.window_moved_an_eighth() {
             self.acks.request_immediate(now);
             // Data is awaited again: the ACK repeat (stopped while nothing
             // below the told window was missing) covers this update's loss.
