@@ -242,11 +242,13 @@ fn port_of(banner: &str, field: usize) -> u16 {
         .expect("port in banner")
 }
 
-fn start_udpvid_server(dir: &Path) -> (Proc, u16) {
+/// The server on a free loopback port for `dir`, with `extra` options.
+fn start_udpvid_server(dir: &Path, extra: &[&str]) -> (Proc, u16) {
     let mut cmd = Command::new(profile_dir().join("server"));
     cmd.arg("--dir")
         .arg(dir)
-        .args(["--bind", "127.0.0.1", "--port", "0"]);
+        .args(["--bind", "127.0.0.1", "--port", "0"])
+        .args(extra);
     cmd.env("UDPVID_LOG", "warn");
     let (p, banner) = spawn_with_banner(cmd, "listening");
     (p, port_of(&banner, 4))
@@ -1394,20 +1396,15 @@ fn players_table(out: &mut String, env: &Env) {
     );
     let _ = writeln!(out, "|---|---|---|---|---|");
     let metrics_port = free_port();
-    let mut cmd = Command::new(profile_dir().join("server"));
-    cmd.arg("--dir").arg(&env.clips).args([
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--max-datagram",
-        "1452",
-        "--metrics",
-        &format!("127.0.0.1:{metrics_port}"),
-    ]);
-    cmd.env("UDPVID_LOG", "warn");
-    let (server, banner) = spawn_with_banner(cmd, "listening");
-    let udpvid_port = port_of(&banner, 4);
+    let (server, udpvid_port) = start_udpvid_server(
+        &env.clips,
+        &[
+            "--max-datagram",
+            "1452",
+            "--metrics",
+            &format!("127.0.0.1:{metrics_port}"),
+        ],
+    );
     let peers = [
         (
             "HTTP (souphttpsrc, nginx)",
@@ -1691,7 +1688,7 @@ fn scale_out(out: &mut String, env: &Env) {
     let _ = writeln!(out, "|---|---|---|---|---|");
     for library in ["--dir", "--store"] {
         let start = || match library {
-            "--dir" => start_udpvid_server(&env.clips),
+            "--dir" => start_udpvid_server(&env.clips, &[]),
             _ => {
                 let (p, port, _) = start_store_server(moto_port, "s3://bench");
                 (p, port)
@@ -1740,7 +1737,7 @@ fn main() {
     let bench_dir = target_dir().join("bench");
     let clips_dir = bench_dir.join("clips");
     let (mp4, ts) = make_clips(&clips_dir);
-    let (udpvid, udpvid_port) = start_udpvid_server(&clips_dir);
+    let (udpvid, udpvid_port) = start_udpvid_server(&clips_dir, &[]);
     let (nginx, http_port) = start_nginx(&clips_dir, &bench_dir.join("nginx"));
     let env = Env {
         mp4_size: std::fs::metadata(&mp4).map(|m| m.len()).unwrap_or(0),
