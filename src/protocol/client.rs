@@ -215,6 +215,9 @@ struct ClientTransfer {
     /// The next ACK tells the whole window, however little it moved: the
     /// buffering goal needs it.
     window_due: bool,
+    /// The largest payload a datagram of this transfer brought: the size
+    /// the server cuts new data in (see [`ClientTransfer::window_in_whole_datagrams`]).
+    datagram_payload: u64,
 }
 
 /// The bytes of a file's index that the server sends ahead of the stream
@@ -270,6 +273,29 @@ impl ClientTransfer {
             .window()
             .saturating_sub(self.receiver.advertised());
         moved >= (self.receiver.read_ahead() / 8).max(1)
+    }
+
+    /// The window cut to a whole number of the server's datagrams past the
+    /// highest byte that arrived, for a move held back to an eighth of the
+    /// read-ahead. The server holds back a sliver of a datagram at the
+    /// window's edge while packets are in flight (RFC 1122's sender-side
+    /// silly window avoidance) and sends it once they are all
+    /// acknowledged: for a real player on a fast link that was a third
+    /// turn of the server, and a third ACK, in every refill. What is cut
+    /// (less than a datagram) goes with the next move.
+    fn window_in_whole_datagrams(&self) -> u64 {
+        let window = self.receiver.window();
+        let base = self.receiver.highest_received();
+        let size = self.datagram_payload;
+        if size == 0 || window <= base || self.receiver.end().is_some_and(|e| window >= e) {
+            return window;
+        }
+        let whole = base + (window - base) / size * size;
+        if whole > self.receiver.advertised() {
+            whole
+        } else {
+            window
+        }
     }
 
     /// The request that opens this transfer, in an `Open` or a `Hello`,
@@ -497,6 +523,7 @@ impl ClientConnection {
             expecting_more: false,
             index: None,
             window_due: false,
+            datagram_payload: 0,
         });
         if self.phase == Phase::Established {
             self.queue_open(now);
@@ -811,20 +838,31 @@ impl ClientConnection {
     /// six datagrams. On a slower link (or one not measured yet) every move
     /// is told, as each moment the server waits there may be lost for good.
     fn window_worth_telling(&self, now: Instant) -> bool {
-        let Some(t) = self.transfer.as_ref() else {
-            return false;
-        };
+        self.window_to_tell(now).is_some()
+    }
+
+    /// The window the next ACK should tell, if it is worth telling: the
+    /// whole window, or on a fast link, where moves are held back to an
+    /// eighth, the window in whole datagrams.
+    fn window_to_tell(&self, now: Instant) -> Option<u64> {
+        let t = self.transfer.as_ref()?;
         let window = t.receiver.window();
         if window <= t.receiver.advertised() {
-            return false;
+            return None;
         }
-        t.window_moved_an_eighth()
-            || t.receiver.end().is_some_and(|e| window >= e)
+        let whole = t.receiver.end().is_some_and(|e| window >= e)
             || t.kind != TransferKind::File
             || t.window_due
             || !self
                 .read_ahead
-                .link_outpaces_media(now, BATCHED_WINDOW_LINK_FACTOR)
+                .link_outpaces_media(now, BATCHED_WINDOW_LINK_FACTOR);
+        if whole {
+            Some(window)
+        } else if t.window_moved_an_eighth() {
+            Some(t.window_in_whole_datagrams())
+        } else {
+            None
+        }
     }
 
     /// Sends the window at once when it is worth telling and the server
@@ -1085,6 +1123,7 @@ impl ClientConnection {
             self.last_new_data = Some(now);
         }
         let new = t.receiver.insert(offset, payload);
+        t.datagram_payload = t.datagram_payload.max(payload.len() as u64);
         self.stats.bytes_redundant += (payload.len() as u64).saturating_sub(new);
         let sender_blocked = t.receiver.window_used_up();
         if new > 0 && t.kind == TransferKind::File {
@@ -1257,14 +1296,15 @@ impl ClientConnection {
 
     fn build_ack(&mut self, now: Instant) -> Body {
         let (ranges, delay) = self.acks.build(now);
-        let tell = self.window_worth_telling(now);
+        let tell = self.window_to_tell(now);
         let (transfer_id, window, received_up_to) = match self.transfer.as_mut() {
             Some(t) => {
-                let w = if tell {
-                    t.window_due = false;
-                    t.receiver.window()
-                } else {
-                    t.receiver.advertised()
+                let w = match tell {
+                    Some(w) => {
+                        t.window_due = false;
+                        w
+                    }
+                    None => t.receiver.advertised(),
                 };
                 t.receiver.mark_advertised(w);
                 (t.id, w, t.receiver.received_up_to())

@@ -112,6 +112,11 @@ struct Sim {
     window_moves: u64,
     data_packets_sent: u64,
     data_bytes_sent: u64,
+    /// Data datagrams shorter than the largest before them, the file's
+    /// last aside: slivers at a window's edge.
+    short_data_packets_sent: u64,
+    largest_payload_sent: usize,
+    file_size: u64,
     /// Datagrams the server sent larger than [`MAX_DATAGRAM_SIZE`], and
     /// the largest.
     large_datagrams_sent: u64,
@@ -159,6 +164,7 @@ impl Sim {
     ) -> Self {
         let now = Instant::now();
         let mut rng = StdRng::seed_from_u64(seed);
+        let file_size = file.len() as u64;
         let server = ServerEndpoint::new(
             server_config,
             MemoryStore {
@@ -180,6 +186,9 @@ impl Sim {
             window_moves: 0,
             data_packets_sent: 0,
             data_bytes_sent: 0,
+            short_data_packets_sent: 0,
+            largest_payload_sent: 0,
+            file_size,
             large_datagrams_sent: 0,
             largest_datagram_sent: 0,
             lose_open_answers: 0,
@@ -361,6 +370,10 @@ impl Sim {
                 self.data_packets_sent += 1;
                 self.data_bytes_sent += payload.len() as u64;
                 let end = offset + payload.len() as u64;
+                if payload.len() < self.largest_payload_sent && end < self.file_size {
+                    self.short_data_packets_sent += 1;
+                }
+                self.largest_payload_sent = self.largest_payload_sent.max(payload.len());
                 assert!(
                     end <= self.max_window_advertised,
                     "server sent up to {end} past the window {}",
