@@ -618,6 +618,30 @@ fn a_viewer_whose_acks_are_lost_in_a_burst_waits_seconds_not_ten() {
     }
 }
 
+/// 25 s of real-time playback of a 15 MB file through a clean link of
+/// `factor` times the media's rate (20 ms each way), which must never
+/// leave the player without data.
+fn play_25_s_without_running_dry(seed: u64, factor: f64, read_ahead: ReadAhead) -> Outcome {
+    let out = play(Scenario {
+        seed,
+        size: 15_000_000,
+        media_rate: MEDIA_RATE,
+        down: link(Some((factor * MEDIA_RATE as f64 * 8.0) as u64), 20),
+        up: clean(20),
+        read_ahead,
+        pattern: Pattern::RealTime,
+        limit: Duration::from_secs(40),
+        stop_after: Some(Duration::from_secs(25)),
+        tells_media_rate: true,
+    });
+    assert_eq!(
+        (out.underruns, out.dry_stalls),
+        (0, 0),
+        "{factor}x: the player ran dry"
+    );
+    out
+}
+
 #[test]
 fn a_viewer_on_a_fast_link_moves_the_window_in_eighths_of_whole_datagrams() {
     // A player that keeps up with the link holds its window full. Told in
@@ -640,23 +664,7 @@ fn a_viewer_on_a_fast_link_moves_the_window_in_eighths_of_whole_datagrams() {
         (2.0, 1_000..=u64::MAX),
         (1.5, 1_000..=u64::MAX),
     ] {
-        let out = play(Scenario {
-            seed: 3,
-            size: 15_000_000,
-            media_rate: MEDIA_RATE,
-            down: link(Some((factor * MEDIA_RATE as f64 * 8.0) as u64), 20),
-            up: clean(20),
-            read_ahead: ReadAhead::default(),
-            pattern: Pattern::RealTime,
-            limit: Duration::from_secs(40),
-            stop_after: Some(Duration::from_secs(25)),
-            tells_media_rate: true,
-        });
-        assert_eq!(
-            (out.underruns, out.dry_stalls),
-            (0, 0),
-            "{factor}x: the player ran dry"
-        );
+        let out = play_25_s_without_running_dry(3, factor, ReadAhead::default());
         assert!(
             moves.contains(&out.window_moves),
             "{factor}x: the window moved {} times for {} data datagrams",
@@ -752,23 +760,7 @@ fn a_viewer_with_a_small_read_ahead_moves_the_window_in_steps_of_128_kib() {
     // eighths did not hold: the window moved at nearly every read; not
     // looked into).
     for factor in [20.0, 4.0] {
-        let out = play(Scenario {
-            seed: 5,
-            size: 15_000_000,
-            media_rate: MEDIA_RATE,
-            down: link(Some((factor * MEDIA_RATE as f64 * 8.0) as u64), 20),
-            up: clean(20),
-            read_ahead: ReadAhead::Fixed(512 * 1024),
-            pattern: Pattern::RealTime,
-            limit: Duration::from_secs(40),
-            stop_after: Some(Duration::from_secs(25)),
-            tells_media_rate: true,
-        });
-        assert_eq!(
-            (out.underruns, out.dry_stalls),
-            (0, 0),
-            "{factor}x: the player ran dry"
-        );
+        let out = play_25_s_without_running_dry(5, factor, ReadAhead::Fixed(512 * 1024));
         assert!(
             out.window_moves <= 160 && out.short_data_packets_sent <= 5,
             "{factor}x: {} window moves, {} short datagrams",
