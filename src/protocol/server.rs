@@ -1696,6 +1696,20 @@ mod tests {
         }
     }
 
+    /// Serves the server's and the client's timers that are due by `now`.
+    fn fire_due_timers<S: ContentStore>(
+        server: &mut ServerEndpoint<S>,
+        client: &mut super::super::client::ClientConnection,
+        now: Instant,
+    ) {
+        if server.poll_timeout().is_some_and(|t| t <= now) {
+            server.handle_timeout(now);
+        }
+        if client.poll_timeout().is_some_and(|t| t <= now) {
+            client.handle_timeout(now);
+        }
+    }
+
     #[test]
     fn a_session_waiting_for_content_sends_nothing_and_does_not_spin_then_resumes() {
         use super::super::client::{ClientConfig, ClientConnection};
@@ -1745,12 +1759,7 @@ mod tests {
                 break;
             }
             now += Duration::from_millis(1);
-            if server.poll_timeout().is_some_and(|t| t <= now) {
-                server.handle_timeout(now);
-            }
-            if client.poll_timeout().is_some_and(|t| t <= now) {
-                client.handle_timeout(now);
-            }
+            fire_due_timers(&mut server, &mut client, now);
             pump(&mut server, &mut client, now, &mut got);
         }
         assert!(got == bytes, "{} of {} bytes", got.len(), bytes.len());
@@ -1783,12 +1792,7 @@ mod tests {
                     got: &mut Vec<u8>,
                     held: &mut Vec<Vec<u8>>,
                     hold: bool| {
-            if server.poll_timeout().is_some_and(|t| t <= now) {
-                server.handle_timeout(now);
-            }
-            if client.poll_timeout().is_some_and(|t| t <= now) {
-                client.handle_timeout(now);
-            }
+            fire_due_timers(server, client, now);
             while let Some(d) = client.poll_transmit(now) {
                 if hold {
                     held.push(d);
@@ -1867,12 +1871,7 @@ mod tests {
         let mut waited = None;
         for _ in 0..60_000 {
             now += Duration::from_millis(1);
-            if server.poll_timeout().is_some_and(|t| t <= now) {
-                server.handle_timeout(now);
-            }
-            if client.poll_timeout().is_some_and(|t| t <= now) {
-                client.handle_timeout(now);
-            }
+            fire_due_timers(&mut server, &mut client, now);
             while let Some(d) = client.poll_transmit(now) {
                 up.push_back((now + ONE_WAY, d));
             }
