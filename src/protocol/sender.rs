@@ -240,6 +240,19 @@ impl StreamSender {
             && self.next_new >= self.window
     }
 
+    /// The receiver's window leaves less than `len` bytes of new data to
+    /// send, and the file goes on past it: the window is used up, or down
+    /// to a sliver that `next_chunk` holds back while packets are in
+    /// flight.
+    pub fn is_window_limited(&self, len: u64) -> bool {
+        self.to_resend.is_empty()
+            && self.resend_again.is_empty()
+            && self.resend_third.is_empty()
+            && self.ahead.is_empty()
+            && self.window < self.end
+            && self.window.saturating_sub(self.next_new) < len
+    }
+
     /// The chunk `next_chunk` returned last was index sent ahead: its
     /// packet must say so, because its acknowledgement does not mean the
     /// stream holds those bytes (the client keeps them apart, and the
@@ -304,8 +317,10 @@ pub struct SentPacket {
     pub range: Range<u64>,
     /// Index sent ahead of the stream (see `StreamSender::send_ahead`).
     pub ahead: bool,
-    /// The sender had more to send but the receiver's window stopped it:
-    /// such ACKs say nothing about the path's capacity.
+    /// The sender had more to send but the receiver's window stopped it,
+    /// or left it less than a datagram (see
+    /// [`StreamSender::is_window_limited`]): such ACKs say nothing about
+    /// the path's capacity.
     pub app_limited: bool,
     /// A trial of a larger datagram than the path was known to carry: its
     /// loss says the path cannot, not that it is congested.
@@ -938,6 +953,28 @@ mod tests {
         s.on_received_up_to(3_500);
         assert!(s.is_acked(100..3500));
         assert!(!s.is_complete());
+    }
+
+    #[test]
+    fn a_sender_down_to_a_sliver_of_its_window_is_window_limited() {
+        let mut s = StreamSender::new(0, 10_000, 2_500);
+        assert!(!s.is_window_limited(1000));
+        assert_eq!(s.next_chunk(1000, true), Some(0..1000));
+        assert_eq!(s.next_chunk(1000, true), Some(1000..2000));
+        // 500 bytes left: a sliver, held back while packets are in flight.
+        assert!(s.has_data_to_send());
+        assert!(s.is_window_limited(1000));
+        assert_eq!(s.next_chunk(1000, false), None);
+        // A resend to send is no window's doing.
+        s.on_lost(0..1000);
+        assert!(!s.is_window_limited(1000));
+        assert_eq!(s.next_chunk(1000, false), Some(0..1000));
+        // A window at the file's end limits nothing: the file does.
+        s.update_window(10_000);
+        assert!(!s.is_window_limited(1000));
+        let mut end = StreamSender::new(0, 1_500, 1_500);
+        assert_eq!(end.next_chunk(1000, true), Some(0..1000));
+        assert!(!end.is_window_limited(1000));
     }
 
     fn send(r: &mut LossRecovery, pn: u64, t: Instant) {

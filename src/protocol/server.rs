@@ -1318,7 +1318,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
         let nothing_in_flight = session.recovery.bytes_in_flight() == 0;
         let range = t.stream.next_chunk(max_payload as u64, nothing_in_flight)?;
         let len = (range.end - range.start) as usize;
-        let app_limited = !t.stream.has_data_to_send() && t.stream.is_window_blocked();
+        let app_limited = t.stream.is_window_limited(max_payload as u64);
         let ahead = t.stream.last_chunk_was_ahead();
         let order = if t.stream.last_chunk_was_new() {
             ReadOrder::Sequential
