@@ -619,21 +619,26 @@ fn a_viewer_whose_acks_are_lost_in_a_burst_waits_seconds_not_ten() {
 }
 
 /// 25 s of real-time playback of a 15 MB file through a clean link of
-/// `factor` times the media's rate (20 ms each way), which must never
-/// leave the player without data.
-fn play_25_s_without_running_dry(seed: u64, factor: f64, read_ahead: ReadAhead) -> Outcome {
-    let out = play(Scenario {
+/// `factor` times the media's rate, `delay` each way.
+fn play_25_s(seed: u64, factor: f64, read_ahead: ReadAhead, delay: u64) -> Outcome {
+    play(Scenario {
         seed,
         size: 15_000_000,
         media_rate: MEDIA_RATE,
-        down: link(Some((factor * MEDIA_RATE as f64 * 8.0) as u64), 20),
-        up: clean(20),
+        down: link(Some((factor * MEDIA_RATE as f64 * 8.0) as u64), delay),
+        up: clean(delay),
         read_ahead,
         pattern: Pattern::RealTime,
         limit: Duration::from_secs(40),
         stop_after: Some(Duration::from_secs(25)),
         tells_media_rate: true,
-    });
+    })
+}
+
+/// [`play_25_s`] with 20 ms each way, which must never leave the player
+/// without data.
+fn play_25_s_without_running_dry(seed: u64, factor: f64, read_ahead: ReadAhead) -> Outcome {
+    let out = play_25_s(seed, factor, read_ahead, 20);
     assert_eq!(
         (out.underruns, out.dry_stalls),
         (0, 0),
@@ -792,18 +797,7 @@ fn viewers_on_fast_links_move_the_window_in_steps_at_every_read_ahead_and_round_
     for delay in [5, 20] {
         for read_ahead in [512 * 1024, 1536 * 1024, 3072 * 1024] {
             for factor in [20.0, 3.0] {
-                let out = play(Scenario {
-                    seed: 5,
-                    size: 15_000_000,
-                    media_rate: MEDIA_RATE,
-                    down: link(Some((factor * MEDIA_RATE as f64 * 8.0) as u64), delay),
-                    up: clean(delay),
-                    read_ahead: ReadAhead::Fixed(read_ahead),
-                    pattern: Pattern::RealTime,
-                    limit: Duration::from_secs(40),
-                    stop_after: Some(Duration::from_secs(25)),
-                    tells_media_rate: true,
-                });
+                let out = play_25_s(5, factor, ReadAhead::Fixed(read_ahead), delay);
                 assert!(
                     out.window_moves <= 160 && out.underruns == 0,
                     "{delay} ms each way, {read_ahead} bytes, {factor}x: {} window moves, {} underruns",
