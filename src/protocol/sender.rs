@@ -232,23 +232,19 @@ impl StreamSender {
 
     /// New data exists but the receiver's window does not allow it.
     pub fn is_window_blocked(&self) -> bool {
-        self.to_resend.is_empty()
-            && self.resend_again.is_empty()
-            && self.resend_third.is_empty()
-            && self.ahead.is_empty()
-            && self.next_new < self.end
-            && self.next_new >= self.window
+        self.is_window_limited(1)
     }
 
-    /// The receiver's window leaves less than `len` bytes of new data to
-    /// send, and the file goes on past it: the window is used up, or down
-    /// to a sliver that `next_chunk` holds back while packets are in
-    /// flight.
+    /// New data exists, nothing waits to be resent, and the receiver's
+    /// window leaves less than `len` bytes of it to send: the window is
+    /// used up, or down to a sliver that `next_chunk` holds back while
+    /// packets are in flight.
     pub fn is_window_limited(&self, len: u64) -> bool {
         self.to_resend.is_empty()
             && self.resend_again.is_empty()
             && self.resend_third.is_empty()
             && self.ahead.is_empty()
+            && self.next_new < self.end
             && self.window < self.end
             && self.window.saturating_sub(self.next_new) < len
     }
