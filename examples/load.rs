@@ -284,6 +284,13 @@ fn start_server_at(
             "--threads",
             &server_threads(),
         ])
+        // LOAD_SERVER_METRICS=ADDR:PORT: the server's metrics page there
+        // (inside the namespace for `shaped`), to read its counters mid-run.
+        .args(
+            std::env::var("LOAD_SERVER_METRICS")
+                .map(|a| vec!["--metrics".to_string(), a])
+                .unwrap_or_default(),
+        )
         .env(
             "UDPVID_LOG",
             std::env::var("LOAD_SERVER_LOG_LEVEL").unwrap_or_else(|_| "warn".into()),
