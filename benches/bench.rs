@@ -1512,7 +1512,7 @@ fn shaped_pulls_table(out: &mut String) {
     );
     let _ = writeln!(
         out,
-        "N pulls of one file as fast as they can through one `tc tbf` on a veth into a network namespace (`load shaped`): congestion control paces every session, TCP's in nginx's kernel, udpvid's in its server. The server (or nginx, one worker, sendfile) runs in the namespace on core 0, the pulls on core 1. Dropped: datagrams or TCP segments the queue dropped, of all it was handed. HTTP pulls wait up to 120 s for their next bytes (TCP flows whose first segments are lost back off for seconds); udpvid pulls 20 s.\n"
+        "N pulls of one file as fast as they can through one `tc tbf` on a veth into a network namespace (`load shaped`): congestion control paces every session, TCP's in nginx's kernel, udpvid's in its server. The server (or nginx, one worker, sendfile) runs in the namespace on core 0, the pulls on core 1. Dropped: datagrams or TCP segments the queue dropped, of all it was handed (what the server handed it, by the udpvid server's count of datagrams sent or the namespace's TCP segments sent, less what it passed; before 5 Dec the queue's own drop count, where a GSO or TSO batch under 32 KB counts once, which understated udpvid's share several times). HTTP pulls wait up to 120 s for their next bytes (TCP flows whose first segments are lost back off for seconds); udpvid pulls 20 s.\n"
     );
     let _ = writeln!(
         out,

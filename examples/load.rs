@@ -240,16 +240,18 @@ impl ElementPull {
 /// Starts the release server on `dir` for up to `max_sessions` sessions (all
 /// from this one address).
 fn start_server(dir: &Path, max_sessions: usize) -> (Child, std::path::PathBuf, u16) {
-    start_server_at(dir, max_sessions, "127.0.0.1", None)
+    start_server_at(dir, max_sessions, "127.0.0.1", None, None)
 }
 
 /// [`start_server`] bound to `bind`, inside network namespace `netns` if
-/// given (`ip netns exec` becomes the server: its pid is the server's).
+/// given (`ip netns exec` becomes the server: its pid is the server's),
+/// with its metrics page at `metrics` if given.
 fn start_server_at(
     dir: &Path,
     max_sessions: usize,
     bind: &str,
     netns: Option<&str>,
+    metrics: Option<&str>,
 ) -> (Child, std::path::PathBuf, u16) {
     let max_sessions = max_sessions.to_string();
     let exe = std::env::current_exe().expect("exe");
@@ -287,7 +289,9 @@ fn start_server_at(
         // LOAD_SERVER_METRICS=ADDR:PORT: the server's metrics page there
         // (inside the namespace for `shaped`), to read its counters mid-run.
         .args(
-            std::env::var("LOAD_SERVER_METRICS")
+            metrics
+                .map(str::to_string)
+                .or_else(|| std::env::var("LOAD_SERVER_METRICS").ok())
                 .map(|a| vec!["--metrics".to_string(), a])
                 .unwrap_or_default(),
         )

@@ -30,8 +30,14 @@ const SUBNET: &str = "10.213.78";
 const QUEUE: &str = "512kb";
 /// The token bucket: a few datagrams of slack at line rate. Batches the
 /// kernel was handed whole (GSO, TSO) and larger than this are cut into
-/// datagrams at the queue, so its drop count is in datagrams.
+/// datagrams at the queue; smaller ones stay whole, and a dropped one
+/// counts once in the queue's drops (its datagrams all count in what it
+/// passes), so the drops are what was handed to it less what it passed
+/// (see [`handed_to_the_queue`]).
 const BUCKET: &str = "32kb";
+/// The udpvid server's metrics page, on the namespace's address: its
+/// count of datagrams sent is what it handed to the queue.
+const METRICS_PORT: u16 = 9911;
 const HTTP_PORT: u16 = 8080;
 /// How long an HTTP pull waits for its next bytes: TCP flows that lose
 /// their first segments in a queue shared by hundreds back off for
@@ -81,6 +87,37 @@ fn pull_http(host: &str, file: &str) -> Result<Pulled, String> {
     })
 }
 
+/// Datagrams (udpvid: the server's count) or TCP segments (nginx: the
+/// namespace's, retransmissions included) handed to the queue so far, one
+/// for each that leaves it when it passes.
+fn handed_to_the_queue(link: &ShapedLink, peer: &str) -> Option<u64> {
+    if peer == "http" {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &link.name, "cat", "/proc/net/snmp"])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+        let (names, values) = (tcp.next()?, tcp.next()?);
+        let field = |name: &str| -> Option<u64> {
+            let i = names.split_whitespace().position(|n| n == name)?;
+            values.split_whitespace().nth(i)?.parse().ok()
+        };
+        return Some(field("OutSegs")? + field("RetransSegs")?);
+    }
+    let mut stream =
+        std::net::TcpStream::connect((link.server_addr().as_str(), METRICS_PORT)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut page = String::new();
+    stream.read_to_string(&mut page).ok()?;
+    page.lines()
+        .find_map(|l| l.strip_prefix("udpvid_datagrams_sent_total "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 pub fn shaped(mut args: impl Iterator<Item = String>) -> ExitCode {
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(20);
     let mbit: f64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(200.0);
@@ -111,13 +148,20 @@ pub fn shaped(mut args: impl Iterator<Item = String>) -> ExitCode {
     let (mut server, port) = if peer == "http" {
         (start_nginx(&link, &dir, n + 16), HTTP_PORT)
     } else {
-        let (server, _, port) =
-            start_server_at(&dir, n + 16, &link.server_addr(), Some(&link.name));
+        let metrics = format!("{}:{METRICS_PORT}", link.server_addr());
+        let (server, _, port) = start_server_at(
+            &dir,
+            n + 16,
+            &link.server_addr(),
+            Some(&link.name),
+            Some(&metrics),
+        );
         (server, port)
     };
     let pid = server.id();
     let before = ServerCost::sample(pid);
     let counts_before = link.counts().unwrap_or_default();
+    let handed_before = handed_to_the_queue(&link, &peer);
     let started = Instant::now();
     let handles: Vec<_> = (0..n)
         .map(|_| {
@@ -138,10 +182,16 @@ pub fn shaped(mut args: impl Iterator<Item = String>) -> ExitCode {
         .collect();
     let elapsed = started.elapsed();
     let cost = ServerCost::sample(pid).since(&before);
-    let (passed, dropped) = link
+    let (passed, dropped_batches) = link
         .counts()
         .map(|(p, d)| (p - counts_before.0, d - counts_before.1))
         .unwrap_or_default();
+    // The run is over and the queue drained: what it did not pass, it
+    // dropped. Without the sender's count, its drops in batches.
+    let dropped = match (handed_before, handed_to_the_queue(&link, &peer)) {
+        (Some(before), Some(after)) => (after - before).saturating_sub(passed),
+        _ => dropped_batches,
+    };
     let _ = server.kill();
     let _ = server.wait();
     drop(link);
@@ -175,7 +225,7 @@ pub fn shaped(mut args: impl Iterator<Item = String>) -> ExitCode {
     print_server_cost(cost.cpu, gb, cost.wakeups, elapsed, &cost.per_thread);
     let dropped_share = 100.0 * dropped as f64 / (passed + dropped).max(1) as f64;
     println!(
-        "| bottleneck | {passed} datagrams or segments passed, {dropped} dropped ({dropped_share:.1} %) |"
+        "| bottleneck | {passed} datagrams or segments passed, {dropped} dropped ({dropped_share:.1} %; {dropped_batches} drops, a batch of several counting once) |"
     );
     let median_first = summary
         .first_bytes
