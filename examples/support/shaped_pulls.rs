@@ -159,9 +159,10 @@ pub fn shaped(mut args: impl Iterator<Item = String>) -> ExitCode {
         (server, port)
     };
     let pid = server.id();
+    // Read before the server's CPU is: the metrics page is not the pulls'.
+    let handed_before = handed_to_the_queue(&link, &peer);
     let before = ServerCost::sample(pid);
     let counts_before = link.counts().unwrap_or_default();
-    let handed_before = handed_to_the_queue(&link, &peer);
     let started = Instant::now();
     let handles: Vec<_> = (0..n)
         .map(|_| {
@@ -182,14 +183,17 @@ pub fn shaped(mut args: impl Iterator<Item = String>) -> ExitCode {
         .collect();
     let elapsed = started.elapsed();
     let cost = ServerCost::sample(pid).since(&before);
+    // The pulls are over: the sender's count first, then the queue's, so
+    // that all it was handed has left it.
+    let handed_after = handed_to_the_queue(&link, &peer);
     let (passed, dropped_batches) = link
         .counts()
         .map(|(p, d)| (p - counts_before.0, d - counts_before.1))
         .unwrap_or_default();
-    // The run is over and the queue drained: what it did not pass, it
-    // dropped. Without the sender's count, its drops in batches.
-    let dropped = match (handed_before, handed_to_the_queue(&link, &peer)) {
-        (Some(before), Some(after)) => (after - before).saturating_sub(passed),
+    // What the queue did not pass, it dropped. Without the sender's count,
+    // its drops in batches.
+    let dropped = match (handed_before, handed_after) {
+        (Some(before), Some(after)) => after.saturating_sub(before).saturating_sub(passed),
         _ => dropped_batches,
     };
     let _ = server.kill();
