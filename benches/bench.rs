@@ -29,8 +29,11 @@ use gst::prelude::*;
 #[allow(dead_code)]
 #[path = "common/cpu_affinity.rs"]
 mod cpu_affinity;
+#[path = "common/metrics_scrape.rs"]
+mod metrics_scrape;
 #[path = "common/nginx.rs"]
 mod nginx;
+use metrics_scrape::scrape_metric;
 #[path = "common/proc_stat.rs"]
 mod proc_stat;
 
@@ -1117,16 +1120,6 @@ fn start_store_server(moto_port: u16, url: &str) -> (Proc, u16, u16) {
     (p, port_of(&banner, 4), metrics)
 }
 
-fn scrape_metric(port: u16, name: &str) -> Option<u64> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .ok()?;
-    let mut page = String::new();
-    s.read_to_string(&mut page).ok()?;
-    page.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// A real-time playbin viewer of `uri` (several servers); `kill` runs when
 /// playback reaches `kill_at`. Returns the longest wall-clock gap between
 /// two rendered video frames after the first, the stalls, the failovers
@@ -1436,9 +1429,9 @@ fn players_table(out: &mut String, env: &Env) {
         let counts = |port: Option<u16>| {
             port.map(|p| {
                 (
-                    scrape_metric(p, "udpvid_datagrams_sent_total").unwrap_or(0),
-                    scrape_metric(p, "udpvid_sends_total").unwrap_or(0),
-                    scrape_metric(p, "udpvid_wakeups_total").unwrap_or(0),
+                    scrape_metric("127.0.0.1", p, "udpvid_datagrams_sent_total").unwrap_or(0),
+                    scrape_metric("127.0.0.1", p, "udpvid_sends_total").unwrap_or(0),
+                    scrape_metric("127.0.0.1", p, "udpvid_wakeups_total").unwrap_or(0),
                 )
             })
         };
@@ -1661,8 +1654,9 @@ fn scale_out(out: &mut String, env: &Env) {
             _ => failed += 1,
         }
     }
-    let read = scrape_metric(store_metrics, "udpvid_store_bytes_read_total").unwrap_or(0);
-    let gets = scrape_metric(store_metrics, "udpvid_store_gets_total").unwrap_or(0);
+    let read =
+        scrape_metric("127.0.0.1", store_metrics, "udpvid_store_bytes_read_total").unwrap_or(0);
+    let gets = scrape_metric("127.0.0.1", store_metrics, "udpvid_store_gets_total").unwrap_or(0);
     drop(store);
     let _ = writeln!(
         out,

@@ -68,6 +68,8 @@ mod cpu_affinity;
 mod evented_viewers;
 #[path = "../benches/common/impair_report.rs"]
 mod impair_report;
+#[path = "../benches/common/metrics_scrape.rs"]
+mod metrics_scrape;
 #[path = "../benches/common/nginx.rs"]
 mod nginx;
 #[path = "../benches/common/proc_stat.rs"]

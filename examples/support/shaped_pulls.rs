@@ -17,6 +17,7 @@ use gstudpvid::protocol::read_ahead::ReadAhead;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
+use super::metrics_scrape::scrape_metric;
 use super::shaped_link::ShapedLink;
 use super::{
     PullSummary, Pulled, ServerCost, cpu_affinity, http_get, median_and_worst, nginx,
@@ -105,17 +106,11 @@ fn handed_to_the_queue(link: &ShapedLink, peer: &str) -> Option<u64> {
         };
         return Some(field("OutSegs")? + field("RetransSegs")?);
     }
-    let mut stream =
-        std::net::TcpStream::connect((link.server_addr().as_str(), METRICS_PORT)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
-    let mut page = String::new();
-    stream.read_to_string(&mut page).ok()?;
-    page.lines()
-        .find_map(|l| l.strip_prefix("udpvid_datagrams_sent_total "))?
-        .trim()
-        .parse()
-        .ok()
+    scrape_metric(
+        &link.server_addr(),
+        METRICS_PORT,
+        "udpvid_datagrams_sent_total",
+    )
 }
 
 pub fn shaped(mut args: impl Iterator<Item = String>) -> ExitCode {
