@@ -1186,12 +1186,14 @@ fn failover_viewing(
 }
 
 /// One run of `load viewers`: N real-time viewers arriving over
-/// `arrival_seconds` against one server core, udpvid or nginx.
+/// `arrival_seconds` against one server core, udpvid or nginx; with
+/// `quota`, the server held to that share of a core per serving thread.
 fn load_viewers(
     n: usize,
     peer: &str,
     server_threads: usize,
     arrival_seconds: u64,
+    quota: Option<f64>,
 ) -> Result<Vec<(String, String)>, String> {
     let mut command = Command::new(profile_dir().join("examples").join("load"));
     command
@@ -1204,6 +1206,9 @@ fn load_viewers(
         ])
         .env("LOAD_SERVER_THREADS", server_threads.to_string())
         .env("LOAD_ARRIVAL_SECONDS", arrival_seconds.to_string());
+    if let Some(cores) = quota {
+        command.env("LOAD_SERVER_QUOTA", cores.to_string());
+    }
     if server_threads == 1 {
         pin_server_and_load(&mut command);
     }
@@ -1270,6 +1275,13 @@ fn udp_floor(n: usize, mbit: usize, burst: usize) -> Result<String, String> {
         .ok_or_else(|| "no result".to_string())
 }
 
+/// The share of a core each serving thread is held to in the rows that
+/// show what a second serving thread adds, and the viewers one such
+/// thread carries there without a stall (125 on the 2-core VM of 5 Dec;
+/// 250 stalled every viewer).
+const QUOTA_CORES: f64 = 0.1;
+const QUOTA_VIEWERS: usize = 125;
+
 /// Datagrams per GSO send the server makes to 4 Mbit/s viewers (measured
 /// with `perf stat` on `sendmsg` at 200 viewers: 11.5).
 const VIEWER_BURST_DATAGRAMS: usize = 11;
@@ -1289,7 +1301,7 @@ fn viewers_table(out: &mut String) {
     );
     let _ = writeln!(
         out,
-        "The viewers play in real time from one load process (`load viewers`): udpvid through the protocol core the element uses and its adaptive read-ahead, all viewers on one thread; HTTP through a socket read at the playback rate (TCP's buffers are its read-ahead), a thread per viewer. With one serving thread the server (or nginx) runs on core 0 and the viewers on core 1 (`LOAD_SERVER_CPUS`, `LOAD_VIEWER_CPUS`); with two, both share both cores. The busiest serving thread's share is 100 % with one thread; near 50 % with two, the sessions spread evenly over both cores, so two cores carry twice what one does at the same CPU per GB (here the second core also runs the viewers, so the doubled count itself cannot be shown). The last column is how late the udpvid viewers' thread ran its timers at worst: near a tick (100 ms), stalls are the generator's.\n"
+        "The viewers play in real time from one load process (`load viewers`): udpvid through the protocol core the element uses and its adaptive read-ahead, all viewers on one thread; HTTP through a socket read at the playback rate (TCP's buffers are its read-ahead), a thread per viewer. With one serving thread the server (or nginx) runs on core 0 and the viewers on core 1 (`LOAD_SERVER_CPUS`, `LOAD_VIEWER_CPUS`); with two, both share both cores. The busiest serving thread's share is 100 % with one thread; near 50 % with two, the sessions spread evenly over both cores, so two cores carry twice what one does at the same CPU per GB (here the second core also runs the viewers, so the doubled count cannot be shown with whole cores). The last three rows show it with the server held to {QUOTA_CORES} of a core per serving thread (a cgroup CPU quota with a 10 ms period, `LOAD_SERVER_QUOTA`; needs root), the viewers free on both cores: one thread so held carries the first count without a stall and stalls at twice it; two threads so held carry twice it. The last column is how late the udpvid viewers' thread ran its timers at worst: near a tick (100 ms), stalls are the generator's.\n"
     );
     let _ = writeln!(
         out,
@@ -1297,20 +1309,35 @@ fn viewers_table(out: &mut String) {
     );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
     let largest = counts.iter().copied().max().unwrap_or(0);
-    // (viewers, peer, serving threads, arrival seconds)
-    let mut runs: Vec<(usize, &str, usize, u64)> = Vec::new();
+    // (viewers, peer, serving threads, arrival seconds, quota per thread)
+    let mut runs: Vec<(usize, &str, usize, u64, Option<f64>)> = Vec::new();
     for &n in &counts {
-        runs.push((n, "http", 1, VIEWER_ARRIVAL_SECONDS));
-        runs.push((n, "udpvid", 1, VIEWER_ARRIVAL_SECONDS));
-        runs.push((n, "floor", 1, VIEWER_ARRIVAL_SECONDS));
+        runs.push((n, "http", 1, VIEWER_ARRIVAL_SECONDS, None));
+        runs.push((n, "udpvid", 1, VIEWER_ARRIVAL_SECONDS, None));
+        runs.push((n, "floor", 1, VIEWER_ARRIVAL_SECONDS, None));
     }
     if largest > 0 {
         // 1 -> 2 serving threads at the largest N.
-        runs.push((largest, "udpvid", 2, VIEWER_ARRIVAL_SECONDS));
+        runs.push((largest, "udpvid", 2, VIEWER_ARRIVAL_SECONDS, None));
         // The flash crowd: all of them within a second.
-        runs.push((largest, "udpvid", 1, 1));
+        runs.push((largest, "udpvid", 1, 1, None));
     }
-    for (n, peer, threads, arrival) in runs {
+    // 1 -> 2 serving threads, each held to a share of a core: twice the
+    // viewers need the second thread.
+    for (n, threads) in [
+        (QUOTA_VIEWERS, 1),
+        (2 * QUOTA_VIEWERS, 1),
+        (2 * QUOTA_VIEWERS, 2),
+    ] {
+        runs.push((
+            n,
+            "udpvid",
+            threads,
+            VIEWER_ARRIVAL_SECONDS,
+            Some(QUOTA_CORES),
+        ));
+    }
+    for (n, peer, threads, arrival, quota) in runs {
         if peer == "floor" {
             let cell = udp_floor(n, 4 * n, VIEWER_BURST_DATAGRAMS)
                 .unwrap_or_else(|e| format!("failed: {e}"));
@@ -1320,13 +1347,15 @@ fn viewers_table(out: &mut String) {
             );
             continue;
         }
-        let name = match (peer, threads) {
-            ("http", _) => "HTTP (nginx, 1 worker)".to_string(),
-            (_, 1) if arrival == VIEWER_ARRIVAL_SECONDS => "udpvid".to_string(),
-            (_, 1) => format!("udpvid, all arriving within {arrival} s"),
-            (_, t) => format!("udpvid, {t} serving threads"),
+        let name = match (peer, threads, quota) {
+            ("http", _, _) => "HTTP (nginx, 1 worker)".to_string(),
+            (_, 1, Some(q)) => format!("udpvid, 1 serving thread held to {q} of a core"),
+            (_, t, Some(q)) => format!("udpvid, {t} serving threads held to {q} of a core each"),
+            (_, 1, None) if arrival == VIEWER_ARRIVAL_SECONDS => "udpvid".to_string(),
+            (_, 1, None) => format!("udpvid, all arriving within {arrival} s"),
+            (_, t, None) => format!("udpvid, {t} serving threads"),
         };
-        match load_viewers(n, peer, threads, arrival) {
+        match load_viewers(n, peer, threads, arrival, quota) {
             Ok(kv) => {
                 let get = |k: &str| pair_value(&kv, k);
                 let _ = writeln!(

@@ -64,6 +64,8 @@ use sha2::{Digest, Sha256};
 
 #[path = "../benches/common/cpu_affinity.rs"]
 mod cpu_affinity;
+#[path = "../benches/common/cpu_quota.rs"]
+mod cpu_quota;
 #[path = "support/evented_viewers.rs"]
 mod evented_viewers;
 #[path = "../benches/common/impair_report.rs"]
@@ -273,6 +275,7 @@ fn start_server_at(
     if let Some(cpus) = cpu_affinity::cpus_from_env("LOAD_SERVER_CPUS") {
         cpu_affinity::pin_command(&mut command, cpus);
     }
+    hold_to_quota(&mut command);
     let mut server = command
         .arg("--dir")
         .arg(dir)
@@ -315,6 +318,34 @@ fn start_server_at(
     // "udpvid server listening on 127.0.0.1:PORT, serving DIR"
     let port = banner_port(&mut server, 4);
     (server, server_bin, port)
+}
+
+/// The cgroups holding this run's servers (see [`hold_to_quota`]),
+/// removed when `main` returns, once the servers are gone.
+static QUOTAS: std::sync::Mutex<Vec<cpu_quota::CpuQuota>> = std::sync::Mutex::new(Vec::new());
+
+/// `LOAD_SERVER_QUOTA=CORES`: the server is held to CORES of CPU time per
+/// serving thread (a cgroup CPU quota; needs root), so that one and two
+/// serving threads can be compared on a machine whose other core runs the
+/// generator.
+fn hold_to_quota(command: &mut Command) {
+    let Ok(value) = std::env::var("LOAD_SERVER_QUOTA") else {
+        return;
+    };
+    let cores: f64 = match value.parse() {
+        Ok(c) if c > 0.0 => c,
+        _ => panic!("LOAD_SERVER_QUOTA={value}: a share of a core, such as 0.1"),
+    };
+    // `--threads 0` is one per core.
+    let threads = match server_threads().parse::<usize>() {
+        Ok(0) | Err(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        Ok(t) => t,
+    } as f64;
+    let name = format!("udpvid-load-{}", std::process::id());
+    let quota = cpu_quota::CpuQuota::new(&name, cores * threads)
+        .unwrap_or_else(|e| panic!("LOAD_SERVER_QUOTA: {e}"));
+    quota.hold(command);
+    QUOTAS.lock().unwrap_or_else(|e| e.into_inner()).push(quota);
 }
 
 /// The port in the first line a child printed, the address being word
@@ -1186,6 +1217,12 @@ fn paced(mut args: impl Iterator<Item = String>) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    let code = run();
+    QUOTAS.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    code
+}
+
+fn run() -> ExitCode {
     // Before any thread starts, so that all of them inherit it.
     if let Some(cpus) = cpu_affinity::cpus_from_env("LOAD_VIEWER_CPUS") {
         if let Err(e) = cpu_affinity::pin_this_thread(&cpus) {
