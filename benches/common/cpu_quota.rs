@@ -2,7 +2,7 @@
 //! that the load generator can show what a second serving thread adds on
 //! a machine whose second core it needs itself: one thread held to a
 //! tenth of a core against two threads held to a tenth each, the
-//! generator running free beside them. Needs root and the cgroup CPU
+//! generator beside them. Needs root and the cgroup CPU
 //! controller (v1's `cpu` hierarchy, or v2 with `cpu` enabled).
 
 use std::ffi::CString;
