@@ -24,6 +24,7 @@ pub mod rtt;
 pub mod sender;
 mod sent_packets;
 pub mod server;
+mod session;
 pub mod shared_bottleneck;
 pub mod wire;
 

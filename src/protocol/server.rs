@@ -1,6 +1,13 @@
 //! The server side of the protocol as a state machine: datagrams and the time
 //! go in, datagrams and a wake-up time come out. The tokio server in
 //! `server/` only moves bytes between this and a socket.
+//!
+//! This is the endpoint: it admits clients (address validation, limits),
+//! routes each datagram to its session, answers what has no session
+//! statelessly, keeps every session's next deadline in one heap and takes
+//! the sessions with something to send in turns, a batch each. What one
+//! session sends, and the transfer and recovery behind it, is
+//! `session.rs`.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -15,11 +22,12 @@ use rand::{Rng, SeedableRng};
 
 use super::admission::{Admission, Shard};
 use super::catalog::{self, CatalogEntry};
-use super::content_blocks::{BlockPool, BlockReader, ReadOrder};
+use super::content_blocks::BlockPool;
 use super::cookie::AddressValidator;
 use super::crypto::{Psk, SessionKeys, TAG_LEN};
 use super::media_index::{self, MediaIndex};
-use super::sender::{DataSent, LossRecovery, RecoveryOutcome, SentPacket, StreamSender};
+use super::sender::{LossRecovery, RecoveryOutcome};
+use super::session::{LargeDatagrams, Session, Transmit, still_needed};
 use super::shared_bottleneck::{GROUP_LOSS_SPREAD, SessionDemand, ShardGroups};
 use super::wire::{
     Body, CloseReason, ConnectionId, DATA_OVERHEAD, DEFAULT_LARGE_DATAGRAM_SIZE,
@@ -58,11 +66,6 @@ const MIN_SHARED_BURST_PACKETS: f64 = 2.0;
 /// of times a second (`handle_timeout` took 2.3 % of the server's CPU with
 /// 200 paced pulls, 1.0 % counting every 10 ms).
 const BURST_FLOOR_REFRESH: Duration = Duration::from_millis(10);
-/// A session that lost more than this share of its packets sends each
-/// resend twice (see `StreamSender::set_resend_twice`)...
-const RESEND_TWICE_LOSS_SHARE: f64 = 0.03;
-/// ...once it sent this many, so a few early losses do not decide it.
-const RESEND_TWICE_AFTER_PACKETS: u64 = 200;
 /// Default time a session may stay silent before the server drops it.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default limit on sessions at once.
@@ -270,136 +273,6 @@ pub enum ServerEvent {
         /// Probe timeouts: rounds where the client acknowledged nothing.
         probe_timeouts: u64,
     },
-}
-
-struct Transfer {
-    id: u32,
-    path: String,
-    content: Box<dyn Content>,
-    blocks: BlockReader,
-    stream: StreamSender,
-    complete_reported: bool,
-    /// A read would block: nothing is sent until content arrives.
-    waiting_for_content: bool,
-}
-
-/// A session that sent nothing for this long, with nothing in flight and
-/// its transfer at the client's window, belongs to a paused player: when
-/// its keepalive comes, it gives back its read block and its in-flight
-/// ring (`load paused 2000 60`: 111 -> 43 KiB of RSS per paused session).
-const PAUSED_SESSION_IDLE: Duration = Duration::from_secs(2);
-
-struct Session {
-    id: ConnectionId,
-    addr: SocketAddr,
-    client_nonce: u64,
-    last_activity: Instant,
-    next_packet_number: u64,
-    recovery: LossRecovery,
-    transfer: Option<Transfer>,
-    /// The reply to the newest Open, resent when the Open is repeated.
-    last_open_reply: Option<(u32, Body)>,
-    control: VecDeque<Body>,
-    bytes_sent: u64,
-    closing: Option<CloseReason>,
-    /// Repeated when the Hello is repeated.
-    welcome: Body,
-    keys: Option<SessionKeys>,
-    /// The client proved its address: a valid cookie, or a packet carrying
-    /// the connection id only the Welcome told it. Until then the session
-    /// may send at most [`AMPLIFICATION_FACTOR`] × `received_unvalidated`.
-    validated: bool,
-    received_unvalidated: usize,
-    /// The file whose index this session was sent ahead: a demuxer parses
-    /// the index once, so a later open of the same file (a seek) does not
-    /// get it again.
-    index_sent_for: Option<String>,
-    /// In the endpoint's queue of sessions that may have something to send.
-    ready: bool,
-    /// Out of that queue with data to send, held back by its window (not
-    /// by pacing): only an ACK lets it send again.
-    awaits_ack: bool,
-    /// This session's entry in the endpoint's timer heap; older entries
-    /// there are stale and skipped.
-    timer_at: Option<Instant>,
-    large: LargeDatagrams,
-}
-
-/// Datagrams larger than Ethernet's, for a client that says its route to
-/// the server carries them (loopback, jumbo frames): per datagram, the
-/// work of both ends is most of a fast transfer's cost. The client knows
-/// only its own interface, so one datagram of that size goes first, new
-/// data and nothing else; once acknowledged every datagram may be that
-/// large, and once lost (a router further on carries less) none is. Its
-/// loss is not the path's congestion, as RFC 8899 §4.2 has it for
-/// probes: the controller is not told of it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LargeDatagrams {
-    /// Not offered, not allowed, or the trial was lost.
-    Off,
-    /// The next datagram that can be this large is the trial.
-    Untried(usize),
-    /// The trial is in flight (its `SentPacket` says `trial`).
-    Trying(usize),
-    /// The path carries them.
-    InUse(usize),
-}
-
-impl Session {
-    /// Bytes an unvalidated session may still send; `None` once validated.
-    fn amplification_budget(&self) -> Option<usize> {
-        (!self.validated).then(|| {
-            (self.received_unvalidated * AMPLIFICATION_FACTOR)
-                .saturating_sub(self.bytes_sent as usize)
-        })
-    }
-
-    /// An unvalidated session has no budget left for a useful datagram.
-    fn amplification_blocked(&self) -> bool {
-        self.amplification_budget()
-            .is_some_and(|b| b < DATA_OVERHEAD + MIN_UNVALIDATED_PAYLOAD)
-    }
-
-    /// When the session is dropped if nothing more is heard from it.
-    fn expires_at(&self, idle_timeout: Duration) -> Instant {
-        let limit = if self.validated {
-            idle_timeout
-        } else {
-            idle_timeout.min(UNVALIDATED_TIMEOUT)
-        };
-        self.last_activity + limit
-    }
-
-    /// Data waits to leave that only the window or pacing holds back: not
-    /// a read of its content, nor the unproven address's budget.
-    fn has_data_for_the_network(&self) -> bool {
-        !self.amplification_blocked()
-            && self
-                .transfer
-                .as_ref()
-                .is_some_and(|t| !t.waiting_for_content && t.stream.has_data_to_send())
-    }
-
-    /// The session's next deadline: the idle expiry, the loss-recovery
-    /// timer, and, for data held back only by pacing, when it may leave.
-    fn next_deadline(&self, idle_timeout: Duration) -> Instant {
-        let mut next = self.expires_at(idle_timeout);
-        if let Some(t) = self.recovery.timeout() {
-            next = next.min(t);
-        }
-        if self.has_data_for_the_network() {
-            if let Some(t) = self.recovery.pacing_deadline() {
-                next = next.min(t);
-            }
-        }
-        next
-    }
-
-    fn next_pn(&mut self) -> u64 {
-        let pn = self.next_packet_number;
-        self.next_packet_number += 1;
-        pn
-    }
 }
 
 /// Connection ids are random numbers the server drew itself, so they are
@@ -640,31 +513,21 @@ impl<S: ContentStore> ServerEndpoint<S> {
                 let Some(session) = self.sessions.get_mut(&id) else {
                     return;
                 };
-                if let Some(t) = session.transfer.as_mut().filter(|t| t.id == transfer_id) {
-                    t.stream.update_window(window);
-                    t.stream.on_received_up_to(received_up_to);
-                }
-                let mut outcome = session.recovery.on_ack_received(
+                let outcome = session.on_ack(
                     now,
-                    &ranges,
+                    transfer_id,
+                    window,
+                    received_up_to,
                     Duration::from_micros(ack_delay_micros as u64),
+                    &ranges,
                 );
-                // An ACK that acknowledges nothing new is a waiting client's
-                // (its ACK repeat while bytes below its window are missing):
-                // it earns a probe as its ping does, without waiting for a
-                // probe timer backed off to seconds.
-                if outcome.acked.is_empty() && outcome.lost.is_empty() {
-                    outcome = session
-                        .recovery
-                        .on_peer_waiting(now, |p| Self::still_needed(&session.transfer, p));
-                }
                 self.packets_lost += outcome.lost.len() as u64;
                 let rtt = (!outcome.acked.is_empty()).then(|| session.recovery.rtt().latest());
                 let datagram = (self.config.max_payload + DATA_OVERHEAD) as u64;
                 report_to_group(&mut self.peer_groups, now, session, datagram, &outcome, rtt);
                 let probe = !outcome.probe.is_empty();
-                Self::apply_recovery(session, outcome);
-                Self::check_complete(session, &mut self.events);
+                session.apply_recovery(outcome);
+                session.check_complete(&mut self.events);
                 if probe {
                     // As a probe timeout's (see `wake_first`).
                     return self.wake_first(id);
@@ -672,21 +535,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             }
             Body::Ping => {
                 if let Some(s) = self.sessions.get_mut(&id) {
-                    s.control.push_back(Body::Pong);
-                    if s.recovery.is_idle_for(now, PAUSED_SESSION_IDLE) {
-                        if let Some(t) =
-                            s.transfer.as_mut().filter(|t| t.stream.is_window_blocked())
-                        {
-                            t.blocks.release(&mut self.block_pool);
-                            s.recovery.release_memory();
-                        }
-                    }
-                    let outcome = s
-                        .recovery
-                        .on_peer_waiting(now, |p| Self::still_needed(&s.transfer, p));
-                    let probe = !outcome.probe.is_empty();
-                    Self::apply_recovery(s, outcome);
-                    if probe {
+                    if s.on_ping(now, &mut self.block_pool) {
                         // As a probe timeout's (see `wake_first`).
                         return self.wake_first(id);
                     }
@@ -951,174 +800,21 @@ impl<S: ContentStore> ServerEndpoint<S> {
     }
 
     fn handle_open(&mut self, now: Instant, id: ConnectionId, request: OpenRequest) {
-        let OpenRequest {
-            transfer_id,
-            kind,
-            offset,
-            window,
-            path,
-        } = request;
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
         };
-        if let Some((last_id, reply)) = &session.last_open_reply {
-            if transfer_id == *last_id {
-                // A repeated Open: the reply was lost, send it again.
-                session.control.push_back(reply.clone());
-                return;
-            }
-            if transfer_id < *last_id {
-                // A reordered, older Open: the client has moved on.
-                return;
-            }
+        if session.answered_open(request.transfer_id) {
+            return;
         }
-        let opened: Result<Box<dyn Content>, OpenFailure> = match kind {
+        let opened: Result<Box<dyn Content>, OpenFailure> = match request.kind {
             TransferKind::Catalog => Ok(Box::new(catalog_content(&self.store))),
-            TransferKind::File => self.store.open(&path),
+            TransferKind::File => self.store.open(&request.path),
         };
-        let session = match self.sessions.get_mut(&id) {
-            Some(s) => s,
-            None => return,
-        };
-        // Whatever happens, the previous transfer's bytes are no longer wanted.
-        session.transfer = None;
-        session.recovery.discard_other_transfers(now, transfer_id);
-        // A trial of the old transfer is forgotten with it, neither acked
-        // nor lost: the new one tries again.
-        if let LargeDatagrams::Trying(size) = session.large {
-            session.large = LargeDatagrams::Untried(size);
-        }
-        match opened {
-            Ok(content) => {
-                let size = content.size();
-                let start = offset.min(size);
-                // The index goes ahead unless the demuxer's first reads
-                // include it. Even inside the window it is worth it: the
-                // client jumps locally only a short way, and the stream
-                // reaches the end of the window last.
-                let index = match kind {
-                    TransferKind::File if session.index_sent_for.as_deref() != Some(&path) => {
-                        content
-                            .media_index()
-                            .filter(|i| i.range.start > start.saturating_add(i.head))
-                    }
-                    _ => None,
-                };
-                let mut stream = StreamSender::new(start, size, window);
-                if let Some(i) = &index {
-                    stream.send_ahead(i.range.clone(), i.head);
-                    session.index_sent_for = Some(path.clone());
-                }
-                let reply = Body::OpenOk {
-                    transfer_id,
-                    size,
-                    content_tag: content.tag(),
-                    offset: start,
-                    index: index.map(|i| i.range),
-                };
-                session.control.push_back(reply.clone());
-                session.last_open_reply = Some((transfer_id, reply));
-                session.transfer = Some(Transfer {
-                    id: transfer_id,
-                    path: path.clone(),
-                    content,
-                    blocks: BlockReader::default(),
-                    stream,
-                    complete_reported: false,
-                    waiting_for_content: false,
-                });
-                self.events.push_back(ServerEvent::TransferStarted {
-                    id,
-                    kind,
-                    path,
-                    offset: start,
-                    size,
-                });
-            }
-            Err(failure) => {
-                let reply = Body::OpenError {
-                    transfer_id,
-                    kind: failure.kind,
-                    message: failure.message.clone(),
-                };
-                session.control.push_back(reply.clone());
-                session.last_open_reply = Some((transfer_id, reply));
-                self.events.push_back(ServerEvent::OpenRefused {
-                    id,
-                    path,
-                    kind: failure.kind,
-                    detail: failure.detail,
-                });
-            }
-        }
-    }
-
-    /// Whether a packet in flight carries bytes the client still lacks.
-    fn still_needed(transfer: &Option<Transfer>, p: &SentPacket) -> bool {
-        transfer.as_ref().is_some_and(|t| {
-            p.transfer_id == t.id && (p.ahead || !t.stream.is_acked(p.range.clone()))
-        })
-    }
-
-    fn apply_recovery(session: &mut Session, outcome: RecoveryOutcome) {
-        if let LargeDatagrams::Trying(size) = session.large {
-            let is_trial = |p: &SentPacket| p.trial;
-            if outcome.acked.iter().any(is_trial) {
-                session.large = LargeDatagrams::InUse(size);
-                session.recovery.set_max_datagram(size as u64);
-            } else if outcome
-                .lost
-                .iter()
-                .chain(outcome.probe.iter())
-                .any(is_trial)
-            {
-                session.large = LargeDatagrams::Off;
-            }
-        }
-        let Some(t) = session.transfer.as_mut() else {
+        let Some(session) = self.sessions.get_mut(&id) else {
             return;
         };
-        if !outcome.lost.is_empty() {
-            let stats = session.recovery.stats();
-            t.stream.set_resend_twice(
-                stats.packets_sent >= RESEND_TWICE_AFTER_PACKETS
-                    && stats.packets_lost as f64
-                        > stats.packets_sent as f64 * RESEND_TWICE_LOSS_SHARE,
-            );
-        }
-        // Index sent ahead lives apart on the client: its ACK does not
-        // mean the stream holds those bytes.
-        for p in outcome
-            .acked
-            .iter()
-            .filter(|p| p.transfer_id == t.id && !p.ahead)
-        {
-            t.stream.on_acked(p.range.clone());
-        }
-        for p in outcome
-            .lost
-            .iter()
-            .chain(outcome.probe.iter())
-            .filter(|p| p.transfer_id == t.id)
-        {
-            if p.ahead {
-                t.stream.on_ahead_lost(p.range.clone());
-            } else {
-                t.stream.on_lost(p.range.clone());
-            }
-        }
-    }
-
-    fn check_complete(session: &mut Session, events: &mut VecDeque<ServerEvent>) {
-        if let Some(t) = session.transfer.as_mut() {
-            if !t.complete_reported && t.stream.is_complete() {
-                t.complete_reported = true;
-                events.push_back(ServerEvent::TransferComplete {
-                    id: session.id,
-                    path: t.path.clone(),
-                });
-            }
-        }
+        let event = session.start_transfer(now, request, opened);
+        self.events.push_back(event);
     }
 
     fn end_session(&mut self, id: ConnectionId, reason: CloseReason) {
@@ -1221,7 +917,6 @@ impl<S: ContentStore> ServerEndpoint<S> {
         payloads: Option<&mut Vec<SharedPayload>>,
         starting: bool,
     ) -> Option<SocketAddr> {
-        let start = out.len();
         let shared_floor = self.burst_floor;
         let session = self.sessions.get_mut(&id)?;
         session
@@ -1234,176 +929,26 @@ impl<S: ContentStore> ServerEndpoint<S> {
                 crate::protocol::pacing::MIN_BURST_PACKETS
             },
         );
-        if let Some(reason) = session.closing {
-            let pn = session.next_pn();
-            Packet::new(
-                id,
-                pn,
-                Body::Close {
-                    reason,
-                    message: reason.to_string(),
-                },
-            )
-            .encode_append(out);
-            if let Some(keys) = &session.keys {
-                keys.seal_from(out, start);
-            }
-            let addr = session.addr;
-            self.end_session(id, reason);
-            return Some(addr);
-        }
-        if session.amplification_blocked() {
-            return None;
-        }
-        if let Some(body) = session.control.pop_front() {
-            // The Welcome is authenticated by its tag; the client has no
-            // keys before it.
-            let seal = !matches!(body, Body::Welcome { .. });
-            Packet::new(id, session.next_packet_number, body.clone()).encode_append(out);
-            if let (true, Some(keys)) = (seal, &session.keys) {
-                keys.seal_from(out, start);
-            }
-            if session
-                .amplification_budget()
-                .is_some_and(|b| out.len() - start > b)
-            {
-                // It waits for the client's proof of address.
-                session.control.push_front(body);
-                out.truncate(start);
-                return None;
-            }
-            session.next_pn();
-            session.bytes_sent += (out.len() - start) as u64;
-            return Some(session.addr);
-        }
-        let tag_len = if session.keys.is_some() { TAG_LEN } else { 0 };
-        let mut max_payload = match session.large {
-            LargeDatagrams::InUse(size) => size - DATA_OVERHEAD,
-            _ => self.config.max_payload,
-        } - tag_len;
-        if let Some(budget) = session.amplification_budget() {
-            max_payload = max_payload.min(budget.saturating_sub(DATA_OVERHEAD + tag_len));
-            if max_payload < MIN_UNVALIDATED_PAYLOAD {
-                return None;
-            }
-        }
-        let t = session.transfer.as_mut()?;
-        if t.waiting_for_content || !t.stream.has_data_to_send() {
-            return None;
-        }
-        let may_send = |recovery: &mut LossRecovery, payload: usize| {
-            let size = (payload + DATA_OVERHEAD) as u64;
-            if starting {
-                recovery.can_start_burst(now, size)
-            } else {
-                recovery.can_send(now, size)
-            }
-        };
-        // The trial needs a whole datagram of new data and room for it;
-        // until both come, datagrams stay small.
-        let mut trial = None;
-        if let LargeDatagrams::Untried(size) = session.large {
-            let payload = size - DATA_OVERHEAD - tag_len;
-            if session.validated
-                && t.stream.has_new_data_run(payload as u64)
-                && may_send(&mut session.recovery, payload)
-            {
-                trial = Some(size);
-                max_payload = payload;
-            }
-        }
-        if trial.is_none() && !may_send(&mut session.recovery, max_payload) {
-            return None;
-        }
-        let nothing_in_flight = session.recovery.bytes_in_flight() == 0;
-        let range = t.stream.next_chunk(max_payload as u64, nothing_in_flight)?;
-        let len = (range.end - range.start) as usize;
-        let app_limited = t.stream.is_window_limited(max_payload as u64);
-        let ahead = t.stream.last_chunk_was_ahead();
-        let order = if t.stream.last_chunk_was_new() {
-            ReadOrder::Sequential
-        } else {
-            ReadOrder::Scattered
-        };
-        let transfer_id = t.id;
-        let pn = session.next_packet_number;
-        let mut failure = None;
-        let payload = match t.blocks.slice(
-            &mut self.block_pool,
-            t.content.as_ref(),
-            range.start,
-            len,
-            order,
-        ) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                t.stream.unsend(range);
-                t.waiting_for_content = true;
-                self.waiting.push(id);
-                return None;
-            }
-            Err(e) => {
-                self.events.push_back(ServerEvent::ReadFailed {
-                    id,
-                    path: t.path.clone(),
-                    message: e.to_string(),
-                });
-                failure = Some(e.to_string());
-                Bytes::new()
-            }
-        };
-        let filled = payload.len();
-        if filled < len {
-            // The file shrank or failed under us: tell the client rather than
-            // send bytes that are not the file's.
-            let path = t.path.clone();
-            session.transfer = None;
-            session.control.push_back(Body::OpenError {
-                transfer_id,
-                kind: OpenErrorKind::NotReadable,
-                message: format!(
-                    "{path}: read failed at offset {}{}",
-                    range.start + filled as u64,
-                    failure.map_or_else(String::new, |f| format!(": {f}"))
-                ),
-            });
-            return self.poll_session(now, id, out, payloads, starting);
-        }
-        session.next_pn();
-        encode_data_header(out, id, pn, transfer_id, range.start);
-        let size = match (payloads, &session.keys) {
-            (Some(payloads), None) => {
-                payloads.push(SharedPayload {
-                    at: out.len(),
-                    bytes: payload,
-                });
-                out.len() - start + filled
-            }
-            (_, keys) => {
-                out.extend_from_slice(&payload);
-                if let Some(keys) = keys {
-                    keys.seal_from(out, start);
-                }
-                out.len() - start
-            }
-        } as u64;
-        session.bytes_sent += size;
-        if let Some(size) = trial {
-            session.large = LargeDatagrams::Trying(size);
-        }
-        session.recovery.on_packet_sent(
+        match session.poll_transmit(
             now,
-            pn,
-            size,
-            DataSent {
-                transfer_id,
-                range,
-                ahead,
-                app_limited,
-                trial: trial.is_some(),
-            },
-        );
-        Some(session.addr)
+            self.config.max_payload,
+            &mut self.block_pool,
+            out,
+            payloads,
+            starting,
+            &mut self.events,
+        ) {
+            Transmit::Sent(to) => Some(to),
+            Transmit::Closed(to, reason) => {
+                self.end_session(id, reason);
+                Some(to)
+            }
+            Transmit::Nothing => None,
+            Transmit::WaitingForContent => {
+                self.waiting.push(id);
+                None
+            }
+        }
     }
 
     /// Content a session waited for may have arrived: every waiting
@@ -1516,7 +1061,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             if session.recovery.timeout().is_some_and(|t| t <= now) {
                 let outcome = session
                     .recovery
-                    .on_timeout(now, |p| Self::still_needed(&session.transfer, p));
+                    .on_timeout(now, |p| still_needed(&session.transfer, p));
                 self.packets_lost += outcome.lost.len() as u64;
                 let datagram = (self.config.max_payload + DATA_OVERHEAD) as u64;
                 report_to_group(
@@ -1528,7 +1073,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
                     None,
                 );
                 probe = !outcome.probe.is_empty();
-                Self::apply_recovery(session, outcome);
+                session.apply_recovery(outcome);
             }
             if probe {
                 self.wake_first(id);
@@ -1633,23 +1178,6 @@ pub struct SharedPayload {
     /// `at` of them.
     pub at: usize,
     pub bytes: Bytes,
-}
-
-/// Appends a Data packet's header (its payload follows, appended by the
-/// caller), without the intermediate `Vec` that `Body::Data` would need.
-fn encode_data_header(out: &mut Vec<u8>, id: ConnectionId, pn: u64, transfer_id: u32, offset: u64) {
-    let start = out.len();
-    Packet::new(
-        id,
-        pn,
-        Body::Data {
-            transfer_id,
-            offset,
-            payload: Vec::new(),
-        },
-    )
-    .encode_append(out);
-    debug_assert_eq!(out.len() - start, DATA_OVERHEAD);
 }
 
 #[cfg(test)]
