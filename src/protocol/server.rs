@@ -27,7 +27,7 @@ use super::cookie::AddressValidator;
 use super::crypto::{Psk, SessionKeys, TAG_LEN};
 use super::media_index::{self, MediaIndex};
 use super::sender::{LossRecovery, RecoveryOutcome};
-use super::session::{LargeDatagrams, Session, Transmit, still_needed};
+use super::session::{LargeDatagrams, Session, Transmit};
 use super::shared_bottleneck::{GROUP_LOSS_SPREAD, SessionDemand, ShardGroups};
 use super::wire::{
     Body, CloseReason, ConnectionId, DATA_OVERHEAD, DEFAULT_LARGE_DATAGRAM_SIZE,
@@ -1059,9 +1059,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             }
             let mut probe = false;
             if session.recovery.timeout().is_some_and(|t| t <= now) {
-                let outcome = session
-                    .recovery
-                    .on_timeout(now, |p| still_needed(&session.transfer, p));
+                let outcome = session.on_recovery_timeout(now);
                 self.packets_lost += outcome.lost.len() as u64;
                 let datagram = (self.config.max_payload + DATA_OVERHEAD) as u64;
                 report_to_group(

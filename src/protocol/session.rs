@@ -288,6 +288,13 @@ impl Session {
             .on_peer_waiting(now, |p| still_needed(&self.transfer, p))
     }
 
+    /// The loss timer or the probe timeout fired: what it declared lost
+    /// and what probes wait (not yet applied, see [`Self::apply_recovery`]).
+    pub(super) fn on_recovery_timeout(&mut self, now: Instant) -> RecoveryOutcome {
+        self.recovery
+            .on_timeout(now, |p| still_needed(&self.transfer, p))
+    }
+
     /// A Ping from the client: a Pong, and a probe if what is in flight
     /// may be lost (returns whether one waits). A paused player's session
     /// gives back its read block and its in-flight ring.
@@ -571,7 +578,7 @@ impl Session {
 }
 
 /// Whether a packet in flight carries bytes the client still lacks.
-pub(super) fn still_needed(transfer: &Option<Transfer>, p: &SentPacket) -> bool {
+fn still_needed(transfer: &Option<Transfer>, p: &SentPacket) -> bool {
     transfer
         .as_ref()
         .is_some_and(|t| p.transfer_id == t.id && (p.ahead || !t.stream.is_acked(p.range.clone())))
