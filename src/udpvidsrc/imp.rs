@@ -319,12 +319,18 @@ impl UdpVidSrc {
         percent: i32,
         estimate: Option<(&BufferingLevel, f64, Option<f64>)>,
     ) {
+        // Held until the message is on the bus: the streaming thread
+        // (entering a wait, 0 %) and the monitor (100 %) post at once, and
+        // with the lock dropped before posting, a 0 % could reach the bus
+        // after a 100 % recorded later here; the monitor's next 100 % was
+        // then taken for a repeat and not posted, and gst-launch stayed
+        // paused with every byte in (one of sixteen loopback copies froze
+        // at 23.6 of 24 MB in the CI of 5 Dec).
         let mut last = lock(last);
         if *last == Some(percent) {
             return;
         }
         *last = Some(percent);
-        drop(last);
         gst::debug!(CAT, obj = element, "buffering {percent}%");
         let mut builder = gst::message::Buffering::builder(percent).src(element);
         if let Some((level, link_rate, media_rate)) = estimate {
@@ -337,6 +343,7 @@ impl UdpVidSrc {
             );
         }
         let _ = element.post_message(builder.build());
+        drop(last);
     }
 
     /// `cause`: [`BUFFERING_START`] (start, jump) or [`BUFFERING_UNDERRUN`].
