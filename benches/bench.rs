@@ -29,11 +29,12 @@ use gst::prelude::*;
 #[allow(dead_code)]
 #[path = "common/cpu_affinity.rs"]
 mod cpu_affinity;
+#[allow(dead_code)]
 #[path = "common/metrics_scrape.rs"]
 mod metrics_scrape;
 #[path = "common/nginx.rs"]
 mod nginx;
-use metrics_scrape::scrape_metric;
+use metrics_scrape::{metric_value, metrics_page};
 #[path = "common/proc_stat.rs"]
 mod proc_stat;
 
@@ -1455,12 +1456,15 @@ fn players_table(out: &mut String, env: &Env) {
             let _ = p.set_state(gst::State::Playing);
         }
         std::thread::sleep(PLAYER_WARMUP);
+        // One page per reading: its three counters from one moment.
         let counts = |port: Option<u16>| {
             port.map(|p| {
+                let page = metrics_page("127.0.0.1", p).unwrap_or_default();
+                let get = |name| metric_value(&page, name).unwrap_or(0);
                 (
-                    scrape_metric("127.0.0.1", p, "udpvid_datagrams_sent_total").unwrap_or(0),
-                    scrape_metric("127.0.0.1", p, "udpvid_sends_total").unwrap_or(0),
-                    scrape_metric("127.0.0.1", p, "udpvid_wakeups_total").unwrap_or(0),
+                    get("udpvid_datagrams_sent_total"),
+                    get("udpvid_sends_total"),
+                    get("udpvid_wakeups_total"),
                 )
             })
         };
@@ -1683,9 +1687,9 @@ fn scale_out(out: &mut String, env: &Env) {
             _ => failed += 1,
         }
     }
-    let read =
-        scrape_metric("127.0.0.1", store_metrics, "udpvid_store_bytes_read_total").unwrap_or(0);
-    let gets = scrape_metric("127.0.0.1", store_metrics, "udpvid_store_gets_total").unwrap_or(0);
+    let page = metrics_page("127.0.0.1", store_metrics).unwrap_or_default();
+    let read = metric_value(&page, "udpvid_store_bytes_read_total").unwrap_or(0);
+    let gets = metric_value(&page, "udpvid_store_gets_total").unwrap_or(0);
     drop(store);
     let _ = writeln!(
         out,
