@@ -907,8 +907,12 @@ impl<S: ContentStore> ServerEndpoint<S> {
         }
     }
 
-    /// `starting`: the first datagram of the session's turn, which waits
-    /// for room for a whole burst (`LossRecovery::can_start_burst`).
+    /// Session `id`'s next datagram ([`Session::poll_transmit`]), paced at
+    /// most at its address group's level and with the endpoint's burst
+    /// floor if it lost lately; a session that sent its Close ends here,
+    /// one whose read would block waits for `content_ready`. `starting`:
+    /// the first datagram of the session's turn, which waits for room for
+    /// a whole burst (`LossRecovery::can_start_burst`).
     fn poll_session(
         &mut self,
         now: Instant,
