@@ -381,6 +381,11 @@ pub struct LossRecovery {
     /// its share of a bottleneck it shares with other sessions (see
     /// [`super::shared_bottleneck`]).
     rate_limit: Option<f64>,
+    /// The least window the session may use, whatever its controller's:
+    /// set while its address group's window bounds the group's bytes in
+    /// flight (see [`super::shared_bottleneck`]), so that it sends whole
+    /// bursts; 0 otherwise.
+    window_floor: u64,
 }
 
 impl LossRecovery {
@@ -407,6 +412,7 @@ impl LossRecovery {
             silence_began: None,
             last_loss: None,
             rate_limit: None,
+            window_floor: 0,
         }
     }
 
@@ -414,6 +420,21 @@ impl LossRecovery {
     /// bottleneck it shares with other sessions; `None` lifts it.
     pub fn set_rate_limit(&mut self, limit: Option<f64>) {
         self.rate_limit = limit;
+    }
+
+    /// Probes wait to leave, which neither the window nor pacing holds.
+    pub fn is_probing(&self) -> bool {
+        self.probe_credit > 0
+    }
+
+    /// See `window_floor`.
+    pub fn set_window_floor(&mut self, bytes: u64) {
+        self.window_floor = bytes;
+    }
+
+    /// The controller's window, at least the floor.
+    fn window(&self) -> u64 {
+        self.cc.window().max(self.window_floor)
     }
 
     /// The rate the pacer refills at: the controller's, within the limit.
@@ -450,7 +471,7 @@ impl LossRecovery {
         if self.probe_credit > 0 {
             return None;
         }
-        let room = self.cc.window().saturating_sub(self.bytes_in_flight);
+        let room = self.window().saturating_sub(self.bytes_in_flight);
         let goal = self.burst_goal();
         if room < goal {
             return None;
@@ -467,12 +488,17 @@ impl LossRecovery {
     /// sessions per ACK. Linux's TCP holds small sends back the same way
     /// (`tcp_tso_should_defer`), for the same reason.
     fn burst_goal(&self) -> u64 {
+        // Taking turns in its group's window, a session waits for a whole
+        // burst, whatever it has in flight: that is what the turns are for.
+        if self.window_floor > 0 {
+            return self.pacer.burst().min(self.window()).max(self.max_datagram);
+        }
         if self.bytes_in_flight == 0 {
             return self.max_datagram;
         }
         self.pacer
             .burst()
-            .min(self.cc.window() / 3)
+            .min(self.window() / 3)
             .max(self.max_datagram)
     }
 
@@ -559,7 +585,7 @@ impl LossRecovery {
         if self.probe_credit > 0 {
             return true;
         }
-        if self.bytes_in_flight + bytes > self.cc.window() {
+        if self.bytes_in_flight + bytes > self.window() {
             return false;
         }
         self.pacer

@@ -83,6 +83,13 @@ pub(super) struct Session {
     /// there are stale and skipped.
     pub(super) timer_at: Option<Instant>,
     pub(super) large: LargeDatagrams,
+    /// Its bytes in flight as last counted in its address group's total
+    /// (see `ServerEndpoint::recount`).
+    pub(super) counted_in_flight: u64,
+    /// Its turn waits for room in its address group's window.
+    pub(super) group_held: bool,
+    /// In its group's queue of held sessions (maybe no longer held).
+    pub(super) group_queued: bool,
 }
 
 /// Datagrams larger than Ethernet's, for a client that says its route to
@@ -147,7 +154,8 @@ impl Session {
         if let Some(t) = self.recovery.timeout() {
             next = next.min(t);
         }
-        if self.has_data_for_the_network() {
+        // A held turn waits for its group's ACKs, not its pacer.
+        if self.has_data_for_the_network() && !self.group_held {
             if let Some(t) = self.recovery.pacing_deadline() {
                 next = next.min(t);
             }
