@@ -907,22 +907,11 @@ impl<S: ContentStore> ServerEndpoint<S> {
     /// fifth).
     fn refresh_group_windows(&mut self) {
         let burst = self.group_burst() as f64;
-        let mut counts: HashMap<IpAddr, usize> = HashMap::new();
-        for s in self.sessions.values() {
-            if s.has_data_for_the_network() {
-                *counts.entry(s.addr.ip()).or_default() += 1;
-            }
-        }
         self.group_windows.clear();
-        for (ip, busy) in counts {
-            let sparse = self
-                .peer_groups
-                .level(ip)
-                .is_some_and(|level| level * GROUP_TURN_BURST_INTERVAL.as_secs_f64() < burst);
-            if busy >= 2 && sparse {
-                if let Some(window) = self.peer_groups.window(ip) {
-                    self.group_windows.insert(ip, window);
-                }
+        for (ip, window, level) in self.peer_groups.windows() {
+            let sparse = level * GROUP_TURN_BURST_INTERVAL.as_secs_f64() < burst;
+            if sparse && self.peer_groups.busy_here(ip) >= 2 {
+                self.group_windows.insert(ip, window);
             }
         }
         self.group_in_flight.clear();

@@ -40,6 +40,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::pacing::MIN_BURST_PACKETS;
+
 /// An interval lasts at least this long...
 pub const GROUP_INTERVAL_MIN: Duration = Duration::from_millis(10);
 /// ...at least this many of the group's minimum RTTs (the losses a round
@@ -474,7 +476,7 @@ impl ShardGroups {
                         .get(ip)
                         .map_or(0, |d| d.iter().filter(|d| d.busy).count());
                     let share = mine.max(1) as f64 / g.busy.max(1) as f64;
-                    let least = 2 * GROUP_WINDOW_MIN_PACKETS / 4 * g.max_datagram;
+                    let least = 2 * MIN_BURST_PACKETS as u64 * g.max_datagram;
                     windows.insert(*ip, ((w as f64 * share) as u64).max(least));
                 }
             }
@@ -493,6 +495,22 @@ impl ShardGroups {
     /// window (as of this thread's last refresh).
     pub fn window(&self, ip: IpAddr) -> Option<u64> {
         self.windows.get(&ip).copied()
+    }
+
+    /// Each address whose group's cap binds, with this thread's share of
+    /// its window and its level.
+    pub fn windows(&self) -> impl Iterator<Item = (IpAddr, u64, f64)> + '_ {
+        self.windows
+            .iter()
+            .filter_map(|(&ip, &w)| Some((ip, w, self.level(ip)?)))
+    }
+
+    /// This thread's sessions to `ip` with data for the network, as of its
+    /// last refresh.
+    pub fn busy_here(&self, ip: IpAddr) -> usize {
+        self.demands
+            .get(&ip)
+            .map_or(0, |d| d.iter().filter(|d| d.busy).count())
     }
 
     pub fn shared(&self) -> &Arc<PeerGroups> {
