@@ -158,6 +158,11 @@ pub struct SessionDemand {
 }
 
 impl SessionDemand {
+    /// How many of `demands` have data for the network.
+    fn busy_count(demands: &[SessionDemand]) -> usize {
+        demands.iter().filter(|d| d.busy).count()
+    }
+
     /// What the session is counted as wanting of the cap: a session its
     /// reader holds back wants no more than it has, and counting its
     /// controller's rate would keep for it a share it leaves unused (its
@@ -461,7 +466,7 @@ impl ShardGroups {
                 return false;
             }
             g.sessions = all.len();
-            g.busy = all.iter().filter(|d| d.busy).count();
+            g.busy = SessionDemand::busy_count(all);
             g.lossy = all.iter().filter(|d| d.busy && d.lossy).count();
             g.judge(now);
             wants.clear();
@@ -472,9 +477,7 @@ impl ShardGroups {
                 if let Some(w) = g.window() {
                     // This thread's share: its busy sessions', and room
                     // for two bursts whatever the share.
-                    let mine = demands
-                        .get(ip)
-                        .map_or(0, |d| d.iter().filter(|d| d.busy).count());
+                    let mine = demands.get(ip).map_or(0, |d| SessionDemand::busy_count(d));
                     let share = mine.max(1) as f64 / g.busy.max(1) as f64;
                     let least = 2 * MIN_BURST_PACKETS as u64 * g.max_datagram;
                     windows.insert(*ip, ((w as f64 * share) as u64).max(least));
@@ -510,7 +513,7 @@ impl ShardGroups {
     pub fn busy_here(&self, ip: IpAddr) -> usize {
         self.demands
             .get(&ip)
-            .map_or(0, |d| d.iter().filter(|d| d.busy).count())
+            .map_or(0, |d| SessionDemand::busy_count(d))
     }
 
     pub fn shared(&self) -> &Arc<PeerGroups> {
