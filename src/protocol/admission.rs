@@ -7,11 +7,11 @@
 //! kernel spreads clients over the sockets, and one address never takes
 //! more than its share on any mix of shards.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::address_map::AddressMap;
 use super::shared_bottleneck::PeerGroups;
 use super::wire::{ConnectionId, Packet};
 
@@ -44,7 +44,7 @@ impl fmt::Display for Refusal {
 #[derive(Debug, Default)]
 struct Counts {
     total: usize,
-    by_ip: HashMap<IpAddr, usize>,
+    by_ip: AddressMap<usize>,
 }
 
 /// The server-wide session count, by address. Touched only when a session

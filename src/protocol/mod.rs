@@ -5,6 +5,7 @@
 //! tokio server in `server/`, the element's network task in
 //! `src/udpvidsrc/`). See `README.md` in this folder for the wire format.
 
+pub mod address_map;
 pub mod admission;
 pub mod buffering;
 pub mod catalog;

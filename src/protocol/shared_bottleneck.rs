@@ -35,7 +35,7 @@
 //! tallies its ACKs apart ([`ShardGroups`]) and takes the lock only to
 //! hand its tallies over, every [`super::server::BURST_FLOOR_REFRESH`].
 
-use std::collections::HashMap;
+use super::address_map::AddressMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -351,11 +351,11 @@ struct Tally {
 /// threads.
 #[derive(Debug, Default)]
 pub struct PeerGroups {
-    groups: Mutex<HashMap<IpAddr, SharedBottleneck>>,
+    groups: Mutex<AddressMap<SharedBottleneck>>,
 }
 
 impl PeerGroups {
-    fn groups(&self) -> MutexGuard<'_, HashMap<IpAddr, SharedBottleneck>> {
+    fn groups(&self) -> MutexGuard<'_, AddressMap<SharedBottleneck>> {
         // Each group is only ever changed whole by one refresh: a holder
         // that panicked leaves nothing half-done that matters.
         self.groups.lock().unwrap_or_else(|p| p.into_inner())
@@ -373,10 +373,10 @@ impl PeerGroups {
 pub struct ShardGroups {
     shared: Arc<PeerGroups>,
     index: usize,
-    tallies: HashMap<IpAddr, Tally>,
-    demands: HashMap<IpAddr, Vec<SessionDemand>>,
-    levels: HashMap<IpAddr, f64>,
-    windows: HashMap<IpAddr, u64>,
+    tallies: AddressMap<Tally>,
+    demands: AddressMap<Vec<SessionDemand>>,
+    levels: AddressMap<f64>,
+    windows: AddressMap<u64>,
     all_demands: Vec<SessionDemand>,
     wants: Vec<f64>,
 }
@@ -387,10 +387,10 @@ impl ShardGroups {
         ShardGroups {
             shared,
             index,
-            tallies: HashMap::new(),
-            demands: HashMap::new(),
-            levels: HashMap::new(),
-            windows: HashMap::new(),
+            tallies: AddressMap::default(),
+            demands: AddressMap::default(),
+            levels: AddressMap::default(),
+            windows: AddressMap::default(),
             all_demands: Vec::new(),
             wants: Vec::new(),
         }
