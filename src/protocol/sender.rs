@@ -518,6 +518,20 @@ impl LossRecovery {
         self.pacer.slack().map_or(rtt_share, |s| s.min(rtt_share))
     }
 
+    /// As [`Self::tolerated_lateness`], for a sender whose sends a window
+    /// it shares holds (its address group's, see
+    /// `ServerEndpoint::refresh_group_windows`): that window covers
+    /// `covered` of lateness besides the round trip, so the sender
+    /// tolerates that much too, within its pacer's slack.
+    pub fn tolerated_lateness_covering(&self, covered: Duration) -> Duration {
+        let own = self.tolerated_lateness();
+        if !self.rtt.has_sample() {
+            return own;
+        }
+        let covered = covered.min(MAX_TOLERATED_LATENESS);
+        own.max(self.pacer.slack().map_or(covered, |s| s.min(covered)))
+    }
+
     /// See [`Pacer::set_min_burst_packets`].
     pub fn set_min_burst_packets(&mut self, packets: f64) {
         self.pacer.set_min_burst_packets(packets);
@@ -1099,6 +1113,36 @@ mod tests {
         r.pacer.refill(acked, Some(100_000_000.0), 1000);
         assert_eq!(
             r.tolerated_lateness(),
+            crate::protocol::pacing::PACING_BURST
+        );
+    }
+
+    #[test]
+    fn a_sender_in_a_shared_window_tolerates_what_the_window_covers() {
+        let covered = Duration::from_millis(4);
+        let mut r = LossRecovery::new(1000);
+        assert_eq!(r.tolerated_lateness_covering(covered), Duration::ZERO);
+        let (now, _) = fill_window(&mut r);
+        // A round trip of 4 ms: a quarter is 1 ms, the window covers 4.
+        let acked = now + Duration::from_millis(4);
+        let first = AckRange {
+            largest: 0,
+            smallest: 0,
+        };
+        r.on_ack_received(acked, &[first], Duration::ZERO);
+        assert_eq!(r.tolerated_lateness(), Duration::from_millis(1));
+        r.pacer.refill(acked, Some(1_000_000.0), 1000);
+        assert_eq!(r.tolerated_lateness_covering(covered), covered);
+        // Its own quarter RTT, when more, still stands...
+        assert_eq!(
+            r.tolerated_lateness_covering(Duration::from_micros(500)),
+            Duration::from_millis(1)
+        );
+        // ...and its pacer's slack bounds what is covered: at 100 MB/s a
+        // burst is 2 ms of the rate.
+        r.pacer.refill(acked, Some(100_000_000.0), 1000);
+        assert_eq!(
+            r.tolerated_lateness_covering(covered),
             crate::protocol::pacing::PACING_BURST
         );
     }

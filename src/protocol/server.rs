@@ -29,7 +29,9 @@ use super::crypto::{Psk, SessionKeys, TAG_LEN};
 use super::media_index::{self, MediaIndex};
 use super::sender::{LossRecovery, RecoveryOutcome};
 use super::session::{LargeDatagrams, Session, Transmit};
-use super::shared_bottleneck::{GROUP_LOSS_SPREAD, SessionDemand, ShardGroups};
+use super::shared_bottleneck::{
+    GROUP_LOSS_SPREAD, GROUP_TURN_LATENESS, SessionDemand, ShardGroups,
+};
 use super::wire::{
     Body, CloseReason, ConnectionId, DATA_OVERHEAD, DEFAULT_LARGE_DATAGRAM_SIZE,
     DEFAULT_MAX_PAYLOAD, DecodeError, MAX_DATAGRAM_SIZE, MAX_UDP_PAYLOAD, MIN_HELLO_SIZE,
@@ -1190,6 +1192,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             let mut lateness = Duration::MAX;
             // One walk over the sessions for both (each session's state is
             // a cache miss of its own).
+            let group_windows = &self.group_windows;
             self.peer_groups.refresh(
                 now,
                 self.sessions.values().map(|s| {
@@ -1198,7 +1201,12 @@ impl<S: ContentStore> ServerEndpoint<S> {
                         .is_some_and(|t| t.stream.has_data_to_send())
                     {
                         busy += 1;
-                        lateness = lateness.min(s.recovery.tolerated_lateness());
+                        let own = if group_windows.contains_key(&s.addr.ip()) {
+                            s.recovery.tolerated_lateness_covering(GROUP_TURN_LATENESS)
+                        } else {
+                            s.recovery.tolerated_lateness()
+                        };
+                        lateness = lateness.min(own);
                     }
                     (
                         s.addr.ip(),
