@@ -35,11 +35,11 @@
 //! tallies its ACKs apart ([`ShardGroups`]) and takes the lock only to
 //! hand its tallies over, every [`super::server::BURST_FLOOR_REFRESH`].
 
-use super::address_map::AddressMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::address_map::AddressMap;
 use super::pacing::MIN_BURST_PACKETS;
 
 /// An interval lasts at least this long...
