@@ -347,8 +347,9 @@ pub struct ServerEndpoint<S: ContentStore> {
     burst_floor: f64,
     /// When `burst_floor` was last counted.
     burst_floor_at: Option<Instant>,
-    /// The least [`LossRecovery::tolerated_lateness`] of the sessions with
-    /// data to send, counted with the burst floor; none without them.
+    /// The least lateness the sessions with data to send tolerate (see
+    /// [`Self::tolerated_lateness`]), counted with the burst floor; zero
+    /// without them.
     tolerated_lateness: Duration,
     /// The rate each client address's sessions share (judged and shared
     /// out with the burst floor, every [`BURST_FLOOR_REFRESH`]).
@@ -1158,11 +1159,13 @@ impl<S: ContentStore> ServerEndpoint<S> {
     }
 
     /// How late the driver may call `handle_timeout` and pass arriving
-    /// datagrams in without costing any session rate (see
-    /// [`LossRecovery::tolerated_lateness`]): the least of the sessions
-    /// with data to send, zero without them (a newcomer's handshake then
-    /// waits for nothing), as of the last count (every
-    /// [`BURST_FLOOR_REFRESH`]).
+    /// datagrams in without costing any session rate: the least of the
+    /// sessions with data to send ([`LossRecovery::tolerated_lateness`],
+    /// or for a session held to its group's window what that window
+    /// covers, [`LossRecovery::tolerated_lateness_covering`] of
+    /// [`GROUP_TURN_LATENESS`]), zero without them (a newcomer's handshake
+    /// then waits for nothing), as of the last count (every
+    /// `BURST_FLOOR_REFRESH`).
     pub fn tolerated_lateness(&self) -> Duration {
         self.tolerated_lateness
     }

@@ -33,7 +33,7 @@
 //! with a group per thread two pulls of sixteen from one machine, alone
 //! on their thread, ran at three times the others' rate. Each thread
 //! tallies its ACKs apart ([`ShardGroups`]) and takes the lock only to
-//! hand its tallies over, every [`super::server::BURST_FLOOR_REFRESH`].
+//! hand its tallies over, every `BURST_FLOOR_REFRESH` (the server's).
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
