@@ -364,6 +364,8 @@ pub struct ServerEndpoint<S: ContentStore> {
     /// The windows of the client addresses whose sessions take turns
     /// within them (see [`Self::refresh_group_windows`]).
     group_windows: AddressMap<u64>,
+    /// Some session was told a group level or window at the last refresh.
+    sessions_grouped: bool,
     /// Sessions waiting for content (see [`Content::read_at`]).
     waiting: Vec<ConnectionId>,
     /// Replies to unvalidated addresses (Retry, VersionNegotiation, Close).
@@ -423,6 +425,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             group_in_flight: AddressMap::default(),
             group_held: AddressMap::default(),
             group_windows: AddressMap::default(),
+            sessions_grouped: false,
             waiting: Vec::new(),
             stateless: VecDeque::new(),
             events: VecDeque::new(),
@@ -525,6 +528,12 @@ impl<S: ContentStore> ServerEndpoint<S> {
                 to: from,
             });
             self.shard.admission.moved(session.addr.ip(), from.ip());
+            if let Some(total) = self.group_in_flight.get_mut(&session.addr.ip()) {
+                *total = total.saturating_sub(session.counted_in_flight);
+            }
+            session.counted_in_flight = 0;
+            session.group_level = self.peer_groups.level(from.ip());
+            session.group_window = self.group_windows.get(&from.ip()).copied();
             session.addr = from;
         }
         let id = session.id;
@@ -720,6 +729,8 @@ impl<S: ContentStore> ServerEndpoint<S> {
             awaits_ack: false,
             timer_at: None,
             counted_in_flight: 0,
+            group_level: self.peer_groups.level(from.ip()),
+            group_window: self.group_windows.get(&from.ip()).copied(),
             group_held: false,
             group_queued: false,
             large: match max_datagram.map(usize::from) {
@@ -817,7 +828,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
-        if !self.group_windows.contains_key(&s.addr.ip()) {
+        if s.group_window.is_none() {
             return;
         }
         let now_in_flight = s.recovery.bytes_in_flight();
@@ -845,7 +856,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             return false;
         };
         let ip = s.addr.ip();
-        let Some(&window) = self.group_windows.get(&ip) else {
+        let Some(window) = s.group_window else {
             return false;
         };
         if s.closing.is_some()
@@ -901,7 +912,8 @@ impl<S: ContentStore> ServerEndpoint<S> {
     }
 
     /// Decides which client addresses' sessions take turns within a window
-    /// of their group, and counts each group's bytes in flight afresh.
+    /// of their group, counts each group's bytes in flight afresh, and
+    /// tells each session its group's level and window.
     ///
     /// A group whose shared cap binds (see [`super::shared_bottleneck`])
     /// at a level of less than a burst per [`GROUP_TURN_BURST_INTERVAL`]
@@ -926,12 +938,19 @@ impl<S: ContentStore> ServerEndpoint<S> {
             }
         }
         self.group_in_flight.clear();
-        if self.group_windows.is_empty() {
+        // Each session keeps its group's level and window (its turns and
+        // sends ask for them): told afresh here, and once more after the
+        // last group's cap stopped binding, to clear them.
+        let ungrouped = self.group_windows.is_empty() && !self.peer_groups.any_level();
+        if ungrouped && !self.sessions_grouped {
             return;
         }
+        self.sessions_grouped = !ungrouped;
         for s in self.sessions.values_mut() {
             let ip = s.addr.ip();
-            if self.group_windows.contains_key(&ip) {
+            s.group_level = self.peer_groups.level(ip);
+            s.group_window = self.group_windows.get(&ip).copied();
+            if s.group_window.is_some() {
                 s.counted_in_flight = s.recovery.bytes_in_flight();
                 *self.group_in_flight.entry(ip).or_default() += s.counted_in_flight;
             } else {
@@ -1100,10 +1119,8 @@ impl<S: ContentStore> ServerEndpoint<S> {
         let shared_floor = self.burst_floor;
         let burst = self.group_burst();
         let session = self.sessions.get_mut(&id)?;
-        session
-            .recovery
-            .set_rate_limit(self.peer_groups.level(session.addr.ip()));
-        let grouped = self.group_windows.contains_key(&session.addr.ip());
+        session.recovery.set_rate_limit(session.group_level);
+        let grouped = session.group_window.is_some();
         session
             .recovery
             .set_window_floor(if grouped { burst } else { 0 });
@@ -1195,7 +1212,6 @@ impl<S: ContentStore> ServerEndpoint<S> {
             let mut lateness = Duration::MAX;
             // One walk over the sessions for both (each session's state is
             // a cache miss of its own).
-            let group_windows = &self.group_windows;
             self.peer_groups.refresh(
                 now,
                 self.sessions.values().map(|s| {
@@ -1204,7 +1220,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
                         .is_some_and(|t| t.stream.has_data_to_send())
                     {
                         busy += 1;
-                        let own = if group_windows.contains_key(&s.addr.ip()) {
+                        let own = if s.group_window.is_some() {
                             s.recovery.tolerated_lateness_covering(GROUP_TURN_LATENESS)
                         } else {
                             s.recovery.tolerated_lateness()

@@ -86,6 +86,12 @@ pub(super) struct Session {
     /// Its bytes in flight as last counted in its address group's total
     /// (see `ServerEndpoint::recount`).
     pub(super) counted_in_flight: u64,
+    /// Its address group's rate level and, if its turns are held to one,
+    /// window, as of the endpoint's last refresh (see
+    /// `ServerEndpoint::refresh_group_windows`): asked at every turn and
+    /// every send, they were two hash lookups each.
+    pub(super) group_level: Option<f64>,
+    pub(super) group_window: Option<u64>,
     /// Its turn waits for room in its address group's window.
     pub(super) group_held: bool,
     /// In its group's queue of held sessions (maybe no longer held).

@@ -507,6 +507,11 @@ impl ShardGroups {
         self.levels.get(&ip).copied()
     }
 
+    /// Whether any address's group has a level (a cap that binds).
+    pub fn any_level(&self) -> bool {
+        !self.levels.is_empty()
+    }
+
     /// The most this thread's sessions to `ip` may have in flight
     /// together, if their group's cap binds: its share of the group's
     /// window (as of this thread's last refresh).
