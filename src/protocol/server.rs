@@ -728,6 +728,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             ready: false,
             awaits_ack: false,
             timer_at: None,
+            deadline: None,
             counted_in_flight: 0,
             group_level: self.peer_groups.level(from.ip()),
             group_window: self.group_windows.get(&from.ip()).copied(),
@@ -797,14 +798,20 @@ impl<S: ContentStore> ServerEndpoint<S> {
         self.reschedule(id);
     }
 
-    /// Puts session `id`'s next deadline in the timer heap if it moved.
+    /// Puts session `id`'s next deadline in the timer heap if it moved
+    /// earlier than its entry there. One that moved later keeps the entry,
+    /// which is moved on when it comes to the top (see
+    /// [`Self::pop_stale_timers`]): a session whose turn waits for its
+    /// group has its loss timer for deadline, and that moves with every
+    /// ACK and send (200 paced pulls: a heap push for most ACKs).
     fn reschedule(&mut self, id: ConnectionId) {
         self.recount(id);
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
         let at = s.next_deadline(self.config.idle_timeout);
-        if s.timer_at == Some(at) {
+        s.deadline = Some(at);
+        if s.timer_at.is_some_and(|t| t <= at) {
             return;
         }
         s.timer_at = Some(at);
@@ -959,17 +966,27 @@ impl<S: ContentStore> ServerEndpoint<S> {
         }
     }
 
-    /// Drops timer entries that no longer match their session's deadline.
+    /// Drops timer entries that are no longer their session's, and moves
+    /// on a session's entry that its deadline passed by, until the top is
+    /// a session's deadline.
     fn pop_stale_timers(&mut self) {
         while let Some(&Reverse((at, id))) = self.timers.peek() {
-            if self
+            let Some(s) = self
                 .sessions
-                .get(&id)
-                .is_some_and(|s| s.timer_at == Some(at))
-            {
-                return;
+                .get_mut(&id)
+                .filter(|s| s.timer_at == Some(at))
+            else {
+                self.timers.pop();
+                continue;
+            };
+            match s.deadline {
+                Some(deadline) if deadline > at => {
+                    s.timer_at = Some(deadline);
+                    self.timers.pop();
+                    self.timers.push(Reverse((deadline, id)));
+                }
+                _ => return,
             }
-            self.timers.pop();
         }
     }
 
@@ -1230,7 +1247,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
                     (
                         s.addr.ip(),
                         SessionDemand {
-                            pacing_rate: s.recovery.controller().pacing_rate().unwrap_or(0.0),
+                            pacing_rate: s.recovery.controller_pacing_rate().unwrap_or(0.0),
                             busy: s.has_data_for_the_network(),
                             lossy: s.recovery.lost_within(now, GROUP_LOSS_SPREAD)
                                 || s.recovery.in_probe_timeout(),

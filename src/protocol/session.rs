@@ -82,6 +82,9 @@ pub(super) struct Session {
     /// This session's entry in the endpoint's timer heap; older entries
     /// there are stale and skipped.
     pub(super) timer_at: Option<Instant>,
+    /// Its next deadline as last computed (see `next_deadline`): the entry
+    /// may be earlier (see `ServerEndpoint::reschedule`).
+    pub(super) deadline: Option<Instant>,
     pub(super) large: LargeDatagrams,
     /// Its bytes in flight as last counted in its address group's total
     /// (see `ServerEndpoint::recount`).
