@@ -1096,10 +1096,13 @@ impl<S: ContentStore> ServerEndpoint<S> {
                 }
             };
             if let Some(to) = self.poll_session(now, id, out, payloads.as_deref_mut(), sent == 0) {
+                // Its group's bytes in flight are asked for only as a
+                // turn starts: counted at the turn's end, not per datagram.
                 if sent + 1 < SESSION_BATCH {
                     self.turn = Some((id, sent + 1));
                 } else if self.sessions.contains_key(&id) {
                     // Its turn is over; it stays ready, behind the others.
+                    self.recount(id);
                     self.ready.push_back(id);
                 }
                 return Some(to);
@@ -1157,10 +1160,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
             starting,
             &mut self.events,
         ) {
-            Transmit::Sent(to) => {
-                self.recount(id);
-                Some(to)
-            }
+            Transmit::Sent(to) => Some(to),
             Transmit::Closed(to, reason) => {
                 self.end_session(id, reason);
                 Some(to)
