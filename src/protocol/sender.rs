@@ -356,7 +356,7 @@ pub struct LossRecovery {
     rtt: RttEstimator,
     cc: Box<dyn CongestionController>,
     /// The controller's window and pacing rate as of its last event (see
-    /// [`Self::cc_changed`]), which is when they change: asked for every
+    /// `note_cc`), which is when they change: asked for every
     /// deadline, turn and refresh walk, the boxed controller was a cache
     /// miss of its own (200 paced pulls: `pacing_rate` alone 3 % of the
     /// server's CPU, in the walk).
@@ -426,12 +426,14 @@ impl LossRecovery {
         .cc_changed()
     }
 
-    /// Takes the controller's window and pacing rate after an event of its.
+    /// [`Self::note_cc`], for the constructors.
     fn cc_changed(mut self) -> Self {
         self.note_cc();
         self
     }
 
+    /// Takes the controller's window and pacing rate after an event of its
+    /// (every call into `cc` that may change them is followed by this).
     fn note_cc(&mut self) {
         self.cc_window = self.cc.window();
         self.cc_pacing_rate = self.cc.pacing_rate();
