@@ -62,6 +62,9 @@ pub struct StreamSender {
     ahead_after: u64,
     /// Where the chunk `next_chunk` returned last came from.
     last_chunk: ChunkSource,
+    /// How far the client said it received everything (see
+    /// [`Self::on_received_up_to`]).
+    received_up_to: u64,
 }
 
 /// Which queue a chunk was taken from, so it can be put back.
@@ -79,6 +82,7 @@ impl StreamSender {
             start,
             end,
             next_new: start,
+            received_up_to: start,
             window: window.max(start),
             acked: RangeSet::new(),
             to_resend: RangeSet::new(),
@@ -112,10 +116,15 @@ impl StreamSender {
     }
 
     /// The receiver holds every byte below `offset`.
+    /// Every byte below `offset` arrived. Only what is new since the last
+    /// such word is acknowledged: every ACK says it, and acknowledging the
+    /// whole prefix again was a walk of four range sets (200 paced pulls:
+    /// 2 % of the server's CPU).
     pub fn on_received_up_to(&mut self, offset: u64) {
         let offset = offset.min(self.end);
-        if offset > self.start {
-            self.on_acked(self.start..offset);
+        if offset > self.received_up_to {
+            self.on_acked(self.received_up_to..offset);
+            self.received_up_to = offset;
         }
     }
 
