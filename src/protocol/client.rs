@@ -1414,12 +1414,11 @@ impl ClientConnection {
             } else {
                 self.rtt_ping_sent = Some(now);
                 // Its Pong is the sample the next RTT ping would take. A
-                // paced stream's probes ping (1.1 times a second each at
+                // paced stream's probes ping (1.2 times a second each at
                 // 200 paced pulls, beside the RTT pings), and every Ping
                 // costs the server a receive and a send: 200 paced pulls
-                // then took 12 % fewer sends and 20 % fewer receives of
-                // the server's, and their queue dropped 2.9-4.0 % of the
-                // datagrams, not 5.8-6.2. Not otherwise: a lone viewer's probes
+                // then sent 13 % fewer datagrams and their queue dropped
+                // half as much. Not otherwise: a lone viewer's probes
                 // come with loss, and on a link losing in bursts its
                 // samples then came too unevenly (the longest wait for a
                 // byte in 40 seeds of it went from 2.2 s to 3.2 s).
