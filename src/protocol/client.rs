@@ -382,10 +382,6 @@ pub struct ClientConnection {
     rtt: RttEstimator,
     /// When the outstanding RTT ping left.
     rtt_ping_sent: Option<Instant>,
-    /// Another Ping left while that one was outstanding: a Pong carries no
-    /// Ping's number, so the next one may answer either (see the Pong's
-    /// handling).
-    rtt_ping_ambiguous: bool,
     next_rtt_ping: Instant,
     /// When the player last took bytes.
     last_read: Option<Instant>,
@@ -431,7 +427,6 @@ impl ClientConnection {
             stats: ClientStats::default(),
             rtt: RttEstimator::new(),
             rtt_ping_sent: None,
-            rtt_ping_ambiguous: false,
             next_rtt_ping: now,
             last_read: None,
             largest_server_pn: None,
@@ -930,13 +925,6 @@ impl ClientConnection {
             .clamp(MIN_WINDOW_PROBE_INTERVAL, WINDOW_PROBE_INTERVAL)
     }
 
-    /// Whether data comes in bursts whose pauses are longer than the
-    /// round trip's wait for an ACK (many sessions sharing a link, each
-    /// paced at its share): a silence of that length is no loss.
-    fn paced(&self, now: Instant) -> bool {
-        self.burst_pauses(now) > self.ack_repeat_interval()
-    }
-
     /// Two of a pacing server's pauses between bursts at the rate data
     /// came at (zero when unknown or past [`MAX_BURST_PAUSE_WAIT`]).
     fn burst_pauses(&self, now: Instant) -> Duration {
@@ -1297,21 +1285,11 @@ impl ClientConnection {
             }
             Body::Ping => self.out.push_back(Body::Pong),
             Body::Pong => {
-                // With a Ping sent while another was outstanding, this
-                // Pong may answer the later one, the earlier having been
-                // lost: no sample, as Karn's rule has it for resent
-                // segments. Timed from the earlier, such Pongs took the
-                // smoothed RTT of an 80 ms path at 5 % loss to 170-330 ms
-                // in five simulated runs of twelve, and the read-ahead,
-                // which counts the RTT, with it (up to 1.5 MB more sent
-                // beyond what was played).
                 if let Some(sent) = self.rtt_ping_sent.take() {
-                    if !std::mem::take(&mut self.rtt_ping_ambiguous) {
-                        self.rtt
-                            .update(now.saturating_duration_since(sent), Duration::ZERO);
-                        // The read-ahead counts the RTT.
-                        self.apply_read_ahead(now);
-                    }
+                    self.rtt
+                        .update(now.saturating_duration_since(sent), Duration::ZERO);
+                    // The read-ahead counts the RTT.
+                    self.apply_read_ahead(now);
                 }
             }
             // Pongs only refresh `last_received`; replies to our handshake
@@ -1409,22 +1387,8 @@ impl ClientConnection {
 
     fn emit(&mut self, now: Instant, body: Body) -> Vec<u8> {
         if body == Body::Ping {
-            if self.rtt_ping_sent.is_some() {
-                self.rtt_ping_ambiguous = true;
-            } else {
+            if self.rtt_ping_sent.is_none() {
                 self.rtt_ping_sent = Some(now);
-                // Its Pong is the sample the next RTT ping would take. A
-                // paced stream's probes ping (1.2 times a second each at
-                // 200 paced pulls, beside the RTT pings), and every Ping
-                // costs the server a receive and a send: 200 paced pulls
-                // then sent 13 % fewer datagrams and their queue dropped
-                // half as much. Not otherwise: a lone viewer's probes
-                // come with loss, and on a link losing in bursts its
-                // samples then came too unevenly (the longest wait for a
-                // byte in 40 seeds of it went from 2.2 s to 3.2 s).
-                if self.paced(now) {
-                    self.next_rtt_ping = self.next_rtt_ping.max(now + self.rtt_ping_interval(now));
-                }
             }
             self.unanswered_pings += 1;
             if self.fast_failover {
@@ -1590,7 +1554,7 @@ impl ClientConnection {
                     // Without the pause rule (a narrow link's many
                     // sessions) the Ping stays: the simulation of 64 short
                     // transfers dropped 33 % and took 1.39x without it.
-                    let paced = self.paced(now);
+                    let paced = self.burst_pauses(now) > self.ack_repeat_interval();
                     let heard_lately = self
                         .last_received
                         .is_some_and(|t| now.saturating_duration_since(t) < WINDOW_PROBE_INTERVAL);
@@ -1624,7 +1588,6 @@ impl ClientConnection {
                         .is_some_and(|t| now.saturating_duration_since(t) > RTT_PING_INTERVAL * 3)
                     {
                         self.rtt_ping_sent = None;
-                        self.rtt_ping_ambiguous = false;
                     }
                     if self.rtt_ping_sent.is_none() && !self.out.contains(&Body::Ping) {
                         self.out.push_back(Body::Ping);
