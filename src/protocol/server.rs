@@ -935,7 +935,15 @@ impl<S: ContentStore> ServerEndpoint<S> {
     /// queue dropped half as much; 20 pulls, whose windows hold bursts
     /// already, are left as they were (in turns their CPU per GB rose a
     /// fifth).
-    fn refresh_group_windows(&mut self) {
+    ///
+    /// A session its client has not been heard from for
+    /// [`GROUP_LOSS_SPREAD`] is left out (its group neither counts it
+    /// busy nor holds it): a player killed without closing leaves a
+    /// session that sends probes into a dead address with its window in
+    /// flight, and counted in its group it held back the next player from
+    /// the same host (by hand, four `playbin` starts after four such kills
+    /// did not reach 100 % within 4 s; 0.8 s each otherwise).
+    fn refresh_group_windows(&mut self, now: Instant) {
         let burst = self.group_burst() as f64;
         self.group_windows.clear();
         for (ip, window, level) in self.peer_groups.windows() {
@@ -956,7 +964,11 @@ impl<S: ContentStore> ServerEndpoint<S> {
         for s in self.sessions.values_mut() {
             let ip = s.addr.ip();
             s.group_level = self.peer_groups.level(ip);
-            s.group_window = self.group_windows.get(&ip).copied();
+            s.group_window = self
+                .group_windows
+                .get(&ip)
+                .copied()
+                .filter(|_| s.heard_within(now, GROUP_LOSS_SPREAD));
             if s.group_window.is_some() {
                 s.counted_in_flight = s.recovery.bytes_in_flight();
                 *self.group_in_flight.entry(ip).or_default() += s.counted_in_flight;
@@ -1244,13 +1256,15 @@ impl<S: ContentStore> ServerEndpoint<S> {
                         };
                         lateness = lateness.min(own);
                     }
+                    let heard = s.heard_within(now, GROUP_LOSS_SPREAD);
                     (
                         s.addr.ip(),
                         SessionDemand {
                             pacing_rate: s.recovery.controller_pacing_rate().unwrap_or(0.0),
-                            busy: s.has_data_for_the_network(),
-                            lossy: s.recovery.lost_within(now, GROUP_LOSS_SPREAD)
-                                || s.recovery.in_probe_timeout(),
+                            busy: heard && s.has_data_for_the_network(),
+                            lossy: heard
+                                && (s.recovery.lost_within(now, GROUP_LOSS_SPREAD)
+                                    || s.recovery.in_probe_timeout()),
                         },
                     )
                 }),
@@ -1260,7 +1274,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
                 MIN_SHARED_BURST_PACKETS,
                 crate::protocol::pacing::MIN_BURST_PACKETS,
             );
-            self.refresh_group_windows();
+            self.refresh_group_windows(now);
         }
         // Due sessions first, then their work: waking one puts its next
         // deadline in the heap, which may already have passed.

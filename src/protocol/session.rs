@@ -146,6 +146,11 @@ impl Session {
         self.last_activity + limit
     }
 
+    /// Whether the client was heard from within `span` of `now`.
+    pub(super) fn heard_within(&self, now: Instant, span: Duration) -> bool {
+        now.saturating_duration_since(self.last_activity) < span
+    }
+
     /// Data waits to leave that only the window or pacing holds back: not
     /// a read of its content, nor the unproven address's budget.
     pub(super) fn has_data_for_the_network(&self) -> bool {
