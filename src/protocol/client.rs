@@ -382,7 +382,7 @@ pub struct ClientConnection {
     rtt: RttEstimator,
     /// When the Ping that the next Pong is timed from left: the oldest
     /// one outstanding, unless its Pong is overdue (see
-    /// [`Self::pong_overdue_after`]).
+    /// [`Self::awaiting_pong`]).
     rtt_ping_sent: Option<Instant>,
     next_rtt_ping: Instant,
     /// When the player last took bytes.
@@ -1393,15 +1393,12 @@ impl ClientConnection {
             // Ping outstanding, the right one while none is lost. One
             // whose Pong is overdue was lost (or its Pong was), and the
             // next Pong, this Ping's, timed from it would add the gap
-            // between them: at 5 % loss both ways an 80 ms path's
-            // smoothed RTT stood at 170-330 ms in 5 of 12 seeds, and the
-            // read-ahead, which counts it, sent up to 1.5 MB more than
-            // needed. Skipping the sample instead (Karn's rule) starves a
-            // slow link's client, whose Pings always overlap.
-            let overdue = self
-                .rtt_ping_sent
-                .is_some_and(|t| now.saturating_duration_since(t) > self.pong_overdue_after());
-            if self.rtt_ping_sent.is_none() || overdue {
+            // between them: at 5 % loss both ways one seed of twelve of
+            // an 80 ms path had its smoothed RTT at 257 ms after 15 s, and
+            // the read-ahead, which counts it, sent 1.4 MB more beyond
+            // what was played. Skipping the sample instead (Karn's rule)
+            // starves a slow link's client, whose Pings always overlap.
+            if !self.awaiting_pong(now) {
                 self.rtt_ping_sent = Some(now);
             }
             self.unanswered_pings += 1;
@@ -1433,11 +1430,14 @@ impl ClientConnection {
         !reading && !data_coming
     }
 
-    /// How long after its Ping a Pong is taken as lost: a probe timeout,
-    /// and twice the smoothed RTT (a round trip that grew as much within
-    /// one Ping gives, at worst, one sample too short).
-    fn pong_overdue_after(&self) -> Duration {
-        self.rtt.probe_timeout().max(self.rtt.smoothed() * 2)
+    /// Whether a Ping's Pong may still come: one was sent, less than a
+    /// probe timeout and less than twice the smoothed RTT ago (a round
+    /// trip that grew as much within one Ping gives, at worst, one sample
+    /// too short). Past that it was lost.
+    fn awaiting_pong(&self, now: Instant) -> bool {
+        let overdue_after = self.rtt.probe_timeout().max(self.rtt.smoothed() * 2);
+        self.rtt_ping_sent
+            .is_some_and(|t| now.saturating_duration_since(t) <= overdue_after)
     }
 
     /// Every [`RTT_PING_INTERVAL`] while data flows or the player reads; a
@@ -1605,11 +1605,7 @@ impl ClientConnection {
                     self.next_rtt_ping = now + self.rtt_ping_interval(now);
                     // A ping whose Pong is overdue was lost: measure anew
                     // (`emit` times the next Pong from the new one).
-                    let overdue = self.rtt_ping_sent.is_some_and(|t| {
-                        now.saturating_duration_since(t) > self.pong_overdue_after()
-                    });
-                    if (self.rtt_ping_sent.is_none() || overdue) && !self.out.contains(&Body::Ping)
-                    {
+                    if !self.awaiting_pong(now) && !self.out.contains(&Body::Ping) {
                         self.out.push_back(Body::Ping);
                     }
                 }

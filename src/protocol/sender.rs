@@ -115,7 +115,6 @@ impl StreamSender {
         self.window
     }
 
-    /// The receiver holds every byte below `offset`.
     /// Every byte below `offset` arrived. Only what is new since the last
     /// such word is acknowledged: every ACK says it, and acknowledging the
     /// whole prefix again was a walk of four range sets (200 paced pulls:

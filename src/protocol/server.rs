@@ -30,7 +30,7 @@ use super::media_index::{self, MediaIndex};
 use super::sender::{LossRecovery, RecoveryOutcome};
 use super::session::{LargeDatagrams, Session, Transmit};
 use super::shared_bottleneck::{
-    GROUP_LOSS_SPREAD, GROUP_TURN_LATENESS, SessionDemand, ShardGroups,
+    GROUP_LOSS_SPREAD, GROUP_SILENT_AFTER, GROUP_TURN_LATENESS, SessionDemand, ShardGroups,
 };
 use super::wire::{
     Body, CloseReason, ConnectionId, DATA_OVERHEAD, DEFAULT_LARGE_DATAGRAM_SIZE,
@@ -937,7 +937,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
     /// fifth).
     ///
     /// A session its client has not been heard from for
-    /// [`GROUP_LOSS_SPREAD`] is left out (its group neither counts it
+    /// [`GROUP_SILENT_AFTER`] is left out (its group neither counts it
     /// busy nor holds it): a player killed without closing leaves a
     /// session that sends probes into a dead address with its window in
     /// flight, and counted in its group it held back the next player from
@@ -968,7 +968,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
                 .group_windows
                 .get(&ip)
                 .copied()
-                .filter(|_| s.heard_within(now, GROUP_LOSS_SPREAD));
+                .filter(|_| s.heard_within(now, GROUP_SILENT_AFTER));
             if s.group_window.is_some() {
                 s.counted_in_flight = s.recovery.bytes_in_flight();
                 *self.group_in_flight.entry(ip).or_default() += s.counted_in_flight;
@@ -1256,7 +1256,7 @@ impl<S: ContentStore> ServerEndpoint<S> {
                         };
                         lateness = lateness.min(own);
                     }
-                    let heard = s.heard_within(now, GROUP_LOSS_SPREAD);
+                    let heard = s.heard_within(now, GROUP_SILENT_AFTER);
                     (
                         s.addr.ip(),
                         SessionDemand {

@@ -100,6 +100,11 @@ pub const GROUP_CAP_FLOOR: f64 = 0.5;
 /// overflow is judged only when at least two busy sessions of the group,
 /// and half of them, are.
 pub const GROUP_LOSS_SPREAD: Duration = Duration::from_secs(1);
+/// A session whose client was not heard from for this long is left out
+/// of its group (see `ServerEndpoint::refresh_group_windows`): a killed
+/// player's session, sending into a dead address, held back the live
+/// ones of its host.
+pub const GROUP_SILENT_AFTER: Duration = Duration::from_secs(1);
 /// While the cap binds, the group's window ([`SharedBottleneck::window`])
 /// is its best delivery rate lately over its minimum RTT and this much
 /// queue, times [`GROUP_WINDOW_GAIN`]. 200 pulls through a 200 Mbit/s

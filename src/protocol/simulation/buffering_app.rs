@@ -577,7 +577,7 @@ fn a_viewers_round_trip_estimate_survives_lost_pings() {
     // 5 % loss both ways on an 80 ms path: a lost Ping's or Pong's time
     // was taken for the next Pong's (a probe's Ping sent while the RTT
     // ping was outstanding), and the client's smoothed RTT stood at
-    // 170-330 ms after 15 s in 5 of these 12 seeds.
+    // 257 ms after 15 s in seed 19 (112 ms in seed 12).
     for seed in 11..23 {
         let mut down = link(Some(20_000_000), 40);
         down.loss = 0.05;
@@ -596,7 +596,7 @@ fn a_viewers_round_trip_estimate_survives_lost_pings() {
             tells_media_rate: true,
         });
         assert!(
-            outcome.client_rtt <= Duration::from_millis(120),
+            outcome.client_rtt < Duration::from_millis(120),
             "seed {seed}: the client's smoothed RTT is {:?} on an 80 ms path",
             outcome.client_rtt
         );
