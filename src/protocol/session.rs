@@ -18,6 +18,9 @@ use super::server::{
     AMPLIFICATION_FACTOR, Content, MIN_UNVALIDATED_PAYLOAD, OpenFailure, ServerEvent,
     SharedPayload, UNVALIDATED_TIMEOUT,
 };
+use super::shared_bottleneck::{
+    GROUP_SILENT_AFTER, GROUP_SILENT_FLOOR, GROUP_SILENT_PROBE_TIMEOUTS,
+};
 use super::wire::{
     AckRange, Body, CloseReason, ConnectionId, DATA_OVERHEAD, OpenErrorKind, OpenRequest, Packet,
     TransferKind,
@@ -89,6 +92,9 @@ pub(super) struct Session {
     /// Its bytes in flight as last counted in its address group's total
     /// (see `ServerEndpoint::recount`).
     pub(super) counted_in_flight: u64,
+    /// Its client went silent, as of the endpoint's last refresh (see
+    /// [`Session::is_silent`]): out of its address group.
+    pub(super) silent: bool,
     /// Its address group's rate level and, if its turns are held to one,
     /// window, as of the endpoint's last refresh (see
     /// `ServerEndpoint::refresh_group_windows`): asked at every turn and
@@ -146,9 +152,11 @@ impl Session {
         self.last_activity + limit
     }
 
-    /// Whether the client was heard from within `span` of `now`.
-    pub(super) fn heard_within(&self, now: Instant, span: Duration) -> bool {
-        now.saturating_duration_since(self.last_activity) < span
+    /// Whether the client went silent (see [`GROUP_SILENT_PROBE_TIMEOUTS`]).
+    pub(super) fn is_silent(&self, now: Instant) -> bool {
+        let span = (self.recovery.rtt().probe_timeout() * GROUP_SILENT_PROBE_TIMEOUTS)
+            .clamp(GROUP_SILENT_FLOOR, GROUP_SILENT_AFTER);
+        now.saturating_duration_since(self.last_activity) >= span
     }
 
     /// Data waits to leave that only the window or pacing holds back: not

@@ -100,10 +100,20 @@ pub const GROUP_CAP_FLOOR: f64 = 0.5;
 /// overflow is judged only when at least two busy sessions of the group,
 /// and half of them, are.
 pub const GROUP_LOSS_SPREAD: Duration = Duration::from_secs(1);
-/// A session whose client was not heard from for this long is left out
-/// of its group (see `ServerEndpoint::refresh_group_windows`): a killed
-/// player's session, sending into a dead address, held back the live
-/// ones of its host.
+/// A session whose client was not heard from for this many of its
+/// path's probe timeouts (within [`GROUP_SILENT_FLOOR`] and
+/// [`GROUP_SILENT_AFTER`]) is silent and left out of its group (see
+/// `ServerEndpoint::refresh_group_windows`): a killed player's session,
+/// sending into a dead address, held back the live ones of its host. A
+/// live client answers a burst within one round trip and a probe within
+/// two; at 1 s flat, a player opened right after four kills took 1.73 s
+/// for its first megabyte instead of 0.80 s (simulation
+/// `players_killed_without_closing_do_not_hold_back_the_next_from_their_host`).
+pub const GROUP_SILENT_PROBE_TIMEOUTS: u32 = 3;
+/// See [`GROUP_SILENT_PROBE_TIMEOUTS`]: a LAN's probe timeout is a few
+/// milliseconds, less than a timer turn or two of a busy client.
+pub const GROUP_SILENT_FLOOR: Duration = Duration::from_millis(300);
+/// See [`GROUP_SILENT_PROBE_TIMEOUTS`].
 pub const GROUP_SILENT_AFTER: Duration = Duration::from_secs(1);
 /// While the cap binds, the group's window ([`SharedBottleneck::window`])
 /// is its best delivery rate lately over its minimum RTT and this much

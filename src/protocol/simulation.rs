@@ -1979,3 +1979,141 @@ fn heavy_random_loss_on_several_sessions_of_one_host_is_no_full_queue() {
         );
     }
 }
+
+/// How the earlier players of [`a_new_player_after_four`] ended.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum PlayersEnd {
+    /// Closed their sessions (the server heard a Close).
+    Closed,
+    /// Killed (SIGTERM, a crash): the server hears nothing more, and its
+    /// datagrams to them go nowhere.
+    Killed,
+}
+
+/// Four players pull from one host through its 20 Mbit/s link (the
+/// proxy's 64 KB queue, 20 ms each way) for 1.5 s and end as `end`
+/// says; a fifth from the same host opens then. Returns how long the
+/// fifth took to read its first megabyte (a player's first buffering).
+fn a_new_player_after_four(end: PlayersEnd) -> Duration {
+    const OLD: usize = 4;
+    const FIRST: usize = 1 << 20;
+    const LIMIT: Duration = Duration::from_secs(30);
+    let start = Instant::now();
+    let mut now = start;
+    let data = file(8_000_000, 29);
+    let (mut server, mut addrs, mut conns) =
+        server_and_clients(now, &data, [5; 32], OLD, Hosts::One, 1 << 20, 500);
+    let mut bottleneck = Impairment::new(
+        ImpairmentConfig {
+            delay: Duration::from_millis(20),
+            rate_bps: Some(20_000_000),
+            queue_bytes: 64_000,
+            ..Default::default()
+        },
+        29,
+    );
+    // (arrival, sequence, client, datagram), earliest first; the uplink
+    // is a fixed 20 ms.
+    type InFlight = Reverse<(Instant, u64, usize, Vec<u8>)>;
+    let mut down: BinaryHeap<InFlight> = BinaryHeap::new();
+    let mut up: BinaryHeap<InFlight> = BinaryHeap::new();
+    let mut seq = 0;
+    let mut buf = Vec::new();
+    let mut alive = vec![true; OLD];
+    let ends_at = start + Duration::from_millis(1500);
+    let mut new_player = None;
+    let mut read = 0;
+    loop {
+        assert!(
+            now - start < LIMIT,
+            "the new player read {read} bytes in {LIMIT:?}"
+        );
+        if now >= ends_at && new_player.is_none() {
+            for (i, c) in conns.iter_mut().enumerate() {
+                assert!(c.read_offset().unwrap_or(0) > 0, "player {i} never read");
+                match end {
+                    PlayersEnd::Closed => c.close(),
+                    PlayersEnd::Killed => alive[i] = false,
+                }
+            }
+            let mut c = ClientConnection::new(
+                ClientConfig {
+                    read_ahead: ReadAhead::Fixed(1 << 20),
+                    ..Default::default()
+                },
+                500 + OLD as u64,
+                now,
+            );
+            c.open_file(now, "movie.mp4", 0);
+            conns.push(c);
+            addrs.push(SocketAddr::from(([10, 0, 0, 2], 4000 + OLD as u16)));
+            alive.push(true);
+            new_player = Some(now);
+        }
+        while let Some(Reverse((at, _, from, d))) = up.peek().cloned() {
+            if at > now {
+                break;
+            }
+            up.pop();
+            server.handle_datagram(now, addrs[from], &d);
+        }
+        while let Some(Reverse((at, _, to, d))) = down.peek().cloned() {
+            if at > now {
+                break;
+            }
+            down.pop();
+            if alive[to] {
+                conns[to].handle_datagram(now, &d);
+            }
+        }
+        if server.poll_timeout().is_some_and(|t| t <= now) {
+            server.handle_timeout(now);
+        }
+        while let Some(to) = server.poll_transmit(now, &mut buf) {
+            let i = addrs.iter().position(|a| *a == to).expect("known client");
+            for at in bottleneck.process(now, buf.len()) {
+                seq += 1;
+                down.push(Reverse((at, seq, i, buf.clone())));
+            }
+        }
+        for (i, c) in conns.iter_mut().enumerate() {
+            if !alive[i] {
+                continue;
+            }
+            if c.poll_timeout().is_some_and(|t| t <= now) {
+                c.handle_timeout(now);
+            }
+            while let Some(chunk) = c.read(now, 1 << 20) {
+                if i == OLD {
+                    read += chunk.len();
+                }
+            }
+            while let Some(d) = c.poll_transmit(now) {
+                seq += 1;
+                up.push(Reverse((now + Duration::from_millis(20), seq, i, d)));
+            }
+        }
+        if let Some(opened) = new_player.filter(|_| read >= FIRST) {
+            return now - opened;
+        }
+        now += Duration::from_millis(1);
+    }
+}
+
+/// A player killed without closing leaves a session that probes a dead
+/// address with its window in flight. Counted in its host's address
+/// group it held back the next player from the same host (by hand, four
+/// `playbin` starts after four kills did not reach 100 % within 4 s).
+/// The next player's first megabyte comes about as soon as after
+/// players that closed: 0.85 s against 0.80 (1.73 s while a session
+/// stayed in its group until unheard from for 1 s).
+#[test]
+fn players_killed_without_closing_do_not_hold_back_the_next_from_their_host() {
+    let closed = a_new_player_after_four(PlayersEnd::Closed);
+    let killed = a_new_player_after_four(PlayersEnd::Killed);
+    eprintln!("first megabyte after closed players {closed:?}, after killed {killed:?}");
+    assert!(
+        killed.as_secs_f64() < closed.as_secs_f64() * 1.5 + 0.2,
+        "after killed players {killed:?}, after closed ones {closed:?}"
+    );
+}
