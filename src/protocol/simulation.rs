@@ -1980,7 +1980,7 @@ fn heavy_random_loss_on_several_sessions_of_one_host_is_no_full_queue() {
     }
 }
 
-/// How the earlier players of [`a_new_player_after_four`] ended.
+/// How the earlier players of [`a_new_player_after`] ended.
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum PlayersEnd {
     /// Closed their sessions (the server heard a Close).
@@ -1990,19 +1990,54 @@ enum PlayersEnd {
     Killed,
 }
 
-/// Four players pull from one host through its 20 Mbit/s link (the
-/// proxy's 64 KB queue, 20 ms each way) for 1.5 s and end as `end`
-/// says; a fifth from the same host opens then. Returns how long the
-/// fifth took to read its first megabyte (a player's first buffering).
-fn a_new_player_after_four(end: PlayersEnd) -> Duration {
-    const OLD: usize = 4;
+/// `old` players pull from one host through its 20 Mbit/s link (the
+/// proxy's 64 KB queue, 20 ms each way) for `play` and end as `end` says; a
+/// new one from the same host opens then. The server has two serving
+/// threads (endpoints sharing admission and address groups): the old
+/// players are on the first, the new one on the first too or, with
+/// `other_thread`, on the second. Returns how long the new player took to
+/// read its first megabyte (a player's first buffering).
+fn a_new_player_after(end: PlayersEnd, old: usize, other_thread: bool, play: Duration) -> Duration {
     const FIRST: usize = 1 << 20;
     const LIMIT: Duration = Duration::from_secs(30);
     let start = Instant::now();
     let mut now = start;
     let data = file(8_000_000, 29);
-    let (mut server, mut addrs, mut conns) =
-        server_and_clients(now, &data, [5; 32], OLD, Hosts::One, 1 << 20, 500);
+    let admission = std::sync::Arc::new(super::admission::Admission::new(
+        super::server::DEFAULT_MAX_SESSIONS,
+        super::server::DEFAULT_MAX_SESSIONS,
+    ));
+    let groups: std::sync::Arc<super::shared_bottleneck::PeerGroups> = Default::default();
+    let mut servers: Vec<ServerEndpoint<MemoryStore>> = (0..2)
+        .map(|index| {
+            let shard = super::admission::Shard {
+                index,
+                count: 2,
+                admission: admission.clone(),
+                groups: groups.clone(),
+            };
+            let store = MemoryStore {
+                files: vec![("movie.mp4".into(), data.clone())],
+            };
+            ServerEndpoint::new_shard(Default::default(), store, [5 + index as u8; 32], now, shard)
+        })
+        .collect();
+    let client = |i: usize, now: Instant| {
+        let mut c = ClientConnection::new(
+            ClientConfig {
+                read_ahead: ReadAhead::Fixed(1 << 20),
+                ..Default::default()
+            },
+            500 + i as u64,
+            now,
+        );
+        c.open_file(now, "movie.mp4", 0);
+        c
+    };
+    let addr = |i: usize| SocketAddr::from(([10, 0, 0, 2], 4000 + i as u16));
+    let mut conns: Vec<ClientConnection> = (0..old).map(|i| client(i, now)).collect();
+    let mut addrs: Vec<SocketAddr> = (0..old).map(addr).collect();
+    let mut shard_of = vec![0; old];
     let mut bottleneck = Impairment::new(
         ImpairmentConfig {
             delay: Duration::from_millis(20),
@@ -2019,8 +2054,8 @@ fn a_new_player_after_four(end: PlayersEnd) -> Duration {
     let mut up: BinaryHeap<InFlight> = BinaryHeap::new();
     let mut seq = 0;
     let mut buf = Vec::new();
-    let mut alive = vec![true; OLD];
-    let ends_at = start + Duration::from_millis(1500);
+    let mut alive = vec![true; old];
+    let ends_at = start + play;
     let mut new_player = None;
     let mut read = 0;
     loop {
@@ -2036,17 +2071,9 @@ fn a_new_player_after_four(end: PlayersEnd) -> Duration {
                     PlayersEnd::Killed => alive[i] = false,
                 }
             }
-            let mut c = ClientConnection::new(
-                ClientConfig {
-                    read_ahead: ReadAhead::Fixed(1 << 20),
-                    ..Default::default()
-                },
-                500 + OLD as u64,
-                now,
-            );
-            c.open_file(now, "movie.mp4", 0);
-            conns.push(c);
-            addrs.push(SocketAddr::from(([10, 0, 0, 2], 4000 + OLD as u16)));
+            conns.push(client(old, now));
+            addrs.push(addr(old));
+            shard_of.push(usize::from(other_thread));
             alive.push(true);
             new_player = Some(now);
         }
@@ -2055,7 +2082,7 @@ fn a_new_player_after_four(end: PlayersEnd) -> Duration {
                 break;
             }
             up.pop();
-            server.handle_datagram(now, addrs[from], &d);
+            servers[shard_of[from]].handle_datagram(now, addrs[from], &d);
         }
         while let Some(Reverse((at, _, to, d))) = down.peek().cloned() {
             if at > now {
@@ -2066,14 +2093,16 @@ fn a_new_player_after_four(end: PlayersEnd) -> Duration {
                 conns[to].handle_datagram(now, &d);
             }
         }
-        if server.poll_timeout().is_some_and(|t| t <= now) {
-            server.handle_timeout(now);
-        }
-        while let Some(to) = server.poll_transmit(now, &mut buf) {
-            let i = addrs.iter().position(|a| *a == to).expect("known client");
-            for at in bottleneck.process(now, buf.len()) {
-                seq += 1;
-                down.push(Reverse((at, seq, i, buf.clone())));
+        for server in &mut servers {
+            if server.poll_timeout().is_some_and(|t| t <= now) {
+                server.handle_timeout(now);
+            }
+            while let Some(to) = server.poll_transmit(now, &mut buf) {
+                let i = addrs.iter().position(|a| *a == to).expect("known client");
+                for at in bottleneck.process(now, buf.len()) {
+                    seq += 1;
+                    down.push(Reverse((at, seq, i, buf.clone())));
+                }
             }
         }
         for (i, c) in conns.iter_mut().enumerate() {
@@ -2084,7 +2113,7 @@ fn a_new_player_after_four(end: PlayersEnd) -> Duration {
                 c.handle_timeout(now);
             }
             while let Some(chunk) = c.read(now, 1 << 20) {
-                if i == OLD {
+                if i == old {
                     read += chunk.len();
                 }
             }
@@ -2105,15 +2134,37 @@ fn a_new_player_after_four(end: PlayersEnd) -> Duration {
 /// group it held back the next player from the same host (by hand, four
 /// `playbin` starts after four kills did not reach 100 % within 4 s).
 /// The next player's first megabyte comes about as soon as after
-/// players that closed: 0.85 s against 0.80 (1.73 s while a session
+/// players that closed: 0.75 s against 0.80 (1.55 s while a session
 /// stayed in its group until unheard from for 1 s).
 #[test]
 fn players_killed_without_closing_do_not_hold_back_the_next_from_their_host() {
-    let closed = a_new_player_after_four(PlayersEnd::Closed);
-    let killed = a_new_player_after_four(PlayersEnd::Killed);
+    let closed = a_new_player_after(PlayersEnd::Closed, 4, false, Duration::from_millis(1500));
+    let killed = a_new_player_after(PlayersEnd::Killed, 4, false, Duration::from_millis(1500));
     eprintln!("first megabyte after closed players {closed:?}, after killed {killed:?}");
     assert!(
         killed.as_secs_f64() < closed.as_secs_f64() * 1.5 + 0.2,
         "after killed players {killed:?}, after closed ones {closed:?}"
+    );
+}
+
+/// A player's session closed on one serving thread, and the next player
+/// from its host is served by the other. The threads share address
+/// groups, and the closed session's thread, left without sessions and so
+/// without timers, kept counting it there as it last saw it, busy and
+/// losing: with the new player's own startup losses the group judged its
+/// queue overflowed and held the new player to half the cap for its whole
+/// run (by hand, `playbin` starts through 20 Mbit/s and 80 ms reached
+/// 100 % after 0.87-1.15 s in five of eight, against 0.67-0.71). Here
+/// the old player closes in its startup's overshoot: the new one's first
+/// megabyte took 1.03 s on the other thread, 0.77 on the same.
+#[test]
+fn a_session_closed_on_one_thread_does_not_hold_back_the_next_on_another() {
+    let overshoot = Duration::from_millis(600);
+    let same = a_new_player_after(PlayersEnd::Closed, 1, false, overshoot);
+    let other = a_new_player_after(PlayersEnd::Closed, 1, true, overshoot);
+    eprintln!("first megabyte on the same thread {same:?}, on the other {other:?}");
+    assert!(
+        other.as_secs_f64() < same.as_secs_f64() * 1.2 + 0.05,
+        "on the other thread {other:?}, on the same {same:?}"
     );
 }
