@@ -104,25 +104,45 @@ fn copy_and_mean_payload(port: u16, dir: &std::path::Path, name: &str) -> (bool,
 #[test]
 fn the_same_host_gets_large_datagrams_and_an_ethernet_path_does_not() {
     init();
-    let clips = clips();
-    let name = "movie.mp4";
+    // The trial waits for a transfer's first megabyte: a file of four (the
+    // clips hold one).
+    let dir = std::env::temp_dir().join(format!("udpvid-large-dir-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let name = "four-megabytes.bin";
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    let data: Vec<u8> = (0..4_000_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(dir.join(name), data).expect("write");
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _remove = Remove(dir.clone());
     // On loopback the route carries 64 KB: after one trial, 16,000-byte
     // datagrams.
-    let server = Server::start(&clips.dir, &[]);
-    let (same, mean) = copy_and_mean_payload(server.port, &clips.dir, name);
+    let server = Server::start(&dir, &[]);
+    let (same, mean) = copy_and_mean_payload(server.port, &dir, name);
     assert!(same, "copy differs");
     assert!(mean > 2_000.0, "mean payload {mean:.0} bytes on loopback");
     // Through a path of 1,500-byte packets the trial is lost, and the rest
     // comes in Ethernet-sized datagrams, whole.
     let proxy = common::Proxy::start(server.port, &[]);
-    let (same, mean) = copy_and_mean_payload(proxy.port, &clips.dir, name);
+    let (same, mean) = copy_and_mean_payload(proxy.port, &dir, name);
     let report = proxy.finish();
     assert!(same, "copy through the proxy differs: {report}");
     assert!(mean <= 1420.0, "mean payload {mean:.0} bytes: {report}");
     assert!(report.contains("0 queue full, 1 too large"), "{report}");
     // An operator who wants none: --max-datagram 1452.
-    let small = Server::start(&clips.dir, &["--max-datagram", "1452"]);
-    let (same, mean) = copy_and_mean_payload(small.port, &clips.dir, name);
+    let small = Server::start(&dir, &["--max-datagram", "1452"]);
+    let (same, mean) = copy_and_mean_payload(small.port, &dir, name);
     assert!(same, "copy differs");
     assert!(mean <= 1420.0, "mean payload {mean:.0} bytes");
 }

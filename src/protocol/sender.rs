@@ -220,6 +220,11 @@ impl StreamSender {
         None
     }
 
+    /// Bytes of new data sent so far, from the stream's start.
+    pub fn new_data_sent(&self) -> u64 {
+        self.next_new - self.start
+    }
+
     /// Whether the next chunk is new data, `len` bytes of it at least:
     /// nothing to resend or to send ahead, and the window open that far.
     pub fn has_new_data_run(&self, len: u64) -> bool {
