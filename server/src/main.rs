@@ -34,7 +34,7 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tracing::{debug, error, info, warn};
 
-use gstudpvid::protocol::admission::{Admission, Shard, shard_of};
+use gstudpvid::protocol::admission::{Shard, shard_of};
 use gstudpvid::protocol::catalog::CatalogEntry;
 use gstudpvid::protocol::crypto::Psk;
 use gstudpvid::protocol::pacing::MAX_TOLERATED_LATENESS;
@@ -854,10 +854,11 @@ fn main() -> std::process::ExitCode {
         max_datagram: args.max_datagram,
         passphrase,
     };
-    let admission = Arc::new(Admission::new(
+    let shards = Shard::of_server(
+        threads,
         config.max_sessions,
         config.max_sessions_per_address,
-    ));
+    );
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let (senders, inboxes): (Vec<_>, Vec<_>) = (0..threads)
         .map(|_| tokio::sync::mpsc::channel::<Handoff>(HANDOFF_QUEUE))
@@ -882,13 +883,7 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(1);
     };
     let store = Arc::new(store);
-    let groups = Arc::default();
-    let shard = move |index| Shard {
-        index,
-        count: threads,
-        admission: admission.clone(),
-        groups: Arc::clone(&groups),
-    };
+    let shard = move |index: usize| shards[index].clone();
     runtime.block_on(async move {
         let serving = match &*store {
             Store::Folder(l) => l.root().display().to_string(),

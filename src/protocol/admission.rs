@@ -149,6 +149,21 @@ impl Shard {
         }
     }
 
+    /// The `count` endpoints of one server, in order of index: they share
+    /// its session limits and its address groups.
+    pub fn of_server(count: usize, max_sessions: usize, max_per_address: usize) -> Vec<Self> {
+        let admission = Arc::new(Admission::new(max_sessions, max_per_address));
+        let groups: Arc<PeerGroups> = Arc::default();
+        (0..count)
+            .map(|index| Shard {
+                index,
+                count,
+                admission: admission.clone(),
+                groups: groups.clone(),
+            })
+            .collect()
+    }
+
     /// Whether `id` is one this shard hands out.
     pub fn owns(&self, id: ConnectionId) -> bool {
         id % self.count as u64 == self.index as u64

@@ -322,16 +322,10 @@ fn shards_of_one_server_share_its_limits_and_keep_to_their_own_ids() {
         max_sessions_per_address: 3,
         ..ServerConfig::default()
     };
-    let admission = std::sync::Arc::new(super::admission::Admission::new(5, 3));
-    let groups: std::sync::Arc<super::shared_bottleneck::PeerGroups> = Default::default();
-    let mut shards: Vec<ServerEndpoint<MemoryStore>> = (0..2)
-        .map(|index| {
-            let shard = super::admission::Shard {
-                index,
-                count: 2,
-                admission: admission.clone(),
-                groups: groups.clone(),
-            };
+    let mut shards: Vec<ServerEndpoint<MemoryStore>> = super::admission::Shard::of_server(2, 5, 3)
+        .into_iter()
+        .enumerate()
+        .map(|(index, shard)| {
             ServerEndpoint::new_shard(config.clone(), one_file(), [index as u8; 32], now, shard)
         })
         .collect();
@@ -378,7 +372,7 @@ fn shards_of_one_server_share_its_limits_and_keep_to_their_own_ids() {
         )
         .encode(),
     );
-    assert_eq!(admission.sessions(), 4);
+    assert_eq!(shards[0].admission().sessions(), 4);
     assert!(connect(&mut shards[1], now, b(3), 53).is_some());
 }
 

@@ -2004,25 +2004,24 @@ fn a_new_player_after(end: PlayersEnd, old: usize, other_thread: bool, play: Dur
     let start = Instant::now();
     let mut now = start;
     let data = file(8_000_000, 29);
-    let admission = std::sync::Arc::new(super::admission::Admission::new(
-        super::server::DEFAULT_MAX_SESSIONS,
-        super::server::DEFAULT_MAX_SESSIONS,
-    ));
-    let groups: std::sync::Arc<super::shared_bottleneck::PeerGroups> = Default::default();
-    let mut servers: Vec<ServerEndpoint<MemoryStore>> = (0..2)
-        .map(|index| {
-            let shard = super::admission::Shard {
-                index,
-                count: 2,
-                admission: admission.clone(),
-                groups: groups.clone(),
-            };
-            let store = MemoryStore {
-                files: vec![("movie.mp4".into(), data.clone())],
-            };
-            ServerEndpoint::new_shard(Default::default(), store, [5 + index as u8; 32], now, shard)
-        })
-        .collect();
+    let max = super::server::DEFAULT_MAX_SESSIONS;
+    let mut servers: Vec<ServerEndpoint<MemoryStore>> =
+        super::admission::Shard::of_server(2, max, max)
+            .into_iter()
+            .enumerate()
+            .map(|(index, shard)| {
+                let store = MemoryStore {
+                    files: vec![("movie.mp4".into(), data.clone())],
+                };
+                ServerEndpoint::new_shard(
+                    Default::default(),
+                    store,
+                    [5 + index as u8; 32],
+                    now,
+                    shard,
+                )
+            })
+            .collect();
     let client = |i: usize, now: Instant| {
         let mut c = ClientConnection::new(
             ClientConfig {
